@@ -1,0 +1,84 @@
+"""Decode one image file into the model's input size, or say in a few words why it cannot be read.
+
+Steps match the checkpoint's image processor (transformers' BLIP PIL backend): transparent pixels over
+white, RGB, resize to (height, width) with the processor's filter. We add what a photo folder needs
+and the processor does not do: camera (EXIF) orientation, and a guard against decompression bombs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from blipsearch.retrieval.errors import ImageLoadError
+from blipsearch.retrieval.models.base import Preprocessing
+
+# Pillow refuses images above 2 x MAX_IMAGE_PIXELS (~179 megapixels) as decompression bombs; so do we.
+DEFAULT_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+_FILTERS = {
+    "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+}
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey picture
+
+
+@dataclass
+class LoadedImage:
+    pixels: np.ndarray  # (height, width, 3) uint8 at the model's input size
+    width: int  # size of the oriented original
+    height: int
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with transparent areas over white, as transformers' `convert_to_rgb` does."""
+    if image.mode == "RGB":
+        return image
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def load_image(path: str | Path, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Decode, orient and resize one file; raises `ImageLoadError` with a short reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageLoadError(f"decompression bomb: {width}x{height} pixels is over the limit of "
+                                         f"{max_pixels / 1e6:.0f} megapixels")
+                if pre.exif_transpose:
+                    image = ImageOps.exif_transpose(image)
+                width, height = image.size
+                rgb = to_rgb(image)
+                resized = rgb.resize((pre.width, pre.height), resample=_FILTERS[pre.resample])
+                return LoadedImage(np.asarray(resized, dtype=np.uint8), width, height)
+    except ImageLoadError:
+        raise
+    except Exception as exc:  # Pillow signals bad data with many exception types
+        raise ImageLoadError(_reason(path, exc)) from exc
+
+
+def _reason(path: str | Path, exc: BaseException) -> str:
+    if isinstance(exc, Image.DecompressionBombError):
+        return "decompression bomb: " + str(exc).split(" could be")[0]
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, FileNotFoundError):
+        return "file vanished or is a broken link"
+    if isinstance(exc, UnidentifiedImageError):
+        try:
+            empty = Path(path).stat().st_size == 0
+        except OSError:
+            empty = False
+        return "empty file (0 bytes)" if empty else "not an image, or a format Pillow cannot read"
+    if "truncated" in str(exc):
+        return "truncated image data"
+    return f"cannot decode ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})"

@@ -1,0 +1,33 @@
+"""Typed exceptions of the library. Only the CLI turns them into one-line messages and exit codes."""
+
+
+class BlipsearchError(Exception):
+    """Base class: the message is one line a user can act on."""
+
+
+class ModelLoadError(BlipsearchError):
+    """A checkpoint cannot be found, downloaded or used for retrieval."""
+
+
+class StoreError(BlipsearchError):
+    """The index on disk is missing, unreadable or locked."""
+
+
+class IndexMissingError(StoreError):
+    """No index exists at the given location."""
+
+
+class IndexLockedError(StoreError):
+    """Another process is writing to the index."""
+
+
+class ModelMismatchError(StoreError):
+    """The index was built with another model (or preprocessing) than the one asked for."""
+
+
+class InvalidInputError(BlipsearchError):
+    """An argument (path, option value, query) cannot be used."""
+
+
+class ImageLoadError(BlipsearchError):
+    """One image file cannot be decoded; the message names the reason, the caller names the file."""

@@ -1,0 +1,46 @@
+"""Model adapters. `load_model` picks the adapter from the checkpoint's `model_type`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import ModelLoadError
+from .base import ImageEncoding, ModelInfo, Preprocessing, RetrievalModel, TextEncoding, TextTokens
+from .loading import Checkpoint, resolve
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_MODEL = "Salesforce/blip-itm-base-coco"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Checkpoint",
+    "ImageEncoding",
+    "ModelInfo",
+    "Preprocessing",
+    "RetrievalModel",
+    "TextEncoding",
+    "TextTokens",
+    "load_model",
+    "resolve",
+]
+
+
+def load_model(name: str, device: str | torch.device = "auto", precision: str = "auto") -> RetrievalModel:
+    """Load a retrieval checkpoint (hub id or local directory) ready for `encode_*` and `itm_scores`."""
+    from transformers import AutoConfig
+
+    from ..device import select_device, select_dtype
+    from .blip import BlipRetrievalModel
+    from .loading import from_pretrained
+
+    adapters = {"blip": BlipRetrievalModel}  # "blip-2" joins here
+    checkpoint = resolve(name)
+    config = from_pretrained(checkpoint, AutoConfig)
+    adapter = adapters.get(config.model_type)
+    if adapter is None:
+        raise ModelLoadError(f"model {name} is of type {config.model_type!r}; blipsearch loads "
+                             f"{', '.join(sorted(adapters))} retrieval checkpoints")
+    torch_device = device if not isinstance(device, str) else select_device(device)
+    return adapter.load(checkpoint, torch_device, select_dtype(torch_device, precision))

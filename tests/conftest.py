@@ -1,0 +1,21 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import save_tiny_blip  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random tiny BLIP retrieval checkpoint saved with save_pretrained (32 px images, 17 tokens)."""
+    return save_tiny_blip(tmp_path_factory.mktemp("tiny-blip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from blipsearch.retrieval.models import load_model
+
+    return load_model(str(tiny_model_dir), device="cpu", precision="fp32")
