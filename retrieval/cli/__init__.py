@@ -1,0 +1,64 @@
+"""The `blipsearch` command. Each subcommand lives in its own module of this package.
+
+Library code raises typed exceptions (`blipsearch.retrieval.errors`); only here do they become one-line
+messages and exit codes:
+
+    0  done
+    1  error (bad index, model, file or argument); one line on stderr says what to do
+    2  usage error (unknown option, missing argument)
+    3  done, but some files were skipped (each one named on stderr with the reason)
+    130 interrupted (Ctrl-C); work already written stays in the index
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from ..errors import BlipsearchError
+
+EXIT_ERROR = 1
+EXIT_SKIPPED = 3
+EXIT_INTERRUPTED = 130
+
+
+class Group(click.Group):
+    """Turns library exceptions into one line on stderr and an exit status; never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BlipsearchError as exc:
+            click.echo(f"blipsearch: error: {exc}", err=True)
+            sys.exit(EXIT_ERROR)
+        except KeyboardInterrupt:
+            click.echo("blipsearch: interrupted; finished batches are kept in the index", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log lines on stderr (-vv for debug).")
+@click.version_option(package_name="blipsearch")
+def main(verbose: int) -> None:
+    """Search your images with words, using BLIP's image-text retrieval."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="blipsearch: %(message)s", stream=sys.stderr)
+    _quiet_third_party()
+
+
+def _quiet_third_party() -> None:
+    """transformers' own progress bars and hints are noise on our stderr."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _register() -> None:
+    from . import index, query, status  # noqa: F401  (each module adds its command to `main`)
+
+
+_register()
