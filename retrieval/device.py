@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
-import logging
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InvalidInputError
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:  # torch loads when a device is chosen, so that `blipsearch --help` stays fast
+    import torch
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cpu_has_fast_bf16() -> bool:
     """True where the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    import torch
+
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def select_device(name: str = "auto") -> torch.device:
     """auto picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    import torch
+
     if name not in DEVICES:
         raise InvalidInputError(f"--device must be one of {', '.join(DEVICES)}, not {name!r}")
     has_mps = torch.backends.mps.is_available()
@@ -39,8 +41,10 @@ def select_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     """auto: bf16 on CUDA cards that have it (else fp16), fp16 on mps, bf16 on CPUs with bf16 units, else fp32."""
     if precision not in PRECISIONS:
         raise InvalidInputError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    import torch
+
     if precision != "auto":
-        return _DTYPES[precision]
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":

@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import save_tiny_blip  # noqa: E402
+from tiny import save_tiny_blip
 
 
 @pytest.fixture(scope="session")

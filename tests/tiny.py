@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WORDS = (
-    "a an the of on in with and photo picture image dog cat beach car red green blue yellow white black "
-    "circle square triangle left right above below small large big sky tree house sea"
-).split()
+WORDS = [
+    "a", "an", "the", "of", "on", "in", "with", "and", "photo", "picture", "image", "dog", "cat", "beach",
+    "car", "red", "green", "blue", "yellow", "white", "black", "circle", "square", "triangle", "left",
+    "right", "above", "below", "small", "large", "big", "sky", "tree", "house", "sea",
+]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -30,9 +31,10 @@ def tiny_config(vocab_size: int, image_size: int = 32, patch_size: int = 8, bos_
     bos = vocab_size - 2 if bos_token_id is None else bos_token_id
     text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=64, bos_token_id=bos, pad_token_id=0,
-                sep_token_id=SPECIALS.index("[SEP]"))
+                sep_token_id=SPECIALS.index("[SEP]"), initializer_range=0.2)
+    # BLIP's vision default initializer_range is 1e-10: every image would look the same.
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=image_size, patch_size=patch_size)
+                  image_size=image_size, patch_size=patch_size, initializer_range=0.2)
     return BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=16)
 
 

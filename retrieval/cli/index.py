@@ -1,0 +1,62 @@
+"""`blipsearch index FOLDER...`"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import EXIT_SKIPPED, main
+from .options import device_option, index_location, index_option, load, model_option, precision_option
+
+
+@main.command("index")
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
+@model_option("Model to embed with (hub id or local directory). Default: the index's model, or "
+              "Salesforce/blip-itm-base-coco for a new index.")
+@index_option
+@device_option
+@precision_option
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Images per encoder batch (and per index commit). Default: 16 on CPU, 64 on GPU.")
+@click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Decoding threads.")
+@click.option("--rebuild", is_flag=True, help="Drop the index first (needed to switch models).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def index_command(folders, model_name, index_path, device, precision, batch_size, workers, rebuild, quiet):
+    """Embed every image under FOLDERS (recursively) into the index.
+
+    Unchanged files are skipped, changed ones re-encoded, deleted ones removed, and moved or copied
+    files reuse their stored features. Interrupting loses at most the batch in flight; run again to
+    finish. Exit status 3 means done, with some files skipped (each named on stderr).
+    """
+    from blipsearch.indexer.pipeline import IndexOptions, index_folders
+    from blipsearch.indexer.scan import resolve_roots
+    from blipsearch.indexer.store import Store, read_model_id
+
+    from ..models import DEFAULT_MODEL
+
+    location = index_location(index_path)
+    resolve_roots(folders)  # a missing folder fails before the model loads
+    recorded = None if rebuild else read_model_id(location)
+    model = load(model_name or recorded or DEFAULT_MODEL, device, precision)
+    store = Store.open_for_writing(location, model.info, rebuild=rebuild)
+    options = IndexOptions(
+        batch_size=batch_size or (64 if model.device.type != "cpu" else 16), workers=workers,
+        progress=not quiet, on_skip=lambda path, reason: _say(f"skipped {path}: {reason}"))
+    try:
+        summary = index_folders(folders, model, store, options)
+    finally:
+        store.close()
+    files, _ = Store.open(location).counts()
+    _say(f"indexed {summary.indexed}, reused {summary.reused} (moved or copied), unchanged "
+         f"{summary.unchanged}, removed {summary.removed}, skipped {len(summary.skipped)}; "
+         f"the index at {location} holds {files} files")
+    if summary.skipped:
+        sys.exit(EXIT_SKIPPED)
+
+
+def _say(line: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"blipsearch: {line}", file=sys.stderr)

@@ -1,0 +1,34 @@
+"""Options shared by several commands, and the loading they imply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..device import DEVICES, PRECISIONS
+
+index_option = click.option(
+    "--index", "index_path", type=click.Path(file_okay=False, path_type=Path), envvar="BLIPSEARCH_INDEX",
+    help="Index folder. Default: $BLIPSEARCH_INDEX, else the user data folder (see `blipsearch status`).")
+device_option = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                             help="auto picks cuda, then mps, then cpu.")
+precision_option = click.option(
+    "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+    help="auto: bf16 on CPUs with bf16 units and on recent GPUs, fp16 on other GPUs, else fp32.")
+
+
+def model_option(help_text: str):
+    return click.option("--model", "model_name", metavar="HUB_ID|DIR", default=None, help=help_text)
+
+
+def index_location(index_path: Path | None) -> Path:
+    from blipsearch.indexer.store import default_location
+
+    return (index_path or default_location()).expanduser()
+
+
+def load(model_name: str, device: str, precision: str):
+    from ..models import load_model
+
+    return load_model(model_name, device=device, precision=precision)

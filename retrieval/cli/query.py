@@ -1,0 +1,107 @@
+"""`blipsearch query TEXT`"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import InvalidInputError
+from . import main
+from .options import device_option, index_location, index_option, load, model_option, precision_option
+
+
+@main.command("query")
+@click.argument("text", required=False)
+@click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
+              help="Query by an image instead of text (ITC similarity, no re-rank).")
+@click.option("--top", type=click.IntRange(1), default=10, show_default=True, help="How many results.")
+@click.option("--candidates", type=click.IntRange(1), default=64, show_default=True,
+              help="ITC recall depth: how many images the ITM head re-ranks.")
+@click.option("--no-rerank", is_flag=True, help="Rank by ITC cosine only (faster, less precise).")
+@click.option("--min-prob", type=click.FloatRange(0, 1), default=None,
+              help="Drop results whose ITM match probability is below P.")
+@click.option("--in", "under", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Only results under DIR.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@click.option("--paths", "as_paths", is_flag=True, help="Only paths, one per line, best first.")
+@model_option("Model to query with. Default: the one the index was built with.")
+@index_option
+@device_option
+@precision_option
+def query_command(text, image_path, top, candidates, no_rerank, min_prob, under, as_json, as_paths,
+                  model_name, index_path, device, precision):
+    """Find the images that best match TEXT (or --image).
+
+    Recall ranks every image by ITC similarity; the ITM head then re-ranks the best --candidates with
+    cross-attention over their stored features. score = ITM match logit + ITC cosine, as in BLIP.
+    """
+    from blipsearch.indexer.store import Store, check_model
+
+    from ..search import Searcher, SearchOptions
+
+    if (text is None) == (image_path is None):
+        raise InvalidInputError("give either a query TEXT or --image PATH")
+    if as_json and as_paths:
+        raise InvalidInputError("--json and --paths exclude each other")
+    folders = [_folder(under)] if under is not None else None
+    options = SearchOptions(top=top, candidates=candidates, rerank=not no_rerank and text is not None,
+                            min_prob=min_prob, under=folders)
+    location = index_location(index_path)
+    store = Store.open(location)
+    if store.counts()[1] == 0:
+        raise InvalidInputError(f"the index at {location} is empty; add images with `blipsearch index FOLDER`")
+    model = load(model_name or store.manifest["model"]["id"], device, precision)
+    check_model(store.manifest, model.info, location)
+    searcher = Searcher(model, store)
+    hits = (searcher.search_text(text, options) if text is not None
+            else searcher.search_image(_query_pixels(model, image_path), options))
+    paths = store.paths_by_hash([h.key for h in hits])
+    _print(text if text is not None else str(image_path), model.info.model_id, hits, paths, folders,
+           as_json, as_paths)
+
+
+def _folder(under: Path) -> str:
+    path = under.expanduser().resolve()
+    if not path.is_dir():
+        raise InvalidInputError(f"--in {under}: no such folder")
+    return str(path)
+
+
+def _query_pixels(model, image_path: Path):
+    from blipsearch.indexer.images import load_image
+
+    from ..errors import ImageLoadError
+
+    try:
+        loaded = load_image(image_path, model.info.preprocessing)
+    except ImageLoadError as exc:
+        raise InvalidInputError(f"--image {image_path}: {exc}") from exc
+    return model.pixel_values([loaded.pixels])
+
+
+def _print(query, model_id, hits, paths, folders, as_json, as_paths) -> None:
+    from blipsearch.indexer.scan import is_under
+
+    rows = []
+    for hit in hits:
+        files = [p for p in paths.get(hit.key, []) if folders is None or is_under(p, folders)]
+        if files:
+            rows.append((hit, files))
+    if as_paths:
+        for _, files in rows:
+            click.echo(files[0])
+    elif as_json:
+        results = [{"path": files[0], "score": round(hit.score, 6), "itc": round(hit.itc, 6),
+                    "itm_prob": None if hit.itm_prob is None else round(hit.itm_prob, 6)}
+                   | ({"copies": files[1:]} if len(files) > 1 else {}) for hit, files in rows]
+        click.echo(json.dumps({"query": query, "model": model_id, "results": results}, ensure_ascii=False))
+    elif not rows:
+        click.echo("no matching images", err=True)
+    else:
+        click.echo(f"{'#':>3}  {'score':>7}  {'match':>5}  path")
+        for rank, (hit, files) in enumerate(rows, 1):
+            match = "    -" if hit.itm_prob is None else f"{hit.itm_prob:5.0%}"
+            extra = f"  (+{len(files) - 1} copies)" if len(files) > 1 else ""
+            click.echo(f"{rank:>3}  {hit.score:7.3f}  {match}  {files[0]}{extra}")

@@ -1,0 +1,95 @@
+"""The two-stage search: ITC recall of candidates, then ITM re-rank over their stored token features.
+
+The searcher knows nothing of folders or storage formats: it receives a `CandidateSource` (the index)
+and a `RetrievalModel`, so tests can pass fakes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .errors import InvalidInputError
+from .fusion import fuse, match_probability
+from .models.base import RetrievalModel
+
+RERANK_BATCH = 32  # candidates per ITM forward pass: bounds activation memory
+
+
+class CandidateSource(Protocol):
+    def recall(self, query: np.ndarray, k: int, under: Sequence[str] | None = None) -> list[tuple[str, float]]:
+        """Best `k` images (key, ITC cosine) for a (D,) query vector, best first."""
+        ...
+
+    def token_features(self, keys: Sequence[str]) -> np.ndarray:
+        """(K, T, H) ITM features of the given images, in order."""
+        ...
+
+
+@dataclass
+class Hit:
+    key: str  # image identity in the source (content hash)
+    score: float  # ITM class-1 logit + ITC cosine after re-rank, else the ITC cosine
+    itc: float
+    itm_prob: float | None  # ITM match probability; None without re-rank
+
+
+@dataclass
+class SearchOptions:
+    top: int = 10
+    candidates: int = 64  # ITC recall depth k before the ITM re-rank
+    rerank: bool = True
+    min_prob: float | None = None  # drop hits whose ITM match probability is lower
+    under: Sequence[str] | None = None  # absolute folders: only images with a file there
+
+    def __post_init__(self) -> None:
+        if self.top < 1:
+            raise InvalidInputError("--top must be at least 1")
+        if self.candidates < 1:
+            raise InvalidInputError("--candidates must be at least 1")
+        if self.min_prob is not None and not 0 <= self.min_prob <= 1:
+            raise InvalidInputError("--min-prob must lie between 0 and 1")
+        if self.min_prob is not None and not self.rerank:
+            raise InvalidInputError("--min-prob needs the ITM re-rank; drop --no-rerank")
+
+
+class Searcher:
+    def __init__(self, model: RetrievalModel, source: CandidateSource):
+        self.model = model
+        self.source = source
+
+    def search_text(self, text: str, options: SearchOptions) -> list[Hit]:
+        if not text.strip():
+            raise InvalidInputError("the query text is empty")
+        encoded = self.model.encode_texts([text])
+        depth = max(options.candidates, options.top) if not options.rerank else options.candidates
+        recalled = self.source.recall(encoded.embeddings[0].numpy(), depth, options.under)
+        if not options.rerank:
+            return [Hit(key, itc, itc, None) for key, itc in recalled[:options.top]]
+        hits = self.rerank(encoded.tokens, recalled)
+        if options.min_prob is not None:
+            hits = [h for h in hits if h.itm_prob >= options.min_prob]
+        return hits[:options.top]
+
+    def search_image(self, pixels: torch.Tensor, options: SearchOptions) -> list[Hit]:
+        """Images like a (1, 3, H, W) query image, by ITC cosine of their embeddings."""
+        vectors = self.model.encode_images(pixels).embeddings[0]  # (V, D)
+        recalled = self.source.recall(vectors.mean(0).numpy(), options.top, options.under)
+        return [Hit(key, itc, itc, None) for key, itc in recalled]
+
+    def rerank(self, tokens, recalled: list[tuple[str, float]]) -> list[Hit]:
+        """ITM over the stored features of the recalled images; best fused score first."""
+        hits = []
+        for start in range(0, len(recalled), RERANK_BATCH):
+            chunk = recalled[start:start + RERANK_BATCH]
+            features = torch.from_numpy(self.source.token_features([key for key, _ in chunk]))
+            logits = self.model.itm_scores(tokens, features)  # (K, 2)
+            itc = torch.tensor([score for _, score in chunk])
+            scores, probs = fuse(itc, logits), match_probability(logits)
+            hits += [Hit(key, float(s), float(c), float(p))
+                     for (key, c), s, p in zip(chunk, scores, probs, strict=True)]
+        return sorted(hits, key=lambda h: -h.score)
