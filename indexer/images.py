@@ -7,6 +7,7 @@ and the processor does not do: camera (EXIF) orientation, and a guard against de
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +53,7 @@ def load_image(path: str | Path, pre: Preprocessing, max_pixels: int = DEFAULT_M
             with Image.open(path) as image:
                 width, height = image.size
                 if width * height > max_pixels:
-                    raise ImageLoadError(f"decompression bomb: {width}x{height} pixels is over the limit of "
-                                         f"{max_pixels / 1e6:.0f} megapixels")
+                    raise ImageLoadError(_bomb(width * height, max_pixels))
                 if pre.exif_transpose:
                     image = ImageOps.exif_transpose(image)
                 width, height = image.size
@@ -63,12 +63,18 @@ def load_image(path: str | Path, pre: Preprocessing, max_pixels: int = DEFAULT_M
     except ImageLoadError:
         raise
     except Exception as exc:  # Pillow signals bad data with many exception types
-        raise ImageLoadError(_reason(path, exc)) from exc
+        raise ImageLoadError(failure_reason(path, exc)) from exc
 
 
-def _reason(path: str | Path, exc: BaseException) -> str:
-    if isinstance(exc, Image.DecompressionBombError):
-        return "decompression bomb: " + str(exc).split(" could be")[0]
+def _bomb(pixels: int, limit: int) -> str:
+    return f"decompression bomb: {pixels / 1e6:,.1f} megapixels is over the limit of {limit / 1e6:,.1f}"
+
+
+def failure_reason(path: str | Path, exc: BaseException) -> str:
+    """A few words on why reading or decoding `path` failed."""
+    if isinstance(exc, Image.DecompressionBombError):  # Pillow's own check, at its global limit
+        numbers = [int(n) for n in re.findall(r"\d+", str(exc))]
+        return _bomb(*numbers[:2]) if len(numbers) >= 2 else "decompression bomb"
     if isinstance(exc, PermissionError):
         return "permission denied"
     if isinstance(exc, FileNotFoundError):

@@ -25,7 +25,7 @@ from blipsearch.retrieval.errors import ImageLoadError
 from blipsearch.retrieval.models.base import RetrievalModel
 
 from . import codec
-from .images import LoadedImage, load_image
+from .images import LoadedImage, failure_reason, load_image
 from .scan import FileStat, content_hash, is_under, resolve_roots, scan
 from .store import FileRecord, ImageRecord, Store
 
@@ -108,10 +108,8 @@ def _reuse_known(store: Store, stored: dict[str, FileRecord], changed: list[File
 def _hash_or_reason(stat: FileStat) -> str | ImageLoadError:
     try:
         return content_hash(stat.path)
-    except PermissionError:
-        return ImageLoadError("permission denied")
     except OSError as exc:
-        return ImageLoadError(f"cannot read ({exc.strerror or exc})")
+        return ImageLoadError(failure_reason(stat.path, exc))
 
 
 def _encode_all(store: Store, model: RetrievalModel, to_encode: dict[str, list[FileStat]],

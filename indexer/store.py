@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from lancedb.index import BTree
 
 from blipsearch.retrieval.errors import (
     IndexLockedError,
@@ -165,7 +166,7 @@ class Store:
         self.compact()
         for table in (self.files, self.images):
             if table.count_rows():
-                table.create_scalar_index("hash", replace=True)
+                table.create_index("hash", config=BTree(), replace=True)
         self.manifest["updated"] = _now()
         _write_json(self.path / MANIFEST, self.manifest)
         self._recall = None

@@ -1,0 +1,164 @@
+"""The `blipsearch` command as users run it: output formats, options, errors and exit statuses."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from transformers import AutoTokenizer, BlipForImageTextRetrieval, BlipImageProcessorPil
+
+from blipsearch.retrieval.cli import main
+
+from photos import make_folder
+from tiny import save_tiny_blip
+
+QUERY = "a red dog on the beach"
+
+
+def blipsearch(*args, index, expect=0):
+    """Run the command in-process against the index folder `index`; check its exit status."""
+    device = ["--device", "cpu"] if args[0] in ("index", "query") else []
+    result = CliRunner().invoke(main, [*args, "--index", str(index), *device])
+    assert result.exit_code == expect, (result.output, result.stderr)
+    return result
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("cli")
+    make_folder(root / "photos" / "trips", 5, seed=1)
+    make_folder(root / "photos" / "family", 4, seed=2)
+    blipsearch("index", str(root / "photos"), "--model", str(tiny_model_dir), "-q", index=root / "index")
+    return root
+
+
+def query_json(library, *args):
+    out = blipsearch("query", QUERY, "--json", *args, index=library / "index").stdout
+    return json.loads(out)
+
+
+def test_json_schema(library, tiny_model_dir):
+    answer = query_json(library, "--top", "4")
+    assert set(answer) == {"query", "model", "results"}
+    assert answer["query"] == QUERY and answer["model"] == str(tiny_model_dir)
+    assert len(answer["results"]) == 4
+    for row in answer["results"]:
+        assert set(row) == {"path", "score", "itc", "itm_prob"}
+        assert 0 <= row["itm_prob"] <= 1 and -1 <= row["itc"] <= 1
+    assert [r["score"] for r in answer["results"]] == sorted((r["score"] for r in answer["results"]), reverse=True)
+    no_rerank = query_json(library, "--no-rerank")["results"]
+    assert all(r["itm_prob"] is None and r["score"] == r["itc"] for r in no_rerank)
+
+
+def test_paths_in_and_min_prob(library):
+    full = query_json(library, "--top", "9", "--candidates", "9")["results"]
+    paths = blipsearch("query", QUERY, "--paths", "--top", "9", "--candidates", "9",
+                       index=library / "index").stdout.splitlines()
+    assert paths == [r["path"] for r in full]
+    family = str(library / "photos" / "family")
+    under = query_json(library, "--in", family, "--top", "9")["results"]
+    assert [r["path"] for r in under] == [r["path"] for r in full if r["path"].startswith(family + "/")]
+    threshold = sorted(r["itm_prob"] for r in full)[4]
+    kept = query_json(library, "--min-prob", str(threshold), "--top", "9", "--candidates", "9")["results"]
+    assert [r["path"] for r in kept] == [r["path"] for r in full if r["itm_prob"] >= threshold]
+
+
+def test_table_output_and_status(library, tiny_model_dir):
+    lines = blipsearch("query", QUERY, "--top", "3", index=library / "index").stdout.splitlines()
+    assert lines[0].split() == ["#", "score", "match", "path"] and len(lines) == 4
+    assert lines[1].split()[0] == "1" and lines[1].split()[2].endswith("%")
+    status = json.loads(blipsearch("status", "--json", index=library / "index").stdout)
+    assert (status["files"], status["images"], status["model"]) == (9, 9, str(tiny_model_dir))
+    assert status["bytes"] > 0
+    text = blipsearch("status", index=library / "index").stdout
+    assert "9 files, 9 distinct images" in text
+
+
+def test_query_by_image_finds_the_image_itself(library):
+    target = library / "photos" / "family" / "img002.png"
+    answer = json.loads(blipsearch("query", "--image", str(target), "--json", index=library / "index").stdout)
+    assert answer["results"][0]["path"] == str(target)
+    assert answer["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_copies_are_listed_once(tmp_path, tiny_model_dir):
+    a = make_folder(tmp_path / "photos", 2)[0]
+    (tmp_path / "photos" / "again.png").write_bytes(a.read_bytes())
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    answer = json.loads(blipsearch("query", "--image", str(a), "--json", index=tmp_path / "index").stdout)
+    assert len(answer["results"]) == 2
+    assert answer["results"][0]["path"] == str(tmp_path / "photos" / "again.png")
+    assert answer["results"][0]["copies"] == [str(a)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["query", QUERY], "no index at"),
+    (["status"], "no index at"),
+    (["query", QUERY, "--no-rerank", "--min-prob", "0.5"], "--min-prob needs the ITM re-rank"),
+    (["query"], "give either a query TEXT or --image PATH"),
+    (["index", "/no/such/folder"], "/no/such/folder: no such file or folder"),
+])
+def test_errors_are_one_line(tmp_path, args, message):
+    result = blipsearch(*args, index=tmp_path / "missing", expect=1)
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert message in result.stderr
+
+
+def test_empty_index_says_so(tmp_path, tiny_model_dir):
+    (tmp_path / "empty").mkdir()
+    blipsearch("index", str(tmp_path / "empty"), "--model", str(tiny_model_dir), index=tmp_path / "index")
+    result = blipsearch("query", QUERY, index=tmp_path / "index", expect=1)
+    assert "is empty; add images with `blipsearch index FOLDER`" in result.stderr
+
+
+def test_model_mismatch_says_how_to_rebuild(library, tmp_path):
+    other = save_tiny_blip(tmp_path / "other", seed=5)
+    result = blipsearch("query", QUERY, "--model", str(other), index=library / "index", expect=1)
+    assert "rebuild it with `blipsearch index --rebuild --model MODEL FOLDER...`" in result.stderr
+
+
+def test_skipped_files_exit_3_and_are_named(tmp_path, tiny_model_dir):
+    make_folder(tmp_path / "photos", 2)
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    result = blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q",
+                        index=tmp_path / "index", expect=3)
+    assert f"skipped {tmp_path / 'photos' / 'broken.jpg'}: " in result.stderr
+    assert "indexed 2, reused 0 (moved or copied), unchanged 0, removed 0, skipped 1" in result.stderr
+
+
+def reference_ranking(model_dir, paths, text):
+    """BLIP's protocol with transformers' own forward passes (fp32): ITM([ENC]) class-1 logit + ITC."""
+    model = BlipForImageTextRetrieval.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    processor = BlipImageProcessorPil.from_pretrained(model_dir)
+    tokens = tokenizer([text], return_tensors="pt")
+    enc_ids = tokens.input_ids.clone()
+    enc_ids[:, 0] = tokenizer.convert_tokens_to_ids("[ENC]")
+    scores = {}
+    with torch.no_grad():
+        for path in paths:
+            pixels = processor(Image.open(path), return_tensors="pt")["pixel_values"]
+            itm = model(input_ids=enc_ids, attention_mask=tokens.attention_mask, pixel_values=pixels).itm_score
+            itc = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels,
+                        use_itm_head=False).itm_score
+            scores[str(path)] = float(itm[0, 1] + itc[0, 0])
+    return scores
+
+
+def test_end_to_end_ranking_equals_the_papers_protocol(tmp_path, tiny_model_dir):
+    """A fresh process indexes a folder and answers; the order is BLIP's two-stage ranking of those files."""
+    paths = make_folder(tmp_path / "photos", 10, seed=7)
+    env_index = ["--index", str(tmp_path / "index"), "--device", "cpu", "--precision", "fp32"]
+    cli = [sys.executable, "-m", "blipsearch.retrieval.cli"]
+    subprocess.run([*cli, "index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", *env_index],
+                   check=True, capture_output=True, timeout=300)
+    out = subprocess.run([*cli, "query", QUERY, "--json", "--top", "10", "--candidates", "10", *env_index],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    results = json.loads(out)["results"]
+    expected = reference_ranking(tiny_model_dir, paths, QUERY)
+    assert sorted(expected, key=expected.get, reverse=True) == [r["path"] for r in results]
+    for row in results:
+        assert row["score"] == pytest.approx(expected[row["path"]], abs=0.02)

@@ -1,0 +1,24 @@
+import numpy as np
+import torch
+
+from blipsearch.indexer import codec
+
+
+def test_int8_features_round_trip_within_half_a_step():
+    torch.manual_seed(0)
+    # channels of very different range and offset, as after a LayerNorm's gain and bias
+    features = torch.randn(3, 17, 32) * torch.logspace(-2, 1, 32) + torch.linspace(-5, 5, 32)
+    packed = codec.pack(features)
+    assert len(packed[0].values) + len(packed[0].scale) + len(packed[0].offset) == codec.packed_bytes(17, 32)
+    for i, p in enumerate(packed):
+        restored = codec.unpack(p.values, p.scale, p.offset, 17, 32)
+        step = np.frombuffer(p.scale, np.float16).astype(np.float32)
+        error = np.abs(restored - features[i].numpy())
+        assert (error <= step / 2 + 1e-3 * np.abs(features[i].numpy()) + 1e-6).all()
+        assert error.max() > 0  # it is lossy: the bound above is the claim
+
+
+def test_constant_channel_survives():
+    features = torch.ones(1, 4, 8) * 3.0
+    p = codec.pack(features)[0]
+    np.testing.assert_allclose(codec.unpack(p.values, p.scale, p.offset, 4, 8), 3.0, atol=1e-3)

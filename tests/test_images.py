@@ -1,0 +1,92 @@
+"""Decoding: orientation, formats, and bad files with their reasons."""
+
+import io
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blipsearch.indexer.images import load_image
+from blipsearch.indexer.scan import content_hash, scan
+from blipsearch.retrieval.errors import ImageLoadError
+from blipsearch.retrieval.models.base import Preprocessing
+
+from photos import make_photo, png_bomb
+
+PRE = Preprocessing(height=16, width=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # left half black, right half white; EXIF 6 means "rotate 90° clockwise to view"
+    pixels = np.zeros((32, 64, 3), np.uint8)
+    pixels[:, 32:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=95)
+    loaded = load_image(tmp_path / "r.jpg", PRE)
+    assert (loaded.width, loaded.height) == (32, 64)  # portrait after orientation
+    top, bottom = loaded.pixels[:4].mean(), loaded.pixels[-4:].mean()
+    assert top < 40 and bottom > 215  # black side on top once rotated clockwise
+
+
+@pytest.mark.parametrize("ext", ["JPG", "jpeg", "png", "webp", "bmp", "gif", "tif", "TIFF"])
+def test_formats_decode_in_any_letter_case(tmp_path, ext):
+    path = make_photo(tmp_path / f"a.{ext}", seed=3)
+    assert load_image(path, PRE).pixels.shape == (16, 16, 3)
+    assert [f.path for f in scan([tmp_path]).files] == [str(path)]
+
+
+def test_transparency_goes_over_white(tmp_path):
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "t.png")
+    assert (load_image(tmp_path / "t.png", PRE).pixels == 255).all()
+
+
+def truncated_jpeg(path):
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(buffer, "JPEG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return path
+
+
+def write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def dangling_link(path):
+    path.symlink_to(path.with_name("missing.jpg"))
+    return path
+
+
+BAD_FILES = [  # (maker, reason): one of each kind of bad file a photo folder holds
+    (lambda d: truncated_jpeg(d / "cut.jpg"), "truncated image data"),
+    (lambda d: write(d / "zero.png", b""), "empty file (0 bytes)"),
+    (lambda d: write(d / "text.jpg", b"hello"), "not an image, or a format Pillow cannot read"),
+    (lambda d: png_bomb(d / "bomb.png"), "decompression bomb: 10,000.0 megapixels is over the limit of 179.0"),
+    (lambda d: dangling_link(d / "gone.jpg"), "file vanished or is a broken link"),
+]
+
+
+@pytest.mark.parametrize("make, reason", BAD_FILES)
+def test_bad_files_raise_a_short_reason(tmp_path, make, reason):
+    with pytest.raises(ImageLoadError, match=re.escape(reason)):
+        load_image(make(tmp_path), PRE)
+
+
+def test_bomb_limit_is_configurable(tmp_path):
+    Image.new("RGB", (3000, 2000)).save(tmp_path / "big.png")
+    with pytest.raises(ImageLoadError, match=re.escape("decompression bomb: 6.0 megapixels is over the limit of 5.0")):
+        load_image(tmp_path / "big.png", PRE, max_pixels=5_000_000)
+    assert load_image(tmp_path / "big.png", PRE, max_pixels=6_000_000).width == 3000
+
+
+def test_scan_skips_hidden_and_other_files_and_hash_follows_content(tmp_path):
+    a = make_photo(tmp_path / "x" / "a.png", seed=1)
+    make_photo(tmp_path / ".hidden" / "b.png", seed=2)
+    make_photo(tmp_path / ".c.png", seed=3)
+    (tmp_path / "notes.txt").write_text("no")
+    assert [f.path for f in scan([tmp_path]).files] == [str(a)]
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(a.read_bytes())
+    assert content_hash(copy) == content_hash(a) != content_hash(make_photo(tmp_path / "d.png", seed=4))

@@ -1,0 +1,177 @@
+"""Incremental, resumable indexing through the library API (the CLI is tested in test_cli.py)."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from blipsearch.indexer.pipeline import IndexOptions, index_folders
+from blipsearch.indexer.store import Store
+from blipsearch.retrieval.errors import IndexLockedError, InvalidInputError, ModelMismatchError
+from blipsearch.retrieval.models import load_model
+
+from photos import make_folder, make_photo
+from test_images import BAD_FILES
+from tiny import save_tiny_blip
+
+
+class CountingModel:
+    """The tiny model, counting the images it encodes."""
+
+    def __init__(self, model):
+        self.model, self.info, self.encoded = model, model.info, 0
+
+    def pixel_values(self, images):
+        return self.model.pixel_values(images)
+
+    def encode_images(self, pixels):
+        self.encoded += len(pixels)
+        return self.model.encode_images(pixels)
+
+
+@pytest.fixture
+def model(tiny_model):
+    return CountingModel(tiny_model)
+
+
+def run(folders, model, index_dir):
+    model.encoded = 0
+    store = Store.open_for_writing(index_dir, model.info)
+    try:
+        return index_folders(folders, model, store, IndexOptions(batch_size=4, progress=False))
+    finally:
+        store.close()
+
+
+def stored(index_dir):
+    store = Store.open(index_dir)
+    return {os.path.relpath(p, index_dir.parent / "photos"): r.hash for p, r in store.file_records().items()}, \
+        store.counts()[1]
+
+
+def test_incremental_add_unchanged_change_touch_delete_move_copy(tmp_path, model):
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    make_folder(photos, 6)
+    s = run([photos], model, index)
+    assert (s.indexed, s.unchanged, s.removed, model.encoded) == (6, 0, 0, 6)
+
+    s = run([photos], model, index)
+    assert (s.indexed, s.unchanged, model.encoded) == (0, 6, 0)
+
+    before, _ = stored(index)
+    make_photo(photos / "img001.png", seed=99)  # new content, same name
+    os.utime(photos / "img002.png", ns=(1, 1_000_000_000))  # touched: same bytes, other mtime
+    (photos / "img003.png").unlink()
+    (photos / "sub").mkdir()
+    (photos / "img004.png").rename(photos / "sub" / "moved.png")
+    shutil.copy(photos / "img005.png", photos / "sub" / "copy.png")
+    s = run([photos], model, index)
+    assert (s.indexed, s.reused, s.unchanged, s.removed, model.encoded) == (1, 2, 3, 2, 1)
+
+    after, images = stored(index)
+    assert sorted(after) == ["img000.png", "img001.png", "img002.png", "img005.png", "sub/copy.png", "sub/moved.png"]
+    assert after["img001.png"] != before["img001.png"]
+    assert after["sub/moved.png"] == before["img004.png"]
+    assert after["sub/copy.png"] == after["img005.png"]
+    assert images == 5  # the copy shares its content row; old img001 and img003 content were pruned
+
+
+def test_identical_new_files_are_encoded_once(tmp_path, model):
+    photos = tmp_path / "photos"
+    a = make_photo(photos / "a.png", seed=1)
+    shutil.copy(a, photos / "b.png")
+    s = run([photos], model, tmp_path / "index")
+    assert (s.indexed, model.encoded) == (2, 1)
+
+
+def test_runs_on_other_folders_do_not_remove_files(tmp_path, model):
+    make_folder(tmp_path / "photos" / "a", 2, seed=1)
+    make_folder(tmp_path / "photos" / "b", 3, seed=2)
+    run([tmp_path / "photos" / "a"], model, tmp_path / "index")
+    s = run([tmp_path / "photos" / "b"], model, tmp_path / "index")
+    assert s.removed == 0 and len(stored(tmp_path / "index")[0]) == 5
+    with pytest.raises(InvalidInputError, match="no such file or folder"):
+        run([tmp_path / "photos" / "gone"], model, tmp_path / "index")
+    assert len(stored(tmp_path / "index")[0]) == 5
+
+
+def test_bad_files_are_skipped_with_reasons_and_the_run_goes_on(tmp_path, model):
+    photos = tmp_path / "photos"
+    make_folder(photos, 3)
+    expected = {str(make(photos)): reason for make, reason in BAD_FILES}
+    s = run([photos], model, tmp_path / "index")
+    assert s.indexed == 3
+    assert {path: reason for path, reason in s.skipped} == expected
+
+
+def test_a_file_that_turns_bad_loses_its_stale_row(tmp_path, model):
+    photos = tmp_path / "photos"
+    make_folder(photos, 2)
+    run([photos], model, tmp_path / "index")
+    (photos / "img000.png").write_bytes(b"broken now")
+    s = run([photos], model, tmp_path / "index")
+    assert [p for p, _ in s.skipped] == [str(photos / "img000.png")]
+    assert sorted(stored(tmp_path / "index")[0]) == ["img001.png"]
+
+
+def test_another_model_is_refused_and_one_writer_at_a_time(tmp_path, model):
+    make_folder(tmp_path / "photos", 1)
+    run([tmp_path / "photos"], model, tmp_path / "index")
+    other = load_model(str(save_tiny_blip(tmp_path / "other", seed=1)), "cpu", "fp32")
+    with pytest.raises(ModelMismatchError, match="rebuild it with `blipsearch index --rebuild"):
+        Store.open_for_writing(tmp_path / "index", other.info)
+    writer = Store.open_for_writing(tmp_path / "index", model.info)
+    with pytest.raises(IndexLockedError, match="another blipsearch process is writing"):
+        Store.open_for_writing(tmp_path / "index", model.info)
+    writer.close()
+    Store.open_for_writing(tmp_path / "index", other.info, rebuild=True).close()
+    assert Store.open(tmp_path / "index").counts() == (0, 0)
+
+
+def test_an_unrelated_folder_is_never_used_as_an_index(tmp_path, model):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "thesis.tex").write_text("precious")
+    with pytest.raises(InvalidInputError, match="not empty and holds no blipsearch index"):
+        Store.open_for_writing(tmp_path / "docs", model.info)
+    assert (tmp_path / "docs" / "thesis.tex").read_text() == "precious"
+
+
+def test_killed_run_resumes_with_exactly_one_row_per_file(tmp_path, tiny_model_dir):
+    """SIGKILL mid-run loses at most the batch in flight; the next run finishes the job."""
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    make_folder(photos, 120)
+    command = [sys.executable, "-m", "blipsearch.retrieval.cli", "index", str(photos), "--model",
+               str(tiny_model_dir), "--index", str(index), "--batch-size", "4", "--device", "cpu", "-q"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    committed = wait_for_rows(index, process, at_least=8)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = len(Store.open(index).file_records())
+    assert done_before >= committed and done_before % 4 == 0  # whole batches only
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    indexed, reused = map(int, re.search(r"indexed (\d+), reused (\d+)", result.stderr).groups())
+    # the batch in flight may have stored its features but not its files: they are reused, not re-encoded
+    assert indexed + reused == 120 - done_before and reused <= 4
+    records = Store.open(index).file_records()
+    assert sorted(records) == sorted(str(p) for p in photos.iterdir())
+    assert Store.open(index).counts() == (120, 120)
+
+
+def wait_for_rows(index, process, at_least: int, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read().decode()
+        try:
+            rows = Store.open(index).counts()[0]
+        except Exception:  # not created yet, or a commit under way
+            rows = 0
+        if rows >= at_least:
+            return rows
+        time.sleep(0.05)
+    raise AssertionError("indexing made no progress")

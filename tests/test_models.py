@@ -1,0 +1,146 @@
+"""The BLIP adapter against transformers' own classes (fp32, tight tolerance)."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoTokenizer, BlipForImageTextRetrieval, BlipImageProcessorPil
+
+from blipsearch.indexer.images import load_image
+from blipsearch.retrieval.errors import ModelLoadError
+from blipsearch.retrieval.models import load_model
+
+from tiny import save_tiny_blip
+
+TEXTS = ["a red dog on the beach", "a photo of a cat", "a blue car"]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(1)
+    paths = []
+    for i, size in enumerate([(50, 40), (33, 71), (64, 64)]):
+        path = folder / f"p{i}.png"
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    return BlipForImageTextRetrieval.from_pretrained(tiny_model_dir).eval()
+
+
+def hf_pixels(model_dir, paths):
+    processor = BlipImageProcessorPil.from_pretrained(model_dir)
+    return processor([Image.open(p) for p in paths], return_tensors="pt")["pixel_values"]
+
+
+def test_preprocessing_equals_the_checkpoints_image_processor(tiny_model, tiny_model_dir, photos):
+    ours = tiny_model.pixel_values([load_image(p, tiny_model.info.preprocessing).pixels for p in photos])
+    torch.testing.assert_close(ours, hf_pixels(tiny_model_dir, photos), atol=1e-5, rtol=0)
+
+
+def test_itc_embeddings_match_transformers(tiny_model, tiny_model_dir, reference, photos):
+    pixels = hf_pixels(tiny_model_dir, photos)
+    images = tiny_model.encode_images(pixels)
+    texts = tiny_model.encode_texts(TEXTS)
+    tokens = AutoTokenizer.from_pretrained(tiny_model_dir)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():  # transformers computes image_feat @ text_feat.T of normalised projections
+        expected = torch.stack([
+            reference(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                      pixel_values=pixels[i:i + 1], use_itm_head=False).itm_score[0]
+            for i in range(len(photos))])
+    ours = images.embeddings[:, 0, :] @ texts.embeddings.T
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(images.embeddings.norm(dim=-1), torch.ones(len(photos), 1))
+    assert ours.std() > 0.05  # the tiny model tells images apart: the test could fail
+
+
+def test_itm_logits_match_transformers_with_the_enc_token(tiny_model, tiny_model_dir, reference, photos):
+    """transformers feeds [CLS] to the ITM pass; BLIP was trained with [ENC]: we feed [ENC]."""
+    pixels = hf_pixels(tiny_model_dir, photos)
+    features = tiny_model.encode_images(pixels).features
+    tokens = tiny_model.encode_texts(TEXTS[:1]).tokens
+    ours = tiny_model.itm_scores(tokens, features)  # one text against three images
+    enc_ids = tokens.input_ids.clone()
+    enc_ids[:, 0] = tiny_model.enc_token_id
+    assert tiny_model.enc_token_id == AutoTokenizer.from_pretrained(tiny_model_dir).convert_tokens_to_ids("[ENC]")
+    with torch.no_grad():
+        with_enc = torch.cat([reference(input_ids=enc_ids, attention_mask=tokens.attention_mask,
+                                        pixel_values=pixels[i:i + 1]).itm_score for i in range(len(photos))])
+        with_cls = torch.cat([reference(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                                        pixel_values=pixels[i:i + 1]).itm_score for i in range(len(photos))])
+    torch.testing.assert_close(ours, with_enc, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours, with_cls, atol=1e-3)  # the convention is visible in the scores
+
+
+def test_enc_token_falls_back_to_the_row_after_dec(tmp_path):
+    """Hub conversions of BLIP may lack [ENC] in the tokenizer; BLIP gives it the id after [DEC]."""
+    model = load_model(str(save_tiny_blip(tmp_path / "m", with_enc=False)), "cpu", "fp32")
+    dec = model.tokenizer.convert_tokens_to_ids("[DEC]")
+    assert model.tokenizer.convert_tokens_to_ids("[ENC]") == model.tokenizer.unk_token_id
+    assert model.enc_token_id == dec + 1
+
+
+def test_batches_of_texts_and_images_agree_with_single_items(tiny_model, tiny_model_dir, photos):
+    pixels = hf_pixels(tiny_model_dir, photos)
+    batch = tiny_model.encode_images(pixels)
+    single = tiny_model.encode_images(pixels[1:2])
+    torch.testing.assert_close(batch.embeddings[1:2], single.embeddings, atol=1e-5, rtol=0)
+    texts = tiny_model.encode_texts(TEXTS)
+    alone = tiny_model.encode_texts(TEXTS[2:])
+    torch.testing.assert_close(texts.embeddings[2:], alone.embeddings, atol=1e-5, rtol=0)
+
+
+def test_bf16_embeddings_stay_close_to_fp32(tiny_model_dir, tiny_model, photos):
+    bf16 = load_model(str(tiny_model_dir), "cpu", "bf16")
+    pixels = hf_pixels(tiny_model_dir, photos)
+    cos = F.cosine_similarity(bf16.encode_images(pixels).embeddings, tiny_model.encode_images(pixels).embeddings,
+                              dim=-1)
+    assert cos.min() > 0.99
+
+
+def test_captioning_checkpoint_is_refused(tmp_path):
+    directory = save_tiny_blip(tmp_path / "captioner", model_class="BlipForConditionalGeneration")
+    with pytest.raises(ModelLoadError, match=r"no trained weights for .*itm_head.*not an image-text retrieval"):
+        load_model(str(directory), "cpu", "fp32")
+
+
+def test_other_model_types_are_refused(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2),
+                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=16))
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    with pytest.raises(ModelLoadError, match="type 'clip'"):
+        load_model(str(tmp_path / "clip"), "cpu", "fp32")
+
+
+def test_missing_directory_and_bad_names_are_one_line_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="neither an existing directory nor a hub id"):
+        load_model(str(tmp_path / "nope" / "model"), "cpu", "fp32")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match=r"has no config\.json"):
+        load_model(str(tmp_path / "empty"), "cpu", "fp32")
+
+
+def test_uncached_hub_model_offline_is_one_line_without_traceback(tmp_path):
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+           "BLIPSEARCH_INDEX": str(tmp_path / "index")}
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    result = subprocess.run([sys.executable, "-m", "blipsearch.retrieval.cli", "index", str(photos), "--model",
+                             "Salesforce/blip-itm-base-coco"], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "blipsearch: error: cannot load model Salesforce/blip-itm-base-coco: it is not in the local Hugging Face "
+        "cache and the hub cannot be reached; pass a local model directory with --model PATH"]
