@@ -83,9 +83,8 @@ def test_itm_logits_match_transformers_with_the_enc_token(tiny_model, tiny_model
 def test_enc_token_falls_back_to_the_row_after_dec(tmp_path):
     """Hub conversions of BLIP may lack [ENC] in the tokenizer; BLIP gives it the id after [DEC]."""
     model = load_model(str(save_tiny_blip(tmp_path / "m", with_enc=False)), "cpu", "fp32")
-    dec = model.tokenizer.convert_tokens_to_ids("[DEC]")
-    assert model.tokenizer.convert_tokens_to_ids("[ENC]") == model.tokenizer.unk_token_id
-    assert model.enc_token_id == dec + 1
+    assert model.tokenizer.token_id("[ENC]") is None
+    assert model.enc_token_id == model.tokenizer.token_id("[DEC]") + 1
 
 
 def test_batches_of_texts_and_images_agree_with_single_items(tiny_model, tiny_model_dir, photos):
@@ -144,3 +143,46 @@ def test_uncached_hub_model_offline_is_one_line_without_traceback(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "blipsearch: error: cannot load model Salesforce/blip-itm-base-coco: it is not in the local Hugging Face "
         "cache and the hub cannot be reached; pass a local model directory with --model PATH"]
+
+
+def test_text_only_loading_gives_the_same_model(tiny_model_dir, tiny_model, photos):
+    """A text query loads the text side from safetensors alone; results and identity are the same."""
+    light = load_model(str(tiny_model_dir), "cpu", "fp32", with_vision=False)
+    assert light.info == tiny_model.info and light.vision is None
+    expected = tiny_model.encode_texts(TEXTS).embeddings
+    torch.testing.assert_close(light.encode_texts(TEXTS).embeddings, expected, atol=0, rtol=0)
+    features = tiny_model.encode_images(hf_pixels(tiny_model_dir, photos)).features
+    torch.testing.assert_close(light.itm_scores(light.tokenize(TEXTS[:1]), features),
+                               tiny_model.itm_scores(tiny_model.tokenize(TEXTS[:1]), features), atol=0, rtol=0)
+
+
+def test_tokenizer_ids_equal_transformers(tiny_model, tiny_model_dir):
+    reference = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = ["A RED dog, on the beach!", "cat", " ".join(["sky"] * 60), "unknownword a-b"]
+    ours = tiny_model.tokenize(texts)
+    expected = reference(texts, padding="longest", truncation=True, max_length=35, return_tensors="pt")
+    torch.testing.assert_close(ours.input_ids, expected["input_ids"])
+    torch.testing.assert_close(ours.attention_mask, expected["attention_mask"])
+    assert ours.input_ids.shape[1] == 35
+
+
+def test_preprocessing_defaults_are_blips():
+    from blipsearch.retrieval.models.blip import PROCESSOR_DEFAULTS
+
+    processor = BlipImageProcessorPil()
+    assert PROCESSOR_DEFAULTS["size"] == {"height": processor.size["height"], "width": processor.size["width"]}
+    assert PROCESSOR_DEFAULTS["image_mean"] == list(processor.image_mean)
+    assert PROCESSOR_DEFAULTS["image_std"] == list(processor.image_std)
+    assert PROCESSOR_DEFAULTS["resample"] == int(processor.resample)
+    assert PROCESSOR_DEFAULTS["rescale_factor"] == processor.rescale_factor
+
+
+def test_checkpoints_with_pytorch_bin_weights_load(tmp_path, tiny_model_dir, tiny_model):
+    """Older hub repositories ship pytorch_model.bin only: those load through transformers."""
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    torch.save(BlipForImageTextRetrieval.from_pretrained(tiny_model_dir).state_dict(), directory / "pytorch_model.bin")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        (directory / name).write_bytes((tiny_model_dir / name).read_bytes())
+    model = load_model(str(directory), "cpu", "fp32", with_vision=False)
+    torch.testing.assert_close(model.encode_texts(TEXTS).embeddings, tiny_model.encode_texts(TEXTS).embeddings)

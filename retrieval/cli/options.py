@@ -28,7 +28,7 @@ def index_location(index_path: Path | None) -> Path:
     return (index_path or default_location()).expanduser()
 
 
-def load(model_name: str, device: str, precision: str):
+def load(model_name: str, device: str, precision: str, with_vision: bool = True):
     from ..models import load_model
 
-    return load_model(model_name, device=device, precision=precision)
+    return load_model(model_name, device=device, precision=precision, with_vision=with_vision)

@@ -52,7 +52,7 @@ def query_command(text, image_path, top, candidates, no_rerank, min_prob, under,
     store = Store.open(location)
     if store.counts()[1] == 0:
         raise InvalidInputError(f"the index at {location} is empty; add images with `blipsearch index FOLDER`")
-    model = load(model_name or store.manifest["model"]["id"], device, precision)
+    model = load(model_name or store.manifest["model"]["id"], device, precision, with_vision=image_path is not None)
     check_model(store.manifest, model.info, location)
     searcher = Searcher(model, store)
     hits = (searcher.search_text(text, options) if text is not None

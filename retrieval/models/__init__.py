@@ -27,20 +27,22 @@ __all__ = [
 ]
 
 
-def load_model(name: str, device: str | torch.device = "auto", precision: str = "auto") -> RetrievalModel:
-    """Load a retrieval checkpoint (hub id or local directory) ready for `encode_*` and `itm_scores`."""
-    from transformers import AutoConfig
+def load_model(name: str, device: str | torch.device = "auto", precision: str = "auto",
+               with_vision: bool = True) -> RetrievalModel:
+    """Load a retrieval checkpoint (hub id or local directory) ready for `encode_*` and `itm_scores`.
 
+    `with_vision=False` loads only what a text query needs (faster start, less memory).
+    """
     from ..device import select_device, select_dtype
     from .blip import BlipRetrievalModel
-    from .loading import from_pretrained
+    from .loading import local_directory, read_config
 
     adapters = {"blip": BlipRetrievalModel}  # "blip-2" joins here
     checkpoint = resolve(name)
-    config = from_pretrained(checkpoint, AutoConfig)
-    adapter = adapters.get(config.model_type)
+    model_type = read_config(local_directory(checkpoint), name).get("model_type")
+    adapter = adapters.get(model_type)
     if adapter is None:
-        raise ModelLoadError(f"model {name} is of type {config.model_type!r}; blipsearch loads "
+        raise ModelLoadError(f"model {name} is of type {model_type!r}; blipsearch loads "
                              f"{', '.join(sorted(adapters))} retrieval checkpoints")
     torch_device = device if not isinstance(device, str) else select_device(device)
-    return adapter.load(checkpoint, torch_device, select_dtype(torch_device, precision))
+    return adapter.load(checkpoint, torch_device, select_dtype(torch_device, precision), with_vision=with_vision)

@@ -1,18 +1,22 @@
-"""BLIP (ViT + BERT) retrieval checkpoints through transformers' `BlipForImageTextRetrieval`.
+"""BLIP (ViT + BERT) retrieval checkpoints, as transformers' `BlipForImageTextRetrieval` stores them.
 
-The engine calls the submodules itself (`vision_model`, `vision_proj`, `text_encoder`, `text_proj`,
-`itm_head`) so that stored vision features are reused: the class's own `forward` always re-runs the
-vision tower.
+The engine runs the parts itself so that stored vision features are reused (the class's own `forward`
+re-runs the vision tower for every pair): transformers' `vision_model` + `vision_proj` for images, and
+`BlipTextTower` (blip_text.py: the same text encoder, `text_proj` and `itm_head` tensors, with SDPA and
+folded cross-attention) for texts and ITM. A query by text loads only the text side, straight from the
+safetensors files, without importing transformers.
 
 ITM convention: BLIP was trained with an `[ENC]` token replacing `[CLS]` at position 0 of the text that
 attends to the image (salesforce/BLIP `blip_retrieval.py`, LAVIS `compute_sim_matrix`). transformers'
 `forward` feeds `[CLS]` (transformers issues #22732, #25629). We follow training: `itm_scores` writes
-`enc_token_id` at position 0; see `BlipRetrievalModel.enc_token_id`.
+`enc_token_id` at position 0; see `_enc_token_id`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,53 +24,68 @@ import torch.nn.functional as F
 
 from ..errors import ModelLoadError
 from .base import ImageEncoding, ModelInfo, Preprocessing, TextEncoding, TextTokens
-from .loading import Checkpoint, from_pretrained, revision
+from .blip_text import BlipTextTower, TextTowerConfig
+from .loading import (
+    Checkpoint,
+    from_pretrained,
+    has_safetensors,
+    local_directory,
+    read_config,
+    read_tensors,
+    revision,
+)
+from .tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
 MAX_TEXT_TOKENS = 35  # as in BLIP/LAVIS retrieval evaluation
 # Modules that a retrieval checkpoint must carry trained weights for.
 REQUIRED_MODULES = ("vision_model", "text_encoder", "vision_proj", "text_proj", "itm_head")
+TEXT_MODULES = ("text_encoder.", "text_proj.", "itm_head.")
+# BlipImageProcessor's defaults, for keys a preprocessor_config.json leaves out.
+PROCESSOR_DEFAULTS = {
+    "do_resize": True, "size": {"height": 384, "width": 384}, "resample": 3, "do_rescale": True,
+    "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "do_center_crop": False, "do_pad": False,
+}
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 class BlipRetrievalModel:
     """A BLIP retrieval checkpoint on one device and dtype; implements `RetrievalModel`."""
 
-    def __init__(self, model, tokenizer, info: ModelInfo, device: torch.device, dtype: torch.dtype):
-        self.model = model.to(device=device, dtype=dtype).eval()
+    def __init__(self, text: BlipTextTower, tokenizer: TextTokenizer, enc_token_id: int, info: ModelInfo,
+                 device: torch.device, dtype: torch.dtype, vision=None, vision_proj=None):
+        self.text = text.to(device=device, dtype=dtype).eval()
+        self.vision = None if vision is None else vision.to(device=device, dtype=dtype).eval()
+        self.vision_proj = None if vision_proj is None else vision_proj.to(device=device, dtype=dtype).eval()
         self.tokenizer = tokenizer
+        self.enc_token_id = enc_token_id
         self.info = info
         self.device = device
         self.dtype = dtype
-        self.enc_token_id = _enc_token_id(tokenizer, model.config.text_config)
         pre = info.preprocessing
         # Rescale and normalise in one step, as the image processor does: (x / 255 - mean) / std.
         self._pixel_mean = torch.tensor(pre.mean).view(1, 3, 1, 1) * 255.0
         self._pixel_std = torch.tensor(pre.std).view(1, 3, 1, 1) * 255.0
 
     @classmethod
-    def load(cls, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> BlipRetrievalModel:
-        from transformers import AutoTokenizer, BlipForImageTextRetrieval
-
-        model, loading = from_pretrained(checkpoint, BlipForImageTextRetrieval, output_loading_info=True)
-        _check_heads_loaded(checkpoint.name, loading)
-        tokenizer = from_pretrained(checkpoint, AutoTokenizer)
-        preprocessing = _preprocessing(checkpoint)
-        config = model.config
-        vision = config.vision_config
-        tokens = (vision.image_size // vision.patch_size) ** 2 + 1  # patches + [CLS]
-        info = ModelInfo(
-            model_id=checkpoint.model_id,
-            revision=revision(checkpoint, config),
-            family="blip",
-            embed_dim=config.image_text_hidden_size,
-            vectors_per_image=1,
-            feature_tokens=tokens,
-            feature_dim=vision.hidden_size,
-            preprocessing=preprocessing,
-        )
-        return cls(model, tokenizer, info, device, dtype)
+    def load(cls, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
+             with_vision: bool = True) -> BlipRetrievalModel:
+        directory = local_directory(checkpoint)
+        config = read_config(directory, checkpoint.name)
+        vision = vision_proj = None
+        if with_vision or not has_safetensors(directory):
+            state, vision, vision_proj = _load_with_transformers(directory, checkpoint.name)
+        else:
+            _check_safetensors_heads(directory, checkpoint.name)
+            state = read_tensors(directory, TEXT_MODULES)
+        text = BlipTextTower(TextTowerConfig.from_blip_config(config))
+        text.load_weights(state)
+        tokenizer = TextTokenizer.from_directory(directory, MAX_TEXT_TOKENS) or _tokenizer_via_transformers(
+            directory, checkpoint.name)
+        info = _model_info(checkpoint, directory, config)
+        return cls(text, tokenizer, _enc_token_id(tokenizer, config), info, device, dtype, vision, vision_proj)
 
     def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:
         batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()  # (B, 3, H, W)
@@ -74,24 +93,20 @@ class BlipRetrievalModel:
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> ImageEncoding:
+        if self.vision is None:
+            raise ModelLoadError("this model was loaded without its vision tower; load it with_vision=True")
         pixels = pixel_values.to(self.device, self.dtype)
-        features = self.model.vision_model(pixel_values=pixels).last_hidden_state  # (B, T, H)
-        embeddings = F.normalize(self.model.vision_proj(features[:, 0, :]).float(), dim=-1)
+        features = self.vision(pixel_values=pixels).last_hidden_state  # (B, T, H)
+        embeddings = F.normalize(self.vision_proj(features[:, 0, :]).float(), dim=-1)
         return ImageEncoding(embeddings=embeddings[:, None, :].cpu(), features=features)
 
     def tokenize(self, texts: list[str]) -> TextTokens:
-        batch = self.tokenizer(texts, padding="longest", truncation=True, max_length=MAX_TEXT_TOKENS,
-                               return_tensors="pt")
-        return TextTokens(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return self.tokenizer(texts)
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> TextEncoding:
         tokens = self.tokenize(texts)
-        hidden = self.model.text_encoder(
-            input_ids=tokens.input_ids.to(self.device),
-            attention_mask=tokens.attention_mask.to(self.device),
-        ).last_hidden_state  # (N, L, H), no image: the unimodal text encoder
-        embeddings = F.normalize(self.model.text_proj(hidden[:, 0, :]).float(), dim=-1)
+        embeddings = self.text.embed_texts(tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device))
         return TextEncoding(embeddings=embeddings.cpu(), tokens=tokens)
 
     @torch.inference_mode()
@@ -102,61 +117,101 @@ class BlipRetrievalModel:
         if input_ids.shape[0] == 1 and features.shape[0] > 1:
             input_ids = input_ids.expand(features.shape[0], -1)
             attention_mask = attention_mask.expand(features.shape[0], -1)
-        features = features.to(self.device, self.dtype)
-        image_mask = torch.ones(features.shape[:2], dtype=torch.long, device=self.device)
-        hidden = self.model.text_encoder(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            encoder_hidden_states=features,
-            encoder_attention_mask=image_mask,
-        ).last_hidden_state  # (N, L, H)
-        return self.model.itm_head(hidden[:, 0, :]).float().cpu()  # (N, 2)
+        logits = self.text.itm_logits(input_ids.to(self.device), attention_mask.to(self.device),
+                                      features.to(self.device, self.dtype))
+        return logits.cpu()  # (N, 2)
 
 
-def _check_heads_loaded(name: str, loading: dict) -> None:
-    """Refuse checkpoints whose retrieval modules would be left at random initialisation."""
+def _load_with_transformers(directory: Path, name: str):
+    """The whole checkpoint through `BlipForImageTextRetrieval`; refuses untrained retrieval heads."""
+    from transformers import BlipForImageTextRetrieval
+
+    model, loading = from_pretrained(directory, name, BlipForImageTextRetrieval, output_loading_info=True)
     missing = {key.split(".")[0] for key in loading.get("missing_keys", ())}
-    mismatched = {key.split(".")[0] for key, *_ in loading.get("mismatched_keys", ())}
-    absent = sorted((missing | mismatched) & set(REQUIRED_MODULES))
+    missing |= {key.split(".")[0] for key, *_ in loading.get("mismatched_keys", ())}
+    _refuse_missing(name, missing)
+    text_state = {k: v for k, v in model.state_dict().items() if k.startswith(TEXT_MODULES)}
+    return text_state, model.vision_model, model.vision_proj
+
+
+def _check_safetensors_heads(directory: Path, name: str) -> None:
+    from safetensors import safe_open
+
+    present = set()
+    for path in directory.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            present |= {key.split(".")[0] for key in f.keys()}  # noqa: SIM118  (safe_open is no mapping)
+    _refuse_missing(name, set(REQUIRED_MODULES) - present)
+
+
+def _refuse_missing(name: str, missing: set[str]) -> None:
+    """Refuse checkpoints whose retrieval modules would be left at random initialisation."""
+    absent = sorted(missing & set(REQUIRED_MODULES))
     if absent:
         raise ModelLoadError(
             f"model {name} has no trained weights for {', '.join(absent)}: it is not an image-text "
             "retrieval checkpoint (captioning and VQA ones are not); use e.g. Salesforce/blip-itm-base-coco")
 
 
-def _enc_token_id(tokenizer, text_config) -> int:
+def _tokenizer_via_transformers(directory: Path, name: str) -> TextTokenizer:
+    from transformers import AutoTokenizer
+
+    tokenizer = from_pretrained(directory, name, AutoTokenizer)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ModelLoadError(f"model {name}: its tokenizer has no fast (tokenizers) backend")
+    return TextTokenizer(backend, MAX_TEXT_TOKENS)
+
+
+def _enc_token_id(tokenizer: TextTokenizer, config: dict) -> int:
     """The `[ENC]` id: the tokenizer's own, else the id BLIP's tokenizer gives it (right after `[DEC]`).
 
     BLIP adds `[DEC]` (the bos token, 30522 in BERT's vocabulary) and then `[ENC]` (30523); the Hugging
     Face conversions keep the embedding rows but not always the token in the tokenizer files.
     """
-    enc = tokenizer.convert_tokens_to_ids("[ENC]")
-    if enc is not None and enc != tokenizer.unk_token_id:
+    enc = tokenizer.token_id("[ENC]")
+    if enc is not None:
         return int(enc)
-    enc = text_config.bos_token_id + 1
-    if enc >= text_config.vocab_size:
+    text = config.get("text_config", {})
+    enc = text.get("bos_token_id", 30522) + 1
+    if enc >= text.get("vocab_size", 30524):
         raise ModelLoadError("the checkpoint's tokenizer has no [ENC] token and its vocabulary has no row "
                              "after [DEC] to stand for it; it cannot score image-text matches")
     return int(enc)
 
 
-def _preprocessing(checkpoint: Checkpoint) -> Preprocessing:
-    import transformers
+def _model_info(checkpoint: Checkpoint, directory: Path, config: dict) -> ModelInfo:
+    vision = config.get("vision_config", {})
+    image_size, patch_size = vision.get("image_size", 384), vision.get("patch_size", 16)
+    return ModelInfo(
+        model_id=checkpoint.model_id,
+        revision=revision(checkpoint, directory),
+        family="blip",
+        embed_dim=config.get("image_text_hidden_size", 256),
+        vectors_per_image=1,
+        feature_tokens=(image_size // patch_size) ** 2 + 1,  # patches + [CLS]
+        feature_dim=vision.get("hidden_size", 768),
+        preprocessing=_preprocessing(directory, checkpoint.name),
+    )
 
-    processor_cls = getattr(transformers, "BlipImageProcessorPil", None) or transformers.BlipImageProcessor
-    processor = from_pretrained(checkpoint, processor_cls)
-    size = processor.size
-    height, width = _get(size, "height"), _get(size, "width")
-    resample = _RESAMPLE_NAMES.get(int(processor.resample))
-    supported = (processor.do_resize and processor.do_rescale and processor.do_normalize
-                 and height and width and resample and abs(processor.rescale_factor - 1 / 255) < 1e-9
-                 and not getattr(processor, "do_center_crop", False) and not getattr(processor, "do_pad", False))
+
+def _preprocessing(directory: Path, name: str) -> Preprocessing:
+    """The image processor's settings, read from preprocessor_config.json with BlipImageProcessor's defaults."""
+    try:
+        stored = json.loads((directory / "preprocessor_config.json").read_text())
+    except FileNotFoundError:
+        stored = {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read the preprocessor_config.json of model {name}: {exc}") from exc
+    p = PROCESSOR_DEFAULTS | stored
+    size = p["size"] if isinstance(p["size"], dict) else {"height": p["size"], "width": p["size"]}
+    resample = _RESAMPLE_NAMES.get(int(p["resample"]))
+    supported = (p["do_resize"] and p["do_rescale"] and p["do_normalize"] and resample
+                 and "height" in size and "width" in size and abs(p["rescale_factor"] - 1 / 255) < 1e-9
+                 and not p.get("do_center_crop") and not p.get("do_pad"))
     if not supported:
-        raise ModelLoadError(f"model {checkpoint.name}: its image processor ({processor.to_dict()}) is not the "
-                             "BLIP resize + rescale + normalise that blipsearch implements")
-    return Preprocessing(height=int(height), width=int(width), mean=tuple(map(float, processor.image_mean)),
-                         std=tuple(map(float, processor.image_std)), resample=resample)
-
-
-def _get(size, key):
-    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+        raise ModelLoadError(f"model {name}: its image processor settings are not the BLIP resize + rescale + "
+                             "normalise that blipsearch implements")
+    return Preprocessing(height=int(size["height"]), width=int(size["width"]),
+                         mean=tuple(map(float, p["image_mean"])), std=tuple(map(float, p["image_std"])),
+                         resample=resample)

@@ -2,11 +2,13 @@
 
 A hub id is read from the local cache first; the network is tried only when the hub answers a quick
 probe, so an offline machine gets an immediate, actionable error instead of half a minute of retries.
+Everything is then loaded from one local folder (the directory, or the hub snapshot in the cache).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+# What a retrieval checkpoint needs from a hub repository (configs, tokenizer, weights).
+_DOWNLOAD_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
 
 
 @dataclass(frozen=True)
@@ -80,32 +84,65 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def from_pretrained(checkpoint: Checkpoint, loader: Any, **kwargs: Any) -> Any:
-    """`loader.from_pretrained` with cache-first lookup and errors that say what to do."""
+def local_directory(checkpoint: Checkpoint) -> Path:
+    """The folder holding the checkpoint's files: the directory itself, or the hub snapshot in the cache.
+
+    A hub id is looked up in the cache first and downloaded only when missing and the hub answers.
+    """
     if checkpoint.is_local:
-        try:
-            return loader.from_pretrained(checkpoint.source, **kwargs)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load model {checkpoint.name}: {_first_line(exc)}") from exc
+        return Path(checkpoint.source)
+    from huggingface_hub import snapshot_download
+
     try:
-        return loader.from_pretrained(checkpoint.source, local_files_only=True, **kwargs)
-    except OSError:
-        pass  # not cached (completely): try the hub below
+        return Path(snapshot_download(checkpoint.source, local_files_only=True))
+    except Exception:  # huggingface_hub signals "not cached" with several exception types
+        pass
     if not hub_reachable():
         raise ModelLoadError(
             f"cannot load model {checkpoint.name}: it is not in the local Hugging Face cache and the hub "
             "cannot be reached; pass a local model directory with --model PATH")
     try:
-        return loader.from_pretrained(checkpoint.source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model {checkpoint.name}: {_first_line(exc)}") from exc
+        return Path(snapshot_download(checkpoint.source, allow_patterns=_DOWNLOAD_PATTERNS))
+    except Exception as exc:  # network, authorisation, missing repository
+        raise ModelLoadError(f"cannot download model {checkpoint.name}: {_first_line(exc)}") from exc
 
 
-def revision(checkpoint: Checkpoint, config: Any) -> str:
-    """Hub commit hash, or a content fingerprint for a local directory."""
-    if checkpoint.is_local:
-        return fingerprint(checkpoint.source)
-    return getattr(config, "_commit_hash", None) or "unknown"
+def from_pretrained(directory: Path, name: str, loader: Any, **kwargs: Any) -> Any:
+    """`loader.from_pretrained(directory)` with one-line errors naming the model."""
+    try:
+        return loader.from_pretrained(str(directory), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load model {name}: {_first_line(exc)}") from exc
+
+
+def revision(checkpoint: Checkpoint, directory: Path) -> str:
+    """Hub commit hash (the snapshot folder's name), or a content fingerprint for a local directory."""
+    return fingerprint(directory) if checkpoint.is_local else directory.name
+
+
+def read_config(directory: Path, name: str) -> dict:
+    try:
+        return json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read the config.json of model {name}: {exc}") from exc
+
+
+def read_tensors(directory: Path, prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """The checkpoint's tensors whose names start with `prefixes`, from safetensors files (any shards)."""
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"model directory {directory} has no .safetensors weights")
+    tensors = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)})  # noqa: SIM118  (safe_open is no mapping)
+    return tensors
+
+
+def has_safetensors(directory: Path) -> bool:
+    return any(directory.glob("*.safetensors"))
 
 
 def _first_line(exc: BaseException) -> str:

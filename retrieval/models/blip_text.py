@@ -1,0 +1,159 @@
+"""BLIP's text side for inference: the BERT encoder (unimodal and image-grounded), `text_proj`, `itm_head`.
+
+Parameter names mirror transformers' `BlipForImageTextRetrieval` (`text_encoder.*`, `text_proj.*`,
+`itm_head.*`), so a checkpoint's tensors load as they are. The forward passes differ from transformers'
+in two ways that keep results equal (tests/test_blip_text.py compares them in fp32):
+
+- attention runs through `F.scaled_dot_product_attention`;
+- cross-attention is *folded*: instead of projecting the T image tokens x to keys and values per layer
+  (2 T H^2 multiply-adds per image, ~70% of ITM's work at T=577), the query side absorbs the projections:
+      scores_h = (q_h W_k,h) x^T / sqrt(d)       (q_h . b_k,h is the same for every key: softmax drops it)
+      out_h    = (softmax(scores_h) x) W_v,h^T + b_v,h     (rows of softmax sum to 1)
+  which costs about 2 L nh T H for a text of L tokens, nh heads: 4-6x less for short queries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TextTowerConfig:
+    vocab_size: int = 30524
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_positions: int = 512
+    layer_norm_eps: float = 1e-12
+    image_hidden_size: int = 768  # width of the vision tokens the cross-attention reads
+    embed_dim: int = 256  # ITC projection size
+
+    @classmethod
+    def from_blip_config(cls, config: dict) -> TextTowerConfig:
+        """From a BLIP `config.json` (as a dict): its text_config plus the shared sizes."""
+        text, vision = config.get("text_config", {}), config.get("vision_config", {})
+        if text.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"text activation {text['hidden_act']!r} is not BLIP's gelu")
+        return cls(
+            vocab_size=text.get("vocab_size", 30524), hidden_size=text.get("hidden_size", 768),
+            num_layers=text.get("num_hidden_layers", 12), num_heads=text.get("num_attention_heads", 12),
+            intermediate_size=text.get("intermediate_size", 3072),
+            max_positions=text.get("max_position_embeddings", 512),
+            layer_norm_eps=text.get("layer_norm_eps", 1e-12),
+            image_hidden_size=vision.get("hidden_size", 768),
+            embed_dim=config.get("image_text_hidden_size", 256),
+        )
+
+
+class _Attention(nn.Module):
+    """`attention.self.{query,key,value}` + `attention.output.{dense,LayerNorm}` of one BERT layer."""
+
+    def __init__(self, c: TextTowerConfig, kv_size: int):
+        super().__init__()
+        self.self = nn.Module()
+        self.self.query = nn.Linear(c.hidden_size, c.hidden_size)
+        self.self.key = nn.Linear(kv_size, c.hidden_size)
+        self.self.value = nn.Linear(kv_size, c.hidden_size)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(c.hidden_size, c.hidden_size)
+        self.output.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.heads = c.num_heads
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, H) -> (B, nh, L, hs)
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, -1).transpose(1, 2)
+
+    def _finish(self, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = context.shape  # (B, nh, L, hs)
+        merged = context.transpose(1, 2).reshape(b, n, -1)
+        return self.output.LayerNorm(self.output.dense(merged) + residual)
+
+    def self_attention(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        s = self.self
+        q, k, v = self._split(s.query(h)), self._split(s.key(h)), self._split(s.value(h))
+        return self._finish(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), h)
+
+    def folded_cross_attention(self, h: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """h (B, L, H) text states; image (B, T, Hv) tokens, all valid. Exact, without K/V of the image."""
+        s = self.self
+        b, n, _ = h.shape
+        q = self._split(s.query(h)) / math.sqrt(h.shape[-1] // self.heads)  # (B, nh, L, hs)
+        w_k = s.key.weight.view(self.heads, -1, image.shape[-1])  # (nh, hs, Hv)
+        w_v = s.value.weight.view(self.heads, -1, image.shape[-1])
+        q_x = torch.matmul(q, w_k).reshape(b, self.heads * n, -1)  # (B, nh*L, Hv): queries in image space
+        probs = torch.bmm(q_x, image.transpose(1, 2)).softmax(dim=-1)  # (B, nh*L, T)
+        mixed = torch.bmm(probs, image).view(b, self.heads, n, -1)  # (B, nh, L, Hv)
+        context = torch.matmul(mixed, w_v.transpose(1, 2)) + s.value.bias.view(self.heads, 1, -1)
+        return self._finish(context, h)  # context (B, nh, L, hs)
+
+
+class _Layer(nn.Module):
+    def __init__(self, c: TextTowerConfig):
+        super().__init__()
+        self.attention = _Attention(c, c.hidden_size)
+        self.crossattention = _Attention(c, c.image_hidden_size)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.output.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, image: torch.Tensor | None) -> torch.Tensor:
+        h = self.attention.self_attention(h, mask)
+        if image is not None:
+            h = self.crossattention.folded_cross_attention(h, image)
+        ffn = self.output.dense(F.gelu(self.intermediate.dense(h)))
+        return self.output.LayerNorm(ffn + h)
+
+
+class BlipTextTower(nn.Module):
+    """Unimodal text embeddings (ITC) and image-grounded ITM logits over given image tokens."""
+
+    def __init__(self, c: TextTowerConfig):
+        super().__init__()
+        self.config = c
+        self.text_encoder = nn.Module()
+        emb = self.text_encoder.embeddings = nn.Module()
+        emb.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
+        emb.position_embeddings = nn.Embedding(c.max_positions, c.hidden_size)
+        emb.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.text_encoder.encoder = nn.Module()
+        self.text_encoder.encoder.layer = nn.ModuleList(_Layer(c) for _ in range(c.num_layers))
+        self.text_proj = nn.Linear(c.hidden_size, c.embed_dim)
+        self.itm_head = nn.Linear(c.hidden_size, 2)
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy this tower's tensors from a BLIP retrieval state dict; a missing one is an error."""
+        own = self.state_dict()
+        missing = sorted(k for k in own if k not in state)
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} text-side tensors, e.g. {missing[0]}")
+        self.load_state_dict({k: state[k] for k in own})
+
+    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image: torch.Tensor | None) -> torch.Tensor:
+        emb = self.text_encoder.embeddings
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        h = emb.LayerNorm(emb.word_embeddings(input_ids) + emb.position_embeddings(positions))  # (B, L, H)
+        # padding keys are masked for every query: (B, 1, 1, L) broadcast over heads and queries
+        mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :].bool()
+        for layer in self.text_encoder.encoder.layer:
+            h = layer(h, mask, image)
+        return h
+
+    def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N, L) tokens with [CLS] first -> (N, D) normalised ITC embeddings, float32."""
+        h = self._encode(input_ids, attention_mask, None)
+        return F.normalize(self.text_proj(h[:, 0, :]).float(), dim=-1)
+
+    def itm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   image: torch.Tensor) -> torch.Tensor:
+        """(B, L) tokens with [ENC] first, (B, T, Hv) image tokens -> (B, 2) ITM logits, float32."""
+        h = self._encode(input_ids, attention_mask, image.to(self.itm_head.weight.dtype))
+        return self.itm_head(h[:, 0, :]).float()
