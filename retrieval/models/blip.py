@@ -1,10 +1,11 @@
 """BLIP (ViT + BERT) retrieval checkpoints, as transformers' `BlipForImageTextRetrieval` stores them.
 
-The engine runs the parts itself so that stored vision features are reused (the class's own `forward`
-re-runs the vision tower for every pair): transformers' `vision_model` + `vision_proj` for images, and
-`BlipTextTower` (blip_text.py: the same text encoder, `text_proj` and `itm_head` tensors, with SDPA and
-folded cross-attention) for texts and ITM. A query by text loads only the text side, straight from the
-safetensors files, without importing transformers.
+The engine runs the parts itself, so that stored vision features are reused (the class's own `forward`
+re-runs the vision tower for every pair): `BlipVisionTower` (blip_vision.py) for images and
+`BlipTextTower` (blip_text.py, with folded cross-attention) for texts and ITM. Both hold the
+checkpoint's own tensors under transformers' names and are tested equal to transformers' classes.
+Safetensors checkpoints load without importing transformers (a text query reads only the text side);
+other weight formats are read through `BlipForImageTextRetrieval.from_pretrained`.
 
 ITM convention: BLIP was trained with an `[ENC]` token replacing `[CLS]` at position 0 of the text that
 attends to the image (salesforce/BLIP `blip_retrieval.py`, LAVIS `compute_sim_matrix`). transformers'
@@ -20,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import ModelLoadError
 from .base import ImageEncoding, ModelInfo, Preprocessing, TextEncoding, TextTokens
 from .blip_text import BlipTextTower, TextTowerConfig
+from .blip_vision import BlipVisionTower, VisionTowerConfig
 from .loading import (
     Checkpoint,
     from_pretrained,
@@ -42,6 +43,7 @@ MAX_TEXT_TOKENS = 35  # as in BLIP/LAVIS retrieval evaluation
 # Modules that a retrieval checkpoint must carry trained weights for.
 REQUIRED_MODULES = ("vision_model", "text_encoder", "vision_proj", "text_proj", "itm_head")
 TEXT_MODULES = ("text_encoder.", "text_proj.", "itm_head.")
+VISION_MODULES = ("vision_model.", "vision_proj.")
 # BlipImageProcessor's defaults, for keys a preprocessor_config.json leaves out.
 PROCESSOR_DEFAULTS = {
     "do_resize": True, "size": {"height": 384, "width": 384}, "resample": 3, "do_rescale": True,
@@ -55,10 +57,9 @@ class BlipRetrievalModel:
     """A BLIP retrieval checkpoint on one device and dtype; implements `RetrievalModel`."""
 
     def __init__(self, text: BlipTextTower, tokenizer: TextTokenizer, enc_token_id: int, info: ModelInfo,
-                 device: torch.device, dtype: torch.dtype, vision=None, vision_proj=None):
+                 device: torch.device, dtype: torch.dtype, vision: BlipVisionTower | None = None):
         self.text = text.to(device=device, dtype=dtype).eval()
         self.vision = None if vision is None else vision.to(device=device, dtype=dtype).eval()
-        self.vision_proj = None if vision_proj is None else vision_proj.to(device=device, dtype=dtype).eval()
         self.tokenizer = tokenizer
         self.enc_token_id = enc_token_id
         self.info = info
@@ -74,18 +75,22 @@ class BlipRetrievalModel:
              with_vision: bool = True) -> BlipRetrievalModel:
         directory = local_directory(checkpoint)
         config = read_config(directory, checkpoint.name)
-        vision = vision_proj = None
-        if with_vision or not has_safetensors(directory):
-            state, vision, vision_proj = _load_with_transformers(directory, checkpoint.name)
-        else:
+        modules = TEXT_MODULES + (VISION_MODULES if with_vision else ())
+        if has_safetensors(directory):
             _check_safetensors_heads(directory, checkpoint.name)
-            state = read_tensors(directory, TEXT_MODULES)
+            state = read_tensors(directory, modules)
+        else:  # pytorch_model.bin: let transformers read it
+            state = _state_via_transformers(directory, checkpoint.name)
         text = BlipTextTower(TextTowerConfig.from_blip_config(config))
         text.load_weights(state)
+        vision = None
+        if with_vision:
+            vision = BlipVisionTower(VisionTowerConfig.from_blip_config(config))
+            vision.load_weights(state)
         tokenizer = TextTokenizer.from_directory(directory, MAX_TEXT_TOKENS) or _tokenizer_via_transformers(
             directory, checkpoint.name)
         info = _model_info(checkpoint, directory, config)
-        return cls(text, tokenizer, _enc_token_id(tokenizer, config), info, device, dtype, vision, vision_proj)
+        return cls(text, tokenizer, _enc_token_id(tokenizer, config), info, device, dtype, vision)
 
     def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:
         batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()  # (B, 3, H, W)
@@ -95,9 +100,7 @@ class BlipRetrievalModel:
     def encode_images(self, pixel_values: torch.Tensor) -> ImageEncoding:
         if self.vision is None:
             raise ModelLoadError("this model was loaded without its vision tower; load it with_vision=True")
-        pixels = pixel_values.to(self.device, self.dtype)
-        features = self.vision(pixel_values=pixels).last_hidden_state  # (B, T, H)
-        embeddings = F.normalize(self.vision_proj(features[:, 0, :]).float(), dim=-1)
+        features, embeddings = self.vision(pixel_values.to(self.device, self.dtype))  # (B, T, H), (B, D)
         return ImageEncoding(embeddings=embeddings[:, None, :].cpu(), features=features)
 
     def tokenize(self, texts: list[str]) -> TextTokens:
@@ -122,16 +125,15 @@ class BlipRetrievalModel:
         return logits.cpu()  # (N, 2)
 
 
-def _load_with_transformers(directory: Path, name: str):
-    """The whole checkpoint through `BlipForImageTextRetrieval`; refuses untrained retrieval heads."""
+def _state_via_transformers(directory: Path, name: str) -> dict[str, torch.Tensor]:
+    """All tensors, read by `BlipForImageTextRetrieval` (any weight format); refuses untrained heads."""
     from transformers import BlipForImageTextRetrieval
 
     model, loading = from_pretrained(directory, name, BlipForImageTextRetrieval, output_loading_info=True)
     missing = {key.split(".")[0] for key in loading.get("missing_keys", ())}
     missing |= {key.split(".")[0] for key, *_ in loading.get("mismatched_keys", ())}
     _refuse_missing(name, missing)
-    text_state = {k: v for k, v in model.state_dict().items() if k.startswith(TEXT_MODULES)}
-    return text_state, model.vision_model, model.vision_proj
+    return model.state_dict()
 
 
 def _check_safetensors_heads(directory: Path, name: str) -> None:

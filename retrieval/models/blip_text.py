@@ -134,7 +134,7 @@ class BlipTextTower(nn.Module):
         missing = sorted(k for k in own if k not in state)
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} text-side tensors, e.g. {missing[0]}")
-        self.load_state_dict({k: state[k] for k in own})
+        self.load_state_dict({k: state[k] for k in own}, assign=True)
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image: torch.Tensor | None) -> torch.Tensor:

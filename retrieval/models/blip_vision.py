@@ -1,0 +1,100 @@
+"""BLIP's vision tower (ViT) and `vision_proj` for inference.
+
+Parameter names mirror transformers' `BlipForImageTextRetrieval` (`vision_model.*`, `vision_proj.*`), so
+a checkpoint's tensors load as they are. The computation is transformers' `BlipVisionModel` with its
+eager attention (a materialised T x T score matrix per head) replaced by
+`F.scaled_dot_product_attention`, which runs a fused kernel; tests/test_blip_vision.py compares the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class VisionTowerConfig:
+    image_size: int = 384
+    patch_size: int = 16
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    layer_norm_eps: float = 1e-5
+    embed_dim: int = 256  # ITC projection size
+
+    @property
+    def tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1  # patches + [CLS]
+
+    @classmethod
+    def from_blip_config(cls, config: dict) -> VisionTowerConfig:
+        vision = config.get("vision_config", {})
+        if vision.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"vision activation {vision['hidden_act']!r} is not BLIP's gelu")
+        return cls(
+            image_size=vision.get("image_size", 384), patch_size=vision.get("patch_size", 16),
+            hidden_size=vision.get("hidden_size", 768), num_layers=vision.get("num_hidden_layers", 12),
+            num_heads=vision.get("num_attention_heads", 12), intermediate_size=vision.get("intermediate_size", 3072),
+            layer_norm_eps=vision.get("layer_norm_eps", 1e-5), embed_dim=config.get("image_text_hidden_size", 256),
+        )
+
+
+class _Layer(nn.Module):
+    def __init__(self, c: VisionTowerConfig):
+        super().__init__()
+        self.heads = c.num_heads
+        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.self_attn = nn.Module()
+        self.self_attn.qkv = nn.Linear(c.hidden_size, 3 * c.hidden_size)
+        self.self_attn.projection = nn.Linear(c.hidden_size, c.hidden_size)
+        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.mlp.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, t, d = h.shape
+        qkv = self.self_attn.qkv(self.layer_norm1(h)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        context = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, nh, T, hs)
+        h = h + self.self_attn.projection(context.transpose(1, 2).reshape(b, t, d))
+        return h + self.mlp.fc2(F.gelu(self.mlp.fc1(self.layer_norm2(h))))
+
+
+class BlipVisionTower(nn.Module):
+    """Pixels -> (token features for ITM, normalised ITC embedding)."""
+
+    def __init__(self, c: VisionTowerConfig):
+        super().__init__()
+        self.config = c
+        self.vision_model = nn.Module()
+        emb = self.vision_model.embeddings = nn.Module()
+        emb.class_embedding = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
+        emb.patch_embedding = nn.Conv2d(3, c.hidden_size, kernel_size=c.patch_size, stride=c.patch_size)
+        emb.position_embedding = nn.Parameter(torch.zeros(1, c.tokens, c.hidden_size))
+        self.vision_model.encoder = nn.Module()
+        self.vision_model.encoder.layers = nn.ModuleList(_Layer(c) for _ in range(c.num_layers))
+        self.vision_model.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.vision_proj = nn.Linear(c.hidden_size, c.embed_dim)
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy this tower's tensors from a BLIP retrieval state dict; a missing one is an error."""
+        own = self.state_dict()
+        missing = sorted(k for k in own if k not in state)
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} vision tensors, e.g. {missing[0]}")
+        self.load_state_dict({k: state[k] for k in own}, assign=True)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> features (B, T, Hv) after the final LayerNorm, embeddings (B, D) float32."""
+        emb = self.vision_model.embeddings
+        patches = emb.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, T-1, Hv)
+        cls = emb.class_embedding.expand(patches.shape[0], 1, -1)
+        h = torch.cat([cls, patches], dim=1) + emb.position_embedding  # (B, T, Hv)
+        for layer in self.vision_model.encoder.layers:
+            h = layer(h)
+        features = self.vision_model.post_layernorm(h)
+        return features, F.normalize(self.vision_proj(features[:, 0, :]).float(), dim=-1)
