@@ -26,6 +26,7 @@ _FILTERS = {
     "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
 }
 
+_ORIENTATION = 0x0112  # EXIF tag
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey picture
 
 
@@ -45,8 +46,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def load_image(path: str | Path, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
-    """Decode, orient and resize one file; raises `ImageLoadError` with a short reason."""
+def load_image(path: str | Path, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS,
+               reduced_decode: bool = False) -> LoadedImage:
+    """Decode, orient and resize one file; raises `ImageLoadError` with a short reason.
+
+    `reduced_decode` lets a JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's `draft`),
+    never below the model's input size, before the same resize: a 12-megapixel photo decodes at 1/4
+    scale, about 3x faster, and the resized pixels move by a quarter grey level on average
+    (tests/test_images.py).
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -54,9 +62,13 @@ def load_image(path: str | Path, pre: Preprocessing, max_pixels: int = DEFAULT_M
                 width, height = image.size
                 if width * height > max_pixels:
                     raise ImageLoadError(_bomb(width * height, max_pixels))
+                if reduced_decode and image.format == "JPEG":
+                    side = max(pre.width, pre.height)
+                    image.draft("RGB", (side, side))
                 if pre.exif_transpose:
+                    if image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):  # turned by 90 degrees
+                        width, height = height, width
                     image = ImageOps.exif_transpose(image)
-                width, height = image.size
                 rgb = to_rgb(image)
                 resized = rgb.resize((pre.width, pre.height), resample=_FILTERS[pre.resample])
                 return LoadedImage(np.asarray(resized, dtype=np.uint8), width, height)

@@ -50,6 +50,7 @@ class IndexOptions:
     batch_size: int = 16
     workers: int = 2  # decoding threads
     progress: bool = True
+    reduced_decode: bool = True  # JPEGs decode at reduced scale (see images.load_image)
     on_skip: Callable[[str, str], None] | None = None  # called as files are skipped
 
 
@@ -117,7 +118,7 @@ def _encode_all(store: Store, model: RetrievalModel, to_encode: dict[str, list[F
     """Decode in threads while the model encodes; one store commit per batch."""
     items = list(to_encode.items())
     pre = model.info.preprocessing
-    loaded = bounded_map(lambda item: _load_first(item[1], pre), items, options.workers,
+    loaded = bounded_map(lambda item: _load_first(item[1], pre, options.reduced_decode), items, options.workers,
                          ahead=2 * options.batch_size)
     progress = tqdm(total=sum(len(stats) for _, stats in items), desc="indexing", unit="img",
                     disable=not options.progress or not items)
@@ -140,9 +141,9 @@ def _encode_all(store: Store, model: RetrievalModel, to_encode: dict[str, list[F
     progress.close()
 
 
-def _load_first(stats: list[FileStat], pre) -> LoadedImage | tuple[str, str]:
+def _load_first(stats: list[FileStat], pre, reduced_decode: bool) -> LoadedImage | tuple[str, str]:
     try:
-        return load_image(stats[0].path, pre)
+        return load_image(stats[0].path, pre, reduced_decode=reduced_decode)
     except ImageLoadError as exc:
         return (stats[0].path, str(exc))
 

@@ -90,3 +90,43 @@ def test_scan_skips_hidden_and_other_files_and_hash_follows_content(tmp_path):
     copy = tmp_path / "copy.png"
     copy.write_bytes(a.read_bytes())
     assert content_hash(copy) == content_hash(a) != content_hash(make_photo(tmp_path / "d.png", seed=4))
+
+
+def photo_like(path, size=(2400, 1800)):
+    """Smooth shading, edges and grain, saved as a quality-90 JPEG: what a camera writes."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(5)
+    base = Image.fromarray(rng.integers(0, 255, (6, 8, 3), np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(base)
+    for _ in range(12):
+        x, y = rng.integers(0, size[0]), rng.integers(0, size[1])
+        draw.ellipse([x, y, x + rng.integers(50, 600), y + rng.integers(50, 600)],
+                     fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    grain = rng.normal(0, 6, (size[1], size[0], 3))
+    Image.fromarray(np.clip(np.asarray(base) + grain, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+def test_reduced_jpeg_decode_moves_pixels_by_under_a_grey_level_on_average(tmp_path):
+    pre = Preprocessing(height=384, width=384, mean=(0.5,) * 3, std=(0.5,) * 3)
+    path = photo_like(tmp_path / "photo.jpg")
+    exact = load_image(path, pre).pixels.astype(np.float32)
+    reduced = load_image(path, pre, reduced_decode=True)
+    assert (reduced.width, reduced.height) == (2400, 1800)  # the original size, not the decoded one
+    difference = np.abs(reduced.pixels.astype(np.float32) - exact)
+    assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 4
+    assert difference.max() > 0  # it did decode differently: the bound is the claim
+
+
+def test_reduced_decode_leaves_other_formats_and_orientation_alone(tmp_path):
+    path = make_photo(tmp_path / "a.png", seed=2)
+    np.testing.assert_array_equal(load_image(path, PRE, reduced_decode=True).pixels, load_image(path, PRE).pixels)
+    pixels = np.zeros((600, 1200, 3), np.uint8)
+    pixels[:, 600:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=95)
+    loaded = load_image(tmp_path / "r.jpg", PRE, reduced_decode=True)
+    assert (loaded.width, loaded.height) == (600, 1200)
+    assert loaded.pixels[:4].mean() < 40 and loaded.pixels[-4:].mean() > 215

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -21,9 +22,12 @@ from .options import device_option, index_location, index_option, load, model_op
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Images per encoder batch (and per index commit). Default: 16 on CPU, 64 on GPU.")
 @click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Decoding threads.")
+@click.option("--exact-decode", is_flag=True,
+              help="Decode JPEGs at full size before resizing (slower; by default they decode at reduced scale).")
 @click.option("--rebuild", is_flag=True, help="Drop the index first (needed to switch models).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def index_command(folders, model_name, index_path, device, precision, batch_size, workers, rebuild, quiet):
+def index_command(folders, model_name, index_path, device, precision, batch_size, workers, exact_decode, rebuild,
+                  quiet):
     """Embed every image under FOLDERS (recursively) into the index.
 
     Unchanged files are skipped, changed ones re-encoded, deleted ones removed, and moved or copied
@@ -43,15 +47,19 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
     store = Store.open_for_writing(location, model.info, rebuild=rebuild)
     options = IndexOptions(
         batch_size=batch_size or (64 if model.device.type != "cpu" else 16), workers=workers,
-        progress=not quiet, on_skip=lambda path, reason: _say(f"skipped {path}: {reason}"))
+        progress=not quiet, reduced_decode=not exact_decode,
+        on_skip=lambda path, reason: _say(f"skipped {path}: {reason}"))
+    started = time.perf_counter()
     try:
         summary = index_folders(folders, model, store, options)
     finally:
         store.close()
+    seconds = time.perf_counter() - started
+    rate = f" ({summary.indexed / seconds:.1f} images/s)" if summary.indexed else ""
     files, _ = Store.open(location).counts()
     _say(f"indexed {summary.indexed}, reused {summary.reused} (moved or copied), unchanged "
-         f"{summary.unchanged}, removed {summary.removed}, skipped {len(summary.skipped)}; "
-         f"the index at {location} holds {files} files")
+         f"{summary.unchanged}, removed {summary.removed}, skipped {len(summary.skipped)} in {seconds:.1f} s"
+         f"{rate}; the index at {location} holds {files} files")
     if summary.skipped:
         sys.exit(EXIT_SKIPPED)
 
