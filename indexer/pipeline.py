@@ -48,7 +48,7 @@ class IndexSummary:
 @dataclass
 class IndexOptions:
     batch_size: int = 16
-    workers: int = 2  # decoding threads
+    workers: int = 2  # decoding threads (0: decode in the encoding thread, no overlap)
     progress: bool = True
     reduced_decode: bool = True  # JPEGs decode at reduced scale (see images.load_image)
     on_skip: Callable[[str, str], None] | None = None  # called as files are skipped
@@ -170,9 +170,15 @@ def _skip(path: str, reason: str, options: IndexOptions, summary: IndexSummary) 
 
 
 def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int = 64) -> Iterator[R]:
-    """`map` in a thread pool, in order, with at most `ahead` results waiting (bounded memory)."""
+    """`map` in a thread pool, in order, with at most `ahead` results waiting (bounded memory).
+
+    workers=0 maps in the calling thread, without overlap (for measuring what the overlap brings).
+    """
+    if workers == 0:
+        yield from map(fn, items)
+        return
     items = iter(items)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         pending = deque(pool.submit(fn, item) for item in islice(items, ahead))
         while pending:
             result = pending.popleft().result()

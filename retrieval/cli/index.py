@@ -21,7 +21,8 @@ from .options import device_option, index_location, index_option, load, model_op
 @precision_option
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Images per encoder batch (and per index commit). Default: 16 on CPU, 64 on GPU.")
-@click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Decoding threads.")
+@click.option("--workers", type=click.IntRange(0), default=2, show_default=True,
+              help="Decoding threads that run ahead of the encoder (0: decode in line).")
 @click.option("--exact-decode", is_flag=True,
               help="Decode JPEGs at full size before resizing (slower; by default they decode at reduced scale).")
 @click.option("--rebuild", is_flag=True, help="Drop the index first (needed to switch models).")

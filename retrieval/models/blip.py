@@ -81,11 +81,11 @@ class BlipRetrievalModel:
             state = read_tensors(directory, modules)
         else:  # pytorch_model.bin: let transformers read it
             state = _state_via_transformers(directory, checkpoint.name)
-        text = BlipTextTower(TextTowerConfig.from_blip_config(config))
+        with torch.device("meta"):  # no random initialisation: every tensor comes from the checkpoint
+            text = BlipTextTower(TextTowerConfig.from_blip_config(config))
+            vision = BlipVisionTower(VisionTowerConfig.from_blip_config(config)) if with_vision else None
         text.load_weights(state)
-        vision = None
-        if with_vision:
-            vision = BlipVisionTower(VisionTowerConfig.from_blip_config(config))
+        if vision is not None:
             vision.load_weights(state)
         tokenizer = TextTokenizer.from_directory(directory, MAX_TEXT_TOKENS) or _tokenizer_via_transformers(
             directory, checkpoint.name)

@@ -9,7 +9,8 @@ in two ways that keep results equal (tests/test_blip_text.py compares them in fp
   (2 T H^2 multiply-adds per image, ~70% of ITM's work at T=577), the query side absorbs the projections:
       scores_h = (q_h W_k,h) x^T / sqrt(d)       (q_h . b_k,h is the same for every key: softmax drops it)
       out_h    = (softmax(scores_h) x) W_v,h^T + b_v,h     (rows of softmax sum to 1)
-  which costs about 2 L nh T H for a text of L tokens, nh heads: 4-6x less for short queries.
+  which costs about 2 L nh T H for a text of L tokens, nh heads: 4-6x less for short queries;
+- the last layer computes position 0 only: `text_proj` and `itm_head` read nothing else.
 """
 
 from __future__ import annotations
@@ -74,10 +75,12 @@ class _Attention(nn.Module):
         merged = context.transpose(1, 2).reshape(b, n, -1)
         return self.output.LayerNorm(self.output.dense(merged) + residual)
 
-    def self_attention(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def self_attention(self, h: torch.Tensor, mask: torch.Tensor | None, first_only: bool = False) -> torch.Tensor:
+        """Bidirectional self-attention; `first_only` computes the output at position 0 alone."""
         s = self.self
-        q, k, v = self._split(s.query(h)), self._split(s.key(h)), self._split(s.value(h))
-        return self._finish(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), h)
+        rows = h[:, :1] if first_only else h
+        q, k, v = self._split(s.query(rows)), self._split(s.key(h)), self._split(s.value(h))
+        return self._finish(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rows)
 
     def folded_cross_attention(self, h: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """h (B, L, H) text states; image (B, T, Hv) tokens, all valid. Exact, without K/V of the image."""
@@ -104,8 +107,9 @@ class _Layer(nn.Module):
         self.output.dense = nn.Linear(c.intermediate_size, c.hidden_size)
         self.output.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, image: torch.Tensor | None) -> torch.Tensor:
-        h = self.attention.self_attention(h, mask)
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, image: torch.Tensor | None,
+                first_only: bool = False) -> torch.Tensor:
+        h = self.attention.self_attention(h, mask, first_only)
         if image is not None:
             h = self.crossattention.folded_cross_attention(h, image)
         ffn = self.output.dense(F.gelu(self.intermediate.dense(h)))
@@ -138,14 +142,16 @@ class BlipTextTower(nn.Module):
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image: torch.Tensor | None) -> torch.Tensor:
+        """Hidden states (B, L, H); only position 0 of the last layer, which is all the heads read."""
         emb = self.text_encoder.embeddings
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         h = emb.LayerNorm(emb.word_embeddings(input_ids) + emb.position_embeddings(positions))  # (B, L, H)
         # padding keys are masked for every query: (B, 1, 1, L) broadcast over heads and queries
         mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :].bool()
-        for layer in self.text_encoder.encoder.layer:
-            h = layer(h, mask, image)
-        return h
+        layers = self.text_encoder.encoder.layer
+        for i, layer in enumerate(layers):
+            h = layer(h, mask, image, first_only=i == len(layers) - 1)
+        return h  # (B, 1, H) after the last layer
 
     def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, L) tokens with [CLS] first -> (N, D) normalised ITC embeddings, float32."""

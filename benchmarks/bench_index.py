@@ -1,0 +1,131 @@
+"""Indexing speed: `blipsearch index` end to end against the plain transformers route, same files.
+
+    python benchmarks/bench_index.py                  # 160 photos, both routes, ~5 minutes here
+    python benchmarks/bench_index.py --levers         # also what each lever contributes (on a subset)
+
+Photos (4000x3000 JPEG, quality 90) and a BLIP ViT-B/16 384 px retrieval model with random weights are
+generated once under --workdir. Prints images/s of both routes, their ratio, peak memory, and the
+fraction of this machine's bf16 matmul peak (measured in the same run) that indexing reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import (
+    DEFAULT_WORKDIR,
+    make_photos,
+    matmul_peak_gflops,
+    print_json,
+    run_measured,
+    save_random_blip_base,
+    vit_gflops_per_image,
+)
+
+CLI = [sys.executable, "-m", "blipsearch.retrieval.cli"]
+# Cumulative levers, each a `blipsearch index` run: (name, extra options).
+LEVERS = [
+    ("own ViT (SDPA), fp32, full decode, no overlap, batch 8",
+     ["--precision", "fp32", "--exact-decode", "--workers", "0", "--batch-size", "8"]),
+    ("+ bf16", ["--exact-decode", "--workers", "0", "--batch-size", "8"]),
+    ("+ reduced-scale JPEG decode", ["--workers", "0", "--batch-size", "8"]),
+    ("+ decode/encode overlap (2 threads)", ["--batch-size", "8"]),
+    ("+ batch 16 (the default)", []),
+]
+
+
+def index_run(photos: Path, model: Path, index: Path, extra: list[str]) -> dict:
+    shutil.rmtree(index, ignore_errors=True)
+    run = run_measured([*CLI, "index", str(photos), "--model", str(model), "--index", str(index), "-q",
+                        "--device", "cpu", *extra])
+    match = re.search(r"indexed (\d+), .* in ([\d.]+) s", run["stderr"])
+    images, seconds = int(match.group(1)), float(match.group(2))
+    return {"images": images, "pipeline_seconds": seconds, "pipeline_images_per_s": images / seconds,
+            "command_seconds": run["seconds"], "command_images_per_s": images / run["seconds"],
+            "peak_rss_mb": run["peak_rss_mb"]}
+
+
+def baseline_run(photos: Path, model: Path) -> dict:
+    run = run_measured([sys.executable, __file__, "--baseline-child", str(photos), "--model", str(model)])
+    seconds, images = (float(v) for v in run["stdout"].split())
+    return {"images": int(images), "loop_seconds": seconds, "images_per_s": images / seconds,
+            "command_seconds": run["seconds"], "peak_rss_mb": run["peak_rss_mb"]}
+
+
+def baseline_child(photos: Path, model: Path, batch: int = 8) -> None:
+    """transformers' processor + vision_model + vision_proj, fp32, batch 8: what a plain script does."""
+    import torch
+    from PIL import Image
+    from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+    processor = BlipProcessor.from_pretrained(model)
+    retrieval = BlipForImageTextRetrieval.from_pretrained(model).eval()
+    paths = sorted(photos.glob("*.jpg"))
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(paths), batch):
+            images = [Image.open(p).convert("RGB") for p in paths[i:i + batch]]
+            pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+            features = retrieval.vision_model(pixel_values=pixels).last_hidden_state
+            torch.nn.functional.normalize(retrieval.vision_proj(features[:, 0, :]), dim=-1)
+    print(time.perf_counter() - start, len(paths))
+
+
+def subset(photos: list[Path], folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in photos[:count]:
+        link = folder / path.name
+        if not link.exists():
+            link.symlink_to(path)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=160)
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--levers", action="store_true", help="also time each lever on --lever-images photos")
+    parser.add_argument("--lever-images", type=int, default=48)
+    parser.add_argument("--baseline-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.baseline_child:
+        return baseline_child(args.baseline_child, args.model)
+
+    model = save_random_blip_base(args.workdir / "blip-base-random")
+    photos = make_photos(args.workdir / "photos", args.images)
+    folder = subset(photos, args.workdir / f"photos-{args.images}", args.images)
+    peak = matmul_peak_gflops("bf16")
+    ours = index_run(folder, model, args.workdir / "index", [])
+    baseline = baseline_run(folder, model)
+    flops = vit_gflops_per_image()
+    report = {
+        "images": args.images, "bf16_matmul_peak_gflops": round(peak), "vit_gflops_per_image": round(flops, 1),
+        "ours": ours, "baseline_transformers_fp32_batch8": baseline,
+        "speedup": ours["pipeline_images_per_s"] / baseline["images_per_s"],
+        "speedup_whole_command": ours["command_images_per_s"] / baseline["images_per_s"],
+        "fraction_of_bf16_peak": ours["pipeline_images_per_s"] * flops / peak,
+    }
+    if args.levers:
+        small = subset(photos, args.workdir / f"photos-{args.lever_images}", args.lever_images)
+        report["levers"] = {"transformers fp32 batch 8 (baseline)": baseline_run(small, model)["images_per_s"]}
+        for name, extra in LEVERS:
+            report["levers"][name] = index_run(small, model, args.workdir / "index-lever", extra)[
+                "pipeline_images_per_s"]
+    print_json(report)
+    print(f"\nindexing {args.images} photos of 4000x3000: blipsearch {ours['pipeline_images_per_s']:.2f} img/s "
+          f"({ours['command_images_per_s']:.2f} counting start-up), transformers fp32 "
+          f"{baseline['images_per_s']:.2f} img/s -> {report['speedup']:.1f}x; "
+          f"{report['fraction_of_bf16_peak']:.0%} of the bf16 matmul peak ({peak:.0f} GFLOP/s); "
+          f"peak RSS {ours['peak_rss_mb']:.0f} MB vs {baseline['peak_rss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

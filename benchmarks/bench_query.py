@@ -1,0 +1,169 @@
+"""Query speed: a text query with ITM re-rank of 32 candidates over a 10,000-image index.
+
+    python benchmarks/bench_query.py            # ~3 minutes here once the index exists (~2 minutes to build)
+
+The index holds synthetic stored features (random vectors and int8 feature maps of the real size:
+577 x 768 per image), made once under --workdir; the model is BLIP ViT-B/16 384 px + BERT-base with
+random weights (speed does not depend on weight values). Prints, for the same 32 candidates:
+  - warm: p50/p95 latency of `Searcher.search_text` in a process that has the model loaded;
+  - baseline: transformers' `BlipForImageTextRetrieval(input_ids, pixel_values, use_itm_head=True)`;
+  - cold: a fresh `blipsearch query` process, from start to printed answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import DEFAULT_WORKDIR, print_json, run_measured, save_random_blip_base
+
+QUERIES = [
+    "a dog on a beach", "two children building a sandcastle near the sea", "a red car parked on a city street",
+    "a man riding a horse in a field", "a cat sitting on a sofa", "a plate of food on a table",
+    "people walking in the snow", "a bird flying over the lake", "a group of friends playing a game",
+    "a white boat on the river at sunset", "a woman holding an umbrella in the rain", "a tall tree in the park",
+    "a train at the station", "a kitchen with a large table", "a boy playing with a ball",
+    "an elephant standing in the grass", "a sunny day at the beach with many people", "a pizza on a plate",
+    "a girl riding a bike on the road", "two dogs running across a field", "a bus on a city street at night",
+    "a couple sitting on a bench", "a laptop on a table", "a giraffe eating from a tree",
+    "a baby sleeping in a bed", "a man surfing a large wave", "snow on the mountain under a blue sky",
+    "a family eating dinner", "a kite flying in the sky", "a small house near the lake",
+]
+CANDIDATES = 32
+
+
+def build_index(directory: Path, model_dir: Path, images: int, batch: int = 250) -> Path:
+    """Synthetic index: random normalised ITC vectors and random int8 feature maps of the real shape."""
+    from blipsearch.indexer import codec
+    from blipsearch.indexer.store import FileRecord, ImageRecord, Store
+    from blipsearch.retrieval.models import load_model
+
+    if (directory / "complete").exists():
+        return directory
+    info = load_model(str(model_dir), "cpu", "fp32", with_vision=False).info
+    store = Store.open_for_writing(directory, info, rebuild=True)
+    rng = np.random.default_rng(0)
+    t, h = info.feature_tokens, info.feature_dim
+    scale = np.full(h, 0.05, np.float16).tobytes()
+    offset = np.zeros(h, np.float16).tobytes()
+    for start in range(0, images, batch):
+        count = min(batch, images - start)
+        vectors = rng.standard_normal((count, 1, info.embed_dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=-1, keepdims=True)
+        hashes = [f"{start + i:032x}" for i in range(count)]
+        store.add_images([ImageRecord(hashes[i], vectors[i], codec.PackedFeatures(rng.bytes(t * h), scale, offset),
+                                      4000, 3000) for i in range(count)])
+        store.upsert_files([FileRecord(f"/photos/synthetic/img{start + i:06d}.jpg", 3_000_000, 0, hashes[i])
+                            for i in range(count)])
+        print(f"\rbuilding the synthetic index: {start + count}/{images}", end="", file=sys.stderr)
+    store.finish()
+    store.close()
+    (directory / "complete").touch()
+    print(file=sys.stderr)
+    return directory
+
+
+def warm_latencies(model_dir: Path, index: Path, queries: list[str]) -> dict:
+    """Per-query wall time in a process that has loaded the model, with a breakdown by stage."""
+    from blipsearch.indexer.store import Store
+    from blipsearch.retrieval.models import load_model
+    from blipsearch.retrieval.search import Searcher, SearchOptions
+
+    model = load_model(str(model_dir), "cpu", "auto", with_vision=False)
+    store = Store.open(index)
+    stages = {"recall": 0.0, "features": 0.0}
+    source = _Timed(store, stages)
+    searcher = Searcher(model, source)
+    options = SearchOptions(top=10, candidates=CANDIDATES)
+    for query in queries[:3]:  # first touches: page cache, oneDNN kernels
+        searcher.search_text(query, options)
+    stages.update(recall=0.0, features=0.0)
+    times = []
+    for query in queries:
+        start = time.perf_counter()
+        searcher.search_text(query, options)
+        times.append(time.perf_counter() - start)
+    total = sum(times)
+    return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * float(np.percentile(times, 95)),
+            "mean_ms": 1000 * total / len(times), "dtype": str(model.dtype).replace("torch.", ""),
+            "share_recall": stages["recall"] / total, "share_feature_fetch": stages["features"] / total,
+            "share_text_encode_and_itm": 1 - (stages["recall"] + stages["features"]) / total}
+
+
+class _Timed:
+    """A store that adds up the time spent in recall and in fetching features."""
+
+    def __init__(self, store, stages: dict):
+        self.store, self.stages = store, stages
+
+    def recall(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.store.recall(*args, **kwargs)
+        finally:
+            self.stages["recall"] += time.perf_counter() - start
+
+    def token_features(self, keys):
+        start = time.perf_counter()
+        try:
+            return self.store.token_features(keys)
+        finally:
+            self.stages["features"] += time.perf_counter() - start
+
+
+def baseline_latencies(model_dir: Path, queries: list[str]) -> dict:
+    """transformers' retrieval forward over 32 candidates: it re-runs the vision tower for every pair."""
+    import torch
+    from transformers import AutoTokenizer, BlipForImageTextRetrieval
+
+    model = BlipForImageTextRetrieval.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pixels = torch.randn(CANDIDATES, 3, 384, 384, generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.no_grad():
+        for query in queries:
+            tokens = tokenizer([query] * CANDIDATES, return_tensors="pt")
+            start = time.perf_counter()
+            model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels,
+                  use_itm_head=True)
+            times.append(time.perf_counter() - start)
+    return {"p50_ms": 1000 * statistics.median(times), "queries": len(times)}
+
+
+def cold_latencies(model_dir: Path, index: Path, runs: int) -> dict:
+    command = [sys.executable, "-m", "blipsearch.retrieval.cli", "query", QUERIES[0], "--index", str(index),
+               "--candidates", str(CANDIDATES), "--model", str(model_dir)]
+    seconds = [run_measured(command)["seconds"] for _ in range(runs)]
+    return {"median_s": statistics.median(seconds), "runs_s": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--baseline-queries", type=int, default=3)
+    parser.add_argument("--cold-runs", type=int, default=3)
+    args = parser.parse_args()
+
+    model = save_random_blip_base(args.workdir / "blip-base-random")
+    index = build_index(args.workdir / f"query-index-{args.images}", model, args.images)
+    warm = warm_latencies(model, index, QUERIES)
+    baseline = baseline_latencies(model, QUERIES[:args.baseline_queries])
+    cold = cold_latencies(model, index, args.cold_runs)
+    report = {"images": args.images, "candidates": CANDIDATES, "warm": warm, "baseline_transformers": baseline,
+              "speedup_p50": baseline["p50_ms"] / warm["p50_ms"], "cold": cold}
+    print_json(report)
+    print(f"\nquery with ITM re-rank of {CANDIDATES} over {args.images} images: warm p50 {warm['p50_ms']:.0f} ms, "
+          f"p95 {warm['p95_ms']:.0f} ms; transformers {baseline['p50_ms']:.0f} ms -> "
+          f"{report['speedup_p50']:.0f}x; cold process {cold['median_s']:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Shared pieces of the speed benchmarks: a full-size random BLIP checkpoint, photo-like JPEGs, the
+machine's bf16 matmul peak, and peak memory of a child process.
+
+Speed does not depend on weight values, so a BLIP ViT-B/16 384 px retrieval model with random weights
+(saved once under the work folder) stands in for `Salesforce/blip-itm-base-coco`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_WORKDIR = Path(os.environ.get("BLIPSEARCH_BENCH_DIR", Path.home() / ".cache" / "blipsearch-bench"))
+
+# Enough real words that benchmark queries tokenise to realistic lengths (one token per word).
+WORDS = """a an the of on in at with and or to from by near under over behind beside next front back top bottom
+left right up down inside outside around through across along man woman men women person people child
+children boy girl baby kid kids dog dogs cat cats horse horses bird birds cow sheep elephant bear zebra
+giraffe car cars bus truck train plane boat bike bicycle motorcycle street road city building house tree
+trees grass field beach sea ocean water lake river snow mountain sky cloud sun sunset table chair bed
+sofa room kitchen food pizza cake plate cup bowl phone laptop book ball frisbee kite surfboard skateboard
+umbrella bench sign light red green blue yellow white black brown orange pink purple gray small large big
+tall young old two three four many some is are sitting standing walking running riding playing holding
+eating looking lying flying jumping wearing carrying building sandcastle photo picture image view shot
+close group couple family friends team game snowy sunny rainy night day morning evening""".split()
+
+
+def save_random_blip_base(directory: Path) -> Path:
+    """BLIP ViT-B/16 384 px + BERT-base retrieval model, random weights, with tokenizer and processor."""
+    if (directory / "model.safetensors").exists():
+        return directory
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessorPil
+
+    directory.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    config = BlipConfig()  # ViT-B/16 at 384 px, BERT-base text with 30524 tokens ([DEC] 30522, [ENC] 30523)
+    vocab_size = config.text_config.vocab_size
+    tokens = specials + list(dict.fromkeys(WORDS))
+    tokens += [f"[unused{i}]" for i in range(vocab_size - 2 - len(tokens))] + ["[DEC]", "[ENC]"]
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}, bos_token="[DEC]",
+                              extra_special_tokens=["[ENC]"])
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    BlipForImageTextRetrieval(config).save_pretrained(directory)
+    BlipImageProcessorPil().save_pretrained(directory)
+    return directory
+
+
+def make_photos(directory: Path, count: int, size: tuple[int, int] = (4000, 3000), seed: int = 0) -> list[Path]:
+    """Photo-like JPEGs (quality 90): shaded backgrounds, shapes of many sizes, edges and sensor grain."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = directory / f"photo{i:04d}.jpg"
+        if not path.exists():
+            _photo(path, size if i % 4 else size[::-1], np.random.default_rng(seed * 100_000 + i))
+        paths.append(path)
+    return paths
+
+
+def _photo(path: Path, size: tuple[int, int], rng: np.random.Generator) -> None:
+    from PIL import Image, ImageDraw, ImageFilter
+
+    grid = rng.integers(0, 255, (rng.integers(3, 9), rng.integers(3, 9), 3), dtype=np.uint8)
+    image = Image.fromarray(grid).resize(size, Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(10, 40))):
+        x, y = int(rng.integers(0, size[0])), int(rng.integers(0, size[1]))
+        w, h = (int(v) for v in rng.integers(20, size[0] // 3, 2))
+        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+        shape = rng.integers(0, 3)
+        if shape == 0:
+            draw.ellipse([x, y, x + w, y + h], fill=colour)
+        elif shape == 1:
+            draw.rectangle([x, y, x + w, y + h], fill=colour)
+        else:
+            draw.polygon([(x, y), (x + w, y + h // 3), (x + w // 2, y + h)], fill=colour)
+    image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.5))))
+    grain = rng.normal(0, rng.uniform(2, 8), (size[1], size[0], 1)).astype(np.float32)
+    pixels = np.clip(np.asarray(image, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def matmul_peak_gflops(dtype_name: str = "bf16", n: int = 2048, repeats: int = 10) -> float:
+    """The machine's dense matmul rate, measured now (so ratios hold on a busy or different machine)."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def vit_gflops_per_image(tokens: int = 577, hidden: int = 768, layers: int = 12, mlp: int = 3072,
+                         patch_pixels: int = 3 * 16 * 16) -> float:
+    """Multiply-adds x 2 of one ViT forward: patch embedding, QKV/out projections, attention, MLP."""
+    per_layer = 4 * tokens * hidden * hidden + 2 * tokens * tokens * hidden + 2 * tokens * hidden * mlp
+    return 2 * ((tokens - 1) * patch_pixels * hidden + layers * per_layer) / 1e9
+
+
+def run_measured(command: list[str], env: dict | None = None) -> dict:
+    """Run a command; wall seconds and peak resident memory of it and its children (psutil polling)."""
+    import psutil
+
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **(env or {})})
+    peak = 0
+    watched = psutil.Process(process.pid)
+
+    def poll() -> None:
+        nonlocal peak
+        while process.poll() is None:
+            try:
+                rss = watched.memory_info().rss + sum(c.memory_info().rss for c in watched.children(True))
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    stdout, stderr = process.communicate()
+    wall = time.perf_counter() - start
+    watcher.join()
+    if process.returncode not in (0, 3):
+        raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{stderr[-2000:]}")
+    return {"seconds": wall, "peak_rss_mb": peak / 2**20, "stdout": stdout, "stderr": stderr}
+
+
+def print_json(data: dict) -> None:
+    print(json.dumps(data, indent=2))
