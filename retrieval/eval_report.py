@@ -25,7 +25,7 @@ PUBLISHED: dict[tuple[str, str], Published] = {
     ("Salesforce/blip-itm-base-coco", "coco"):
         Published("BLIP ViT-B fine-tuned on COCO, 5K test (LAVIS)", 82.0, 64.5, 5000),
     ("Salesforce/blip-itm-base-flickr", "flickr30k"):
-        Published("BLIP ViT-B fine-tuned on Flickr30k, 1K test (BLIP paper)", 96.9, 87.5, 1000),
+        Published("BLIP ViT-B fine-tuned on Flickr30k, 1K test", 96.9, 87.5, 1000),
     ("Salesforce/blip2-itm-vit-g-coco", "coco"):
         Published("BLIP-2 ViT-g fine-tuned on COCO, 5K test (BLIP-2 paper)", 85.4, 68.3, 5000),
     ("Salesforce/blip2-itm-vit-g-coco", "flickr30k"):
