@@ -2,3 +2,5 @@
 
 Importing this package is cheap; torch and transformers load only when a model is loaded.
 """
+
+DEFAULT_MODEL = "Salesforce/blip-itm-base-coco"  # here, not in models/, so that `--help` needs no torch

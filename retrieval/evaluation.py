@@ -191,7 +191,7 @@ def pair_scores(model: RetrievalModel, cache: FeatureCache, tokens: TextTokens, 
     """(P,) ITM class-1 logit + ITC of pairs (image_rows[p], text_rows[p]), pairs of one image adjacent.
 
     Each run of pairs with the same image reads that image's features from the cache once and goes through
-    ITM `batch_size` texts at a time, the features repeated as a stride-0 view (no copy here).
+    ITM `batch_size` texts at a time (one image against many texts is one large matmul in the ITM pass).
     """
     out = torch.empty(len(image_rows))
     images, counts = torch.unique_consecutive(image_rows, return_counts=True)
@@ -201,7 +201,7 @@ def pair_scores(model: RetrievalModel, cache: FeatureCache, tokens: TextTokens, 
         for lo in range(start, start + count, batch_size):
             hi = min(lo + batch_size, start + count)
             texts = text_rows[lo:hi]
-            logits = model.itm_scores(_select(tokens, texts), features.expand(hi - lo, -1, -1))  # (b, 2)
+            logits = model.itm_scores(_select(tokens, texts), features)  # (b, 2)
             out[lo:hi] = fuse(itc[image, texts], logits)
             if bar is not None:
                 bar.update(hi - lo)

@@ -52,3 +52,13 @@ def test_missing_tensors_are_named(tiny_model_dir):
     with pytest.raises(KeyError, match="itm_head"):
         tower.load_weights(state)
     assert np.isfinite(tower.itm_head.weight.detach().numpy()).all()
+
+
+def test_one_image_against_many_texts_equals_repeating_it(pair, tiny_model):
+    _, tower = pair
+    tokens = tiny_model.tokenize(TEXTS)
+    image = torch.randn(1, 17, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        shared = tower.itm_logits(tokens.input_ids, tokens.attention_mask, image)
+        repeated = tower.itm_logits(tokens.input_ids, tokens.attention_mask, image.expand(3, -1, -1))
+    torch.testing.assert_close(shared, repeated, atol=1e-5, rtol=1e-5)

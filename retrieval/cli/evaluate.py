@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .. import DEFAULT_MODEL
 from . import main
 from .options import device_option, load, model_option, precision_option
 
@@ -28,7 +29,7 @@ _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
               help="Split to read from a Karpathy file (LAVIS files hold one split).")
 @model_option("Retrieval checkpoint to evaluate (hub id or local directory). Default: "
-              "Salesforce/blip-itm-base-coco.")
+              f"{DEFAULT_MODEL}.")
 @device_option
 @precision_option
 @click.option("--k-test", type=click.IntRange(min=1), default=None,
@@ -57,7 +58,6 @@ def evaluate_command(dataset: str, images_root: Path, annotations: Path, split: 
     from ..annotations import load_annotations
     from ..eval_report import RunInfo, format_table, published_for, to_json
     from ..evaluation import EvalOptions, check_images, default_k_test, evaluate
-    from ..models import DEFAULT_MODEL
 
     dataset = dataset.lower()
     items = load_annotations(annotations, split=split)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .. import DEFAULT_MODEL
 from . import EXIT_SKIPPED, main
 from .options import device_option, index_location, index_option, load, model_option, precision_option
 
@@ -15,7 +16,7 @@ from .options import device_option, index_location, index_option, load, model_op
 @main.command("index")
 @click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
 @model_option("Model to embed with (hub id or local directory). Default: the index's model, or "
-              "Salesforce/blip-itm-base-coco for a new index.")
+              f"{DEFAULT_MODEL} for a new index.")
 @index_option
 @device_option
 @precision_option
@@ -39,7 +40,6 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
     from blipsearch.indexer.scan import resolve_roots
     from blipsearch.indexer.store import Store, read_model_id
 
-    from ..models import DEFAULT_MODEL
 
     location = index_location(index_path)
     resolve_roots(folders)  # a missing folder fails before the model loads

@@ -11,7 +11,7 @@ from .loading import Checkpoint, resolve
 if TYPE_CHECKING:
     import torch
 
-DEFAULT_MODEL = "Salesforce/blip-itm-base-coco"
+from .. import DEFAULT_MODEL
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -77,6 +77,7 @@ class RetrievalModel(Protocol):
     def itm_scores(self, tokens: TextTokens, features: torch.Tensor) -> torch.Tensor:
         """ITM logits (N, 2) [no match, match] for text row i against image features row i.
 
-        A single text (N=1) is matched against every row of `features` (K, T, H).
+        A single text (N=1) is matched against every row of `features` (K, T, H), and a single image
+        (features (1, T, H)) against every text row.
         """
         ...

@@ -120,7 +120,7 @@ class BlipRetrievalModel:
         if input_ids.shape[0] == 1 and features.shape[0] > 1:
             input_ids = input_ids.expand(features.shape[0], -1)
             attention_mask = attention_mask.expand(features.shape[0], -1)
-        logits = self.text.itm_logits(input_ids.to(self.device), attention_mask.to(self.device),
+        logits = self.text.itm_logits(input_ids.to(self.device), attention_mask.to(self.device),  # (N, 2)
                                       features.to(self.device, self.dtype))
         return logits.cpu()  # (N, 2)
 

@@ -83,16 +83,22 @@ class _Attention(nn.Module):
         return self._finish(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rows)
 
     def folded_cross_attention(self, h: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """h (B, L, H) text states; image (B, T, Hv) tokens, all valid. Exact, without K/V of the image."""
-        s = self.self
-        b, n, _ = h.shape
-        q = self._split(s.query(h)) / math.sqrt(h.shape[-1] // self.heads)  # (B, nh, L, hs)
-        w_k = s.key.weight.view(self.heads, -1, image.shape[-1])  # (nh, hs, Hv)
-        w_v = s.value.weight.view(self.heads, -1, image.shape[-1])
-        q_x = torch.matmul(q, w_k).reshape(b, self.heads * n, -1)  # (B, nh*L, Hv): queries in image space
+        """h (B, L, H) text states; image (B or 1, T, Hv) tokens, all valid. Exact, without the image's K/V."""
+        s, nh = self.self, self.heads
+        b, n, d = h.shape
+        hs, hv = d // nh, image.shape[-1]
+        # per head, queries move into image space: (nh, B*L, hs) @ (nh, hs, Hv) -> (nh, B*L, Hv)
+        q = s.query(h).view(b * n, nh, hs).transpose(0, 1)
+        w_k = s.key.weight.view(nh, hs, hv) / math.sqrt(hs)
+        q_x = torch.bmm(q, w_k).view(nh, b, n, hv).transpose(0, 1).reshape(b, nh * n, hv)  # (B, nh*L, Hv)
+        if image.shape[0] == 1 < b:  # one image for every text: one large matmul instead of B small ones
+            q_x = q_x.reshape(1, b * nh * n, hv)
         probs = torch.bmm(q_x, image.transpose(1, 2)).softmax(dim=-1)  # (B, nh*L, T)
-        mixed = torch.bmm(probs, image).view(b, self.heads, n, -1)  # (B, nh, L, Hv)
-        context = torch.matmul(mixed, w_v.transpose(1, 2)) + s.value.bias.view(self.heads, 1, -1)
+        mixed = torch.bmm(probs, image)  # (B, nh*L, Hv): attention-weighted image tokens
+        # ... and come back through the value projection: (nh, B*L, Hv) @ (nh, Hv, hs) -> (nh, B*L, hs)
+        mixed = mixed.view(b, nh, n, hv).transpose(0, 1).reshape(nh, b * n, hv)
+        w_v = s.value.weight.view(nh, hs, hv).transpose(1, 2)
+        context = torch.bmm(mixed, w_v).view(nh, b, n, hs).permute(1, 0, 2, 3) + s.value.bias.view(nh, 1, hs)
         return self._finish(context, h)  # context (B, nh, L, hs)
 
 
@@ -160,6 +166,6 @@ class BlipTextTower(nn.Module):
 
     def itm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    image: torch.Tensor) -> torch.Tensor:
-        """(B, L) tokens with [ENC] first, (B, T, Hv) image tokens -> (B, 2) ITM logits, float32."""
+        """(B, L) tokens with [ENC] first, (B or 1, T, Hv) image tokens -> (B, 2) ITM logits, float32."""
         h = self._encode(input_ids, attention_mask, image.to(self.itm_head.weight.dtype))
         return self.itm_head(h[:, 0, :]).float()
