@@ -42,13 +42,13 @@ CANDIDATES = 32
 def build_index(directory: Path, model_dir: Path, images: int, batch: int = 250) -> Path:
     """Synthetic index: random normalised ITC vectors and random int8 feature maps of the real shape."""
     from blipsearch.indexer import codec
-    from blipsearch.indexer.store import FileRecord, ImageRecord, Store
+    from blipsearch.indexer.store import FileRecord, ImageRecord, IndexWriter
     from blipsearch.retrieval.models import load_model
 
     if (directory / "complete").exists():
         return directory
     info = load_model(str(model_dir), "cpu", "fp32", with_vision=False).info
-    store = Store.open_for_writing(directory, info, rebuild=True)
+    store = IndexWriter.open(directory, info, rebuild=True)
     rng = np.random.default_rng(0)
     t, h = info.feature_tokens, info.feature_dim
     scale = np.full(h, 0.05, np.float16).tobytes()
@@ -72,12 +72,12 @@ def build_index(directory: Path, model_dir: Path, images: int, batch: int = 250)
 
 def warm_latencies(model_dir: Path, index: Path, queries: list[str]) -> dict:
     """Per-query wall time in a process that has loaded the model, with a breakdown by stage."""
-    from blipsearch.indexer.store import Store
+    from blipsearch.indexer.reader import IndexReader
     from blipsearch.retrieval.models import load_model
     from blipsearch.retrieval.search import Searcher, SearchOptions
 
     model = load_model(str(model_dir), "cpu", "auto", with_vision=False)
-    store = Store.open(index)
+    store = IndexReader.open(index)
     stages = {"recall": 0.0, "features": 0.0}
     source = _Timed(store, stages)
     searcher = Searcher(model, source)

@@ -22,6 +22,10 @@ class PackedFeatures:
     scale: bytes  # (H,) float16
     offset: bytes  # (H,) float16
 
+    def record(self) -> bytes:
+        """One fixed-size record: values, then scale, then offset."""
+        return self.values + self.scale + self.offset
+
 
 def pack(features: torch.Tensor) -> list[PackedFeatures]:
     """(B, T, H) features in any float dtype -> B packed maps."""
@@ -43,6 +47,12 @@ def unpack(values: bytes, scale: bytes, offset: bytes, tokens: int, dim: int) ->
     q = np.frombuffer(values, dtype=np.int8).reshape(tokens, dim).astype(np.float32)
     return q * np.frombuffer(scale, dtype=np.float16).astype(np.float32) + \
         np.frombuffer(offset, dtype=np.float16).astype(np.float32)
+
+
+def unpack_record(record: bytes | memoryview, tokens: int, dim: int) -> np.ndarray:
+    """A record written by `PackedFeatures.record` -> (T, H) float32."""
+    n = tokens * dim
+    return unpack(record[:n], record[n:n + 2 * dim], record[n + 2 * dim:n + 4 * dim], tokens, dim)
 
 
 def packed_bytes(tokens: int, dim: int) -> int:

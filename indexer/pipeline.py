@@ -27,7 +27,7 @@ from blipsearch.retrieval.models.base import RetrievalModel
 from . import codec
 from .images import LoadedImage, failure_reason, load_image
 from .scan import FileStat, content_hash, is_under, resolve_roots, scan
-from .store import FileRecord, ImageRecord, Store
+from .store import FileRecord, ImageRecord, IndexWriter
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class IndexOptions:
     on_skip: Callable[[str, str], None] | None = None  # called as files are skipped
 
 
-def index_folders(roots: Sequence[str | Path], model: RetrievalModel, store: Store,
+def index_folders(roots: Sequence[str | Path], model: RetrievalModel, store: IndexWriter,
                   options: IndexOptions | None = None) -> IndexSummary:
     options = options or IndexOptions()
     summary = IndexSummary()
@@ -75,7 +75,7 @@ def _unchanged(record: FileRecord | None, stat: FileStat) -> bool:
     return record is not None and record.size == stat.size and record.mtime_ns == stat.mtime_ns
 
 
-def _remove_vanished(store: Store, stored: dict[str, FileRecord], files: list[FileStat], folders: list[str],
+def _remove_vanished(store: IndexWriter, stored: dict[str, FileRecord], files: list[FileStat], folders: list[str],
                      unreadable: list[str], summary: IndexSummary) -> None:
     present = {f.path for f in files}
     gone = [p for p in stored if is_under(p, folders) and p not in present and not is_under(p, unreadable)]
@@ -83,7 +83,7 @@ def _remove_vanished(store: Store, stored: dict[str, FileRecord], files: list[Fi
     summary.removed = len(gone)
 
 
-def _reuse_known(store: Store, stored: dict[str, FileRecord], changed: list[FileStat],
+def _reuse_known(store: IndexWriter, stored: dict[str, FileRecord], changed: list[FileStat],
                  options: IndexOptions, summary: IndexSummary) -> dict[str, list[FileStat]]:
     """Hash new and changed files; record those whose content is stored; group the rest by hash."""
     known = store.known_hashes()
@@ -113,7 +113,7 @@ def _hash_or_reason(stat: FileStat) -> str | ImageLoadError:
         return ImageLoadError(failure_reason(stat.path, exc))
 
 
-def _encode_all(store: Store, model: RetrievalModel, to_encode: dict[str, list[FileStat]],
+def _encode_all(store: IndexWriter, model: RetrievalModel, to_encode: dict[str, list[FileStat]],
                 options: IndexOptions, summary: IndexSummary) -> None:
     """Decode in threads while the model encodes; one store commit per batch."""
     items = list(to_encode.items())
@@ -148,7 +148,7 @@ def _load_first(stats: list[FileStat], pre, reduced_decode: bool) -> LoadedImage
         return (stats[0].path, str(exc))
 
 
-def _write_batch(store: Store, model: RetrievalModel, batch: list, summary: IndexSummary, progress) -> None:
+def _write_batch(store: IndexWriter, model: RetrievalModel, batch: list, summary: IndexSummary, progress) -> None:
     if not batch:
         return
     encoded = model.encode_images(model.pixel_values([image.pixels for _, _, image in batch]))

@@ -74,24 +74,20 @@ class RecallIndex:
         scores, ids = self.index.search(query.reshape(1, -1).astype(np.float32), k * v, params=params)
         return _best_per_image(ids[0], scores[0], v, k)
 
-    def save(self, directory: Path, stamp: dict) -> None:
+    def save(self, directory: Path) -> None:
         import faiss
 
-        tmp = directory / "recall.faiss.tmp"
-        faiss.write_index(self.index, str(tmp))
-        tmp.replace(directory / "recall.faiss")
-        (directory / "recall.json").write_text(json.dumps({**stamp, "vectors_per_image": self.vectors_per_image,
-                                                           "count": self.count}))
+        faiss.write_index(self.index, str(directory / "recall.faiss"))
+        meta = {"vectors_per_image": self.vectors_per_image, "count": self.count}
+        (directory / "recall.json").write_text(json.dumps(meta))
 
     @classmethod
-    def load(cls, directory: Path, stamp: dict) -> RecallIndex | None:
-        """The saved index if it was built from the table version `stamp` describes, else None."""
+    def load(cls, directory: Path) -> RecallIndex | None:
+        """The index saved in `directory` (memory-mapped), or None where it is missing or unreadable."""
         import faiss
 
         try:
             meta = json.loads((directory / "recall.json").read_text())
-            if any(meta.get(key) != value for key, value in stamp.items()):
-                return None
             index = faiss.read_index(str(directory / "recall.faiss"), faiss.IO_FLAG_MMAP)
         except (OSError, ValueError, RuntimeError):
             return None

@@ -1,5 +1,6 @@
 """Incremental, resumable indexing through the library API (the CLI is tested in test_cli.py)."""
 
+import json
 import os
 import re
 import shutil
@@ -8,10 +9,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
+from blipsearch.indexer import codec
 from blipsearch.indexer.pipeline import IndexOptions, index_folders
-from blipsearch.indexer.store import Store
+from blipsearch.indexer.reader import IndexReader
+from blipsearch.indexer.store import IndexWriter
 from blipsearch.retrieval.errors import IndexLockedError, InvalidInputError, ModelMismatchError
 from blipsearch.retrieval.models import load_model
 
@@ -41,7 +45,7 @@ def model(tiny_model):
 
 def run(folders, model, index_dir):
     model.encoded = 0
-    store = Store.open_for_writing(index_dir, model.info)
+    store = IndexWriter.open(index_dir, model.info)
     try:
         return index_folders(folders, model, store, IndexOptions(batch_size=4, progress=False))
     finally:
@@ -49,9 +53,9 @@ def run(folders, model, index_dir):
 
 
 def stored(index_dir):
-    store = Store.open(index_dir)
-    return {os.path.relpath(p, index_dir.parent / "photos"): r.hash for p, r in store.file_records().items()}, \
-        store.counts()[1]
+    reader = IndexReader.open(index_dir)
+    return {os.path.relpath(p, index_dir.parent / "photos"): h for p, h in reader.files().items()}, \
+        reader.counts()[1]
 
 
 def test_incremental_add_unchanged_change_touch_delete_move_copy(tmp_path, model):
@@ -124,20 +128,20 @@ def test_another_model_is_refused_and_one_writer_at_a_time(tmp_path, model):
     run([tmp_path / "photos"], model, tmp_path / "index")
     other = load_model(str(save_tiny_blip(tmp_path / "other", seed=1)), "cpu", "fp32")
     with pytest.raises(ModelMismatchError, match="rebuild it with `blipsearch index --rebuild"):
-        Store.open_for_writing(tmp_path / "index", other.info)
-    writer = Store.open_for_writing(tmp_path / "index", model.info)
+        IndexWriter.open(tmp_path / "index", other.info)
+    writer = IndexWriter.open(tmp_path / "index", model.info)
     with pytest.raises(IndexLockedError, match="another blipsearch process is writing"):
-        Store.open_for_writing(tmp_path / "index", model.info)
+        IndexWriter.open(tmp_path / "index", model.info)
     writer.close()
-    Store.open_for_writing(tmp_path / "index", other.info, rebuild=True).close()
-    assert Store.open(tmp_path / "index").counts() == (0, 0)
+    IndexWriter.open(tmp_path / "index", other.info, rebuild=True).close()
+    assert IndexReader.open(tmp_path / "index").counts() == (0, 0)
 
 
 def test_an_unrelated_folder_is_never_used_as_an_index(tmp_path, model):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "thesis.tex").write_text("precious")
     with pytest.raises(InvalidInputError, match="not empty and holds no blipsearch index"):
-        Store.open_for_writing(tmp_path / "docs", model.info)
+        IndexWriter.open(tmp_path / "docs", model.info)
     assert (tmp_path / "docs" / "thesis.tex").read_text() == "precious"
 
 
@@ -151,16 +155,16 @@ def test_killed_run_resumes_with_exactly_one_row_per_file(tmp_path, tiny_model_d
     committed = wait_for_rows(index, process, at_least=8)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done_before = len(Store.open(index).file_records())
+    done_before = len(IndexReader.open(index).files())
     assert done_before >= committed and done_before % 4 == 0  # whole batches only
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     indexed, reused = map(int, re.search(r"indexed (\d+), reused (\d+)", result.stderr).groups())
     # the batch in flight may have stored its features but not its files: they are reused, not re-encoded
     assert indexed + reused == 120 - done_before and reused <= 4
-    records = Store.open(index).file_records()
+    records = IndexReader.open(index).files()
     assert sorted(records) == sorted(str(p) for p in photos.iterdir())
-    assert Store.open(index).counts() == (120, 120)
+    assert IndexReader.open(index).counts() == (120, 120)
 
 
 def wait_for_rows(index, process, at_least: int, timeout: float = 120) -> int:
@@ -168,10 +172,66 @@ def wait_for_rows(index, process, at_least: int, timeout: float = 120) -> int:
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stderr.read().decode()
         try:
-            rows = Store.open(index).counts()[0]
+            rows = IndexReader.open(index).counts()[0]
         except Exception:  # not created yet, or a commit under way
             rows = 0
         if rows >= at_least:
             return rows
         time.sleep(0.05)
     raise AssertionError("indexing made no progress")
+
+
+def features_by_path(index_dir):
+    reader = IndexReader.open(index_dir)
+    files = reader.files()
+    return {p: reader.token_features([h])[0] for p, h in files.items()}
+
+
+def test_mostly_dead_feature_segments_are_copied_forward_then_deleted(tmp_path, model):
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    paths = make_folder(photos, 6)
+    run([photos], model, index)
+    for path in paths[1:]:
+        path.unlink()
+    make_photo(photos / "new.png", seed=50)
+    before = features_by_path(index)[str(paths[0])]
+    run([photos], model, index)  # segment 1 keeps 1 live record of 6: it is retired
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest["retired_segments"] == [1] and manifest["current_segment"] == 2
+    assert (index / "features" / "000001.bin").exists()  # a query that started earlier may still read it
+    after = features_by_path(index)
+    np.testing.assert_array_equal(after[str(paths[0])], before)
+    run([photos], model, index)
+    assert not (index / "features" / "000001.bin").exists()
+    np.testing.assert_array_equal(features_by_path(index)[str(paths[0])], before)
+
+
+def test_a_torn_record_from_a_killed_run_is_overwritten(tmp_path, model):
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    make_folder(photos, 2)
+    run([photos], model, index)
+    segment = index / "features" / "000001.bin"
+    with segment.open("ab") as f:
+        f.write(b"half a record")
+    make_photo(photos / "more.png", seed=60)
+    run([photos], model, index)
+    reader = IndexReader.open(index)
+    record = reader.manifest["features"]
+    assert segment.stat().st_size == 3 * codec.packed_bytes(record["tokens"], record["dim"])
+    assert reader.token_features([reader.files()[str(photos / "more.png")]]).shape == (1, 17, 32)
+
+
+def test_readers_during_a_run_see_the_tables_and_the_same_answers(tmp_path, model, tiny_model):
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    make_folder(photos, 4)
+    run([photos], model, index)
+    query = tiny_model.encode_texts(["a dog"]).embeddings[0].numpy()
+    settled = IndexReader.open(index)
+    writer = IndexWriter.open(index, model.info)  # a run starts (or is killed before it finishes)
+    during = IndexReader.open(index)
+    writer.close()
+    assert settled.from_snapshot and not during.from_snapshot and during.interrupted
+    assert during.recall(query, 4) == settled.recall(query, 4)
+    assert during.files() == settled.files()
+    keys = [h for h, _ in settled.recall(query, 4)]
+    np.testing.assert_array_equal(during.token_features(keys), settled.token_features(keys))

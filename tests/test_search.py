@@ -6,7 +6,8 @@ import torch
 
 from blipsearch.indexer.images import load_image
 from blipsearch.indexer.pipeline import IndexOptions, index_folders
-from blipsearch.indexer.store import Store
+from blipsearch.indexer.reader import IndexReader
+from blipsearch.indexer.store import IndexWriter
 from blipsearch.retrieval.errors import InvalidInputError
 from blipsearch.retrieval.fusion import fuse
 from blipsearch.retrieval.search import Searcher, SearchOptions
@@ -22,10 +23,10 @@ STORED_FEATURE_TOLERANCE = 0.02
 def indexed(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("search")
     paths = make_folder(root / "photos" / "a", 6, seed=1) + make_folder(root / "photos" / "b", 6, seed=2)
-    store = Store.open_for_writing(root / "index", tiny_model.info)
+    store = IndexWriter.open(root / "index", tiny_model.info)
     index_folders([root / "photos"], tiny_model, store, IndexOptions(progress=False))
     store.close()
-    return Store.open(root / "index"), paths, root
+    return IndexReader.open(root / "index"), paths, root
 
 
 def recompute(model, text, paths):

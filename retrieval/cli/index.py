@@ -36,16 +36,18 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
     files reuse their stored features. Interrupting loses at most the batch in flight; run again to
     finish. Exit status 3 means done, with some files skipped (each named on stderr).
     """
+    from blipsearch.indexer.manifest import read_model_id
     from blipsearch.indexer.pipeline import IndexOptions, index_folders
+    from blipsearch.indexer.reader import IndexReader
     from blipsearch.indexer.scan import resolve_roots
-    from blipsearch.indexer.store import Store, read_model_id
+    from blipsearch.indexer.store import IndexWriter
 
 
     location = index_location(index_path)
     resolve_roots(folders)  # a missing folder fails before the model loads
     recorded = None if rebuild else read_model_id(location)
     model = load(model_name or recorded or DEFAULT_MODEL, device, precision)
-    store = Store.open_for_writing(location, model.info, rebuild=rebuild)
+    store = IndexWriter.open(location, model.info, rebuild=rebuild)
     options = IndexOptions(
         batch_size=batch_size or (64 if model.device.type != "cpu" else 16), workers=workers,
         progress=not quiet, reduced_decode=not exact_decode,
@@ -57,7 +59,7 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
         store.close()
     seconds = time.perf_counter() - started
     rate = f" ({summary.indexed / seconds:.1f} images/s)" if summary.indexed else ""
-    files, _ = Store.open(location).counts()
+    files, _ = IndexReader.open(location).counts()
     _say(f"indexed {summary.indexed}, reused {summary.reused} (moved or copied), unchanged "
          f"{summary.unchanged}, removed {summary.removed}, skipped {len(summary.skipped)} in {seconds:.1f} s"
          f"{rate}; the index at {location} holds {files} files")

@@ -23,7 +23,7 @@ def model_option(help_text: str):
 
 
 def index_location(index_path: Path | None) -> Path:
-    from blipsearch.indexer.store import default_location
+    from blipsearch.indexer.manifest import default_location
 
     return (index_path or default_location()).expanduser()
 

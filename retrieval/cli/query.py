@@ -37,7 +37,8 @@ def query_command(text, image_path, top, candidates, no_rerank, min_prob, under,
     Recall ranks every image by ITC similarity; the ITM head then re-ranks the best --candidates with
     cross-attention over their stored features. score = ITM match logit + ITC cosine, as in BLIP.
     """
-    from blipsearch.indexer.store import Store, check_model
+    from blipsearch.indexer.manifest import check_model
+    from blipsearch.indexer.reader import IndexReader
 
     from ..search import Searcher, SearchOptions
 
@@ -49,7 +50,7 @@ def query_command(text, image_path, top, candidates, no_rerank, min_prob, under,
     options = SearchOptions(top=top, candidates=candidates, rerank=not no_rerank and text is not None,
                             min_prob=min_prob, under=folders)
     location = index_location(index_path)
-    store = Store.open(location)
+    store = IndexReader.open(location)
     if store.counts()[1] == 0:
         raise InvalidInputError(f"the index at {location} is empty; add images with `blipsearch index FOLDER`")
     model = load(model_name or store.manifest["model"]["id"], device, precision, with_vision=image_path is not None)

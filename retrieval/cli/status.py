@@ -15,16 +15,17 @@ from .options import index_location, index_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def status_command(index_path, as_json):
     """Where the index is, which model built it, how many images it holds and its size on disk."""
-    from blipsearch.indexer.store import Store
+    from blipsearch.indexer.reader import IndexReader
 
     location = index_location(index_path)
-    store = Store.open(location)
+    store = IndexReader.open(location)
     files, images = store.counts()
     size = store.disk_bytes()
     manifest = store.manifest
     report = {
         "index": str(location), "model": manifest["model"]["id"], "revision": manifest["model"]["revision"],
         "files": files, "images": images, "bytes": size, "updated": manifest.get("updated"),
+        "interrupted": store.interrupted,
         "embedding_dim": manifest["embedding"]["dim"], "feature_shape": [manifest["features"]["tokens"],
                                                                           manifest["features"]["dim"]],
     }
@@ -40,6 +41,9 @@ def status_command(index_path, as_json):
         ("updated", report["updated"] or "never"),
     ):
         click.echo(f"{label:8} {value}")
+    if store.interrupted:
+        click.echo("note     an indexing run is under way, or the last one was interrupted: run "
+                   "`blipsearch index` on your folders again to finish it")
 
 
 def _human(n: float) -> str:

@@ -1,0 +1,96 @@
+"""Reading an index for queries: recall, stored features and paths, from the snapshot files.
+
+Implements the searcher's `CandidateSource`. The snapshot loads without LanceDB, which keeps a fresh
+`blipsearch query` process quick; while an indexing run is under way (or after one was killed) the same
+view is built from the LanceDB tables.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from blipsearch.retrieval.errors import IndexMissingError, StoreError
+
+from . import codec, snapshot
+from .features import FeatureSegments
+from .manifest import read_manifest, record_bytes
+from .scan import is_under
+
+log = logging.getLogger(__name__)
+
+
+class IndexReader:
+    def __init__(self, path: Path, manifest: dict, view: snapshot.Snapshot, from_snapshot: bool):
+        self.path = path
+        self.manifest = manifest
+        self.view = view
+        self.from_snapshot = from_snapshot  # False: built from the tables (a run is under way or was killed)
+        self._features = FeatureSegments(path, record_bytes(manifest))
+
+    @classmethod
+    def open(cls, path: Path) -> IndexReader:
+        manifest = read_manifest(path)
+        if manifest is None:
+            raise IndexMissingError(f"no index at {path}; create one with `blipsearch index FOLDER`")
+        view = None if manifest.get("writing") else snapshot.Snapshot.load(path, manifest.get("generation", 0))
+        if view is not None:
+            return cls(path, manifest, view, True)
+        return cls(path, manifest, _from_tables(path, manifest), False)
+
+    @property
+    def interrupted(self) -> bool:
+        """An indexing run is under way, or the last one was killed before it finished."""
+        return bool(self.manifest.get("writing"))
+
+    def counts(self) -> tuple[int, int]:
+        """(files, distinct images)"""
+        return len(self.view.paths), len(self.view.hashes)
+
+    def files(self) -> dict[str, str]:
+        """path -> content hash of every indexed file."""
+        return {p: str(self.view.hashes[r]) for p, r in zip(self.view.paths, self.view.path_rows, strict=True)}
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    def recall(self, query: np.ndarray, k: int, under: Sequence[str] | None = None) -> list[tuple[str, float]]:
+        """Top-k images (hash, ITC cosine) for a (D,) query; `under` keeps images with a file in those folders."""
+        allowed = None
+        if under is not None:
+            inside = [r for p, r in zip(self.view.paths, self.view.path_rows, strict=True) if is_under(p, under)]
+            allowed = np.unique(np.asarray(inside, np.int64))
+        rows, scores = self.view.recall.search(query, k, allowed)
+        return [(str(self.view.hashes[r]), float(s)) for r, s in zip(rows, scores, strict=True)]
+
+    def token_features(self, hashes: Sequence[str]) -> np.ndarray:
+        """(K, T, H) float32 features of the given images, in the given order."""
+        spec = self.manifest["features"]
+        maps = []
+        for digest in hashes:
+            row = self.view.row_of(digest)
+            if row is None:
+                raise StoreError(f"image {digest} is not in the index at {self.path}")
+            try:
+                record = self._features.read(int(self.view.segments[row]), int(self.view.slots[row]))
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"the index at {self.path} changed during the query ({exc}); run it again") from exc
+            maps.append(codec.unpack_record(record, spec["tokens"], spec["dim"]))
+        return np.stack(maps) if maps else np.empty((0, spec["tokens"], spec["dim"]), np.float32)
+
+    def paths_by_hash(self, hashes: Sequence[str]) -> dict[str, list[str]]:
+        return {h: list(self.view.paths_of(row)) if (row := self.view.row_of(h)) is not None else []
+                for h in hashes}
+
+
+def _from_tables(path: Path, manifest: dict) -> snapshot.Snapshot:
+    import lancedb
+
+    from .store import FILES, IMAGES
+
+    log.info("index at %s is being written or was interrupted: reading its tables", path)
+    db = lancedb.connect(str(path))
+    return snapshot.from_tables(db.open_table(IMAGES), db.open_table(FILES), manifest)

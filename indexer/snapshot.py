@@ -1,0 +1,102 @@
+"""What a query reads: the index at one generation, in plain files that load without LanceDB.
+
+    snapshot/rows.npz      per image row: content hash, feature segment and slot
+    snapshot/recall.faiss  the FAISS recall index over the rows' ITC vectors (see recall.py)
+    snapshot/paths.bin     the files' paths, NUL-separated, grouped by image row (paths_rows.npy)
+    snapshot/snapshot.json the manifest generation it mirrors
+
+An indexing run writes it last (`IndexWriter.finish`); while a run is under way, or after one was
+killed, readers build the same picture from the LanceDB tables instead (slower, equally correct).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .recall import RecallIndex
+
+FOLDER = "snapshot"
+
+
+@dataclass
+class Snapshot:
+    hashes: np.ndarray  # (N,) str: image rows
+    segments: np.ndarray  # (N,) int32: feature segment of each row
+    slots: np.ndarray  # (N,) int64: record within the segment
+    recall: RecallIndex
+    path_rows: np.ndarray  # (P,) int64, ascending: the image row of each path
+    paths: list[str]  # (P,) in the same order
+    _row_of: dict[str, int] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, hashes: Sequence[str], vectors: np.ndarray, segments: np.ndarray, slots: np.ndarray,
+              file_paths: Sequence[str], file_hashes: Sequence[str]) -> Snapshot:
+        """From image rows (hash, (N, V, D) vectors, segment, slot) and file rows (path, hash)."""
+        hashes = np.asarray(hashes, dtype=str)
+        row_of = {h: i for i, h in enumerate(hashes)}
+        pairs = sorted((row_of[h], p) for p, h in zip(file_paths, file_hashes, strict=True) if h in row_of)
+        return cls(hashes, np.asarray(segments, np.int32), np.asarray(slots, np.int64), RecallIndex.build(vectors),
+                   np.asarray([r for r, _ in pairs], np.int64), [p for _, p in pairs], row_of)
+
+    def row_of(self, digest: str) -> int | None:
+        if not self._row_of:
+            self._row_of = {h: i for i, h in enumerate(self.hashes)}
+        return self._row_of.get(digest)
+
+    def paths_of(self, row: int) -> list[str]:
+        lo, hi = np.searchsorted(self.path_rows, [row, row + 1])
+        return self.paths[lo:hi]
+
+    def save(self, index_path: Path, generation: int) -> None:
+        """Write into a fresh folder, then swap it in: readers see the old snapshot or the new one."""
+        folder, tmp = index_path / FOLDER, index_path / (FOLDER + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        np.savez(tmp / "rows.npz", hashes=self.hashes.astype("S"), segments=self.segments, slots=self.slots)
+        np.save(tmp / "paths_rows.npy", self.path_rows)
+        (tmp / "paths.bin").write_bytes("\0".join(self.paths).encode("utf-8", "surrogateescape"))
+        self.recall.save(tmp)
+        (tmp / "snapshot.json").write_text(json.dumps({"generation": generation, "images": len(self.hashes),
+                                                       "files": len(self.paths)}))
+        old = index_path / (FOLDER + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.replace(old)
+        tmp.replace(folder)
+        shutil.rmtree(old, ignore_errors=True)
+
+    @classmethod
+    def load(cls, index_path: Path, generation: int) -> Snapshot | None:
+        """The saved snapshot if it mirrors `generation`, else None."""
+        folder = index_path / FOLDER
+        try:
+            if json.loads((folder / "snapshot.json").read_text())["generation"] != generation:
+                return None
+            rows = np.load(folder / "rows.npz")
+            path_rows = np.load(folder / "paths_rows.npy")
+            text = (folder / "paths.bin").read_bytes().decode("utf-8", "surrogateescape")
+            recall = RecallIndex.load(folder)
+        except (OSError, ValueError, KeyError):
+            return None
+        paths = text.split("\0") if text else []
+        if recall is None or len(paths) != len(path_rows):
+            return None
+        return cls(rows["hashes"].astype(str), rows["segments"], rows["slots"], recall, path_rows, paths)
+
+
+def from_tables(images, files, manifest: dict) -> Snapshot:
+    """A snapshot of the LanceDB tables as they are now."""
+    table = images.to_arrow().select(["hash", "embedding", "segment", "slot"])
+    spec = manifest["embedding"]
+    vectors = np.asarray(table.column("embedding").combine_chunks().flatten(), dtype=np.float32)
+    vectors = vectors.reshape(-1, spec["vectors_per_image"], spec["dim"])
+    file_table = files.to_arrow().select(["path", "hash"])
+    return Snapshot.build(table.column("hash").to_pylist(), vectors, table.column("segment").to_numpy(),
+                          table.column("slot").to_numpy(), file_table.column("path").to_pylist(),
+                          file_table.column("hash").to_pylist())
