@@ -130,3 +130,15 @@ def test_reduced_decode_leaves_other_formats_and_orientation_alone(tmp_path):
     loaded = load_image(tmp_path / "r.jpg", PRE, reduced_decode=True)
     assert (loaded.width, loaded.height) == (600, 1200)
     assert loaded.pixels[:4].mean() < 40 and loaded.pixels[-4:].mean() > 215
+
+
+def test_heic_photos_are_indexed_when_pillow_heif_is_installed(tmp_path):
+    """pillow-heif is the `heic` extra (and part of `dev`, so CI runs this)."""
+    from blipsearch.indexer.scan import supported_extensions
+
+    assert ".heic" in supported_extensions()  # registers the opener
+    path = tmp_path / "phone.HEIC"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), np.uint8)).save(path, format="HEIF")
+    assert [f.path for f in scan([tmp_path]).files] == [str(path)]
+    loaded = load_image(path, PRE)
+    assert (loaded.width, loaded.height) == (48, 40) and loaded.pixels.shape == (16, 16, 3)
