@@ -1,0 +1,227 @@
+"""Synthetic compositional scenes: 1-3 shapes with colour, size and a spatial relation, drawn with PIL.
+
+Every scene comes with several caption phrasings. The test split holds *binding twins*: two images with
+the same layout whose objects swap one attribute ("a red circle left of a blue square" vs "a blue circle
+left of a red square"). A bag-of-words embedding (ITC) cannot tell twins apart; cross-attention (ITM)
+can, so the twins are where re-ranking should win.
+
+    python benchmarks/scenes.py dataset OUT --seed 0        # OUT/{train,val,test}.json + OUT/images/
+    python benchmarks/scenes.py demo-folder OUT --seed 7    # a folder of pictures to index and search
+
+The JSON files use the LAVIS form that `load_annotations` and `blipsearch train` read: training entries
+carry one caption each, val/test entries a list. Output is identical for identical arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+    "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (245, 130, 20),
+}
+SIZES = {"small": 0.09, "large": 0.15}  # radius as a fraction of the canvas side
+RELATIONS = ("left of", "right of", "above", "below")
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+OBJECT_COUNTS = (1, 2, 2, 2, 3, 3)  # drawn uniformly: 2-object scenes are the common case
+SPLIT_SIZES = {"train": 6000, "val": 300, "test": 500}
+CAPTIONS_PER_TRAIN_IMAGE = 5
+
+
+@dataclass(frozen=True)
+class Thing:
+    shape: str
+    colour: str
+    size: str
+    x: float  # centre, as a fraction of the canvas width
+    y: float  # centre, as a fraction of the canvas height
+
+    def name(self, with_size: bool = True) -> str:
+        return f"{self.size} {self.colour} {self.shape}" if with_size else f"{self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    things: tuple[Thing, ...]
+    relation: str = ""  # things[0] <relation> things[1]; for three things, also things[1] <relation> things[2]
+    background: int = 255  # grey level
+
+
+# --- layout -----------------------------------------------------------------------------------------
+
+def random_scene(rng: random.Random) -> Scene:
+    count = rng.choice(OBJECT_COUNTS)
+    relation = rng.choice(RELATIONS) if count > 1 else ""
+    slots = _slots(rng, count, relation)
+    things, used = [], set()
+    for x, y in slots:
+        while True:  # distinct (shape, colour) per scene so that every caption names one thing
+            shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+            if (shape, colour) not in used:
+                break
+        used.add((shape, colour))
+        things.append(Thing(shape, colour, rng.choice(list(SIZES)), x, y))
+    return Scene(tuple(things), relation, rng.randint(225, 255))
+
+
+def _slots(rng: random.Random, count: int, relation: str) -> list[tuple[float, float]]:
+    """Centres along the relation's axis, first thing first; jitter across the axis."""
+    if count == 1:
+        return [(rng.uniform(0.25, 0.75), rng.uniform(0.25, 0.75))]
+    lanes = [0.22, 0.78] if count == 2 else [0.2, 0.5, 0.8]
+    if relation in ("right of", "below"):
+        lanes = lanes[::-1]  # things[0] is right of / below things[1]
+    across = rng.uniform(0.3, 0.7)
+    jitter = [across + rng.uniform(-0.06, 0.06) for _ in lanes]
+    along = [lane + rng.uniform(-0.04, 0.04) for lane in lanes]
+    horizontal = relation in ("left of", "right of")
+    return [(a, j) if horizontal else (j, a) for a, j in zip(along, jitter, strict=True)]
+
+
+def binding_twin(scene: Scene, rng: random.Random) -> tuple[Scene, str] | None:
+    """The same layout with one attribute swapped between the first two things, or None if equal."""
+    a, b = scene.things[0], scene.things[1]
+    options = [attr for attr in ("colour", "shape", "size") if getattr(a, attr) != getattr(b, attr)]
+    if not options:
+        return None
+    attr = rng.choice(options)
+    swapped = (replace(a, **{attr: getattr(b, attr)}), replace(b, **{attr: getattr(a, attr)}))
+    return replace(scene, things=swapped + scene.things[2:]), attr
+
+
+# --- captions ---------------------------------------------------------------------------------------
+
+def captions(scene: Scene) -> list[str]:
+    """Every phrasing of the scene; each one names all things with their attributes."""
+    things = scene.things
+    if len(things) == 1:
+        t = things[0]
+        return [f"a {t.name()}", f"a {t.name()} on a plain background", f"a picture of a {t.name()}",
+                f"one {t.name()}", f"a single {t.name()}"]
+    a, b, r = things[0], things[1], scene.relation
+    if len(things) == 2:
+        return [f"a {a.name()} {r} a {b.name()}", f"a {b.name()} {INVERSE[r]} a {a.name()}",
+                f"a {a.name(False)} {r} a {b.name(False)}", f"a {b.name(False)} {INVERSE[r]} a {a.name(False)}",
+                f"there is a {a.name()} {r} a {b.name()}", f"a {a.name()} and a {b.name()}"]
+    c = things[2]
+    order = "from left to right" if r == "left of" else "from right to left" if r == "right of" else \
+        "from top to bottom" if r == "above" else "from bottom to top"
+    return [f"a {a.name()} , a {b.name()} and a {c.name()} {order}",
+            f"a {a.name()} {r} a {b.name()} {r} a {c.name()}",
+            f"a {c.name()} {INVERSE[r]} a {b.name()} {INVERSE[r]} a {a.name()}",
+            f"a {a.name(False)} {r} a {b.name(False)} {r} a {c.name(False)}",
+            f"three shapes : a {a.name()} , a {b.name()} and a {c.name()}"]
+
+
+def vocabulary() -> list[str]:
+    """Every word a caption can contain, sorted: the demo tokenizer's vocabulary."""
+    words = {"a", "on", "plain", "background", "picture", "of", "one", "single", "there", "is", "and",
+             "three", "shapes", ":", ",", "from", "to", "left", "right", "top", "bottom", "above", "below"}
+    words.update(SHAPES, COLOURS, SIZES)
+    return sorted(words)
+
+
+# --- drawing ----------------------------------------------------------------------------------------
+
+def render(scene: Scene, size: int = 128) -> Image.Image:
+    image = Image.new("RGB", (size, size), (scene.background,) * 3)
+    draw = ImageDraw.Draw(image)
+    for t in scene.things:
+        r, cx, cy = SIZES[t.size] * size, t.x * size, t.y * size
+        box = (cx - r, cy - r, cx + r, cy + r)
+        fill = COLOURS[t.colour]
+        if t.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif t.shape == "square":
+            draw.rectangle((cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r), fill=fill)
+        elif t.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
+        else:  # diamond
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    return image
+
+
+# --- splits -----------------------------------------------------------------------------------------
+
+def split_scenes(split: str, count: int, seed: int) -> list[tuple[Scene, int | None, str]]:
+    """(scene, index of its binding twin or None, swapped attribute) for one split.
+
+    The test split draws two-or-three-thing scenes in twin pairs for half of its images.
+    """
+    rng = random.Random(f"scenes-{seed}-{split}")
+    out: list[tuple[Scene, int | None, str]] = []
+    while len(out) < count:
+        scene = random_scene(rng)
+        twin = binding_twin(scene, rng) if split == "test" and len(scene.things) > 1 else None
+        if twin is not None and len(out) + 2 <= count and rng.random() < 0.7:
+            first = len(out)
+            out += [(scene, first + 1, twin[1]), (twin[0], first, twin[1])]
+        else:
+            out.append((scene, None, ""))
+    return out
+
+
+def write_split(root: Path, split: str, count: int, seed: int, size: int) -> Path:
+    rng = random.Random(f"captions-{seed}-{split}")
+    (root / "images" / split).mkdir(parents=True, exist_ok=True)
+    entries = []
+    scenes = split_scenes(split, count, seed)
+    for i, (scene, twin, swapped) in enumerate(scenes):
+        rel = f"{split}/{i:06d}.png"
+        render(scene, size).save(root / "images" / rel)
+        texts = captions(scene)
+        if split == "train":
+            picked = rng.sample(texts, min(CAPTIONS_PER_TRAIN_IMAGE, len(texts)))
+            entries += [{"image": rel, "caption": text, "image_id": f"{split}_{i}"} for text in picked]
+            continue
+        entry = {"image": rel, "caption": texts, "image_id": f"{split}_{i}"}
+        if twin is not None:
+            entry.update(twin=f"{split}/{twin:06d}.png", swapped=swapped)
+        entries.append(entry)
+    path = root / f"{split}.json"
+    path.write_text(json.dumps(entries, indent=0) + "\n", encoding="utf-8")
+    return path
+
+
+def write_dataset(root: Path, seed: int = 0, size: int = 128, sizes: dict[str, int] | None = None) -> None:
+    for split, count in (sizes or SPLIT_SIZES).items():
+        write_split(root, split, count, seed, size)
+
+
+def write_demo_folder(out: Path, count: int = 60, seed: int = 7, size: int = 192) -> None:
+    """Pictures only (test-like, with binding twins), named by number: what a user would index."""
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (scene, _, _) in enumerate(split_scenes("test", count, seed)):
+        render(scene, size).save(out / f"scene-{i:03d}.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("dataset", help="train/val/test JSON + images")
+    data.add_argument("out", type=Path)
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--size", type=int, default=128, help="image side in pixels")
+    for split, count in SPLIT_SIZES.items():
+        data.add_argument(f"--{split}", type=int, default=count, help=f"{split} images")
+    demo = sub.add_parser("demo-folder", help="a folder of pictures for `blipsearch index`")
+    demo.add_argument("out", type=Path)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--count", type=int, default=60)
+    demo.add_argument("--size", type=int, default=192)
+    args = parser.parse_args(argv)
+    if args.command == "dataset":
+        write_dataset(args.out, args.seed, args.size, {s: getattr(args, s) for s in SPLIT_SIZES})
+    else:
+        write_demo_folder(args.out, args.count, args.seed, args.size)
+
+
+if __name__ == "__main__":
+    main()

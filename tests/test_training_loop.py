@@ -1,0 +1,110 @@
+"""The loop on the tiny preset: configs, the loss falls, resume equals an uninterrupted run, export."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from blipsearch.retrieval.errors import InvalidInputError
+from blipsearch.training.config import load_config
+from blipsearch.training.loop import run_steps, setup, train, wrap
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "training" / "configs" / "tiny.yaml"
+
+
+def scenes():
+    spec = importlib.util.spec_from_file_location("scenes", ROOT / "benchmarks" / "scenes.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["scenes"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def scene_data(tmp_path_factory) -> Path:
+    """A small scene dataset: 40 training images (200 pairs), 8 val, 12 test."""
+    root = tmp_path_factory.mktemp("scenes")
+    scenes().write_dataset(root, seed=0, size=64, sizes={"train": 40, "val": 8, "test": 12})
+    return root
+
+
+def tiny_config(data: Path, output: Path, *overrides: str):
+    return load_config(TINY, [f"data.train={data / 'train.json'}", f"output={output}", "log_every=1",
+                              "threads=1", *overrides])
+
+
+def test_presets_and_overrides(tmp_path):
+    cfg = load_config(TINY, ["model.text_layers=3", "optim.lr=0.01", "data.crop_scale=[0.5, 1.0]"])
+    assert (cfg.model.image_size, cfg.model.text_layers, cfg.optim.lr) == (32, 3, 0.01)
+    assert cfg.data.crop_scale == (0.5, 1.0)
+    assert load_config(None, ["model.preset=vit-b"]).model.vision_width == 768
+    with pytest.raises(InvalidInputError, match="unknown optim key"):
+        load_config(TINY, ["optim.learning_rate=1"])
+    with pytest.raises(InvalidInputError, match="preset"):
+        load_config(None, ["model.preset=huge"])
+    with pytest.raises(InvalidInputError, match="losses"):
+        load_config(None, ["objective.losses={mlm: 1.0}"])
+
+
+def test_shipped_configs_load():
+    for path in (ROOT / "training" / "configs").glob("*.yaml"):
+        load_config(path)
+
+
+def test_tiny_run_loss_falls(scene_data, tmp_path):
+    cfg = tiny_config(scene_data, tmp_path / "run", "optim.max_steps=40", "optim.lr=2e-3", "save_every=1000")
+    run = setup(cfg)
+    entries = run_steps(run, wrap(run))
+    losses = [e["loss"] for e in entries]
+    assert len(losses) == 40
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, losses
+    assert {"itc_loss", "itm_loss", "lm_loss", "lr", "temp"} <= set(entries[-1])
+
+
+def test_resume_gives_the_same_next_losses(scene_data, tmp_path):
+    args = ("optim.max_steps=6", "save_every=3")
+    straight = tiny_config(scene_data, tmp_path / "straight", *args)
+    run = setup(straight)
+    uninterrupted = run_steps(run, wrap(run))
+
+    interrupted = tiny_config(scene_data, tmp_path / "resumed", *args)
+    first = setup(interrupted)
+    run_steps(first, wrap(first), until=3)  # stops after the step-3 checkpoint, like a killed run
+    resumed = setup(interrupted, resume="auto")
+    assert resumed.state.step == 3
+    after = run_steps(resumed, wrap(resumed))
+    for a, b in zip(uninterrupted[3:], after, strict=True):
+        assert a["step"] == b["step"]
+        for name in ("itc_loss", "itm_loss", "lm_loss"):
+            assert a[name] == pytest.approx(b[name], abs=1e-5), (a, b)
+
+
+def test_train_writes_log_checkpoint_and_hugging_face_exports(scene_data, tmp_path):
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    cfg = tiny_config(scene_data, tmp_path / "run", "optim.max_steps=2")
+    out = train(cfg)
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in lines] == [1, 2]
+    assert (out / "checkpoint-last.pt").is_file()
+    assert (out / "retrieval" / "model.safetensors").is_file()
+    captioner = BlipForConditionalGeneration.from_pretrained(out / "captioner")
+    retrieval = BlipForImageTextRetrieval.from_pretrained(out / "retrieval")
+    # encoder and decoder shared their embeddings and cross-attention in training; both exports carry them
+    torch.testing.assert_close(captioner.text_decoder.bert.embeddings.word_embeddings.weight,
+                               retrieval.text_encoder.embeddings.word_embeddings.weight)
+    torch.testing.assert_close(captioner.text_decoder.bert.encoder.layer[0].crossattention.self.key.weight,
+                               retrieval.text_encoder.encoder.layer[0].crossattention.self.key.weight)
+
+
+def test_gradient_accumulation_matches_the_loss_scale(scene_data, tmp_path):
+    cfg = tiny_config(scene_data, tmp_path / "acc", "optim.max_steps=1", "optim.grad_accum=2", "save_every=1000")
+    run = setup(cfg)
+    entries = run_steps(run, wrap(run))
+    assert run.state.batch == 2 and entries[0]["step"] == 1
+    assert all(torch.isfinite(torch.tensor(entries[0][k])) for k in ("itc_loss", "itm_loss", "lm_loss"))

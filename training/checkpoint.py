@@ -1,0 +1,64 @@
+"""Training checkpoints that resume exactly: weights (with momentum copies and queues), optimizer,
+schedule, position in the data, and the random state."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from blipsearch.retrieval.errors import InvalidInputError
+
+log = logging.getLogger(__name__)
+
+LAST = "checkpoint-last.pt"
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    batch: int = 0  # this rank's batches of the current epoch already consumed
+
+
+def save(path: Path, model, optimizer, scheduler, state: TrainState, config: dict) -> None:
+    """Write atomically (temp file + rename), so an interrupted save never leaves a broken checkpoint."""
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+               "scheduler": scheduler.state_dict(), "state": asdict(state), "config": config,
+               "torch_rng": torch.get_rng_state()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    log.info("checkpoint at step %d written to %s", state.step, path)
+
+
+def read(path: str | Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError) as exc:
+        raise InvalidInputError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def restore(payload: dict, model, optimizer, scheduler) -> TrainState:
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    torch.set_rng_state(payload["torch_rng"])
+    return TrainState(**payload["state"])
+
+
+def resolve_resume(resume: str | None, output: Path) -> Path | None:
+    """`auto`: the output folder's last checkpoint if there is one; a path: that file; None: start fresh."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        last = output / LAST
+        return last if last.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise InvalidInputError(f"checkpoint {resume} does not exist")
+    return path

@@ -1,0 +1,197 @@
+"""Training configuration as data: dataclasses with commented defaults, read from a YAML or JSON file.
+
+A config file has four sections (`model`, `objective`, `data`, `optim`) and a few top-level keys; any
+key left out keeps the default below. `model.preset` fills the architecture sizes first (`tiny`,
+`small`, `vit-b`, `vit-b-224`), and keys given beside it override single sizes. Overrides from the
+command line use dotted keys: `optim.lr=3e-4`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blipsearch.retrieval.errors import InvalidInputError
+
+# Architecture sizes by name. ViT-B presets follow BLIP's base models (ViT-B/16 + BERT-base):
+# 224 px for pre-training, 384 px for retrieval fine-tuning.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=4, vision_mlp=64,
+                 text_width=32, text_layers=2, text_heads=4, text_mlp=64, max_positions=64, embed_dim=16),
+    "small": dict(image_size=64, patch_size=8, vision_width=192, vision_layers=4, vision_heads=3,
+                  vision_mlp=768, text_width=192, text_layers=3, text_heads=3, text_mlp=768,
+                  max_positions=64, embed_dim=128),
+    "vit-b": dict(image_size=384, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
+                  vision_mlp=3072, text_width=768, text_layers=12, text_heads=12, text_mlp=3072,
+                  max_positions=512, embed_dim=256),
+}
+PRESETS["vit-b-224"] = {**PRESETS["vit-b"], "image_size": 224}
+LOSSES = ("itc", "itm", "lm")
+
+
+@dataclass
+class ModelConfig:
+    family: str = "blip"  # which model + objective pair to build (BLIP-2 joins later)
+    preset: str | None = None  # fills the sizes below first, see PRESETS
+    init_from: str | None = None  # a Hugging Face BLIP checkpoint (hub id or directory); sizes then come from it
+    tokenizer: str | None = None  # tokenizer directory or hub id; None: a word-level vocabulary of the captions
+    image_size: int = 384  # input side in pixels
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    vision_mlp: int = 3072
+    text_width: int = 768
+    text_layers: int = 12
+    text_heads: int = 12
+    text_mlp: int = 3072
+    max_positions: int = 512  # text position embeddings
+    embed_dim: int = 256  # ITC embedding size (vision_proj / text_proj output)
+    max_text_tokens: int = 35  # captions are cut to this many tokens, as in BLIP's retrieval evaluation
+
+
+@dataclass
+class ObjectiveConfig:
+    losses: dict[str, float] = field(default_factory=lambda: {"itc": 1.0, "itm": 1.0, "lm": 1.0})  # name: weight
+    temperature: float = 0.07  # initial ITC temperature; learnable, clamped to 0.001..0.5
+    momentum: float = 0.995  # momentum encoders: m = momentum * m + (1 - momentum) * online
+    queue_size: int = 57600  # momentum features kept as extra ITC keys (0: current global batch only)
+    alpha: float = 0.4  # momentum distillation weight of the momentum encoders' soft targets
+    alpha_ramp_epochs: float = 1.0  # alpha rises linearly from 0 over this many epochs (BLIP: the first)
+    positives: str = "image"  # "image": captions of the same image are positives (fine-tuning); "pair": only
+    label_smoothing: float = 0.1  # LM loss
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # annotation JSON (LAVIS or Karpathy form) or a folder of images with .txt captions beside
+    images: str | None = None  # folder that JSON image paths are relative to (default: the JSON's folder/images)
+    split: str = "train"  # split to read from a Karpathy file
+    batch_size: int = 32  # per process; the global batch is batch_size x processes
+    workers: int = 2  # DataLoader worker processes
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop area range; (1, 1) turns it off
+    hflip: bool = False  # horizontal flips swap "left" and "right", so they are off by default
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # peak learning rate (after warmup)
+    min_lr: float = 0.0  # the cosine schedule ends here
+    weight_decay: float = 0.05  # AdamW; not applied to biases, norms, embeddings of position/class, temperature
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 1000
+    epochs: float = 6.0  # training length, unless max_steps is set
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    grad_accum: int = 1  # micro-batches per optimizer step
+    clip_grad: float | None = None  # max gradient norm
+    precision: str = "auto"  # "bf16" (autocast), "fp32", or "auto" (bf16 on CUDA and on CPUs with bf16 units)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    output: str = "runs/blip"  # checkpoints, logs and the exported models go here
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda (under torchrun: the local rank's GPU)
+    threads: int | None = None  # torch CPU threads per process (None: torch's default)
+    log_every: int = 20  # optimizer steps between log lines
+    save_every: int = 500  # optimizer steps between checkpoints (one is always written at the end)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML/JSON file (None: all defaults), apply `section.key=value` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read(Path(path))
+    for item in overrides:
+        _apply_override(data, item)
+    config = from_dict(data)
+    validate(config)
+    return config
+
+
+def from_dict(data: dict[str, Any]) -> TrainConfig:
+    sections = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig, "optim": OptimConfig}
+    top = {k: v for k, v in data.items() if k not in sections}
+    parts = {}
+    for name, cls in sections.items():
+        values = dict(data.get(name) or {})
+        if name == "model" and values.get("preset") is not None:
+            preset = PRESETS.get(values["preset"])
+            if preset is None:
+                raise InvalidInputError(f"model.preset must be one of {', '.join(PRESETS)}, not {values['preset']!r}")
+            values = {**preset, **values}
+        parts[name] = _build(cls, values, name)
+    return _build(TrainConfig, {**top, **parts}, "config")
+
+
+def _build(cls, values: dict[str, Any], where: str):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise InvalidInputError(f"unknown {where} key(s) {', '.join(unknown)}; known: {', '.join(names)}")
+    for key, value in values.items():
+        if isinstance(value, list):  # YAML/JSON have no tuples
+            values[key] = tuple(value)
+        elif isinstance(value, str) and str(names[key].type).startswith("float"):
+            values[key] = _float(value, f"{where}.{key}")  # YAML reads 1e-4 (no dot) as a string
+    return cls(**values)
+
+
+def _float(text: str, key: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidInputError(f"{key} must be a number, not {text!r}") from None
+
+
+def validate(config: TrainConfig) -> None:
+    unknown = sorted(set(config.objective.losses) - set(LOSSES))
+    if unknown or not config.objective.losses:
+        raise InvalidInputError(f"objective.losses must name some of {', '.join(LOSSES)}; got {unknown or 'none'}")
+    if config.objective.positives not in ("image", "pair"):
+        raise InvalidInputError("objective.positives must be 'image' or 'pair'")
+    if config.optim.precision not in ("auto", "bf16", "fp32"):
+        raise InvalidInputError("optim.precision must be auto, bf16 or fp32")
+    if config.data.batch_size < 2:
+        raise InvalidInputError("data.batch_size must be at least 2: ITC and ITM need negatives in the batch")
+    if config.optim.grad_accum < 1:
+        raise InvalidInputError("optim.grad_accum must be at least 1")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    import yaml  # a dependency of transformers
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInputError(f"config file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise InvalidInputError(f"config file {path} cannot be parsed: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise InvalidInputError(f"override {item!r} must look like section.key=value")
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = yaml.safe_load(raw)  # numbers, booleans, lists and null parse as in the file

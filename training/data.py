@@ -1,0 +1,169 @@
+"""Image-caption data: where the pairs come from, how an image becomes pixels, and in which order.
+
+Sources: an annotation JSON in the LAVIS or Karpathy form (read by `retrieval.annotations`), or a folder
+where each image has a `.txt` file of the same stem beside it, one caption per line.
+
+Determinism: the order of an epoch is a permutation seeded by (seed, epoch), cut into global batches of
+`batch_size x processes`; rank r takes the r-th slice of each. A resumed run starts at the batch where
+the checkpoint stopped. Augmentation draws from a generator seeded by (seed, epoch, sample), so
+neither worker count nor restarts change what the model sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from blipsearch.indexer.images import load_image
+from blipsearch.retrieval.annotations import load_annotations
+from blipsearch.retrieval.errors import InvalidInputError
+from blipsearch.retrieval.models.base import Preprocessing
+
+from .objectives import Batch
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's, as BLIP's image processor
+BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    caption: str
+    image_id: int  # the image's index: its captions share it
+    sample_id: int  # index of the pair
+
+
+def json_samples(path: str | Path, images: str | Path | None = None, split: str = "train") -> list[Sample]:
+    """Pairs from a LAVIS or Karpathy annotation file; image paths are relative to `images`
+    (default: `images/` beside the file if it exists, else the file's folder)."""
+    path = Path(path)
+    root = Path(images) if images is not None else default_image_root(path)
+    pairs = [(root / item.image, caption) for item in load_annotations(path, split) for caption in item.captions]
+    return _number(pairs)
+
+
+def default_image_root(path: Path) -> Path:
+    return path.parent / "images" if (path.parent / "images").is_dir() else path.parent
+
+
+def folder_samples(folder: str | Path) -> list[Sample]:
+    """Pairs from images with a same-stem `.txt` beside them (one caption per non-empty line)."""
+    folder = Path(folder)
+    pairs = []
+    for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        text = image.with_suffix(".txt")
+        if text.is_file():
+            lines = text.read_text(encoding="utf-8").splitlines()
+            pairs += [(image, line.strip()) for line in lines if line.strip()]
+    if not pairs:
+        raise InvalidInputError(f"folder {folder} has no image with a caption file beside it (photo.jpg + photo.txt)")
+    return _number(pairs)
+
+
+def _number(pairs: list[tuple[Path, str]]) -> list[Sample]:
+    image_ids: dict[Path, int] = {}
+    return [Sample(image, caption, image_ids.setdefault(image, len(image_ids)), i)
+            for i, (image, caption) in enumerate(pairs)]
+
+
+def load_samples(source: str | Path, images: str | Path | None = None, split: str = "train") -> list[Sample]:
+    source = Path(source)
+    if not source.exists():
+        raise InvalidInputError(f"training data {source} does not exist")
+    return folder_samples(source) if source.is_dir() else json_samples(source, images, split)
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """(image, caption) pairs as uint8 pixels at the model's input size; augmentation is seeded per sample."""
+
+    def __init__(self, samples: list[Sample], pre: Preprocessing, crop_scale=(1.0, 1.0), hflip=False, seed=0):
+        self.samples, self.pre = samples, pre
+        self.crop_scale, self.hflip, self.seed = tuple(crop_scale), hflip, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        pixels = load_image(sample.image, self.pre).pixels  # (H, W, 3) uint8
+        rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
+        pixels = augment(pixels, rng, self.crop_scale, self.hflip)
+        return {"pixels": torch.from_numpy(np.array(pixels)), "caption": sample.caption,
+                "image_id": sample.image_id, "sample_id": sample.sample_id}
+
+
+def augment(pixels: np.ndarray, rng: random.Random, crop_scale=(1.0, 1.0), hflip: bool = False) -> np.ndarray:
+    """Random resized crop (area fraction in crop_scale, aspect 3/4..4/3) and optional flip."""
+    height, width = pixels.shape[:2]
+    if crop_scale[0] < 1.0:
+        area = rng.uniform(*crop_scale) * height * width
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        w = min(width, round((area * aspect) ** 0.5))
+        h = min(height, round((area / aspect) ** 0.5))
+        x, y = rng.randint(0, width - w), rng.randint(0, height - h)
+        crop = Image.fromarray(pixels[y:y + h, x:x + w]).resize((width, height), Image.Resampling.BICUBIC)
+        pixels = np.asarray(crop)
+    if hflip and rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    return pixels
+
+
+def normalise(pixels: torch.Tensor, mean=BLIP_MEAN, std=BLIP_STD) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W): (x / 255 - mean) / std, as BLIP's image processor."""
+    scale = 255.0
+    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1) * scale, torch.tensor(std).view(1, 3, 1, 1) * scale
+    return (pixels.permute(0, 3, 1, 2).float() - mean_t) / std_t
+
+
+class Collate:
+    """Tokenises captions and normalises pixels into a `Batch`."""
+
+    def __init__(self, tokenizer, max_tokens: int, mean=BLIP_MEAN, std=BLIP_STD):
+        self.tokenizer, self.max_tokens, self.mean, self.std = tokenizer, max_tokens, mean, std
+
+    def __call__(self, items: list[dict]) -> Batch:
+        pixels = normalise(torch.stack([item["pixels"] for item in items]), self.mean, self.std)  # (B, 3, H, W)
+        tokens = self.tokenizer([item["caption"] for item in items], padding="longest", truncation=True,
+                                max_length=self.max_tokens, return_tensors="pt")
+        return Batch(pixel_values=pixels, input_ids=tokens["input_ids"],
+                     attention_mask=tokens["attention_mask"],
+                     image_ids=torch.tensor([item["image_id"] for item in items], dtype=torch.long),
+                     sample_ids=torch.tensor([item["sample_id"] for item in items], dtype=torch.long))
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """This rank's batches of one epoch, from `start` on; global batches are consecutive permutation slices."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world
+        self.epoch, self.start = 0, 0
+        if self.batches_per_epoch == 0:
+            raise InvalidInputError(f"{size} training pairs do not fill one global batch of {batch_size * world}")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.size // (self.batch_size * self.world)  # the incomplete last batch is dropped
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+        global_batch = self.batch_size * self.world
+        for b in range(self.start, self.batches_per_epoch):
+            first = b * global_batch + self.rank * self.batch_size
+            yield order[first:first + self.batch_size].tolist()

@@ -1,0 +1,253 @@
+"""The training loop: build everything from a `TrainConfig`, run optimizer steps, log, checkpoint, export.
+
+The loop sums whatever dict of losses the objective returns; it never asks which model family runs.
+Under torchrun each process trains on its slice of every global batch with DDP (see `distributed`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from blipsearch.retrieval.device import cpu_has_fast_bf16, select_device
+
+from . import checkpoint, distributed
+from .checkpoint import TrainState
+from .config import TrainConfig
+from .data import CaptionDataset, Collate, EpochBatches, load_samples
+from .export import export_captioner, export_retrieval, load_hf_weights, preprocessing_of, read_hf_checkpoint
+from .model import build_model
+from .objectives import Progress, build_objective
+from .tokenizer import load_tokenizer, special_ids, word_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class ObjectiveModule(nn.Module):
+    """model + objective as one module, so that DDP sees the objective's forward (and its gradients)."""
+
+    def __init__(self, model: nn.Module, objective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch, progress: Progress) -> dict[str, torch.Tensor]:
+        return self.objective(self.model, batch, progress)
+
+
+@dataclass
+class Run:
+    """Everything a training run holds."""
+
+    cfg: TrainConfig
+    output: Path
+    world: distributed.World
+    device: torch.device
+    model: nn.Module
+    tokenizer: object
+    loader: torch.utils.data.DataLoader
+    sampler: EpochBatches
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    state: TrainState
+
+
+def prepare_model(cfg: TrainConfig, captions: list[str], output: Path, is_main: bool):
+    """(model, tokenizer): from a Hugging Face checkpoint, or random with the configured tokenizer."""
+    if cfg.model.init_from:
+        config, state, tokenizer = read_hf_checkpoint(cfg.model.init_from)
+        ids = special_ids(tokenizer, config.text_config.vocab_size)
+        model = build_model(cfg.model, cfg.objective, ids, config=config)
+        load_hf_weights(model, state)
+        return model, tokenizer
+    if cfg.model.tokenizer:
+        tokenizer = load_tokenizer(cfg.model.tokenizer)
+    elif (output / "tokenizer").is_dir():  # a resumed run keeps its vocabulary
+        tokenizer = load_tokenizer(str(output / "tokenizer"))
+    else:
+        tokenizer = word_tokenizer(captions, output / "tokenizer" if is_main else None)
+    return build_model(cfg.model, cfg.objective, special_ids(tokenizer)), tokenizer
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, embeddings of position/class, or the temperature (1-d or 0-d)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "embedding" in name.split(".")[-1] else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
+    device = select_device(cfg.device)
+    world = distributed.setup(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    output = Path(cfg.output)
+    resume_path = checkpoint.resolve_resume(resume, output)
+    torch.manual_seed(cfg.seed)  # the same initial weights and queues on every rank
+    samples = load_samples(cfg.data.train, cfg.data.images, cfg.data.split)
+    model, tokenizer = prepare_model(cfg, [s.caption for s in samples], output, world.is_main)
+    model.to(device)
+    dataset = CaptionDataset(samples, preprocessing_of(model.config), cfg.data.crop_scale, cfg.data.hflip, cfg.seed)
+    sampler = EpochBatches(len(samples), cfg.data.batch_size, cfg.seed, world.rank, world.size)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
+                                         collate_fn=Collate(tokenizer, cfg.model.max_text_tokens))
+    opt = cfg.optim
+    total = opt.max_steps or math.ceil(opt.epochs * sampler.batches_per_epoch / opt.grad_accum)
+    optimizer = torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=opt.lr, betas=opt.betas)
+    scheduler = cosine_schedule(optimizer, opt.warmup_steps, total, opt.min_lr / opt.lr)
+    state = TrainState()
+    if resume_path is not None:
+        state = checkpoint.restore(checkpoint.read(resume_path), model, optimizer, scheduler)
+        log.info("resumed from %s at step %d", resume_path, state.step)
+    log.info("%d pairs, %d batches per epoch and rank, %d optimizer steps", len(samples),
+             sampler.batches_per_epoch, total)
+    return Run(cfg, output, world, device, model, tokenizer, loader, sampler, optimizer, scheduler, total, state)
+
+
+def autocast_for(run: Run):
+    precision = run.cfg.optim.precision
+    if precision == "auto":
+        precision = "bf16" if run.device.type == "cuda" or cpu_has_fast_bf16() else "fp32"
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(run.device.type, dtype=torch.bfloat16)
+
+
+def batches(run: Run):
+    """This rank's batches from the saved position on, epoch after epoch; keeps `run.state` current."""
+    while True:
+        run.sampler.set_position(run.state.epoch, run.state.batch)
+        run.loader.dataset.epoch = run.state.epoch
+        for batch in run.loader:
+            run.state.batch += 1
+            yield batch
+        run.state.epoch, run.state.batch = run.state.epoch + 1, 0
+
+
+def optimizer_step(run: Run, module: nn.Module, stream) -> dict[str, torch.Tensor]:
+    """grad_accum micro-batches, one optimizer step; returns the step's losses (this rank, detached)."""
+    accum, totals = run.cfg.optim.grad_accum, {}
+    is_ddp = isinstance(module, torch.nn.parallel.DistributedDataParallel)
+    for micro in range(accum):
+        epoch = run.state.epoch + run.state.batch / run.sampler.batches_per_epoch
+        batch = next(stream).to(run.device)
+        progress = Progress(run.state.step, epoch, seed=(run.cfg.seed * 1_000_003 + run.state.step) * 64 + micro)
+        sync = not is_ddp or micro == accum - 1
+        with nullcontext() if sync else module.no_sync():
+            with autocast_for(run):
+                losses = module(batch, progress)
+            (sum(losses.values()) / accum).backward()
+        for name, value in losses.items():
+            totals[name] = totals.get(name, 0.0) + value.detach().float() / accum
+    if run.cfg.optim.clip_grad:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.clip_grad)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return totals
+
+
+def log_window(run: Run, window: list[dict[str, torch.Tensor]], bar) -> dict:
+    """Mean of each loss over the window and over ranks; one log line, one JSON line, the bar's postfix."""
+    names = sorted(window[0])
+    means = distributed.all_reduce_mean(torch.stack([sum(w[n] for w in window) / len(window) for n in names]))
+    entry = {"step": run.state.step, "epoch": round(run.state.epoch + run.state.batch /
+                                                     run.sampler.batches_per_epoch, 4),
+             **{n: round(float(v), 5) for n, v in zip(names, means, strict=True)},
+             "loss": round(float(means.sum()), 5), "lr": run.scheduler.get_last_lr()[0],
+             "temp": round(run.model.temp.item(), 5)}
+    if run.world.is_main:
+        with (run.output / "log.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        bar.set_postfix({n: f"{entry[n]:.3f}" for n in [*names, "loss"]})
+        log.info("step %d  %s", run.state.step, "  ".join(f"{n} {entry[n]:.4f}" for n in [*names, "loss"]))
+    return entry
+
+
+def run_steps(run: Run, module: nn.Module, until: int | None = None) -> list[dict]:
+    """Optimizer steps up to `until` (default: the end); checkpoints every `save_every`; returns log entries."""
+    until = run.total_steps if until is None else min(until, run.total_steps)
+    stream, window, entries = batches(run), [], []
+    bar = tqdm(total=run.total_steps, initial=run.state.step, disable=not run.world.is_main, unit="step",
+               dynamic_ncols=True)
+    while run.state.step < until:
+        window.append(optimizer_step(run, module, stream))
+        run.state.step += 1
+        bar.update(1)
+        last = run.state.step == until
+        if run.state.step % run.cfg.log_every == 0 or last:
+            entries.append(log_window(run, window, bar))
+            window = []
+        if run.world.is_main and (run.state.step % run.cfg.save_every == 0 or last):
+            checkpoint.save(run.output / checkpoint.LAST, run.model, run.optimizer, run.scheduler, run.state,
+                            run.cfg.to_dict())
+    bar.close()
+    return entries
+
+
+def wrap(run: Run) -> nn.Module:
+    module = ObjectiveModule(run.model, build_objective(run.cfg.model.family, run.cfg.objective))
+    if run.world.size == 1:
+        return module
+    device_ids = [run.device.index] if run.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **no_buffer_sync())
+
+
+def no_buffer_sync() -> dict:
+    """Queues are identical on every rank by construction; broadcasting them every step is waste
+    (and would hide a bug that made them differ). torch >= 2.12 renamed the switch."""
+    import inspect
+
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def train(cfg: TrainConfig, resume: str | None = None, until: int | None = None) -> Path:
+    """Train (or resume) and, at the end, export the retrieval model (and the captioner) under output."""
+    run = setup(cfg, resume)
+    if run.world.is_main:
+        run.output.mkdir(parents=True, exist_ok=True)
+        (run.output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+    run_steps(run, wrap(run), until)
+    if run.world.is_main and run.state.step >= run.total_steps:
+        export_retrieval(run.model, run.tokenizer, run.output / "retrieval")
+        if run.model.text_decoder is not None:
+            export_captioner(run.model, run.tokenizer, run.output / "captioner")
+    return run.output
+
+
+def export_checkpoint(path: str | Path, out: str | Path, captioner: bool = True) -> list[Path]:
+    """Export a training checkpoint: `out/retrieval` and, if it has a decoder, `out/captioner`."""
+    from .config import from_dict
+
+    payload = checkpoint.read(path)
+    cfg = from_dict(payload["config"])
+    model, tokenizer = prepare_model(cfg, [], Path(path).parent, is_main=False)  # the run's tokenizer/ is beside
+    model.load_state_dict(payload["model"])
+    out = Path(out)
+    written = [export_retrieval(model, tokenizer, out / "retrieval")]
+    if captioner and model.text_decoder is not None:
+        written.append(export_captioner(model, tokenizer, out / "captioner"))
+    return written

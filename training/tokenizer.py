@@ -1,0 +1,84 @@
+"""Tokenizers for training: BLIP's special tokens on a given tokenizer, or a word-level vocabulary.
+
+BLIP adds two tokens to BERT's vocabulary: `[DEC]` (the bos token that starts the decoder's text) and
+`[ENC]` (replaces `[CLS]` when the text encoder attends to the image, for ITM). Without a downloadable
+BERT vocabulary (offline, or for synthetic data) a word-level vocabulary built from the training
+captions does the job: [PAD]=0, [UNK], [CLS], [SEP], [MASK], the words, [DEC], [ENC].
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from blipsearch.retrieval.errors import InvalidInputError
+
+log = logging.getLogger(__name__)
+
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_WORD = re.compile(r"\w+|[^\w\s]")  # BERT's basic split: words and single punctuation marks
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    pad: int
+    cls: int
+    sep: int
+    bos: int  # [DEC]
+    enc: int  # [ENC]
+    vocab_size: int  # rows of the word embedding
+
+
+def words_of(captions: Iterable[str]) -> list[str]:
+    """Sorted distinct lower-cased words and punctuation marks."""
+    return sorted({w for caption in captions for w in _WORD.findall(caption.lower())})
+
+
+def word_tokenizer(captions: Iterable[str], directory: str | Path | None = None):
+    """A BertTokenizer over exactly the captions' words; saved to `directory` when given."""
+    from transformers import BertTokenizer
+
+    tokens = [*SPECIALS, *words_of(captions), "[DEC]", "[ENC]"]
+    # transformers 5: `vocab=` takes the mapping (a `vocab_file=` argument would be ignored)
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True,
+                              bos_token="[DEC]", extra_special_tokens=["[ENC]"])
+    if directory is not None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(directory)
+        log.info("word-level tokenizer with %d tokens written to %s", len(tokens), directory)
+    return tokenizer
+
+
+def load_tokenizer(name: str):
+    """A tokenizer by directory or hub id, with `[DEC]` and `[ENC]` added when it lacks them."""
+    from transformers import AutoTokenizer
+
+    from blipsearch.retrieval.models.loading import from_pretrained, resolve
+
+    if Path(name).is_dir():  # a tokenizer folder has no model config.json, which `resolve` asks for
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    else:
+        tokenizer = from_pretrained(resolve(name), AutoTokenizer)
+    if tokenizer.bos_token is None:
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    if tokenizer.convert_tokens_to_ids("[ENC]") in (None, tokenizer.unk_token_id):
+        tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    return tokenizer
+
+
+def special_ids(tokenizer, vocab_size: int | None = None) -> SpecialIds:
+    """The ids the model needs; `vocab_size` is the checkpoint's when it has rows the tokenizer lacks."""
+    ids = dict(pad=tokenizer.pad_token_id, cls=tokenizer.cls_token_id, sep=tokenizer.sep_token_id,
+               bos=tokenizer.bos_token_id)
+    missing = [name for name, value in ids.items() if value is None]
+    if missing:
+        raise InvalidInputError(f"the tokenizer has no {', '.join(missing)} token; BLIP needs [PAD], [CLS], "
+                                "[SEP] and a bos token ([DEC])")
+    enc = tokenizer.convert_tokens_to_ids("[ENC]")
+    if enc is None or enc == tokenizer.unk_token_id:
+        enc = ids["bos"] + 1  # BLIP's vocabulary: [ENC] follows [DEC] (Hugging Face conversions drop the token)
+    size = max(len(tokenizer), vocab_size or 0, enc + 1)
+    return SpecialIds(vocab_size=size, enc=int(enc), **{k: int(v) for k, v in ids.items()})
