@@ -81,9 +81,8 @@ class BlipRetrievalModel:
             state = read_tensors(directory, modules)
         else:  # pytorch_model.bin: let transformers read it
             state = _state_via_transformers(directory, checkpoint.name)
-        with torch.device("meta"):  # no random initialisation: every tensor comes from the checkpoint
-            text = BlipTextTower(TextTowerConfig.from_blip_config(config))
-            vision = BlipVisionTower(VisionTowerConfig.from_blip_config(config)) if with_vision else None
+        text = BlipTextTower(TextTowerConfig.from_blip_config(config))
+        vision = BlipVisionTower(VisionTowerConfig.from_blip_config(config)) if with_vision else None
         text.load_weights(state)
         if vision is not None:
             vision.load_weights(state)

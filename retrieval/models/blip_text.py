@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Embedding, LayerNorm, Linear
+
 
 @dataclass(frozen=True)
 class TextTowerConfig:
@@ -58,12 +60,12 @@ class _Attention(nn.Module):
     def __init__(self, c: TextTowerConfig, kv_size: int):
         super().__init__()
         self.self = nn.Module()
-        self.self.query = nn.Linear(c.hidden_size, c.hidden_size)
-        self.self.key = nn.Linear(kv_size, c.hidden_size)
-        self.self.value = nn.Linear(kv_size, c.hidden_size)
+        self.self.query = Linear(c.hidden_size, c.hidden_size)
+        self.self.key = Linear(kv_size, c.hidden_size)
+        self.self.value = Linear(kv_size, c.hidden_size)
         self.output = nn.Module()
-        self.output.dense = nn.Linear(c.hidden_size, c.hidden_size)
-        self.output.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.output.dense = Linear(c.hidden_size, c.hidden_size)
+        self.output.LayerNorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.heads = c.num_heads
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, H) -> (B, nh, L, hs)
@@ -108,10 +110,10 @@ class _Layer(nn.Module):
         self.attention = _Attention(c, c.hidden_size)
         self.crossattention = _Attention(c, c.image_hidden_size)
         self.intermediate = nn.Module()
-        self.intermediate.dense = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.intermediate.dense = Linear(c.hidden_size, c.intermediate_size)
         self.output = nn.Module()
-        self.output.dense = nn.Linear(c.intermediate_size, c.hidden_size)
-        self.output.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.output.dense = Linear(c.intermediate_size, c.hidden_size)
+        self.output.LayerNorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None, image: torch.Tensor | None,
                 first_only: bool = False) -> torch.Tensor:
@@ -130,13 +132,13 @@ class BlipTextTower(nn.Module):
         self.config = c
         self.text_encoder = nn.Module()
         emb = self.text_encoder.embeddings = nn.Module()
-        emb.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
-        emb.position_embeddings = nn.Embedding(c.max_positions, c.hidden_size)
-        emb.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        emb.word_embeddings = Embedding(c.vocab_size, c.hidden_size)
+        emb.position_embeddings = Embedding(c.max_positions, c.hidden_size)
+        emb.LayerNorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.text_encoder.encoder = nn.Module()
         self.text_encoder.encoder.layer = nn.ModuleList(_Layer(c) for _ in range(c.num_layers))
-        self.text_proj = nn.Linear(c.hidden_size, c.embed_dim)
-        self.itm_head = nn.Linear(c.hidden_size, 2)
+        self.text_proj = Linear(c.hidden_size, c.embed_dim)
+        self.itm_head = Linear(c.hidden_size, 2)
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Copy this tower's tensors from a BLIP retrieval state dict; a missing one is an error."""

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import LayerNorm, Linear, PatchEmbedding
+
 
 @dataclass(frozen=True)
 class VisionTowerConfig:
@@ -47,14 +49,14 @@ class _Layer(nn.Module):
     def __init__(self, c: VisionTowerConfig):
         super().__init__()
         self.heads = c.num_heads
-        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.self_attn = nn.Module()
-        self.self_attn.qkv = nn.Linear(c.hidden_size, 3 * c.hidden_size)
-        self.self_attn.projection = nn.Linear(c.hidden_size, c.hidden_size)
-        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.self_attn.qkv = Linear(c.hidden_size, 3 * c.hidden_size)
+        self.self_attn.projection = Linear(c.hidden_size, c.hidden_size)
+        self.layer_norm2 = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.mlp = nn.Module()
-        self.mlp.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
-        self.mlp.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.mlp.fc1 = Linear(c.hidden_size, c.intermediate_size)
+        self.mlp.fc2 = Linear(c.intermediate_size, c.hidden_size)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         b, t, d = h.shape
@@ -72,13 +74,13 @@ class BlipVisionTower(nn.Module):
         self.config = c
         self.vision_model = nn.Module()
         emb = self.vision_model.embeddings = nn.Module()
-        emb.class_embedding = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
-        emb.patch_embedding = nn.Conv2d(3, c.hidden_size, kernel_size=c.patch_size, stride=c.patch_size)
-        emb.position_embedding = nn.Parameter(torch.zeros(1, c.tokens, c.hidden_size))
+        emb.class_embedding = nn.Parameter(torch.empty(1, 1, c.hidden_size), requires_grad=False)
+        emb.patch_embedding = PatchEmbedding(3, c.hidden_size, c.patch_size)
+        emb.position_embedding = nn.Parameter(torch.empty(1, c.tokens, c.hidden_size), requires_grad=False)
         self.vision_model.encoder = nn.Module()
         self.vision_model.encoder.layers = nn.ModuleList(_Layer(c) for _ in range(c.num_layers))
-        self.vision_model.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.vision_proj = nn.Linear(c.hidden_size, c.embed_dim)
+        self.vision_model.post_layernorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.vision_proj = Linear(c.hidden_size, c.embed_dim)
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Copy this tower's tensors from a BLIP retrieval state dict; a missing one is an error."""

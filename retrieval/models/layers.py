@@ -1,0 +1,59 @@
+"""Inference-only layers whose parameters start uninitialised: every value comes from a checkpoint.
+
+torch's own layers draw random initial weights (seconds for a BLIP model, and on the meta device the
+initialisers import torch._dynamo, ~0.8 s), all of it thrown away when the checkpoint loads. Parameter
+names and shapes match torch's layers, so checkpoints load as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _parameter(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = _parameter(out_features, in_features)
+        self.bias = _parameter(out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = _parameter(size)
+        self.bias = _parameter(size)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class Embedding(nn.Module):
+    def __init__(self, count: int, size: int):
+        super().__init__()
+        self.weight = _parameter(count, size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class PatchEmbedding(nn.Module):
+    """A Conv2d with kernel = stride = patch size, as ViTs cut images into patches."""
+
+    def __init__(self, channels: int, size: int, patch: int):
+        super().__init__()
+        self.weight = _parameter(size, channels, patch, patch)
+        self.bias = _parameter(size)
+        self.patch = patch
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(pixels, self.weight, self.bias, stride=self.patch)
