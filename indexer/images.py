@@ -7,6 +7,7 @@ and the processor does not do: camera (EXIF) orientation, and a guard against de
 
 from __future__ import annotations
 
+import io
 import re
 import warnings
 from dataclasses import dataclass
@@ -47,8 +48,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | Path, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS,
-               reduced_decode: bool = False) -> LoadedImage:
-    """Decode, orient and resize one file; raises `ImageLoadError` with a short reason.
+               reduced_decode: bool = False, data: bytes | None = None) -> LoadedImage:
+    """Decode, orient and resize one file (or its bytes, already read, as `data`); raises `ImageLoadError`.
 
     `reduced_decode` lets a JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's `draft`),
     never below the model's input size, before the same resize: a 12-megapixel photo decodes at 1/4
@@ -58,7 +59,7 @@ def load_image(path: str | Path, pre: Preprocessing, max_pixels: int = DEFAULT_M
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path if data is None else io.BytesIO(data)) as image:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise ImageLoadError(_bomb(width * height, max_pixels))

@@ -1,11 +1,14 @@
 """One indexing run: scan -> plan -> load -> encode -> store, resumable and incremental.
 
 The run receives the model and the store, so tests can pass fakes. Plan per file:
-  unchanged   same path, size and mtime as stored                    -> nothing
+  unchanged   same path, size and mtime as stored                    -> nothing, not even read
   reused      new or changed file whose content hash is stored already
               (moved, renamed, copied, or touched)                    -> new file row only
   encode      content not stored                                      -> decode, encode, store
   removed     stored path under a scanned folder that is gone         -> row deleted
+
+Worker threads read each new or changed file once, hash its bytes and decode them if the content is new,
+while the main thread encodes the previous batch.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from blipsearch.retrieval.models.base import RetrievalModel
 
 from . import codec
 from .images import LoadedImage, failure_reason, load_image
-from .scan import FileStat, content_hash, is_under, resolve_roots, scan
+from .scan import FileStat, hash_bytes, is_under, resolve_roots, scan
 from .store import FileRecord, ImageRecord, IndexWriter
 
 log = logging.getLogger(__name__)
@@ -64,8 +67,7 @@ def index_folders(roots: Sequence[str | Path], model: RetrievalModel, store: Ind
     _remove_vanished(store, stored, found.files, [str(f) for f in folders], found.unreadable_dirs, summary)
     changed = [f for f in found.files if not _unchanged(stored.get(f.path), f)]
     summary.unchanged = len(found.files) - len(changed)
-    to_encode = _reuse_known(store, stored, changed, options, summary)
-    _encode_all(store, model, to_encode, options, summary)
+    _Run(store, model, stored, options, summary).process(changed)
     store.prune_images()
     store.finish()
     return summary
@@ -83,84 +85,101 @@ def _remove_vanished(store: IndexWriter, stored: dict[str, FileRecord], files: l
     summary.removed = len(gone)
 
 
-def _reuse_known(store: IndexWriter, stored: dict[str, FileRecord], changed: list[FileStat],
-                 options: IndexOptions, summary: IndexSummary) -> dict[str, list[FileStat]]:
-    """Hash new and changed files; record those whose content is stored; group the rest by hash."""
-    known = store.known_hashes()
-    reused: list[FileRecord] = []
-    to_encode: dict[str, list[FileStat]] = {}
-    hashes = bounded_map(_hash_or_reason, changed, options.workers)
-    for stat, digest in tqdm(zip(changed, hashes, strict=True), total=len(changed), desc="hashing",
-                             unit="file", disable=not options.progress or not changed, leave=False):
-        if isinstance(digest, ImageLoadError):
-            _skip(stat.path, str(digest), options, summary)
-            if stat.path in stored:
-                store.delete_files([stat.path])
-        elif digest in known:
-            reused.append(FileRecord(stat.path, stat.size, stat.mtime_ns, digest))
+@dataclass
+class _Read:
+    """What a worker made of one file: its content hash, and the decoded image when that content is new."""
+
+    stat: FileStat
+    digest: str | None = None
+    image: LoadedImage | None = None
+    reason: str | None = None  # why the file was skipped
+
+
+class _Run:
+    """Streams changed files through read -> hash -> (decode -> encode) -> store, one commit per batch."""
+
+    def __init__(self, store: IndexWriter, model: RetrievalModel, stored: dict[str, FileRecord],
+                 options: IndexOptions, summary: IndexSummary):
+        self.store, self.model, self.stored, self.options, self.summary = store, model, stored, options, summary
+        self.known = store.known_hashes()  # contents with stored features (grows as batches commit)
+        self.batch: dict[str, tuple[LoadedImage, list[FileStat]]] = {}  # new contents waiting for the encoder
+        self.reused: list[FileRecord] = []  # files of known contents, written with the next commit
+        self.batches = 0
+
+    def process(self, changed: list[FileStat]) -> None:
+        read = bounded_map(self._read, changed, self.options.workers, ahead=2 * self.options.batch_size)
+        with tqdm(total=len(changed), desc="indexing", unit="img", disable=not self.options.progress or not changed,
+                  ) as self.progress:
+            for item in read:
+                self._take(item)
+            self._commit()
+
+    def _read(self, stat: FileStat) -> _Read:
+        """In a worker thread: read the file once, hash it, decode it only if its content is new."""
+        try:
+            data = Path(stat.path).read_bytes()
+        except OSError as exc:
+            return _Read(stat, reason=failure_reason(stat.path, exc))
+        digest = hash_bytes(data)
+        if digest in self.known:
+            return _Read(stat, digest)
+        try:
+            image = load_image(stat.path, self.model.info.preprocessing, reduced_decode=self.options.reduced_decode,
+                               data=data)
+        except ImageLoadError as exc:
+            return _Read(stat, digest, reason=str(exc))
+        return _Read(stat, digest, image)
+
+    def _take(self, item: _Read) -> None:
+        stat, digest = item.stat, item.digest
+        if item.reason is not None:
+            self._skip(stat, item.reason)
+        elif digest in self.known:
+            self.reused.append(FileRecord(stat.path, stat.size, stat.mtime_ns, digest))
+            self._count_reuse(stat, digest)
+        elif digest in self.batch:  # an identical copy is already waiting: encode once
+            self.batch[digest][1].append(stat)
+        elif item.image is None:  # known when read, and this run pruned nothing since: cannot happen
+            raise AssertionError(f"{stat.path}: content neither stored nor decoded")
         else:
-            to_encode.setdefault(digest, []).append(stat)
-    store.upsert_files(reused)
-    summary.reused = sum(1 for r in reused if r.path not in stored or stored[r.path].hash != r.hash)
-    summary.unchanged += len(reused) - summary.reused  # touched files: same bytes, new mtime
-    return to_encode
+            self.batch[digest] = (item.image, [stat])
+        if len(self.batch) >= self.options.batch_size:
+            self._commit()
 
+    def _commit(self) -> None:
+        """Encode the waiting images; store features, then image rows, then file rows (reused ones too)."""
+        files = list(self.reused)
+        if self.batch:
+            digests = list(self.batch)
+            images = [self.batch[d][0] for d in digests]
+            encoded = self.model.encode_images(self.model.pixel_values([image.pixels for image in images]))
+            packed = codec.pack(encoded.features)
+            self.store.add_images([
+                ImageRecord(d, encoded.embeddings[i].numpy(), packed[i], images[i].width, images[i].height)
+                for i, d in enumerate(digests)])
+            new = [FileRecord(s.path, s.size, s.mtime_ns, d) for d in digests for s in self.batch[d][1]]
+            files += new
+            self.known.update(digests)
+            self.summary.indexed += len(new)
+        self.store.upsert_files(files)  # after the images: a crash in between leaves only re-usable features
+        self.progress.update(len(files))
+        self.batch, self.reused = {}, []
+        self.batches += 1
+        if self.batches % COMPACT_EVERY == 0:
+            self.store.compact()
 
-def _hash_or_reason(stat: FileStat) -> str | ImageLoadError:
-    try:
-        return content_hash(stat.path)
-    except OSError as exc:
-        return ImageLoadError(failure_reason(stat.path, exc))
+    def _count_reuse(self, stat: FileStat, digest: str) -> None:
+        old = self.stored.get(stat.path)
+        if old is not None and old.hash == digest:
+            self.summary.unchanged += 1  # touched: same bytes, new mtime
+        else:
+            self.summary.reused += 1  # moved, renamed or copied
 
-
-def _encode_all(store: IndexWriter, model: RetrievalModel, to_encode: dict[str, list[FileStat]],
-                options: IndexOptions, summary: IndexSummary) -> None:
-    """Decode in threads while the model encodes; one store commit per batch."""
-    items = list(to_encode.items())
-    pre = model.info.preprocessing
-    loaded = bounded_map(lambda item: _load_first(item[1], pre, options.reduced_decode), items, options.workers,
-                         ahead=2 * options.batch_size)
-    progress = tqdm(total=sum(len(stats) for _, stats in items), desc="indexing", unit="img",
-                    disable=not options.progress or not items)
-    batch: list[tuple[str, list[FileStat], LoadedImage]] = []
-    batches = 0
-    for (digest, stats), result in zip(items, loaded, strict=True):
-        if isinstance(result, tuple):  # (path, reason): no copy of this content decodes
-            for stat in stats:
-                _skip(stat.path, result[1], options, summary)
-                store.delete_files([stat.path])  # a stored older version of this path is stale now
-            progress.update(len(stats))
-            continue
-        batch.append((digest, stats, result))
-        if len(batch) == options.batch_size:
-            _write_batch(store, model, batch, summary, progress)
-            batch, batches = [], batches + 1
-            if batches % COMPACT_EVERY == 0:
-                store.compact()
-    _write_batch(store, model, batch, summary, progress)
-    progress.close()
-
-
-def _load_first(stats: list[FileStat], pre, reduced_decode: bool) -> LoadedImage | tuple[str, str]:
-    try:
-        return load_image(stats[0].path, pre, reduced_decode=reduced_decode)
-    except ImageLoadError as exc:
-        return (stats[0].path, str(exc))
-
-
-def _write_batch(store: IndexWriter, model: RetrievalModel, batch: list, summary: IndexSummary, progress) -> None:
-    if not batch:
-        return
-    encoded = model.encode_images(model.pixel_values([image.pixels for _, _, image in batch]))
-    packed = codec.pack(encoded.features)
-    store.add_images([
-        ImageRecord(digest, encoded.embeddings[i].numpy(), packed[i], image.width, image.height)
-        for i, (digest, _, image) in enumerate(batch)
-    ])
-    files = [FileRecord(s.path, s.size, s.mtime_ns, digest) for digest, stats, _ in batch for s in stats]
-    store.upsert_files(files)  # after the images: a crash in between leaves only re-usable features
-    summary.indexed += len(files)
-    progress.update(len(files))
+    def _skip(self, stat: FileStat, reason: str) -> None:
+        if stat.path in self.stored:
+            self.store.delete_files([stat.path])  # the stored older version of this path is stale now
+        _skip(stat.path, reason, self.options, self.summary)
+        self.progress.update(1)
 
 
 def _skip(path: str, reason: str, options: IndexOptions, summary: IndexSummary) -> None:

@@ -86,13 +86,13 @@ def _walk(root: Path, unreadable: list[str]) -> Iterator[str]:
                 yield os.path.join(folder, name)
 
 
-def content_hash(path: str | Path, chunk: int = 1 << 20) -> str:
+def content_hash(path: str | Path) -> str:
     """128-bit BLAKE2b of the bytes: the identity of an image across moves, renames and copies."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    return hash_bytes(Path(path).read_bytes())
+
+
+def hash_bytes(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def is_under(path: str, folders: Iterable[str]) -> bool:
