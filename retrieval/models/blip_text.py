@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Embedding, LayerNorm, Linear
+from .layers import Embedding, LayerNorm, Linear, load_weights
 
 
 @dataclass(frozen=True)
@@ -141,12 +141,8 @@ class BlipTextTower(nn.Module):
         self.itm_head = Linear(c.hidden_size, 2)
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy this tower's tensors from a BLIP retrieval state dict; a missing one is an error."""
-        own = self.state_dict()
-        missing = sorted(k for k in own if k not in state)
-        if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} text-side tensors, e.g. {missing[0]}")
-        self.load_state_dict({k: state[k] for k in own}, assign=True)
+        """Take this tower's tensors from a BLIP retrieval state dict; a missing one is an error."""
+        load_weights(self, state, "text-side")
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image: torch.Tensor | None) -> torch.Tensor:

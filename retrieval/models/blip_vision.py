@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LayerNorm, Linear, PatchEmbedding
+from .layers import LayerNorm, Linear, PatchEmbedding, load_weights
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,8 @@ class BlipVisionTower(nn.Module):
         self.vision_proj = Linear(c.hidden_size, c.embed_dim)
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy this tower's tensors from a BLIP retrieval state dict; a missing one is an error."""
-        own = self.state_dict()
-        missing = sorted(k for k in own if k not in state)
-        if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} vision tensors, e.g. {missing[0]}")
-        self.load_state_dict({k: state[k] for k in own}, assign=True)
+        """Take this tower's tensors from a BLIP retrieval state dict; a missing one is an error."""
+        load_weights(self, state, "vision")
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> features (B, T, Hv) after the final LayerNorm, embeddings (B, D) float32."""

@@ -57,3 +57,12 @@ class PatchEmbedding(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.conv2d(pixels, self.weight, self.bias, stride=self.patch)
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Take `module`'s tensors (by name) from a checkpoint's state dict; name the first one missing."""
+    own = module.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    if missing:
+        raise KeyError(f"checkpoint lacks {len(missing)} {what} tensors, e.g. {missing[0]}")
+    module.load_state_dict({k: state[k] for k in own}, assign=True)
