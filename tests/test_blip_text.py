@@ -1,6 +1,5 @@
 """Our text tower (SDPA, folded cross-attention) against transformers' BLIP text encoder, fp32."""
 
-import numpy as np
 import pytest
 import torch
 from transformers import BlipForImageTextRetrieval
@@ -51,7 +50,7 @@ def test_missing_tensors_are_named(tiny_model_dir):
     state = {k: v for k, v in reference.state_dict().items() if not k.startswith("itm_head")}
     with pytest.raises(KeyError, match="itm_head"):
         tower.load_weights(state)
-    assert np.isfinite(tower.itm_head.weight.detach().numpy()).all()
+    assert tower.text_proj.weight.data_ptr() != reference.text_proj.weight.data_ptr()  # all or nothing
 
 
 def test_one_image_against_many_texts_equals_repeating_it(pair, tiny_model):
