@@ -186,3 +186,23 @@ def test_checkpoints_with_pytorch_bin_weights_load(tmp_path, tiny_model_dir, tin
         (directory / name).write_bytes((tiny_model_dir / name).read_bytes())
     model = load_model(str(directory), "cpu", "fp32", with_vision=False)
     torch.testing.assert_close(model.encode_texts(TEXTS).embeddings, tiny_model.encode_texts(TEXTS).embeddings)
+
+
+BF16_TOLERANCE = 0.03  # fused ITM + ITC score, bf16 end to end against fp32 (measured ~0.011 on the tiny model)
+
+
+def test_bf16_scores_stay_within_tolerance_and_keep_the_ranking(tiny_model_dir, tiny_model):
+    """The bf16 path (vision tower, stored features, ITM) against the fp32 computation."""
+    from blipsearch.retrieval.fusion import fuse
+
+    bf16 = load_model(str(tiny_model_dir), "cpu", "bf16")
+    pixels = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    scores = []
+    for model in (tiny_model, bf16):
+        images, text = model.encode_images(pixels), model.encode_texts(TEXTS[:1])
+        itc = images.embeddings[:, 0] @ text.embeddings[0]
+        scores.append(fuse(itc, model.itm_scores(text.tokens, images.features)))
+    fp32, low = scores
+    assert (fp32 - low).abs().max() < BF16_TOLERANCE
+    apart = (fp32[:, None] - fp32[None, :]) > 2 * BF16_TOLERANCE  # pairs the tolerance cannot swap
+    assert apart.any() and ((low[:, None] - low[None, :]) > 0)[apart].all()
