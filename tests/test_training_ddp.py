@@ -2,14 +2,9 @@
 gradients of that batch, and keep identical queues."""
 
 import os
-import sys
-from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from test_training_model import batch_of, tiny
 
 from blipsearch.training.objectives import Batch, BlipObjective, Progress

@@ -43,13 +43,12 @@ class Captioner:
     def __init__(self, name: str, device: torch.device):
         from transformers import AutoTokenizer, BlipForConditionalGeneration
 
-        from blipsearch.retrieval.models.blip import _preprocessing
-        from blipsearch.retrieval.models.loading import from_pretrained, resolve
+        from .export import checkpoint_dir, load_pretrained, read_preprocessing
 
-        checkpoint = resolve(name)
-        self.model = from_pretrained(checkpoint, BlipForConditionalGeneration).to(device).eval()
-        self.tokenizer = from_pretrained(checkpoint, AutoTokenizer)
-        self.preprocessing = _preprocessing(checkpoint)
+        directory = checkpoint_dir(name)
+        self.model = load_pretrained(BlipForConditionalGeneration, directory, name).to(device).eval()
+        self.tokenizer = load_pretrained(AutoTokenizer, directory, name)
+        self.preprocessing = read_preprocessing(directory, name)
         self.device = device
 
     @torch.inference_mode()

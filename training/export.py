@@ -66,20 +66,44 @@ def export_captioner(model, tokenizer, out: str | Path) -> Path:
     return _export(model, tokenizer, out, "BlipForConditionalGeneration")
 
 
+def checkpoint_dir(name: str) -> Path:
+    """The local folder of a checkpoint given as a directory or a hub id (cache first, then download)."""
+    from blipsearch.retrieval.models.loading import local_directory, resolve
+
+    return local_directory(resolve(name))
+
+
+def load_pretrained(loader, directory: Path, name: str):
+    """`loader.from_pretrained(directory)` with a one-line `ModelLoadError`."""
+    try:
+        return loader.from_pretrained(str(directory))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load model {name}: {str(exc).strip().splitlines()[0]}") from exc
+
+
+def read_preprocessing(directory: Path, name: str) -> Preprocessing:
+    """A checkpoint's image processor settings (resize to height x width, rescale, normalise)."""
+    import transformers
+
+    processor = load_pretrained(transformers.BlipImageProcessorPil, directory, name)
+    size = processor.size
+    height, width = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
+    return Preprocessing(height=int(height), width=int(width), mean=tuple(map(float, processor.image_mean)),
+                         std=tuple(map(float, processor.image_std)), resample="bicubic")
+
+
 def read_hf_checkpoint(name: str):
     """(BlipConfig, state dict, tokenizer) of a Hugging Face BLIP retrieval or captioning checkpoint."""
     import transformers
 
-    from blipsearch.retrieval.models.loading import from_pretrained, resolve
-
-    checkpoint = resolve(name)
-    config = from_pretrained(checkpoint, transformers.AutoConfig)
+    directory = checkpoint_dir(name)
+    config = load_pretrained(transformers.AutoConfig, directory, name)
     class_name = next((a for a in (config.architectures or ()) if a in _CLASSES), None)
     if config.model_type != "blip" or class_name is None:
         raise ModelLoadError(f"model {name} is not a BLIP retrieval or captioning checkpoint "
                              f"(architectures: {config.architectures})")
-    hf = from_pretrained(checkpoint, getattr(transformers, class_name))
-    tokenizer = from_pretrained(checkpoint, transformers.AutoTokenizer)
+    hf = load_pretrained(getattr(transformers, class_name), directory, name)
+    tokenizer = load_pretrained(transformers.AutoTokenizer, directory, name)
     return hf.config, hf.state_dict(), tokenizer
 
 

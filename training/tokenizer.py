@@ -56,12 +56,11 @@ def load_tokenizer(name: str):
     """A tokenizer by directory or hub id, with `[DEC]` and `[ENC]` added when it lacks them."""
     from transformers import AutoTokenizer
 
-    from blipsearch.retrieval.models.loading import from_pretrained, resolve
+    from .export import checkpoint_dir, load_pretrained
 
-    if Path(name).is_dir():  # a tokenizer folder has no model config.json, which `resolve` asks for
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    else:
-        tokenizer = from_pretrained(resolve(name), AutoTokenizer)
+    # a tokenizer folder has no model config.json, which a checkpoint folder needs
+    directory = Path(name) if Path(name).is_dir() else checkpoint_dir(name)
+    tokenizer = load_pretrained(AutoTokenizer, directory, name)
     if tokenizer.bos_token is None:
         tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     if tokenizer.convert_tokens_to_ids("[ENC]") in (None, tokenizer.unk_token_id):

@@ -1,0 +1,111 @@
+"""The synthetic scene generator: deterministic, captions that say what is drawn, binding twins in test."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from test_training_loop import scenes
+
+from blipsearch.retrieval.annotations import load_annotations
+
+SIZES = {"train": 12, "val": 4, "test": 16}
+
+
+def _digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_same_seed_same_bytes_other_seed_other_scenes(tmp_path):
+    sc = scenes()
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        sc.write_dataset(tmp_path / name, seed=seed, size=48, sizes=SIZES)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
+
+
+def test_splits_load_as_lavis_annotations_with_several_phrasings(tmp_path):
+    scenes().write_dataset(tmp_path, seed=0, size=48, sizes=SIZES)
+    train = json.loads((tmp_path / "train.json").read_text())
+    assert all(isinstance(e["caption"], str) for e in train)  # LAVIS training form: one caption per entry
+    images = load_annotations(tmp_path / "train.json")
+    assert len(images) == 12 and all(len(set(i.captions)) == 5 for i in images)
+    test = load_annotations(tmp_path / "test.json")
+    assert len(test) == 16 and all(len(i.captions) >= 5 for i in test)
+    assert all((tmp_path / "images" / i.image).is_file() for i in test)
+
+
+def test_test_split_has_binding_twins_that_differ_only_in_binding(tmp_path):
+    sc = scenes()
+    entries = {e["image"]: e for e in json.loads((_write(sc, tmp_path) / "test.json").read_text())}
+    twins = [e for e in entries.values() if "twin" in e]
+    assert len(twins) >= 4
+    for entry in twins:
+        twin = entries[entry["twin"]]
+        assert twin["twin"] == entry["image"] and twin["swapped"] == entry["swapped"]
+        # same words, different order: exactly an attribute-binding contrast
+        ours, theirs = entry["caption"][0].split(), twin["caption"][0].split()
+        assert sorted(ours) == sorted(theirs) and ours != theirs
+
+
+def test_binding_twin_swaps_one_attribute_and_keeps_the_layout():
+    import random
+
+    sc = scenes()
+    red_circle = sc.Thing("circle", "red", "small", 0.2, 0.5)
+    blue_square = sc.Thing("square", "blue", "small", 0.8, 0.5)
+    scene = sc.Scene((red_circle, blue_square), "left of")
+    assert sc.captions(scene)[0] == "a small red circle left of a small blue square"
+    twin, swapped = sc.binding_twin(scene, random.Random(0))
+    assert [(t.x, t.y) for t in twin.things] == [(0.2, 0.5), (0.8, 0.5)]
+    assert swapped in ("colour", "shape")
+    assert sc.captions(twin)[0] in ("a small blue circle left of a small red square",
+                                    "a small red square left of a small blue circle")
+
+
+def test_rendering_puts_the_named_colour_where_the_relation_says():
+    sc = scenes()
+    scene = sc.Scene((sc.Thing("circle", "red", "large", 0.22, 0.5), sc.Thing("square", "blue", "large", 0.78, 0.5)),
+                     "left of")
+    pixels = np.asarray(sc.render(scene, 100))
+    assert tuple(pixels[50, 22]) == sc.COLOURS["red"] and tuple(pixels[50, 78]) == sc.COLOURS["blue"]
+
+
+def test_every_caption_word_is_in_the_vocabulary():
+    import random
+
+    sc = scenes()
+    rng = random.Random(0)
+    words = set(sc.vocabulary())
+    for _ in range(200):
+        for caption in sc.captions(sc.random_scene(rng)):
+            assert set(caption.split()) <= words, caption
+
+
+def test_demo_folder_is_pictures_only(tmp_path):
+    scenes().main(["demo-folder", str(tmp_path / "demo"), "--count", "5", "--size", "40"])
+    files = sorted(p.name for p in (tmp_path / "demo").iterdir())
+    assert files == [f"scene-{i:03d}.png" for i in range(5)]
+
+
+def _write(sc, root: Path) -> Path:
+    sc.write_dataset(root, seed=0, size=48, sizes=SIZES)
+    return root
+
+
+def test_binding_benchmark_pairs_captions_the_twin_does_not_share(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scenes_binding", Path(__file__).parents[1] / "benchmarks" /
+                                                  "scenes_binding.py")
+    binding = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(binding)
+    root = _write(scenes(), tmp_path)
+    entries = {e["image"]: e for e in json.loads((root / "test.json").read_text())}
+    pairs = binding.binding_pairs(root / "test.json")
+    assert pairs
+    for caption, own, twin in pairs:
+        assert caption in entries[own]["caption"] and caption not in entries[twin]["caption"]

@@ -1,0 +1,41 @@
+"""CapFilt with a tiny trained captioner and filter: what is kept, and the JSON it writes."""
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+from test_training_export import trained  # noqa: F401  (the module's fixture)
+
+from blipsearch.retrieval.annotations import load_annotations
+from blipsearch.training.cli import cli
+
+
+def _capfilt(source: Path, out: Path, run: Path, *extra: str):
+    result = CliRunner().invoke(cli, ["capfilt", str(source), str(out), "--captioner", str(run / "captioner"),
+                                      "--filter", str(run / "retrieval"), "--device", "cpu", *extra])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_threshold_zero_keeps_web_and_synthetic_captions(trained, tmp_path):  # noqa: F811
+    source = trained.parent / "data" / "val.json"
+    out = tmp_path / "clean.json"
+    output = _capfilt(source, out, trained, "--threshold", "0", "--samples", "2")
+    entries = json.loads(out.read_text())
+    web = [c for item in load_annotations(source) for c in item.captions]
+    assert [e["caption"] for e in entries if e["source"] == "web"] == web
+    assert sum(e["source"] == "synthetic" for e in entries) == 2 * 4
+    assert "kept 4" not in output and f"kept {len(web)}/{len(web)} web and 8/8 synthetic" in output
+    # the cleaned file is training data again, with image paths relative to the same folder
+    assert {item.image for item in load_annotations(out)} == {item.image for item in load_annotations(source)}
+
+
+def test_threshold_one_keeps_nothing_and_a_caption_folder_works(trained, tmp_path):  # noqa: F811
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    image = next((trained.parent / "data" / "images" / "val").glob("*.png"))
+    (folder / "p.png").write_bytes(image.read_bytes())
+    (folder / "p.txt").write_text("a red circle\n")
+    out = tmp_path / "none.json"
+    assert "kept 0/1 web and 0/1 synthetic" in _capfilt(folder, out, trained, "--threshold", "1")
+    assert json.loads(out.read_text()) == []

@@ -1,0 +1,69 @@
+"""Training data: both annotation sources, the resumable per-rank batch order, seeded augmentation."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blipsearch.retrieval.errors import InvalidInputError
+from blipsearch.training.data import EpochBatches, augment, folder_samples, json_samples, load_samples
+
+
+def _image(path, colour=(255, 0, 0)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), colour).save(path)
+
+
+def test_caption_folder_pairs_each_line_and_skips_images_without_captions(tmp_path):
+    _image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red square\n\n  a small red square  \n")
+    _image(tmp_path / "sub" / "b.jpg")
+    (tmp_path / "sub" / "b.txt").write_text("a blue thing\n")
+    _image(tmp_path / "c.png")  # no caption: not a training pair
+    samples = folder_samples(tmp_path)
+    assert [(s.image.name, s.caption, s.image_id) for s in samples] == [
+        ("a.png", "a red square", 0), ("a.png", "a small red square", 0), ("b.jpg", "a blue thing", 1)]
+    assert [s.sample_id for s in samples] == [0, 1, 2]
+
+
+def test_folder_without_captions_is_an_error(tmp_path):
+    _image(tmp_path / "a.png")
+    with pytest.raises(InvalidInputError, match=r"photo\.txt"):
+        folder_samples(tmp_path)
+
+
+def test_lavis_and_karpathy_files_give_the_same_pairs(tmp_path):
+    (tmp_path / "images").mkdir()
+    lavis = [{"image": "x.png", "caption": "one"}, {"image": "x.png", "caption": "two"},
+             {"image": "y.png", "caption": "three"}]
+    karpathy = {"images": [{"filename": "x.png", "split": "train", "sentences": [{"raw": "one"}, {"raw": "two"}]},
+                           {"filename": "y.png", "split": "restval", "sentences": [{"raw": "three"}]},
+                           {"filename": "z.png", "split": "test", "sentences": [{"raw": "held out"}]}]}
+    (tmp_path / "lavis.json").write_text(json.dumps(lavis))
+    (tmp_path / "karpathy.json").write_text(json.dumps(karpathy))
+    a, b = json_samples(tmp_path / "lavis.json"), load_samples(tmp_path / "karpathy.json")
+    assert [(s.image, s.caption, s.image_id) for s in a] == [(s.image, s.caption, s.image_id) for s in b]
+    assert a[0].image == tmp_path / "images" / "x.png" and [s.image_id for s in a] == [0, 0, 1]
+
+
+def test_ranks_split_each_global_batch_and_resume_mid_epoch():
+    single = EpochBatches(50, batch_size=8, seed=3)
+    ranks = [EpochBatches(50, batch_size=4, seed=3, rank=r, world=2) for r in (0, 1)]
+    assert single.batches_per_epoch == ranks[0].batches_per_epoch == 6  # 2 pairs dropped
+    for whole, *parts in zip(single, *ranks, strict=True):
+        assert whole == parts[0] + parts[1]
+    everything = list(single)
+    single.set_position(epoch=0, start=4)
+    assert list(single) == everything[4:] and len(single) == 2
+    single.set_position(epoch=1, start=0)
+    assert list(single) != everything  # a new epoch, a new order
+
+
+def test_augmentation_is_seeded_and_crop_keeps_the_size():
+    pixels = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    a = augment(pixels, random.Random("0-1-7"), (0.5, 1.0), hflip=True)
+    b = augment(pixels, random.Random("0-1-7"), (0.5, 1.0), hflip=True)
+    assert a.shape == pixels.shape and np.array_equal(a, b)
+    assert np.array_equal(augment(pixels, random.Random(1)), pixels)  # defaults: no crop, no flip

@@ -1,0 +1,89 @@
+"""Round trip: train a tiny model a few steps, export, load it as the engine does, index a folder, query."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_training_loop import scenes, tiny_config
+
+from blipsearch.indexer.images import load_image
+from blipsearch.retrieval.models import load_model
+from blipsearch.training.checkpoint import LAST, read
+from blipsearch.training.config import from_dict
+from blipsearch.training.data import normalise
+from blipsearch.training.loop import export_checkpoint, prepare_model, train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    scenes().write_dataset(root / "data", seed=1, size=64, sizes={"train": 24, "val": 4, "test": 4})
+    return train(tiny_config(root / "data", root / "run", "optim.max_steps=3"))
+
+
+def _training_model(run: Path):
+    payload = read(run / LAST)
+    model, tokenizer = prepare_model(from_dict(payload["config"]), [], run, is_main=False)
+    model.load_state_dict(payload["model"])
+    return model.eval(), tokenizer
+
+
+def test_export_loads_in_the_engine_with_the_training_features(trained, tmp_path):
+    model, _ = _training_model(trained)
+    engine = load_model(str(trained / "retrieval"), device="cpu", precision="fp32")
+    assert engine.info.embed_dim == 16 and engine.enc_token_id == model.ids.enc
+    image = next((trained.parent / "data" / "images" / "test").glob("*.png"))
+    pixels = load_image(image, engine.info.preprocessing).pixels
+    encoded = engine.encode_images(engine.pixel_values([pixels]))
+    texts = engine.encode_texts(["a red circle left of a blue square", "a small green diamond"])
+    with torch.no_grad():
+        embeds, image_feat = model.encode_image(normalise(torch.from_numpy(pixels.copy())[None]))
+        _, text_feat = model.encode_text(texts.tokens.input_ids, texts.tokens.attention_mask)
+        itm = model.itm_logits(texts.tokens.input_ids, texts.tokens.attention_mask, embeds.expand(2, -1, -1))
+    torch.testing.assert_close(encoded.embeddings[:, 0], image_feat, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(texts.embeddings, text_feat, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(engine.itm_scores(texts.tokens, encoded.features.expand(2, -1, -1)), itm,
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_export_command_rewrites_the_same_weights(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    paths = export_checkpoint(trained / LAST, tmp_path / "again")
+    assert [p.name for p in paths] == ["retrieval", "captioner"]
+    ours, theirs = load_file(paths[0] / "model.safetensors"), load_file(trained / "retrieval" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_exported_captioner_generates(trained):
+    from transformers import AutoTokenizer, BlipForConditionalGeneration
+
+    captioner = BlipForConditionalGeneration.from_pretrained(trained / "captioner")
+    tokenizer = AutoTokenizer.from_pretrained(trained / "captioner")
+    out = captioner.generate(pixel_values=torch.zeros(2, 3, 32, 32), max_length=8)
+    assert out.shape[0] == 2 and (out[:, 0] == tokenizer.convert_tokens_to_ids("[DEC]")).all()
+
+
+def test_blipsearch_index_and_query_with_the_exported_model(trained, tmp_path):
+    folder = tmp_path / "photos"
+    scenes().write_demo_folder(folder, count=6, seed=3, size=64)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    model = str(trained / "retrieval")
+    common = ["--model", model, "--index", str(tmp_path / "index"), "--device", "cpu", "--precision", "fp32"]
+    index = subprocess.run([sys.executable, "-m", "blipsearch.retrieval.cli", "index", str(folder), *common, "-q"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert index.returncode == 0, index.stderr
+    query = subprocess.run([sys.executable, "-m", "blipsearch.retrieval.cli", "query",
+                            "a red circle left of a blue square", *common, "--json"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert query.returncode == 0, query.stderr
+    answer = json.loads(query.stdout)
+    assert answer["query"] == "a red circle left of a blue square"
+    assert sorted(Path(r["path"]).name for r in answer["results"]) == sorted(p.name for p in folder.glob("*.png"))
+    scores = [r["score"] for r in answer["results"]]
+    assert scores == sorted(scores, reverse=True)
