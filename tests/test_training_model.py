@@ -42,6 +42,13 @@ def test_decoder_shares_everything_but_self_attention():
     assert own and all(".attention." in n or n.startswith("cls.") for n in own)
 
 
+def test_vision_tower_starts_with_usable_weights():
+    """transformers' BlipVisionConfig default (std 1e-10) suits loading only; from scratch it stalls ITC."""
+    model, _, _ = tiny()
+    assert model.config.vision_config.initializer_range == 0.02
+    assert float(model.vision_model.encoder.layers[0].mlp.fc1.weight.detach().std()) > 0.01
+
+
 def test_lm_gradient_reaches_shared_encoder_weights():
     model, tokenizer, cfg = tiny(["objective.losses={lm: 1.0}"])
     losses = BlipObjective(cfg.objective)(model, batch_of(tokenizer), Progress(0, 0.0, 0))
