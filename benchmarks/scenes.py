@@ -195,10 +195,26 @@ def write_dataset(root: Path, seed: int = 0, size: int = 128, sizes: dict[str, i
         write_split(root, split, count, seed, size)
 
 
+# The README's example query, its binding twin, and the relation flipped: all three are in the demo folder.
+SHOWCASE = (
+    Scene((Thing("circle", "red", "large", 0.25, 0.5), Thing("square", "blue", "large", 0.75, 0.48)), "left of"),
+    Scene((Thing("circle", "blue", "large", 0.25, 0.5), Thing("square", "red", "large", 0.75, 0.48)), "left of"),
+    Scene((Thing("square", "blue", "large", 0.25, 0.5), Thing("circle", "red", "large", 0.75, 0.48)), "left of"),
+)
+
+
 def write_demo_folder(out: Path, count: int = 60, seed: int = 7, size: int = 192) -> None:
-    """Pictures only (test-like, with binding twins), named by number: what a user would index."""
+    """Pictures only (test-like, with binding twins), named by number: what a user would index.
+
+    The SHOWCASE scenes sit at seeded places among them, so the README's query has its answer and
+    its distractors in the folder.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    for i, (scene, _, _) in enumerate(split_scenes("test", count, seed)):
+    scenes = [scene for scene, _, _ in split_scenes("test", max(0, count - len(SHOWCASE)), seed)]
+    rng = random.Random(f"demo-{seed}")
+    for scene in SHOWCASE[:count]:
+        scenes.insert(rng.randint(0, len(scenes)), scene)
+    for i, scene in enumerate(scenes):
         render(scene, size).save(out / f"scene-{i:03d}.png")
 
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from test_training_loop import scenes
 
 from blipsearch.retrieval.annotations import load_annotations
@@ -109,3 +110,12 @@ def test_binding_benchmark_pairs_captions_the_twin_does_not_share(tmp_path):
     assert pairs
     for caption, own, twin in pairs:
         assert caption in entries[own]["caption"] and caption not in entries[twin]["caption"]
+
+
+def test_demo_folder_holds_the_readme_query_and_its_distractors(tmp_path):
+    sc = scenes()
+    assert "a red circle left of a blue square" in sc.captions(sc.SHOWCASE[0])
+    assert "a blue circle left of a red square" in sc.captions(sc.SHOWCASE[1])
+    sc.write_demo_folder(tmp_path, count=10, seed=7, size=48)
+    pictures = {np.asarray(Image.open(p)).tobytes() for p in tmp_path.glob("*.png")}
+    assert all(np.asarray(sc.render(s, 48)).tobytes() in pictures for s in sc.SHOWCASE)

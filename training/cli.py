@@ -44,9 +44,10 @@ def train_command(config: str | None, overrides: tuple[str, ...], output: str | 
     cfg = load_config(config, [*overrides, *([f"output={output}"] if output else [])])
     try:
         path = train(cfg, resume=resume)
+        is_main = distributed.current().is_main
     finally:
         distributed.teardown()
-    if distributed.current().is_main:
+    if is_main:
         click.echo(f"retrieval model: {path / 'retrieval'}")
 
 

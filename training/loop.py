@@ -61,7 +61,8 @@ class Run:
 
 
 def prepare_model(cfg: TrainConfig, captions: list[str], output: Path, is_main: bool):
-    """(model, tokenizer): from a Hugging Face checkpoint, or random with the configured tokenizer."""
+    """(model, tokenizer): from a Hugging Face checkpoint, or random with the configured tokenizer
+    (no tokenizer configured: a word-level vocabulary of `captions`, or the one saved in `output`)."""
     if cfg.model.init_from:
         config, state, tokenizer = read_hf_checkpoint(cfg.model.init_from)
         ids = special_ids(tokenizer, config.text_config.vocab_size)
@@ -70,9 +71,9 @@ def prepare_model(cfg: TrainConfig, captions: list[str], output: Path, is_main: 
         return model, tokenizer
     if cfg.model.tokenizer:
         tokenizer = load_tokenizer(cfg.model.tokenizer)
-    elif (output / "tokenizer").is_dir():  # a resumed run keeps its vocabulary
+    elif not captions:  # exporting a checkpoint: the run's vocabulary lies beside it
         tokenizer = load_tokenizer(str(output / "tokenizer"))
-    else:
+    else:  # deterministic in the captions, so every rank (and a resumed run) builds the same one
         tokenizer = word_tokenizer(captions, output / "tokenizer" if is_main else None)
     return build_model(cfg.model, cfg.objective, special_ids(tokenizer)), tokenizer
 
