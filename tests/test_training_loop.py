@@ -108,3 +108,21 @@ def test_gradient_accumulation_matches_the_loss_scale(scene_data, tmp_path):
     entries = run_steps(run, wrap(run))
     assert run.state.batch == 2 and entries[0]["step"] == 1
     assert all(torch.isfinite(torch.tensor(entries[0][k])) for k in ("itc_loss", "itm_loss", "lm_loss"))
+
+
+def test_fine_tuning_starts_from_a_hugging_face_checkpoint(scene_data, tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(scene_data, tmp_path / "ft", f"model.init_from={tiny_model_dir}", "optim.max_steps=1",
+                      "objective.losses={itc: 1.0, itm: 1.0}")
+    run = setup(cfg)
+    weights = load_file(tiny_model_dir / "model.safetensors")
+    ours = run.model.state_dict()
+    for key in ("vision_model.embeddings.patch_embedding.weight", "text_encoder.embeddings.word_embeddings.weight",
+                "itm_head.weight", "text_proj.weight"):
+        torch.testing.assert_close(ours[key], weights[key])
+    for key in ("vision_model.embeddings.patch_embedding.weight", "text_proj.weight"):  # momentum copies too
+        module, rest = key.split(".", 1)
+        torch.testing.assert_close(ours[f"{module}_m.{rest}"], weights[key])
+    assert run.model.text_decoder is None and run.model.ids.enc == run.tokenizer.convert_tokens_to_ids("[ENC]")
+    run_steps(run, wrap(run))

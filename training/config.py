@@ -164,6 +164,8 @@ def validate(config: TrainConfig) -> None:
         raise InvalidInputError("optim.precision must be auto, bf16 or fp32")
     if config.data.batch_size < 2:
         raise InvalidInputError("data.batch_size must be at least 2: ITC and ITM need negatives in the batch")
+    if config.optim.lr <= 0 or config.optim.min_lr > config.optim.lr:
+        raise InvalidInputError("optim.lr must be positive and at least optim.min_lr")
     if config.optim.grad_accum < 1:
         raise InvalidInputError("optim.grad_accum must be at least 1")
 

@@ -105,6 +105,7 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
     resume_path = checkpoint.resolve_resume(resume, output)
     torch.manual_seed(cfg.seed)  # the same initial weights and queues on every rank
     samples = load_samples(cfg.data.train, cfg.data.images, cfg.data.split)
@@ -229,7 +230,6 @@ def train(cfg: TrainConfig, resume: str | None = None, until: int | None = None)
     """Train (or resume) and, at the end, export the retrieval model (and the captioner) under output."""
     run = setup(cfg, resume)
     if run.world.is_main:
-        run.output.mkdir(parents=True, exist_ok=True)
         (run.output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
     run_steps(run, wrap(run), until)
     if run.world.is_main and run.state.step >= run.total_steps:
