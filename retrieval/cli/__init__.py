@@ -24,8 +24,26 @@ EXIT_SKIPPED = 3
 EXIT_INTERRUPTED = 130
 
 
+# Commands of the optional training package, imported only when named (module, attribute).
+TRAINING_COMMANDS = {name: ("blipsearch.training.cli", f"{name}_command") for name in ("train", "capfilt", "export")}
+
+
 class Group(click.Group):
-    """Turns library exceptions into one line on stderr and an exit status; never a traceback."""
+    """Turns library exceptions into one line on stderr and an exit status; never a traceback.
+
+    The training package's commands attach lazily: the engine never imports it to search.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *TRAINING_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in TRAINING_COMMANDS and name not in self.commands:
+            import importlib
+
+            module, attribute = TRAINING_COMMANDS[name]
+            return getattr(importlib.import_module(module), attribute)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):
         try:
