@@ -1,8 +1,12 @@
-"""Attribute binding on the scene test split: does a caption pick its own image over its binding twin?
+"""Compositional tests on the scene test split, each a two-way choice (chance 50%):
 
-For every twin pair (same layout, one attribute swapped between two things; see scenes.py) and every
-caption of one image that the twin does not share, the model scores both images. ITC compares cosines;
-re-ranked compares BLIP's fused score (ITM match logit + ITC cosine). Chance is 50%.
+- binding: for every twin pair (same layout, one attribute swapped between two things; see scenes.py)
+  and every caption of one image that the twin does not share, does the caption score its own image
+  above the twin?
+- relation: for every two-thing image, does its first caption score above the same words with the
+  things exchanged ("a red circle left of a blue square" vs "a blue square left of a red circle")?
+
+ITC compares cosines; re-ranked compares BLIP's fused score (ITM match logit + ITC cosine).
 
     python benchmarks/scenes_binding.py --data /tmp/scenes --model training/demo_model
 """
@@ -31,22 +35,44 @@ def binding_pairs(test_json: Path) -> list[tuple[str, str, str]]:
     return pairs
 
 
-def evaluate(model, data: Path) -> dict[str, float]:
-    pairs = binding_pairs(data / "test.json")
-    names = sorted({p[1] for p in pairs} | {p[2] for p in pairs})
+def _encode(model, data: Path, names: list[str]):
     pixels = [load_image(data / "images" / n, model.info.preprocessing).pixels for n in names]
-    images = model.encode_images(model.pixel_values(pixels))
-    row = {n: i for i, n in enumerate(names)}
+    return model.encode_images(model.pixel_values(pixels)), {n: i for i, n in enumerate(names)}
+
+
+def binding(model, data: Path) -> tuple[int, int, int]:
+    """(pairs, ITC wins, re-ranked wins): one caption against its image and the binding twin."""
+    pairs = binding_pairs(data / "test.json")
+    images, row = _encode(model, data, sorted({p[1] for p in pairs} | {p[2] for p in pairs}))
     itc_wins = fused_wins = 0
     for caption, own, twin in pairs:
         text = model.encode_texts([caption])
         rows = torch.tensor([row[own], row[twin]])
         itc = images.embeddings[rows, 0] @ text.embeddings[0]  # (2,)
         fused = fuse(itc, model.itm_scores(text.tokens, images.features[rows]))
-        itc_wins += int(itc[0] > itc[1])
-        fused_wins += int(fused[0] > fused[1])
-    n = len(pairs)
-    return {"pairs": n, "itc_accuracy": itc_wins / n, "reranked_accuracy": fused_wins / n}
+        itc_wins, fused_wins = itc_wins + int(itc[0] > itc[1]), fused_wins + int(fused[0] > fused[1])
+    return len(pairs), itc_wins, fused_wins
+
+
+def relation(model, data: Path) -> tuple[int, int, int]:
+    """(images, ITC wins, re-ranked wins): one image against its caption and the mirrored caption."""
+    entries = [e for e in json.loads((data / "test.json").read_text()) if "mirror_caption" in e]
+    images, _ = _encode(model, data, [e["image"] for e in entries])
+    itc_wins = fused_wins = 0
+    for i, entry in enumerate(entries):
+        texts = model.encode_texts([entry["caption"][0], entry["mirror_caption"]])
+        itc = texts.embeddings @ images.embeddings[i, 0]  # (2,)
+        fused = fuse(itc, model.itm_scores(texts.tokens, images.features[i:i + 1].expand(2, -1, -1)))
+        itc_wins, fused_wins = itc_wins + int(itc[0] > itc[1]), fused_wins + int(fused[0] > fused[1])
+    return len(entries), itc_wins, fused_wins
+
+
+def evaluate(model, data: Path) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, test in (("binding", binding), ("relation", relation)):
+        n, itc, fused = test(model, data)
+        out[name] = {"cases": n, "itc_accuracy": round(itc / n, 4), "reranked_accuracy": round(fused / n, 4)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

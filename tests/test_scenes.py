@@ -50,6 +50,9 @@ def test_test_split_has_binding_twins_that_differ_only_in_binding(tmp_path):
         # same words, different order: exactly an attribute-binding contrast
         ours, theirs = entry["caption"][0].split(), twin["caption"][0].split()
         assert sorted(ours) == sorted(theirs) and ours != theirs
+    mirrored = [e for e in entries.values() if "mirror_caption" in e]
+    assert mirrored and all(sorted(e["mirror_caption"].split()) == sorted(e["caption"][0].split())
+                            and e["mirror_caption"] not in e["caption"] for e in mirrored)
 
 
 def test_binding_twin_swaps_one_attribute_and_keeps_the_layout():
@@ -97,7 +100,7 @@ def _write(sc, root: Path) -> Path:
     return root
 
 
-def test_binding_benchmark_pairs_captions_the_twin_does_not_share(tmp_path):
+def test_binding_benchmark_runs_on_the_demo_model(tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("scenes_binding", Path(__file__).parents[1] / "benchmarks" /
@@ -110,6 +113,12 @@ def test_binding_benchmark_pairs_captions_the_twin_does_not_share(tmp_path):
     assert pairs
     for caption, own, twin in pairs:
         assert caption in entries[own]["caption"] and caption not in entries[twin]["caption"]
+    from blipsearch.retrieval.models import load_model
+
+    model = load_model(str(Path(__file__).parents[1] / "training" / "demo_model"), device="cpu", precision="fp32")
+    result = binding.evaluate(model, root)
+    assert result["binding"]["cases"] == len(pairs) and result["relation"]["cases"] > 0
+    assert all(0 <= r[k] <= 1 for r in result.values() for k in ("itc_accuracy", "reranked_accuracy"))
 
 
 def test_demo_folder_holds_the_readme_query_and_its_distractors(tmp_path):
