@@ -137,6 +137,49 @@ def baseline_latencies(model_dir: Path, queries: list[str]) -> dict:
     return {"p50_ms": 1000 * statistics.median(times), "queries": len(times)}
 
 
+def itm_levers(model_dir: Path, repeats: int = 5) -> dict:
+    """ITM of one query over 32 stored feature maps, lever by lever (ms, median of `repeats`)."""
+    import torch
+    from transformers import AutoTokenizer, BlipForImageTextRetrieval
+
+    from blipsearch.retrieval.models import load_model
+
+    features = torch.randn(CANDIDATES, 577, 768, generator=torch.Generator().manual_seed(0))
+    reference = BlipForImageTextRetrieval.from_pretrained(model_dir).eval()
+    tokens = AutoTokenizer.from_pretrained(model_dir)([QUERIES[0]] * CANDIDATES, return_tensors="pt")
+    mask = torch.ones(CANDIDATES, 577, dtype=torch.long)
+
+    def plain(dtype):
+        encoder, head = reference.text_encoder.to(dtype), reference.itm_head.to(dtype)
+        x = features.to(dtype)
+        return lambda: head(encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                                    encoder_hidden_states=x, encoder_attention_mask=mask).last_hidden_state[:, 0])
+
+    def ours(precision):
+        model = load_model(str(model_dir), "cpu", precision, with_vision=False)
+        single = model.tokenize([QUERIES[0]])
+        return lambda: model.itm_scores(single, features)
+
+    levers = {"transformers text encoder over stored features, fp32": lambda: plain(torch.float32),
+              "+ bf16": lambda: plain(torch.bfloat16),
+              "our text tower (folded cross-attention, last layer at [ENC] only), fp32": lambda: ours("fp32"),
+              "+ bf16 (the default)": lambda: ours("bf16")}
+    return {name: _median_ms(build(), repeats) for name, build in levers.items()}  # one at a time
+
+
+def _median_ms(run, repeats: int) -> float:
+    import torch
+
+    with torch.inference_mode():
+        run()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 def cold_latencies(model_dir: Path, index: Path, runs: int) -> dict:
     command = [sys.executable, "-m", "blipsearch.retrieval.cli", "query", QUERIES[0], "--index", str(index),
                "--candidates", str(CANDIDATES), "--model", str(model_dir)]
@@ -150,6 +193,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--baseline-queries", type=int, default=3)
     parser.add_argument("--cold-runs", type=int, default=3)
+    parser.add_argument("--levers", action="store_true", help="also time the ITM pass lever by lever")
     args = parser.parse_args()
 
     model = save_random_blip_base(args.workdir / "blip-base-random")
@@ -159,6 +203,8 @@ def main() -> None:
     cold = cold_latencies(model, index, args.cold_runs)
     report = {"images": args.images, "candidates": CANDIDATES, "warm": warm, "baseline_transformers": baseline,
               "speedup_p50": baseline["p50_ms"] / warm["p50_ms"], "cold": cold}
+    if args.levers:
+        report["itm_levers_ms"] = itm_levers(model)
     print_json(report)
     print(f"\nquery with ITM re-rank of {CANDIDATES} over {args.images} images: warm p50 {warm['p50_ms']:.0f} ms, "
           f"p95 {warm['p95_ms']:.0f} ms; transformers {baseline['p50_ms']:.0f} ms -> "
