@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from test_training_loop import scenes
 
 from blipsearch.retrieval.annotations import load_annotations
+
+from test_training_loop import scenes
 
 SIZES = {"train": 12, "val": 4, "test": 16}
 

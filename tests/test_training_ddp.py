@@ -5,9 +5,10 @@ import os
 
 import torch
 import torch.multiprocessing as mp
-from test_training_model import batch_of, tiny
 
 from blipsearch.training.objectives import Batch, BlipObjective, Progress
+
+from test_training_model import batch_of, tiny
 
 CAPTIONS = ["a red circle left of a blue square", "a small green triangle", "a blue square above a red circle",
             "a red circle", "a small green triangle and a red circle", "a blue square left of a green triangle"]

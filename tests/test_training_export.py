@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training_loop import scenes, tiny_config
 
 from blipsearch.indexer.images import load_image
 from blipsearch.retrieval.models import load_model
@@ -16,6 +15,8 @@ from blipsearch.training.checkpoint import LAST, read
 from blipsearch.training.config import from_dict
 from blipsearch.training.data import normalise
 from blipsearch.training.loop import export_checkpoint, prepare_model, train
+
+from test_training_loop import scenes, tiny_config
 
 
 @pytest.fixture(scope="module")
