@@ -39,7 +39,7 @@ def manifest_for(info: ModelInfo) -> dict:
 def read_manifest(path: Path) -> dict | None:
     try:
         return json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no index there (or no folder at all)
         return None
     except (OSError, json.JSONDecodeError) as exc:
         raise StoreError(f"index manifest {path / MANIFEST} is unreadable ({exc}); "

@@ -17,6 +17,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -54,6 +55,7 @@ class IndexOptions:
     workers: int = 2  # decoding threads (0: decode in the encoding thread, no overlap)
     progress: bool = True
     reduced_decode: bool = True  # JPEGs decode at reduced scale (see images.load_image)
+    allow_empty: bool = False  # an empty folder removes its indexed files (else they are kept, with a warning)
     on_skip: Callable[[str, str], None] | None = None  # called as files are skipped
 
 
@@ -63,14 +65,30 @@ def index_folders(roots: Sequence[str | Path], model: RetrievalModel, store: Ind
     summary = IndexSummary()
     folders = resolve_roots(roots)
     found = scan(folders)
+    for path, reason in found.skipped:
+        _skip(path, reason, options, summary)
     stored = store.file_records()
-    _remove_vanished(store, stored, found.files, [str(f) for f in folders], found.unreadable_dirs, summary)
+    kept = _empty_folders_with_files(folders, found, stored, options.allow_empty)
+    _remove_vanished(store, stored, found.files, [str(f) for f in folders], found.unreadable_dirs + kept, summary)
     changed = [f for f in found.files if not _unchanged(stored.get(f.path), f)]
     summary.unchanged = len(found.files) - len(changed)
     _Run(store, model, stored, options, summary).process(changed)
     store.prune_images()
     store.finish()
     return summary
+
+
+def _empty_folders_with_files(folders: list[Path], found, stored: dict[str, FileRecord],
+                              allow_empty: bool) -> list[str]:
+    """Folders that now look empty but had indexed files: an unmounted drive, most likely. Kept unless allowed."""
+    if allow_empty:
+        return []
+    empty = [str(f) for f in folders if not any(is_under(x.path, [str(f)]) for x in found.files)]
+    held = [f for f in empty if any(is_under(p, [f]) for p in stored)]
+    for folder in held:
+        log.warning("%s is empty, but the index holds files from it: kept (an unmounted drive?); "
+                    "pass --allow-empty to remove them", folder)
+    return held
 
 
 def _unchanged(record: FileRecord | None, stat: FileStat) -> bool:
@@ -108,8 +126,8 @@ class _Run:
 
     def process(self, changed: list[FileStat]) -> None:
         read = bounded_map(self._read, changed, self.options.workers, ahead=2 * self.options.batch_size)
-        with tqdm(total=len(changed), desc="indexing", unit="img", disable=not self.options.progress or not changed,
-                  ) as self.progress:
+        quiet = not self.options.progress or not changed
+        with closing(read), tqdm(total=len(changed), desc="indexing", unit="img", disable=quiet) as self.progress:
             for item in read:
                 self._take(item)
             self._commit()
@@ -197,10 +215,13 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: i
         yield from map(fn, items)
         return
     items = iter(items)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         pending = deque(pool.submit(fn, item) for item in islice(items, ahead))
         while pending:
             result = pending.popleft().result()
             for item in islice(items, 1):
                 pending.append(pool.submit(fn, item))
             yield result
+    finally:  # also when the consumer stops early (an error, Ctrl-C): queued work is dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -38,6 +38,7 @@ class FileStat:
 class ScanResult:
     files: list[FileStat] = field(default_factory=list)
     unreadable_dirs: list[str] = field(default_factory=list)  # their contents are neither added nor removed
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): found but not indexable
 
 
 def resolve_roots(roots: Iterable[str | Path]) -> list[Path]:
@@ -61,6 +62,10 @@ def scan(roots: Iterable[Path], extensions: frozenset[str] | None = None) -> Sca
             if Path(path).suffix.lower() not in extensions or path in seen:
                 continue
             seen.add(path)
+            if not _utf8(path):
+                result.skipped.append((path.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
+                                       "file name is not valid UTF-8; rename the file"))
+                continue
             try:
                 st = os.stat(path)
             except OSError:
@@ -93,6 +98,14 @@ def content_hash(path: str | Path) -> str:
 
 def hash_bytes(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the file system gave that are no UTF-8 (old archives, Samba)
+        return False
+    return True
 
 
 def is_under(path: str, folders: Iterable[str]) -> bool:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from blipsearch.retrieval.errors import IndexLockedError, InvalidInputError
+from blipsearch.retrieval.errors import IndexLockedError, InvalidInputError, StoreError
 from blipsearch.retrieval.models.base import ModelInfo
 
 from . import codec, snapshot
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 FILES, IMAGES = "files", "images"
 _IN_CHUNK = 512  # values per SQL IN (...) list
 RETIRE_BELOW = 0.5  # a feature segment with less than this share of live records is copied forward
+# Every name an index folder may hold: anything else means the folder is not ours to write or delete.
+INDEX_NAMES = frozenset({MANIFEST, MANIFEST + ".tmp", f"{FILES}.lance", f"{IMAGES}.lance", "features", ".lock",
+                         snapshot.FOLDER, snapshot.FOLDER + ".tmp", snapshot.FOLDER + ".old"})
 SEGMENT_BYTES = 4 << 30  # runs append to the last segment until it holds this much
 
 
@@ -69,12 +72,13 @@ class ImageRecord:
 class IndexWriter:
     """The one process that changes an index. Open with `IndexWriter.open`; `finish`, then `close`."""
 
-    def __init__(self, path: Path, manifest: dict, lock_fd: int):
+    def __init__(self, path: Path, manifest: dict, lock_fd: int, settled: bool = False):
         import lancedb
 
         self.path = path
         self.manifest = manifest
         self._lock_fd: int | None = lock_fd
+        self._changed = not settled  # a run after a killed one must rewrite the snapshot even if idle
         db = lancedb.connect(str(path))
         self.files = db.open_table(FILES)
         self.images = db.open_table(IMAGES)
@@ -84,21 +88,25 @@ class IndexWriter:
     @classmethod
     def open(cls, path: Path, info: ModelInfo, rebuild: bool = False) -> IndexWriter:
         """Create the index for `info` if absent; refuse an index of another model unless `rebuild`."""
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the index folder {path}: {exc.strerror or exc}") from exc
         lock_fd = _lock(path)
         try:
+            if any(p.name not in INDEX_NAMES for p in path.iterdir()):
+                raise InvalidInputError(f"{path} holds files that are not a blipsearch index; "
+                                        "choose another --index location")
+            if rebuild:
+                _drop(path)  # also what repairs an index whose manifest is damaged
             manifest = read_manifest(path)
-            if manifest is not None and rebuild:
+            if manifest is None:  # a new index, or the remains of one whose creation was cut short
                 _drop(path)
-                manifest = None
-            if manifest is None:
-                if any(p.name != ".lock" for p in path.iterdir()):
-                    raise InvalidInputError(f"{path} is not empty and holds no blipsearch index; "
-                                            "choose another --index location")
                 manifest = _create(path, info)
             check_model(manifest, info, path)
+            settled = manifest.get("writing") is not True and manifest.get("generation", 0) > 0
             _start_run(path, manifest)
-            return cls(path, manifest, lock_fd)
+            return cls(path, manifest, lock_fd, settled)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -124,21 +132,28 @@ class IndexWriter:
             return
         slots = self.features.append(self._segment, [r.features.record() for r in records])
         self.images.add(self._images_table(records, slots))
+        self._changed = True
 
     def upsert_files(self, records: Sequence[FileRecord]) -> None:
         if records:
             table = pa.Table.from_pylist([asdict(r) for r in records], schema=FILES_SCHEMA)
             self.files.merge_insert("path").when_matched_update_all().when_not_matched_insert_all() \
                 .execute(table)
+            self._changed = True
 
     def delete_files(self, paths: Iterable[str]) -> None:
-        _delete_in(self.files, "path", paths)
+        paths = list(paths)
+        if paths:
+            _delete_in(self.files, "path", paths)
+            self._changed = True
 
     def prune_images(self) -> int:
         """Drop images that no file refers to any more; returns how many."""
         referenced = set(self.files.to_arrow().column("hash").to_pylist())
         orphans = [h for h in self.known_hashes() if h not in referenced]
-        _delete_in(self.images, "hash", orphans)
+        if orphans:
+            _delete_in(self.images, "hash", orphans)
+            self._changed = True
         return len(orphans)
 
     def compact(self) -> None:
@@ -147,12 +162,20 @@ class IndexWriter:
             table.optimize(cleanup_older_than=timedelta(minutes=1))
 
     def finish(self) -> None:
-        """After a run: retire sparse feature segments, compact, write the snapshot, bump the generation."""
+        """After a run: retire sparse feature segments, compact, write the snapshot, bump the generation.
+
+        A run that changed nothing (after one that finished) only lowers the `writing` flag.
+        """
+        if not self._changed:
+            self.manifest.update(writing=False)
+            write_manifest(self.path, self.manifest)
+            return
         self._retire_sparse_segments()
         self.compact()
-        for table in (self.files, self.images):
-            if table.count_rows():
-                table.create_index("hash", config=_btree(), replace=True)
+        for table, columns in ((self.files, ("path", "hash")), (self.images, ("hash",))):
+            if table.count_rows():  # writes find files by path, readers of the tables look up hashes
+                for column in columns:
+                    table.create_index(column, config=_btree(), replace=True)
         generation = self.manifest.get("generation", 0) + 1
         snapshot.from_tables(self.images, self.files, self.manifest).save(self.path, generation)
         self.manifest.update(generation=generation, writing=False, updated=now())
@@ -247,9 +270,14 @@ def _create(path: Path, info: ModelInfo) -> dict:
 
 
 def _drop(path: Path) -> None:
-    (path / MANIFEST).unlink()
-    for name in (f"{FILES}.lance", f"{IMAGES}.lance", "features", snapshot.FOLDER):
-        shutil.rmtree(path / name, ignore_errors=True)
+    """Delete everything of an index but the lock; the manifest goes last, so a cut-short drop is redone."""
+    for name in sorted(INDEX_NAMES - {".lock", MANIFEST}):
+        target = path / name
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+    (path / MANIFEST).unlink(missing_ok=True)
 
 
 def _lock(path: Path) -> int:

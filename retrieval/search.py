@@ -66,8 +66,9 @@ class Searcher:
         if not text.strip():
             raise InvalidInputError("the query text is empty")
         encoded = self.model.encode_texts([text])
-        depth = max(options.candidates, options.top) if not options.rerank else options.candidates
-        recalled = self.source.recall(encoded.embeddings[0].numpy(), depth, options.under)
+        # --top beyond --candidates re-ranks more: the user asked for that many results
+        recalled = self.source.recall(encoded.embeddings[0].numpy(), max(options.candidates, options.top),
+                                      options.under)
         if not options.rerank:
             return [Hit(key, itc, itc, None) for key, itc in recalled[:options.top]]
         hits = self.rerank(encoded.tokens, recalled)

@@ -101,6 +101,7 @@ def test_copies_are_listed_once(tmp_path, tiny_model_dir):
     (["query", QUERY], "no index at"),
     (["status"], "no index at"),
     (["query", QUERY, "--no-rerank", "--min-prob", "0.5"], "--min-prob needs the ITM re-rank"),
+    (["query", "--image", "x.jpg", "--min-prob", "0.5"], "--image ranks by ITC similarity only"),
     (["query"], "give either a query TEXT or --image PATH"),
     (["index", "/no/such/folder"], "/no/such/folder: no such file or folder"),
 ])
@@ -187,3 +188,19 @@ def test_demo_model_answers_the_readme_query_with_the_scene_it_describes(tmp_pat
 
 def query_json_at(index, text, *args):
     return json.loads(blipsearch("query", text, "--json", *args, index=index).stdout)
+
+
+def test_rebuild_keeps_the_index_model(tmp_path, tiny_model_dir):
+    make_folder(tmp_path / "photos", 2)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    blipsearch("index", str(tmp_path / "photos"), "--rebuild", "-q", index=tmp_path / "index")
+    status = json.loads(blipsearch("status", "--json", index=tmp_path / "index").stdout)
+    assert status["model"] == str(tiny_model_dir) and status["files"] == 2
+
+
+def test_an_index_location_that_cannot_be_made_is_one_line(tmp_path, tiny_model_dir):
+    (tmp_path / "a-file").write_text("not a folder")
+    make_folder(tmp_path / "photos", 1)
+    result = blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir),
+                        index=tmp_path / "a-file" / "index", expect=1)
+    assert "cannot create the index folder" in result.stderr and len(result.stderr.strip().splitlines()) == 1

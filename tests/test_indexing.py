@@ -16,7 +16,7 @@ from blipsearch.indexer import codec
 from blipsearch.indexer.pipeline import IndexOptions, index_folders
 from blipsearch.indexer.reader import IndexReader
 from blipsearch.indexer.store import IndexWriter
-from blipsearch.retrieval.errors import IndexLockedError, InvalidInputError, ModelMismatchError
+from blipsearch.retrieval.errors import IndexLockedError, InvalidInputError, ModelMismatchError, StoreError
 from blipsearch.retrieval.models import load_model
 
 from photos import make_folder, make_photo
@@ -140,9 +140,61 @@ def test_another_model_is_refused_and_one_writer_at_a_time(tmp_path, model):
 def test_an_unrelated_folder_is_never_used_as_an_index(tmp_path, model):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "thesis.tex").write_text("precious")
-    with pytest.raises(InvalidInputError, match="not empty and holds no blipsearch index"):
-        IndexWriter.open(tmp_path / "docs", model.info)
+    for rebuild in (False, True):
+        with pytest.raises(InvalidInputError, match="holds files that are not a blipsearch index"):
+            IndexWriter.open(tmp_path / "docs", model.info, rebuild=rebuild)
     assert (tmp_path / "docs" / "thesis.tex").read_text() == "precious"
+
+
+def test_rebuild_repairs_a_damaged_index_and_a_cut_short_one_is_recreated(tmp_path, model):
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    make_folder(photos, 2)
+    run([photos], model, index)
+    (index / "manifest.json").write_text("{half a manifest")
+    with pytest.raises(StoreError, match="rebuild with `blipsearch index --rebuild"):
+        IndexReader.open(index)
+    IndexWriter.open(index, model.info, rebuild=True).close()
+    (index / "manifest.json").unlink()  # as if creation or a rebuild was killed before the manifest
+    assert run([photos], model, index).indexed == 2
+    assert IndexReader.open(index).counts() == (2, 2)
+
+
+def test_an_idle_run_changes_nothing(tmp_path, model):
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    make_folder(photos, 2)
+    run([photos], model, index)
+    generation = json.loads((index / "manifest.json").read_text())["generation"]
+    run([photos], model, index)
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest["generation"] == generation and manifest["writing"] is False
+    assert IndexReader.open(index).from_snapshot
+
+
+def test_an_emptied_folder_keeps_its_files_unless_allowed(tmp_path, model):
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    make_folder(photos, 3)
+    run([photos], model, index)
+    for path in photos.iterdir():
+        path.unlink()  # an unmounted drive looks like this
+    assert run([photos], model, index).removed == 0
+    assert IndexReader.open(index).counts() == (3, 3)
+    store = IndexWriter.open(index, model.info)
+    try:
+        summary = index_folders([photos], model, store, IndexOptions(progress=False, allow_empty=True))
+    finally:
+        store.close()
+    assert summary.removed == 3 and IndexReader.open(index).counts() == (0, 0)
+
+
+def test_file_names_that_are_not_utf8_are_skipped_with_a_reason(tmp_path, model):
+    photos = tmp_path / "photos"
+    make_folder(photos, 1)
+    odd = os.path.join(os.fsencode(photos), b"caf\xe9.png")
+    with open(odd, "wb") as f:
+        f.write((photos / "img000.png").read_bytes())
+    summary = run([photos], model, tmp_path / "index")
+    assert summary.indexed == 1
+    assert [reason for _, reason in summary.skipped] == ["file name is not valid UTF-8; rename the file"]
 
 
 def test_killed_run_resumes_with_exactly_one_row_per_file(tmp_path, tiny_model_dir):

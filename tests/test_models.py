@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,3 +207,58 @@ def test_bf16_scores_stay_within_tolerance_and_keep_the_ranking(tiny_model_dir, 
     assert (fp32 - low).abs().max() < BF16_TOLERANCE
     apart = (fp32[:, None] - fp32[None, :]) > 2 * BF16_TOLERANCE  # pairs the tolerance cannot swap
     assert apart.any() and ((low[:, None] - low[None, :]) > 0)[apart].all()
+
+
+def test_a_config_that_does_not_fit_the_weights_is_one_line(tmp_path, tiny_model_dir):
+    import json
+    import shutil
+
+    directory = Path(shutil.copytree(tiny_model_dir, tmp_path / "m"))
+    config = json.loads((directory / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] = 3  # the weights have 2
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"does not fit its config\.json"):
+        load_model(str(directory), "cpu", "fp32")
+
+
+def test_pickled_weights_are_converted_once_then_read_without_transformers(tmp_path, tiny_model_dir, tiny_model,
+                                                                          monkeypatch):
+    from blipsearch.retrieval.models import blip
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    torch.save(BlipForImageTextRetrieval.from_pretrained(tiny_model_dir).state_dict(), directory / "pytorch_model.bin")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        (directory / name).write_bytes((tiny_model_dir / name).read_bytes())
+    load_model(str(directory), "cpu", "fp32")
+    assert list((tmp_path / "cache").rglob("model.safetensors"))
+    monkeypatch.setattr(blip, "_state_via_transformers", lambda *a: pytest.fail("transformers read it again"))
+    again = load_model(str(directory), "cpu", "fp32")
+    torch.testing.assert_close(again.encode_texts(TEXTS).embeddings, tiny_model.encode_texts(TEXTS).embeddings)
+
+
+def test_a_hub_repository_with_pickles_only_downloads_them(tmp_path, tiny_model_dir, monkeypatch):
+    """Salesforce's BLIP repositories hold pytorch_model.bin only: the download asks for it then."""
+    import huggingface_hub
+
+    from blipsearch.retrieval.models import loading
+
+    snapshot = tmp_path / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    asked = []
+
+    def fake_download(repo_id, local_files_only=False, allow_patterns=None):
+        if local_files_only:
+            raise FileNotFoundError("not cached")
+        asked.append(allow_patterns)
+        if "pytorch_model*.bin" in allow_patterns:
+            (snapshot / "pytorch_model.bin").write_bytes(b"weights")
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    monkeypatch.setattr(loading, "hub_reachable", lambda: True)
+    directory = loading.local_directory(loading.resolve("Salesforce/blip-itm-base-coco"))
+    assert directory == snapshot and (directory / "pytorch_model.bin").exists()
+    assert len(asked) == 2 and "*.safetensors" in asked[0]
+    assert loading.revision(loading.resolve("Salesforce/blip-itm-base-coco"), directory) == "0123abcd"

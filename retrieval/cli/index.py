@@ -26,17 +26,19 @@ from .options import device_option, index_location, index_option, load, model_op
               help="Decoding threads that run ahead of the encoder (0: decode in line).")
 @click.option("--exact-decode", is_flag=True,
               help="Decode JPEGs at full size before resizing (slower; by default they decode at reduced scale).")
-@click.option("--rebuild", is_flag=True, help="Drop the index first (needed to switch models).")
+@click.option("--rebuild", is_flag=True,
+              help="Drop the index first: to switch models, or to repair a damaged index.")
+@click.option("--allow-empty", is_flag=True,
+              help="Let a folder that is now empty remove its indexed files (kept by default: an unmounted drive).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def index_command(folders, model_name, index_path, device, precision, batch_size, workers, exact_decode, rebuild,
-                  quiet):
+                  allow_empty, quiet):
     """Embed every image under FOLDERS (recursively) into the index.
 
     Unchanged files are skipped, changed ones re-encoded, deleted ones removed, and moved or copied
     files reuse their stored features. Interrupting loses at most the batch in flight; run again to
     finish. Exit status 3 means done, with some files skipped (each named on stderr).
     """
-    from blipsearch.indexer.manifest import read_model_id
     from blipsearch.indexer.pipeline import IndexOptions, index_folders
     from blipsearch.indexer.reader import IndexReader
     from blipsearch.indexer.scan import resolve_roots
@@ -45,12 +47,12 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
 
     location = index_location(index_path)
     resolve_roots(folders)  # a missing folder fails before the model loads
-    recorded = None if rebuild else read_model_id(location)
+    recorded = _recorded_model(location, rebuild)
     model = load(model_name or recorded or DEFAULT_MODEL, device, precision)
     store = IndexWriter.open(location, model.info, rebuild=rebuild)
     options = IndexOptions(
         batch_size=batch_size or (64 if model.device.type != "cpu" else 16), workers=workers,
-        progress=not quiet, reduced_decode=not exact_decode,
+        progress=not quiet, reduced_decode=not exact_decode, allow_empty=allow_empty,
         on_skip=lambda path, reason: _say(f"skipped {path}: {reason}"))
     started = time.perf_counter()
     try:
@@ -65,6 +67,20 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
          f"{rate}; the index at {location} holds {files} files")
     if summary.skipped:
         sys.exit(EXIT_SKIPPED)
+
+
+def _recorded_model(location: Path, rebuild: bool) -> str | None:
+    """The index's own model; a damaged manifest is no obstacle to --rebuild (it has no model then)."""
+    from blipsearch.indexer.manifest import read_model_id
+
+    from ..errors import StoreError
+
+    try:
+        return read_model_id(location)
+    except StoreError:
+        if rebuild:
+            return None
+        raise
 
 
 def _say(line: str) -> None:

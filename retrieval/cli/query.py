@@ -44,6 +44,9 @@ def query_command(text, image_path, top, candidates, no_rerank, min_prob, under,
 
     if (text is None) == (image_path is None):
         raise InvalidInputError("give either a query TEXT or --image PATH")
+    if image_path is not None and min_prob is not None:
+        raise InvalidInputError("--min-prob filters on the ITM match probability of a text query; "
+                                "--image ranks by ITC similarity only")
     if as_json and as_paths:
         raise InvalidInputError("--json and --paths exclude each other")
     folders = [_folder(under)] if under is not None else None

@@ -28,12 +28,14 @@ from .blip_text import BlipTextTower, TextTowerConfig
 from .blip_vision import BlipVisionTower, VisionTowerConfig
 from .loading import (
     Checkpoint,
+    converted_directory,
     from_pretrained,
     has_safetensors,
     local_directory,
     read_config,
     read_tensors,
     revision,
+    save_converted,
 )
 from .tokenizer import TextTokenizer
 
@@ -75,20 +77,18 @@ class BlipRetrievalModel:
              with_vision: bool = True) -> BlipRetrievalModel:
         directory = local_directory(checkpoint)
         config = read_config(directory, checkpoint.name)
-        modules = TEXT_MODULES + (VISION_MODULES if with_vision else ())
-        if has_safetensors(directory):
-            _check_safetensors_heads(directory, checkpoint.name)
-            state = read_tensors(directory, modules)
-        else:  # pytorch_model.bin: let transformers read it
-            state = _state_via_transformers(directory, checkpoint.name)
-        text = BlipTextTower(TextTowerConfig.from_blip_config(config))
-        vision = BlipVisionTower(VisionTowerConfig.from_blip_config(config)) if with_vision else None
-        text.load_weights(state)
-        if vision is not None:
-            vision.load_weights(state)
+        info = _model_info(checkpoint, directory, config)
+        state = _read_state(checkpoint.name, directory, info, TEXT_MODULES + (VISION_MODULES if with_vision else ()))
+        try:
+            text = BlipTextTower(TextTowerConfig.from_blip_config(config))
+            vision = BlipVisionTower(VisionTowerConfig.from_blip_config(config)) if with_vision else None
+            text.load_weights(state)
+            if vision is not None:
+                vision.load_weights(state)
+        except (KeyError, RuntimeError, ValueError) as exc:  # sizes in config.json and tensors disagree
+            raise ModelLoadError(f"model {checkpoint.name} does not fit its config.json: {exc}") from exc
         tokenizer = TextTokenizer.from_directory(directory, MAX_TEXT_TOKENS) or _tokenizer_via_transformers(
             directory, checkpoint.name)
-        info = _model_info(checkpoint, directory, config)
         return cls(text, tokenizer, _enc_token_id(tokenizer, config), info, device, dtype, vision)
 
     def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:
@@ -122,6 +122,19 @@ class BlipRetrievalModel:
         logits = self.text.itm_logits(input_ids.to(self.device), attention_mask.to(self.device),  # (N, 2)
                                       features.to(self.device, self.dtype))
         return logits.cpu()  # (N, 2)
+
+
+def _read_state(name: str, directory: Path, info: ModelInfo, modules: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors of `modules`: from safetensors (the checkpoint's own, or a converted copy in the user
+    cache), else through transformers, which reads any format; that copy is then cached as safetensors."""
+    converted = converted_directory(info.model_id, info.revision)
+    for weights in (directory, converted):
+        if has_safetensors(weights):
+            _check_safetensors_heads(weights, name)
+            return read_tensors(weights, modules)
+    state = _state_via_transformers(directory, name)
+    save_converted(converted, state)
+    return state
 
 
 def _state_via_transformers(directory: Path, name: str) -> dict[str, torch.Tensor]:

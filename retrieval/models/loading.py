@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
-# What a retrieval checkpoint needs from a hub repository (configs, tokenizer, weights).
+# What a retrieval checkpoint needs from a hub repository (configs, tokenizer, weights); older repositories
+# (Salesforce's BLIP ones among them) hold PyTorch pickles only, fetched when no safetensors came.
 _DOWNLOAD_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
+_PICKLE_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,10 @@ def local_directory(checkpoint: Checkpoint) -> Path:
             f"cannot load model {checkpoint.name}: it is not in the local Hugging Face cache and the hub "
             "cannot be reached; pass a local model directory with --model PATH")
     try:
-        return Path(snapshot_download(checkpoint.source, allow_patterns=_DOWNLOAD_PATTERNS))
+        directory = Path(snapshot_download(checkpoint.source, allow_patterns=_DOWNLOAD_PATTERNS))
+        if not has_safetensors(directory):
+            directory = Path(snapshot_download(checkpoint.source, allow_patterns=_PICKLE_PATTERNS))
+        return directory
     except Exception as exc:  # network, authorisation, missing repository
         raise ModelLoadError(f"cannot download model {checkpoint.name}: {_first_line(exc)}") from exc
 
@@ -135,14 +140,38 @@ def read_tensors(directory: Path, prefixes: tuple[str, ...]) -> dict[str, Any]:
     if not files:
         raise ModelLoadError(f"model directory {directory} has no .safetensors weights")
     tensors = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)})  # noqa: SIM118  (safe_open is no mapping)
+    try:
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                tensors.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)})  # noqa: SIM118
+    except Exception as exc:  # safetensors raises its own SafetensorError on damaged files
+        raise ModelLoadError(f"cannot read the weights in {directory}: {_first_line(exc)}") from exc
     return tensors
 
 
 def has_safetensors(directory: Path) -> bool:
     return any(directory.glob("*.safetensors"))
+
+
+def converted_directory(model_id: str, revision: str) -> Path:
+    """Where a checkpoint without safetensors gets a safetensors copy, so later loads skip transformers."""
+    import platformdirs
+
+    key = hashlib.sha256(f"{model_id}@{revision}".encode()).hexdigest()[:16]
+    return platformdirs.user_cache_path("blipsearch") / "converted" / key
+
+
+def save_converted(directory: Path, state: dict[str, Any]) -> None:
+    """Write `state` as directory/model.safetensors atomically; a cache that cannot be written is skipped."""
+    from safetensors.torch import save_file
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / "model.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        tmp.replace(directory / "model.safetensors")
+    except OSError as exc:
+        log.info("could not cache converted weights in %s: %s", directory, exc)
 
 
 def _first_line(exc: BaseException) -> str:
