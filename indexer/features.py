@@ -4,8 +4,9 @@ The feature maps are the bulk of an index (446 KB per image for BLIP ViT-B), so 
 LanceDB tables rather than in them: a LanceDB row names its image's (segment, slot), compaction of the
 tables never rewrites feature bytes, and a query reads its candidates' maps with a memory map.
 
-Each indexing run appends to a new segment. A record is written (and fsynced) before the row that names
-it is committed, so a killed run leaves at worst unreferenced bytes. Segments mostly made of records
+Indexing runs append to the current segment until it holds 4 GiB, then open the next one. A record is
+written (and fsynced) before the row that names it is committed, so a killed run leaves at worst
+unreferenced bytes. Segments mostly made of records
 no row names any more are copied forward and retired; retired files are deleted by the next run, so a
 query that started before still finds them.
 """
@@ -67,6 +68,3 @@ class FeatureSegments:
         for segment in segments:
             self._maps.pop(segment, None)
             self._path(segment).unlink(missing_ok=True)
-
-    def disk_bytes(self) -> int:
-        return sum(self._path(s).stat().st_size for s in self.segments())

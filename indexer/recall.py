@@ -2,7 +2,7 @@
 
 Exact (`IndexFlatIP`) up to `EXACT_LIMIT` vectors, where one query still takes a few milliseconds on
 this project's reference machine (see README, Performance); above it an IVF index (nprobe 32) whose
-recall we measured against exact search (benchmarks/recall_ann.py).
+recall we measured against exact search (benchmarks/bench_recall.py).
 
 Several vectors per image (BLIP-2: 32 queries) are stored as consecutive rows; an image's score is the
 maximum over its vectors, as in BLIP-2's ITC.

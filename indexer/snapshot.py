@@ -78,16 +78,17 @@ class Snapshot:
         try:
             if json.loads((folder / "snapshot.json").read_text())["generation"] != generation:
                 return None
-            rows = np.load(folder / "rows.npz")
+            with np.load(folder / "rows.npz") as rows:
+                hashes, segments, slots = rows["hashes"].astype(str), rows["segments"], rows["slots"]
             path_rows = np.load(folder / "paths_rows.npy")
             text = (folder / "paths.bin").read_bytes().decode("utf-8", "surrogateescape")
             recall = RecallIndex.load(folder)
-        except (OSError, ValueError, KeyError):
+        except Exception:  # missing, damaged or half-replaced: the tables can always answer instead
             return None
         paths = text.split("\0") if text else []
-        if recall is None or len(paths) != len(path_rows):
+        if recall is None or len(paths) != len(path_rows) or not len(hashes) == len(segments) == len(slots):
             return None
-        return cls(rows["hashes"].astype(str), rows["segments"], rows["slots"], recall, path_rows, paths)
+        return cls(hashes, segments, slots, recall, path_rows, paths)
 
 
 def from_tables(images, files, manifest: dict) -> Snapshot:

@@ -13,6 +13,7 @@ image's features at a time, and (Q, P) score matrices are ranked a block of rows
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -124,7 +125,7 @@ def check_images(root: Path, paths: list[str]) -> None:
 def encode_captions(model: RetrievalModel, dataset: list[AnnotatedImage], batch_size: int,
                     progress: bool = True) -> TextSet:
     """ITC embeddings and ITM tokens of every caption, in annotation order."""
-    captions = [c for item in dataset for c in item.captions]
+    captions = [pre_caption(c) for item in dataset for c in item.captions]
     if not captions:
         raise InvalidInputError("the annotation file has no captions for these images")
     image_of = torch.tensor([i for i, item in enumerate(dataset) for _ in item.captions], dtype=torch.long)
@@ -140,6 +141,13 @@ def encode_captions(model: RetrievalModel, dataset: list[AnnotatedImage], batch_
     tokens = TextTokens(input_ids=torch.cat([_pad(t, length) for t in ids]),
                         attention_mask=torch.cat([_pad(m, length) for m in masks]))
     return TextSet(torch.cat(embeddings), tokens, image_of)
+
+
+def pre_caption(caption: str, max_words: int = 30) -> str:
+    """BLIP's caption cleaning for evaluation (`pre_caption` in salesforce/BLIP data/utils.py, LAVIS's
+    BlipCaptionProcessor): lower case, the punctuation .!"()*#:;~ to spaces, single spaces, max_words words."""
+    caption = re.sub(r"\s{2,}", " ", re.sub(r"([.!\"()*#:;~])", " ", caption.lower())).strip()
+    return " ".join(caption.split(" ")[:max_words])
 
 
 def _pad(tokens: torch.Tensor, length: int) -> torch.Tensor:

@@ -310,3 +310,10 @@ def test_published_figures_sit_beside_ours_with_a_note_on_subsets():
     data = to_json(run, _result(100), published)
     assert data["published"]["txt_r1"] == 82.0 and data["itm_pairs_per_second"] == 20.0
     assert data["rerank"]["r_mean"] == pytest.approx((80 + 95 + 97.5 + 60 + 85 + 90) / 6)
+
+
+def test_captions_are_cleaned_as_blip_does():
+    from blipsearch.retrieval.evaluation import pre_caption
+
+    assert pre_caption('A man (left) riding a "horse"; on the beach!!  ') == "a man left riding a horse on the beach"
+    assert pre_caption(" ".join(["word"] * 40)) == " ".join(["word"] * 30)

@@ -39,3 +39,14 @@ def test_threshold_one_keeps_nothing_and_a_caption_folder_works(trained, tmp_pat
     out = tmp_path / "none.json"
     assert "kept 0/1 web and 0/1 synthetic" in _capfilt(folder, out, trained, "--threshold", "1")
     assert json.loads(out.read_text()) == []
+
+
+def test_a_retrieval_checkpoint_is_refused_as_captioner(tiny_model_dir):
+    import pytest
+    import torch
+
+    from blipsearch.retrieval.errors import ModelLoadError
+    from blipsearch.training.capfilt import Captioner
+
+    with pytest.raises(ModelLoadError, match="no trained text_decoder"):
+        Captioner(str(tiny_model_dir), torch.device("cpu"))

@@ -46,7 +46,8 @@ class Captioner:
         from .export import checkpoint_dir, load_pretrained, read_preprocessing
 
         directory = checkpoint_dir(name)
-        self.model = load_pretrained(BlipForConditionalGeneration, directory, name).to(device).eval()
+        self.model = load_pretrained(BlipForConditionalGeneration, directory, name, require="text_decoder")
+        self.model = self.model.to(device).eval()
         self.tokenizer = load_pretrained(AutoTokenizer, directory, name)
         self.preprocessing = read_preprocessing(directory, name)
         self.device = device

@@ -42,6 +42,8 @@ def train_command(config: str | None, overrides: tuple[str, ...], output: str | 
 
     _show_training_logs()
     cfg = load_config(config, [*overrides, *([f"output={output}"] if output else [])])
+    if not cfg.data.train:
+        raise BlipsearchError("no training data: set data.train in CONFIG or pass --set data.train=FILE_OR_FOLDER")
     try:
         path = train(cfg, resume=resume)
         is_main = distributed.current().is_main
@@ -58,9 +60,11 @@ def train_command(config: str | None, overrides: tuple[str, ...], output: str | 
 @click.option("--filter", "filter_model", required=True, help="Retrieval checkpoint whose ITM head filters.")
 @click.option("--images", type=click.Path(file_okay=False), help="Folder that SOURCE's image paths are relative to.")
 @click.option("--split", default="train", show_default=True, help="Split of a Karpathy SOURCE.")
-@click.option("--samples", default=1, show_default=True, help="Synthetic captions per image.")
-@click.option("--top-p", default=0.9, show_default=True, help="Nucleus sampling mass.")
-@click.option("--threshold", default=0.5, show_default=True, help="Keep captions whose ITM match probability is above.")
+@click.option("--samples", type=click.IntRange(1), default=1, show_default=True, help="Synthetic captions per image.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+              help="Nucleus sampling mass.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Keep captions whose ITM match probability is above.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 def capfilt_command(source, out, captioner, filter_model, images, split, samples, top_p, threshold, device,

@@ -73,12 +73,17 @@ def checkpoint_dir(name: str) -> Path:
     return local_directory(resolve(name))
 
 
-def load_pretrained(loader, directory: Path, name: str):
-    """`loader.from_pretrained(directory)` with a one-line `ModelLoadError`."""
-    try:
-        return loader.from_pretrained(str(directory))
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot load model {name}: {str(exc).strip().splitlines()[0]}") from exc
+def load_pretrained(loader, directory: Path, name: str, require: str | None = None):
+    """`loader.from_pretrained(directory)` with one-line errors; refuses a checkpoint whose `require`
+    module would be left at random initialisation (a retrieval checkpoint given as a captioner)."""
+    from blipsearch.retrieval.models.loading import from_pretrained
+
+    if require is None:
+        return from_pretrained(directory, name, loader)
+    model, loading = from_pretrained(directory, name, loader, output_loading_info=True)
+    if any(key.startswith(require + ".") for key in loading.get("missing_keys", ())):
+        raise ModelLoadError(f"model {name} has no trained {require}: it is not a captioning checkpoint")
+    return model
 
 
 def read_preprocessing(directory: Path, name: str) -> Preprocessing:
