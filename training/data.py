@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from blipsearch.indexer.images import load_image
+from blipsearch.indexer.scan import supported_extensions  # the engine's formats (HEIC with pillow-heif)
 from blipsearch.retrieval.annotations import load_annotations
 from blipsearch.retrieval.errors import InvalidInputError
 from blipsearch.retrieval.models.base import Preprocessing
@@ -30,7 +31,6 @@ from .objectives import Batch
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's, as BLIP's image processor
 BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -60,7 +60,7 @@ def folder_samples(folder: str | Path) -> list[Sample]:
     """Pairs from images with a same-stem `.txt` beside them (one caption per non-empty line)."""
     folder = Path(folder)
     pairs = []
-    for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in supported_extensions()):
         text = image.with_suffix(".txt")
         if text.is_file():
             lines = text.read_text(encoding="utf-8").splitlines()

@@ -87,14 +87,10 @@ def load_pretrained(loader, directory: Path, name: str, require: str | None = No
 
 
 def read_preprocessing(directory: Path, name: str) -> Preprocessing:
-    """A checkpoint's image processor settings (resize to height x width, rescale, normalise)."""
-    import transformers
+    """A checkpoint's image processor settings, read as the search engine reads them."""
+    from blipsearch.retrieval.models.blip import read_preprocessing as engine_preprocessing
 
-    processor = load_pretrained(transformers.BlipImageProcessorPil, directory, name)
-    size = processor.size
-    height, width = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
-    return Preprocessing(height=int(height), width=int(width), mean=tuple(map(float, processor.image_mean)),
-                         std=tuple(map(float, processor.image_std)), resample="bicubic")
+    return engine_preprocessing(directory, name)
 
 
 def read_hf_checkpoint(name: str):

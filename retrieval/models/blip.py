@@ -205,11 +205,11 @@ def _model_info(checkpoint: Checkpoint, directory: Path, config: dict) -> ModelI
         vectors_per_image=1,
         feature_tokens=(image_size // patch_size) ** 2 + 1,  # patches + [CLS]
         feature_dim=vision.get("hidden_size", 768),
-        preprocessing=_preprocessing(directory, checkpoint.name),
+        preprocessing=read_preprocessing(directory, checkpoint.name),
     )
 
 
-def _preprocessing(directory: Path, name: str) -> Preprocessing:
+def read_preprocessing(directory: Path, name: str) -> Preprocessing:
     """The image processor's settings, read from preprocessor_config.json with BlipImageProcessor's defaults."""
     try:
         stored = json.loads((directory / "preprocessor_config.json").read_text())
