@@ -1,13 +1,30 @@
-"""`manifest.json`: what an index holds and how it was made, and the checks made against it."""
+"""`manifest.json`: what an index holds and how it was made, and the checks made against it.
+
+Two parts, kept apart in code and side by side in the file:
+  `Identity`  what the stored vectors mean: model id + revision + family, shapes, codec, preprocessing.
+              Fixed when the index is created; a model that does not match it is refused.
+  `RunState`  bookkeeping of the indexing runs: generation, the `writing` flag, feature segments.
+
+The file is written atomically (a reader sees the old manifest or the new one). Every reader validates
+it and turns anything unexpected into one `IndexDamagedError` line that says how to rebuild.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from blipsearch.retrieval.errors import ModelMismatchError, StoreError
+from blipsearch.retrieval.errors import (
+    IndexDamagedError,
+    InvalidInputError,
+    ModelMismatchError,
+    StoreError,
+    printable,
+)
 from blipsearch.retrieval.models.base import ModelInfo
 
 from . import codec
@@ -25,58 +42,163 @@ def default_location() -> Path:
     return platformdirs.user_data_path("blipsearch") / "index"
 
 
-def manifest_for(info: ModelInfo) -> dict:
-    """The identity part of a manifest, JSON-shaped (lists, not tuples) so that it compares with a stored one."""
-    return json.loads(json.dumps({
-        "schema_version": SCHEMA_VERSION,
-        "model": {"id": info.model_id, "revision": info.revision, "family": info.family},
-        "embedding": {"dim": info.embed_dim, "vectors_per_image": info.vectors_per_image},
-        "features": {"tokens": info.feature_tokens, "dim": info.feature_dim, "codec": codec.CODEC},
-        "preprocessing": info.preprocessing.to_dict(),
-    }))
-
-
-def read_manifest(path: Path) -> dict | None:
+def check_location(path: Path) -> None:
+    """An index lives where its path can be named in UTF-8 (LanceDB and the manifest need that)."""
     try:
-        return json.loads((path / MANIFEST).read_text())
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"the index location {printable(str(path))} is not valid UTF-8; "
+                                "choose another index folder") from None
+
+
+def rebuild_hint(model_id: str | None) -> str:
+    model = shlex.quote(model_id) if model_id else "MODEL"
+    return f"rebuild it with `blipsearch index --rebuild --model {model} FOLDER...`"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What the stored vectors mean. JSON form: the nested objects of manifest.json."""
+
+    model_id: str
+    revision: str
+    family: str
+    embed_dim: int
+    vectors_per_image: int
+    feature_tokens: int
+    feature_dim: int
+    codec: str
+    preprocessing: dict
+
+    @classmethod
+    def of(cls, info: ModelInfo) -> Identity:
+        return cls(info.model_id, info.revision, info.family, info.embed_dim, info.vectors_per_image,
+                   info.feature_tokens, info.feature_dim, codec.CODEC,
+                   json.loads(json.dumps(info.preprocessing.to_dict())))  # tuples as lists, as stored
+
+    @property
+    def record_bytes(self) -> int:
+        return codec.packed_bytes(self.feature_tokens, self.feature_dim)
+
+    def to_json(self) -> dict:
+        return {
+            "model": {"id": self.model_id, "revision": self.revision, "family": self.family},
+            "embedding": {"dim": self.embed_dim, "vectors_per_image": self.vectors_per_image},
+            "features": {"tokens": self.feature_tokens, "dim": self.feature_dim, "codec": self.codec},
+            "preprocessing": self.preprocessing,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Identity:
+        model, embedding, features = data["model"], data["embedding"], data["features"]
+        identity = cls(model["id"], model["revision"], model["family"], embedding["dim"],
+                       embedding["vectors_per_image"], features["tokens"], features["dim"], features["codec"],
+                       data["preprocessing"])
+        ints = (identity.embed_dim, identity.vectors_per_image, identity.feature_tokens, identity.feature_dim)
+        strings = (identity.model_id, identity.revision, identity.family, identity.codec)
+        if not (all(type(n) is int and n > 0 for n in ints) and all(isinstance(s, str) for s in strings)
+                and isinstance(identity.preprocessing, dict)):
+            raise ValueError("model or shape fields of the wrong type")
+        return identity
+
+
+@dataclass
+class RunState:
+    """Bookkeeping of indexing runs. JSON form: top-level keys of manifest.json."""
+
+    generation: int = 0  # finished runs; the snapshot mirrors this generation
+    writing: bool = False  # a run is under way, or the last one was killed: readers use the tables
+    current_segment: int = 0  # feature segment this run appends to (0: none chosen yet)
+    next_segment: int = 1  # segment ids are never reused: an older snapshot may still name one
+    retired_segments: list[int] = field(default_factory=list)  # deleted at the start of the next run
+    damaged: str | None = None  # why the index must be rebuilt (e.g. a --rebuild was cut short)
+    created: str | None = None
+    updated: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunState:
+        state = cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        counters = (state.generation, state.current_segment, state.next_segment, *state.retired_segments)
+        if not (all(type(n) is int and n >= 0 for n in counters) and isinstance(state.writing, bool)):
+            raise ValueError("run fields of the wrong type")
+        return state
+
+
+@dataclass
+class Manifest:
+    identity: Identity
+    run: RunState
+    schema_version: int = SCHEMA_VERSION
+
+    @classmethod
+    def new(cls, info: ModelInfo) -> Manifest:
+        return cls(Identity.of(info), RunState(created=now(), updated=now()))
+
+    def to_json(self) -> dict:
+        run = {k: v for k, v in asdict(self.run).items() if k != "damaged" or v is not None}
+        return {"schema_version": self.schema_version, **self.identity.to_json(), **run}
+
+    @classmethod
+    def from_json(cls, data: object) -> Manifest:
+        """Raises ValueError, KeyError or TypeError on anything that is not a manifest."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return cls(Identity.from_json(data), RunState.from_json(data), data["schema_version"])
+
+    def hint(self) -> str:
+        return rebuild_hint(self.identity.model_id)
+
+
+def read_manifest(path: Path) -> Manifest | None:
+    """The index's manifest, None where there is none; `IndexDamagedError` where it cannot be used."""
+    try:
+        data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except (FileNotFoundError, NotADirectoryError):  # no index there (or no folder at all)
         return None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise StoreError(f"index manifest {path / MANIFEST} is unreadable ({exc}); "
-                         "rebuild with `blipsearch index --rebuild FOLDER`") from exc
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise _unreadable(path, exc) from exc
+    try:
+        manifest = Manifest.from_json(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _unreadable(path, exc) from exc
+    if manifest.schema_version > SCHEMA_VERSION:
+        raise StoreError(f"the index at {path} was written by a newer blipsearch (schema "
+                         f"{manifest.schema_version}); upgrade blipsearch")
+    return manifest
 
 
-def write_manifest(path: Path, manifest: dict) -> None:
+def _unreadable(path: Path, exc: BaseException) -> IndexDamagedError:
+    detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+    return IndexDamagedError(f"the manifest of the index at {path} is damaged ({detail}); "
+                             f"{rebuild_hint(recorded_model(path))}")
+
+
+def recorded_model(path: Path) -> str | None:
+    """The index's model id, from its manifest or, where that is lost, from the snapshot's copy of it."""
+    from .snapshot import snapshot_model
+
+    try:
+        return str(json.loads((path / MANIFEST).read_text(encoding="utf-8"))["model"]["id"])
+    except Exception:  # any damage: look for the copy
+        return snapshot_model(path)
+
+
+def write_manifest(path: Path, manifest: Manifest) -> None:
     """Atomically: a reader sees the old manifest or the new one, never half of one."""
     tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2), encoding="utf-8")
     tmp.replace(path / MANIFEST)
 
 
-def read_model_id(path: Path) -> str | None:
-    """The model an existing index was built with, or None where there is no index."""
-    manifest = read_manifest(path)
-    return manifest["model"]["id"] if manifest else None
-
-
-def record_bytes(manifest: dict) -> int:
-    return codec.packed_bytes(manifest["features"]["tokens"], manifest["features"]["dim"])
-
-
-def check_model(manifest: dict, info: ModelInfo, path: Path) -> None:
-    """Refuse vectors from another model, revision or preprocessing than the index holds."""
-    if manifest.get("schema_version", 0) > SCHEMA_VERSION:
-        raise StoreError(f"index at {path} was written by a newer blipsearch (schema "
-                         f"{manifest['schema_version']}); upgrade blipsearch")
-    expected = manifest_for(info)
-    model = manifest["model"]
-    same = model["revision"] == info.revision and all(
-        manifest[key] == expected[key] for key in ("embedding", "features", "preprocessing"))
-    if not same:
+def check_model(manifest: Manifest, info: ModelInfo, path: Path) -> None:
+    """Refuse vectors from another model, family, revision or preprocessing than the index holds."""
+    stored, asked = manifest.identity, Identity.of(info)
+    if stored != replace(asked, model_id=stored.model_id):  # the same files may be named two ways
         raise ModelMismatchError(
-            f"index at {path} holds vectors of model {model['id']} (revision {model['revision']}), not of "
-            f"{info.model_id} (revision {info.revision}); query without --model to use the index's model, "
-            "or rebuild it with `blipsearch index --rebuild --model MODEL FOLDER...` (or pick another --index)")
+            f"the index at {path} holds vectors of the {stored.family} model {stored.model_id} (revision "
+            f"{stored.revision}), not of the {asked.family} model {asked.model_id} (revision {asked.revision}); "
+            f"query without --model to use the index's model, or {rebuild_hint(asked.model_id)} "
+            "(or pick another --index)")
 
 
 def now() -> str:

@@ -13,38 +13,41 @@ from pathlib import Path
 
 import numpy as np
 
-from blipsearch.retrieval.errors import IndexMissingError, StoreError
+from blipsearch.retrieval.errors import IndexDamagedError, StoreError
 
 from . import codec, snapshot
-from .features import FeatureSegments
-from .manifest import read_manifest, record_bytes
+from .features import FeatureSegments, needed_records
+from .layout import FILES, IMAGES, damaged_table, read_index_manifest
+from .manifest import Manifest
 from .scan import is_under
 
 log = logging.getLogger(__name__)
 
 
 class IndexReader:
-    def __init__(self, path: Path, manifest: dict, view: snapshot.Snapshot, from_snapshot: bool):
+    def __init__(self, path: Path, manifest: Manifest, view: snapshot.Snapshot, from_snapshot: bool):
         self.path = path
         self.manifest = manifest
         self.view = view
         self.from_snapshot = from_snapshot  # False: built from the tables (a run is under way or was killed)
-        self._features = FeatureSegments(path, record_bytes(manifest))
+        self._features = FeatureSegments(path, manifest.identity.record_bytes)
 
     @classmethod
     def open(cls, path: Path) -> IndexReader:
-        manifest = read_manifest(path)
-        if manifest is None:
-            raise IndexMissingError(f"no index at {path}; create one with `blipsearch index FOLDER`")
-        view = None if manifest.get("writing") else snapshot.Snapshot.load(path, manifest.get("generation", 0))
-        if view is not None:
-            return cls(path, manifest, view, True)
-        return cls(path, manifest, _from_tables(path, manifest), False)
+        """Raises `IndexMissingError` where there is no index, `IndexDamagedError` where it cannot be trusted."""
+        manifest = read_index_manifest(path)
+        run = manifest.run
+        view = None if run.writing else snapshot.Snapshot.load(path, run.generation)
+        reader = cls(path, manifest, view or _from_tables(path, manifest), view is not None)
+        problem = reader._features.check(needed_records(reader.view.segments, reader.view.slots))
+        if problem:
+            raise IndexDamagedError(f"the index at {path} is damaged: {problem}; {manifest.hint()}")
+        return reader
 
     @property
     def interrupted(self) -> bool:
         """An indexing run is under way, or the last one was killed before it finished."""
-        return bool(self.manifest.get("writing"))
+        return self.manifest.run.writing
 
     def counts(self) -> tuple[int, int]:
         """(files, distinct images)"""
@@ -53,9 +56,6 @@ class IndexReader:
     def files(self) -> dict[str, str]:
         """path -> content hash of every indexed file."""
         return {p: str(self.view.hashes[r]) for p, r in zip(self.view.paths, self.view.path_rows, strict=True)}
-
-    def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     def recall(self, query: np.ndarray, k: int, under: Sequence[str] | None = None) -> list[tuple[str, float]]:
         """Top-k images (hash, ITC cosine) for a (D,) query; `under` keeps images with a file in those folders."""
@@ -68,7 +68,7 @@ class IndexReader:
 
     def token_features(self, hashes: Sequence[str]) -> np.ndarray:
         """(K, T, H) float32 features of the given images, in the given order."""
-        spec = self.manifest["features"]
+        identity = self.manifest.identity
         maps = []
         for digest in hashes:
             row = self.view.row_of(digest)
@@ -78,19 +78,20 @@ class IndexReader:
                 record = self._features.read(int(self.view.segments[row]), int(self.view.slots[row]))
             except (OSError, ValueError) as exc:
                 raise StoreError(f"the index at {self.path} changed during the query ({exc}); run it again") from exc
-            maps.append(codec.unpack_record(record, spec["tokens"], spec["dim"]))
-        return np.stack(maps) if maps else np.empty((0, spec["tokens"], spec["dim"]), np.float32)
+            maps.append(codec.unpack_record(record, identity.feature_tokens, identity.feature_dim))
+        return np.stack(maps) if maps else np.empty((0, identity.feature_tokens, identity.feature_dim), np.float32)
 
     def paths_by_hash(self, hashes: Sequence[str]) -> dict[str, list[str]]:
         return {h: list(self.view.paths_of(row)) if (row := self.view.row_of(h)) is not None else []
                 for h in hashes}
 
 
-def _from_tables(path: Path, manifest: dict) -> snapshot.Snapshot:
+def _from_tables(path: Path, manifest: Manifest) -> snapshot.Snapshot:
     import lancedb
 
-    from .store import FILES, IMAGES
-
     log.info("index at %s is being written or was interrupted: reading its tables", path)
-    db = lancedb.connect(str(path))
-    return snapshot.from_tables(db.open_table(IMAGES), db.open_table(FILES), manifest)
+    try:
+        db = lancedb.connect(str(path))
+        return snapshot.from_tables(db.open_table(IMAGES), db.open_table(FILES), manifest.identity)
+    except Exception as exc:  # LanceDB: ValueError (no table), OSError or RuntimeError (damaged files)
+        raise damaged_table(path, manifest, exc) from exc

@@ -3,7 +3,8 @@
     snapshot/rows.npz      per image row: content hash, feature segment and slot
     snapshot/recall.faiss  the FAISS recall index over the rows' ITC vectors (see recall.py)
     snapshot/paths.bin     the files' paths, NUL-separated, grouped by image row (paths_rows.npy)
-    snapshot/snapshot.json the manifest generation it mirrors
+    snapshot/snapshot.json the manifest generation it mirrors, and the model id (a copy that names the
+                           model in the rebuild hint should the manifest be lost)
 
 An indexing run writes it last (`IndexWriter.finish`); while a run is under way, or after one was
 killed, readers build the same picture from the LanceDB tables instead (slower, equally correct).
@@ -16,10 +17,14 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .recall import RecallIndex
+
+if TYPE_CHECKING:
+    from .manifest import Identity
 
 FOLDER = "snapshot"
 
@@ -53,7 +58,7 @@ class Snapshot:
         lo, hi = np.searchsorted(self.path_rows, [row, row + 1])
         return self.paths[lo:hi]
 
-    def save(self, index_path: Path, generation: int) -> None:
+    def save(self, index_path: Path, generation: int, model_id: str) -> None:
         """Write into a fresh folder, then swap it in: readers see the old snapshot or the new one."""
         folder, tmp = index_path / FOLDER, index_path / (FOLDER + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -63,7 +68,7 @@ class Snapshot:
         (tmp / "paths.bin").write_bytes("\0".join(self.paths).encode("utf-8", "surrogateescape"))
         self.recall.save(tmp)
         (tmp / "snapshot.json").write_text(json.dumps({"generation": generation, "images": len(self.hashes),
-                                                       "files": len(self.paths)}))
+                                                       "files": len(self.paths), "model": model_id}))
         old = index_path / (FOLDER + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if folder.exists():
@@ -76,7 +81,7 @@ class Snapshot:
         """The saved snapshot if it mirrors `generation`, else None."""
         folder = index_path / FOLDER
         try:
-            if json.loads((folder / "snapshot.json").read_text())["generation"] != generation:
+            if _meta(index_path)["generation"] != generation:
                 return None
             with np.load(folder / "rows.npz") as rows:
                 hashes, segments, slots = rows["hashes"].astype(str), rows["segments"], rows["slots"]
@@ -91,12 +96,30 @@ class Snapshot:
         return cls(hashes, segments, slots, recall, path_rows, paths)
 
 
-def from_tables(images, files, manifest: dict) -> Snapshot:
+def _meta(index_path: Path) -> dict:
+    return json.loads((index_path / FOLDER / "snapshot.json").read_text())
+
+
+def saved_generation(index_path: Path) -> int | None:
+    """The generation the saved snapshot mirrors; None where there is none (deleted, or never written)."""
+    try:
+        return int(_meta(index_path)["generation"])
+    except Exception:
+        return None
+
+
+def snapshot_model(index_path: Path) -> str | None:
+    try:
+        return str(_meta(index_path)["model"])
+    except Exception:
+        return None
+
+
+def from_tables(images, files, identity: Identity) -> Snapshot:
     """A snapshot of the LanceDB tables as they are now."""
     table = images.to_arrow().select(["hash", "embedding", "segment", "slot"])
-    spec = manifest["embedding"]
     vectors = np.asarray(table.column("embedding").combine_chunks().flatten(), dtype=np.float32)
-    vectors = vectors.reshape(-1, spec["vectors_per_image"], spec["dim"])
+    vectors = vectors.reshape(-1, identity.vectors_per_image, identity.embed_dim)
     file_table = files.to_arrow().select(["path", "hash"])
     return Snapshot.build(table.column("hash").to_pylist(), vectors, table.column("segment").to_numpy(),
                           table.column("slot").to_numpy(), file_table.column("path").to_pylist(),

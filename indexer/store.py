@@ -1,55 +1,100 @@
 """Writing an index: LanceDB tables of record, feature segments, and the snapshot queries read.
 
-Layout of an index folder:
-
-    manifest.json   schema version, model id + revision, shapes, preprocessing, generation
-    files.lance     one row per indexed file: path, size, mtime_ns, hash
-    images.lance    one row per distinct content: hash, ITC vectors, feature (segment, slot), size
-    features/       ITM token features, fixed-size records in append-only segments (features.py)
-    snapshot/       what queries read (snapshot.py), rebuilt at the end of each run
-    .lock           held by the one process that writes
-
-Files point to images by content hash, so a moved, renamed or copied file reuses stored features.
-Every batch is one LanceDB commit: a killed run loses at most the batch in flight.
+The folder's layout is in layout.py. Files point to images by content hash, so a moved, renamed or
+copied file reuses stored features. Every batch is one LanceDB commit: a killed run loses at most the
+batch in flight. Storage failures (a full disk, a read-only folder, a damaged table) are one-line
+`StoreError`s, and a run that fails leaves the index as after its last whole batch.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import os
+import re
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 
-from blipsearch.retrieval.errors import IndexLockedError, InvalidInputError, StoreError
+from blipsearch.retrieval.errors import IndexDamagedError, IndexLockedError, InvalidInputError, StoreError
 from blipsearch.retrieval.models.base import ModelInfo
 
 from . import codec, snapshot
-from .features import FeatureSegments
+from .features import FeatureSegments, needed_records
+from .layout import FILES, IMAGES, INDEX_NAMES, LOCK, check_folder, damaged_table, has_data, read_index_manifest
 from .manifest import (
     MANIFEST,
+    Identity,
+    Manifest,
+    check_location,
     check_model,
-    manifest_for,
     now,
     read_manifest,
-    record_bytes,
+    recorded_model,
     write_manifest,
 )
 
 log = logging.getLogger(__name__)
 
-FILES, IMAGES = "files", "images"
+T = TypeVar("T")
 _IN_CHUNK = 512  # values per SQL IN (...) list
 RETIRE_BELOW = 0.5  # a feature segment with less than this share of live records is copied forward
-# Every name an index folder may hold: anything else means the folder is not ours to write or delete.
-INDEX_NAMES = frozenset({MANIFEST, MANIFEST + ".tmp", f"{FILES}.lance", f"{IMAGES}.lance", "features", ".lock",
-                         snapshot.FOLDER, snapshot.FOLDER + ".tmp", snapshot.FOLDER + ".old"})
 SEGMENT_BYTES = 4 << 30  # runs append to the last segment until it holds this much
+
+
+# errno -> (what happened, what to do); other errors are named by their own message
+_WRITE_FAILURES = {
+    errno.ENOSPC: ("the disk is full", "free some space and run again"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free some space and run again"),
+    errno.EROFS: ("the file system is read-only", "queries still work; index into a writable --index location"),
+    errno.EACCES: ("permission denied", "queries still work; fix the folder's permissions or pick another --index"),
+    errno.EPERM: ("permission denied", "queries still work; fix the folder's permissions or pick another --index"),
+}
+
+
+@contextmanager
+def _store_errors(path: Path) -> Iterator[None]:
+    """OS and LanceDB failures while writing an index become one `StoreError` line.
+
+    What was committed before stays: a run that fails leaves the index as after its last whole batch.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "lance" not in str(exc).lower():
+            raise  # not a storage failure
+        code = exc.errno if isinstance(exc, OSError) else _lance_errno(str(exc))
+        what, todo = _WRITE_FAILURES.get(code, (_first_line(exc), "run again; if it fails again, "
+                                                 "rebuild the index with --rebuild"))
+        raise StoreError(f"cannot write the index at {path}: {what}; {todo} "
+                         "(batches already committed are kept)") from exc
+
+
+def _writes(method: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(method)
+    def wrapper(self: IndexWriter, *args, **kwargs) -> T:
+        with _store_errors(self.path):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _lance_errno(message: str) -> int | None:
+    found = re.search(r"os error (\d+)", message)
+    return int(found.group(1)) if found else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
 
 
 @dataclass(frozen=True)
@@ -72,68 +117,73 @@ class ImageRecord:
 class IndexWriter:
     """The one process that changes an index. Open with `IndexWriter.open`; `finish`, then `close`."""
 
-    def __init__(self, path: Path, manifest: dict, lock_fd: int, settled: bool = False):
-        import lancedb
-
+    def __init__(self, path: Path, manifest: Manifest, lock_fd: int, tables: _Tables, settled: bool = False):
         self.path = path
         self.manifest = manifest
         self._lock_fd: int | None = lock_fd
         self._changed = not settled  # a run after a killed one must rewrite the snapshot even if idle
-        db = lancedb.connect(str(path))
-        self.files = db.open_table(FILES)
-        self.images = db.open_table(IMAGES)
-        self.features = FeatureSegments(path, record_bytes(manifest))
-        self._segment = manifest["current_segment"]  # this run appends here
+        self.files, self.images = tables.files, tables.images
+        self._stored_files, self._known = tables.file_records, tables.hashes  # as read (and checked) at open
+        self.features = tables.features
+        self._segment = manifest.run.current_segment  # this run appends here
 
     @classmethod
     def open(cls, path: Path, info: ModelInfo, rebuild: bool = False) -> IndexWriter:
-        """Create the index for `info` if absent; refuse an index of another model unless `rebuild`."""
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create the index folder {path}: {exc.strerror or exc}") from exc
-        lock_fd = _lock(path)
-        try:
-            if any(p.name not in INDEX_NAMES for p in path.iterdir()):
-                raise InvalidInputError(f"{path} holds files that are not a blipsearch index; "
-                                        "choose another --index location")
-            if rebuild:
-                _drop(path)  # also what repairs an index whose manifest is damaged
-            manifest = read_manifest(path)
-            if manifest is None:  # a new index, or the remains of one whose creation was cut short
-                _drop(path)
-                manifest = _create(path, info)
-            check_model(manifest, info, path)
-            settled = manifest.get("writing") is not True and manifest.get("generation", 0) > 0
-            _start_run(path, manifest)
-            return cls(path, manifest, lock_fd, settled)
-        except BaseException:
-            os.close(lock_fd)
-            raise
+        """Create the index for `info` if absent; refuse an index of another model unless `rebuild`.
+
+        Everything is checked before the run is flagged as under way (`writing`): a refused or failed
+        open leaves a working index as it was.
+        """
+        check_location(path)
+        check_folder(path)  # before anything is created in it, the lock included
+        with _store_errors(path):
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the index folder {path}: {exc.strerror or exc}") from exc
+            lock_fd = _lock(path)
+            try:
+                if rebuild:
+                    _drop(path)  # also what repairs a damaged index
+                if not has_data(path) and read_manifest(path) is None:
+                    write_manifest(path, Manifest.new(info))  # tables follow in `_Tables.read`
+                manifest = read_index_manifest(path)
+                check_model(manifest, info, path)
+                tables = _Tables.read(path, manifest, create=manifest.run.generation == 0)
+                settled = not manifest.run.writing and manifest.run.generation > 0 and \
+                    snapshot.saved_generation(path) == manifest.run.generation
+                _start_run(path, manifest, tables)
+                return cls(path, manifest, lock_fd, tables, settled)
+            except BaseException:
+                os.close(lock_fd)
+                raise
 
     def close(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    # ---- what is stored ---------------------------------------------------------------------------
+    # ---- what is stored (as read at open) ---------------------------------------------------------
 
     def file_records(self) -> dict[str, FileRecord]:
-        return {row["path"]: FileRecord(**row) for row in self.files.to_arrow().to_pylist()}
+        return dict(self._stored_files)
 
     def known_hashes(self) -> set[str]:
-        return set(self.images.to_arrow().select(["hash"]).column("hash").to_pylist())
+        return set(self._known)
 
     # ---- changes ----------------------------------------------------------------------------------
 
+    @_writes
     def add_images(self, records: Sequence[ImageRecord]) -> None:
         """Features first (durable), then the rows that name them, in one commit."""
         if not records:
             return
         slots = self.features.append(self._segment, [r.features.record() for r in records])
         self.images.add(self._images_table(records, slots))
+        self._known.update(r.hash for r in records)
         self._changed = True
 
+    @_writes
     def upsert_files(self, records: Sequence[FileRecord]) -> None:
         if records:
             table = pa.Table.from_pylist([asdict(r) for r in records], schema=FILES_SCHEMA)
@@ -141,33 +191,40 @@ class IndexWriter:
                 .execute(table)
             self._changed = True
 
+    @_writes
     def delete_files(self, paths: Iterable[str]) -> None:
         paths = list(paths)
         if paths:
             _delete_in(self.files, "path", paths)
             self._changed = True
 
+    @_writes
     def prune_images(self) -> int:
         """Drop images that no file refers to any more; returns how many."""
         referenced = set(self.files.to_arrow().column("hash").to_pylist())
-        orphans = [h for h in self.known_hashes() if h not in referenced]
+        orphans = [h for h in self._known if h not in referenced]
         if orphans:
             _delete_in(self.images, "hash", orphans)
+            self._known.difference_update(orphans)
             self._changed = True
         return len(orphans)
 
+    @_writes
     def compact(self) -> None:
         """Merge the small fragments that per-batch commits leave (rows only: features live apart)."""
         for table in (self.files, self.images):
             table.optimize(cleanup_older_than=timedelta(minutes=1))
 
+    @_writes
     def finish(self) -> None:
         """After a run: retire sparse feature segments, compact, write the snapshot, bump the generation.
 
-        A run that changed nothing (after one that finished) only lowers the `writing` flag.
+        A run that changed nothing (after one that finished, whose snapshot is in place) only lowers the
+        `writing` flag.
         """
+        run = self.manifest.run
         if not self._changed:
-            self.manifest.update(writing=False)
+            run.writing = False
             write_manifest(self.path, self.manifest)
             return
         self._retire_sparse_segments()
@@ -176,9 +233,9 @@ class IndexWriter:
             if table.count_rows():  # writes find files by path, readers of the tables look up hashes
                 for column in columns:
                     table.create_index(column, config=_btree(), replace=True)
-        generation = self.manifest.get("generation", 0) + 1
-        snapshot.from_tables(self.images, self.files, self.manifest).save(self.path, generation)
-        self.manifest.update(generation=generation, writing=False, updated=now())
+        view = snapshot.from_tables(self.images, self.files, self.manifest.identity)
+        view.save(self.path, run.generation + 1, self.manifest.identity.model_id)
+        run.generation, run.writing, run.updated = run.generation + 1, False, now()
         write_manifest(self.path, self.manifest)
 
     # ---- internals --------------------------------------------------------------------------------
@@ -193,9 +250,10 @@ class IndexWriter:
                   if len(live.get(s, [])) < RETIRE_BELOW * self.features.slots(s)]
         if not sparse:
             return
+        run = self.manifest.run
         if self._segment in sparse:  # this run's segment is mostly dead too: move on to a fresh one
-            self._segment = self.manifest["next_segment"]
-            self.manifest.update(current_segment=self._segment, next_segment=self._segment + 1)
+            self._segment = run.next_segment
+            run.current_segment, run.next_segment = self._segment, self._segment + 1
         for segment in sparse:
             for moving in _chunks(live.get(segment, []), 256):  # bounded memory: 256 records at a time
                 slots = self.features.append(self._segment, [bytes(self.features.read(segment, r["slot"]))
@@ -204,12 +262,11 @@ class IndexWriter:
                                    "segment": pa.array([self._segment] * len(moving), pa.int32()),
                                    "slot": pa.array(slots, pa.int64())})
                 self.images.merge_insert("hash").when_matched_update_all().execute(update)
-        self.manifest["retired_segments"] = sparse  # deleted by the next run: queries may still read them
+        run.retired_segments = sparse  # deleted by the next run: queries may still read them
         log.info("retired %d sparse feature segment(s)", len(sparse))
 
     def _images_table(self, records: Sequence[ImageRecord], slots: list[int]) -> pa.Table:
-        spec = self.manifest["embedding"]
-        width = spec["dim"] * spec["vectors_per_image"]
+        width = _embedding_width(self.manifest.identity)
         flat = np.concatenate([r.embedding.astype(np.float32).ravel() for r in records])
         return pa.table({
             "hash": [r.hash for r in records],
@@ -240,16 +297,77 @@ def images_schema(width: int) -> pa.Schema:
     ])
 
 
-def _start_run(path: Path, manifest: dict) -> None:
+def _embedding_width(identity: Identity) -> int:
+    return identity.embed_dim * identity.vectors_per_image
+
+
+@dataclass
+class _Tables:
+    """An index's tables, read once and checked against its feature segments."""
+
+    files: Any
+    images: Any
+    features: FeatureSegments
+    file_records: dict[str, FileRecord]
+    hashes: set[str]
+    needed: dict[int, int]  # segment -> records its rows need
+
+    @classmethod
+    def read(cls, path: Path, manifest: Manifest, create: bool = False) -> _Tables:
+        """Raises `IndexDamagedError` where a table is missing or unreadable, or a segment is short or lost.
+
+        `create`: tables that are both absent are created (an index whose creation was cut short).
+        """
+        import lancedb
+
+        db = lancedb.connect(str(path))
+        if create and not any((path / f"{name}.lance").exists() for name in (FILES, IMAGES)):
+            db.create_table(FILES, schema=FILES_SCHEMA)
+            db.create_table(IMAGES, schema=images_schema(_embedding_width(manifest.identity)))
+        try:
+            files, images = db.open_table(FILES), db.open_table(IMAGES)
+            records = {row["path"]: FileRecord(**row) for row in files.to_arrow().to_pylist()}
+            rows = images.to_arrow().select(["hash", "segment", "slot"])
+        except Exception as exc:  # LanceDB: ValueError (no table), OSError or RuntimeError (damaged files)
+            raise damaged_table(path, manifest, exc) from exc
+        features = FeatureSegments(path, manifest.identity.record_bytes)
+        needed = needed_records(rows.column("segment").to_numpy(), rows.column("slot").to_numpy())
+        problem = features.check(needed)
+        if problem:
+            raise IndexDamagedError(f"the index at {path} is damaged: {problem}; {manifest.hint()}")
+        features.start(needed)
+        return cls(files, images, features, records, set(rows.column("hash").to_pylist()), needed)
+
+
+def _start_run(path: Path, manifest: Manifest, tables: _Tables) -> None:
     """Delete segments retired by the last run, pick the segment to append to, flag the run as under way."""
-    segments = FeatureSegments(path, record_bytes(manifest))
-    segments.remove(manifest.get("retired_segments", []))
-    current = manifest.get("current_segment", 0)
+    run, segments = manifest.run, tables.features
+    segments.remove([s for s in run.retired_segments if s not in tables.needed])  # never a live one
+    current = run.current_segment
     if current == 0 or segments.slots(current) * segments.record_bytes >= SEGMENT_BYTES:
-        current = manifest.get("next_segment", 1)  # ids are never reused: old snapshots may name old ones
-        manifest["next_segment"] = current + 1
-    manifest.update(current_segment=current, retired_segments=[], writing=True)
+        current = run.next_segment  # ids are never reused: old snapshots may name old ones
+        run.next_segment = current + 1
+    run.current_segment, run.retired_segments, run.writing = current, [], True
     write_manifest(path, manifest)  # while `writing`, readers build their view from the tables
+
+
+def _drop(path: Path) -> None:
+    """Delete everything of an index but the lock. The manifest is first marked damaged and goes last, so
+    a drop that is cut short leaves an index that asks to be rebuilt, never one that looks healthy."""
+    try:
+        manifest = read_manifest(path)
+    except IndexDamagedError:
+        manifest = None  # damaged already: it says so
+    if manifest is not None:
+        manifest.run.damaged = "a --rebuild was interrupted"
+        write_manifest(path, manifest)
+    for name in sorted(INDEX_NAMES - {LOCK, MANIFEST}):
+        target = path / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    (path / MANIFEST).unlink(missing_ok=True)
 
 
 def _btree():
@@ -258,30 +376,8 @@ def _btree():
     return BTree()
 
 
-def _create(path: Path, info: ModelInfo) -> dict:
-    import lancedb
-
-    manifest = manifest_for(info) | {"created": now(), "updated": now(), "generation": 0}
-    db = lancedb.connect(str(path))
-    db.create_table(FILES, schema=FILES_SCHEMA, exist_ok=True)
-    db.create_table(IMAGES, schema=images_schema(info.embed_dim * info.vectors_per_image), exist_ok=True)
-    write_manifest(path, manifest)  # last: a folder with a manifest is a complete index
-    return read_manifest(path)
-
-
-def _drop(path: Path) -> None:
-    """Delete everything of an index but the lock; the manifest goes last, so a cut-short drop is redone."""
-    for name in sorted(INDEX_NAMES - {".lock", MANIFEST}):
-        target = path / name
-        if target.is_dir():
-            shutil.rmtree(target, ignore_errors=True)
-        else:
-            target.unlink(missing_ok=True)
-    (path / MANIFEST).unlink(missing_ok=True)
-
-
 def _lock(path: Path) -> int:
-    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         import fcntl
 
@@ -308,3 +404,26 @@ def _in_list(column: str, values: Sequence[str]) -> str:
 def _delete_in(table, column: str, values: Iterable[str]) -> None:
     for chunk in _chunks(list(values), _IN_CHUNK):
         table.delete(_in_list(column, chunk))
+
+
+def check_tables(path: Path, manifest: Manifest) -> None:
+    """Raise `IndexDamagedError` where a table or feature segment of the index is missing or damaged."""
+    _Tables.read(path, manifest)
+
+
+def model_to_write(path: Path, asked: str | None, rebuild: bool) -> str | None:
+    """The model an indexing run into `path` should load: `asked`, else the index's own (None: a new index).
+
+    Checks what can be checked before a model is loaded, so that a refused run costs no load.
+    """
+    check_location(path)
+    check_folder(path)
+    if rebuild:
+        recorded = recorded_model(path)
+        if asked is None and recorded is None and has_data(path):
+            raise InvalidInputError(f"the index at {path} no longer says which model built it; "
+                                    "name one to rebuild it with: --rebuild --model MODEL")
+        return asked or recorded
+    if read_manifest(path) is None and not has_data(path):
+        return asked
+    return asked or read_index_manifest(path).identity.model_id

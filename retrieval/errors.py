@@ -17,6 +17,10 @@ class IndexMissingError(StoreError):
     """No index exists at the given location."""
 
 
+class IndexDamagedError(StoreError):
+    """The index on disk is damaged or incomplete; the message says how to rebuild it."""
+
+
 class IndexLockedError(StoreError):
     """Another process is writing to the index."""
 
@@ -31,3 +35,12 @@ class InvalidInputError(BlipsearchError):
 
 class ImageLoadError(BlipsearchError):
     """One image file cannot be decoded; the message names the reason, the caller names the file."""
+
+
+def printable(text: str) -> str:
+    """`text` with the bytes a file system or command line gave that are not UTF-8 shown as \\xNN escapes."""
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+        data = text.encode("utf-8", "backslashreplace")
+    return data.decode("utf-8", "backslashreplace")

@@ -8,24 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from transformers import AutoTokenizer, BlipForImageTextRetrieval, BlipImageProcessorPil
 
-from blipsearch.retrieval.cli import main
-
 from photos import make_folder
+from runner import blipsearch
 from tiny import save_tiny_blip
 
 QUERY = "a red dog on the beach"
-
-
-def blipsearch(*args, index, expect=0):
-    """Run the command in-process against the index folder `index`; check its exit status."""
-    device = ["--device", "cpu"] if args[0] in ("index", "query") else []
-    result = CliRunner().invoke(main, [*args, "--index", str(index), *device])
-    assert result.exit_code == expect, (result.output, result.stderr)
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +111,7 @@ def test_empty_index_says_so(tmp_path, tiny_model_dir):
 def test_model_mismatch_says_how_to_rebuild(library, tmp_path):
     other = save_tiny_blip(tmp_path / "other", seed=5)
     result = blipsearch("query", QUERY, "--model", str(other), index=library / "index", expect=1)
-    assert "rebuild it with `blipsearch index --rebuild --model MODEL FOLDER...`" in result.stderr
+    assert f"rebuild it with `blipsearch index --rebuild --model {other} FOLDER...`" in result.stderr
 
 
 def test_skipped_files_exit_3_and_are_named(tmp_path, tiny_model_dir):

@@ -12,11 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from blipsearch.indexer import codec
 from blipsearch.indexer.pipeline import IndexOptions, index_folders
 from blipsearch.indexer.reader import IndexReader
 from blipsearch.indexer.store import IndexWriter
-from blipsearch.retrieval.errors import IndexLockedError, InvalidInputError, ModelMismatchError, StoreError
+from blipsearch.retrieval.errors import IndexDamagedError, IndexLockedError, InvalidInputError, ModelMismatchError
 from blipsearch.retrieval.models import load_model
 
 from photos import make_folder, make_photo
@@ -146,15 +145,15 @@ def test_an_unrelated_folder_is_never_used_as_an_index(tmp_path, model):
     assert (tmp_path / "docs" / "thesis.tex").read_text() == "precious"
 
 
-def test_rebuild_repairs_a_damaged_index_and_a_cut_short_one_is_recreated(tmp_path, model):
+def test_rebuild_repairs_a_damaged_manifest(tmp_path, model):
     photos, index = tmp_path / "photos", tmp_path / "index"
     make_folder(photos, 2)
     run([photos], model, index)
     (index / "manifest.json").write_text("{half a manifest")
-    with pytest.raises(StoreError, match="rebuild with `blipsearch index --rebuild"):
+    hint = f"rebuild it with `blipsearch index --rebuild --model {model.info.model_id} FOLDER...`"
+    with pytest.raises(IndexDamagedError, match=re.escape(hint)):
         IndexReader.open(index)
     IndexWriter.open(index, model.info, rebuild=True).close()
-    (index / "manifest.json").unlink()  # as if creation or a rebuild was killed before the manifest
     assert run([photos], model, index).indexed == 2
     assert IndexReader.open(index).counts() == (2, 2)
 
@@ -268,8 +267,7 @@ def test_a_torn_record_from_a_killed_run_is_overwritten(tmp_path, model):
     make_photo(photos / "more.png", seed=60)
     run([photos], model, index)
     reader = IndexReader.open(index)
-    record = reader.manifest["features"]
-    assert segment.stat().st_size == 3 * codec.packed_bytes(record["tokens"], record["dim"])
+    assert segment.stat().st_size == 3 * reader.manifest.identity.record_bytes
     assert reader.token_features([reader.files()[str(photos / "more.png")]]).shape == (1, 17, 32)
 
 

@@ -8,6 +8,7 @@ messages and exit codes:
     2  usage error (unknown option, missing argument)
     3  done, but some files were skipped (each one named on stderr with the reason)
     130 interrupted (Ctrl-C); work already written stays in the index
+    141 the output pipe was closed (e.g. `| head -1`); nothing is printed
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..errors import BlipsearchError
 EXIT_ERROR = 1
 EXIT_SKIPPED = 3
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as for a process the closed pipe ended
 
 
 # Commands of the optional training package, imported only when named (module, attribute).
@@ -51,6 +53,9 @@ class Group(click.Group):
         except BlipsearchError as exc:
             click.echo(f"blipsearch: error: {exc}", err=True)
             sys.exit(EXIT_ERROR)
+        except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly, as `cat` would
+            _silence_stdout()
+            sys.exit(EXIT_BROKEN_PIPE)
         except KeyboardInterrupt:
             click.echo("blipsearch: interrupted; finished batches are kept in the index", err=True)
             sys.exit(EXIT_INTERRUPTED)
@@ -64,6 +69,15 @@ def main(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="blipsearch: %(message)s", stream=sys.stderr)
     _quiet_third_party()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises no second BrokenPipeError."""
+    import contextlib
+    import os
+
+    with contextlib.suppress(OSError, ValueError):  # no real file descriptor (an embedding, a test runner)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _quiet_third_party() -> None:

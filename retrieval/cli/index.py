@@ -42,13 +42,11 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
     from blipsearch.indexer.pipeline import IndexOptions, index_folders
     from blipsearch.indexer.reader import IndexReader
     from blipsearch.indexer.scan import resolve_roots
-    from blipsearch.indexer.store import IndexWriter
-
+    from blipsearch.indexer.store import IndexWriter, model_to_write
 
     location = index_location(index_path)
-    resolve_roots(folders)  # a missing folder fails before the model loads
-    recorded = _recorded_model(location, rebuild)
-    model = load(model_name or recorded or DEFAULT_MODEL, device, precision)
+    resolve_roots(folders)  # a missing folder, a damaged or foreign index: all fail before the model loads
+    model = load(model_to_write(location, model_name, rebuild) or DEFAULT_MODEL, device, precision)
     store = IndexWriter.open(location, model.info, rebuild=rebuild)
     options = IndexOptions(
         batch_size=batch_size or (64 if model.device.type != "cpu" else 16), workers=workers,
@@ -67,20 +65,6 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
          f"{rate}; the index at {location} holds {files} files")
     if summary.skipped:
         sys.exit(EXIT_SKIPPED)
-
-
-def _recorded_model(location: Path, rebuild: bool) -> str | None:
-    """The index's own model; a damaged manifest is no obstacle to --rebuild (it has no model then)."""
-    from blipsearch.indexer.manifest import read_model_id
-
-    from ..errors import StoreError
-
-    try:
-        return read_model_id(location)
-    except StoreError:
-        if rebuild:
-            return None
-        raise
 
 
 def _say(line: str) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import click
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, printable
 from . import main
 from .options import device_option, index_location, index_option, load, model_option, precision_option
 
@@ -26,11 +28,13 @@ from .options import device_option, index_location, index_option, load, model_op
               help="Only results under DIR.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @click.option("--paths", "as_paths", is_flag=True, help="Only paths, one per line, best first.")
+@click.option("-0", "--null", "null", is_flag=True,
+              help="Paths only, each ended by a NUL byte, not a newline (for `xargs -0`: names may hold newlines).")
 @model_option("Model to query with. Default: the one the index was built with.")
 @index_option
 @device_option
 @precision_option
-def query_command(text, image_path, top, candidates, no_rerank, min_prob, under, as_json, as_paths,
+def query_command(text, image_path, top, candidates, no_rerank, min_prob, under, as_json, as_paths, null,
                   model_name, index_path, device, precision):
     """Find the images that best match TEXT (or --image).
 
@@ -47,8 +51,9 @@ def query_command(text, image_path, top, candidates, no_rerank, min_prob, under,
     if image_path is not None and min_prob is not None:
         raise InvalidInputError("--min-prob filters on the ITM match probability of a text query; "
                                 "--image ranks by ITC similarity only")
+    as_paths = as_paths or null
     if as_json and as_paths:
-        raise InvalidInputError("--json and --paths exclude each other")
+        raise InvalidInputError("--json and --paths (or --null) exclude each other")
     folders = [_folder(under)] if under is not None else None
     options = SearchOptions(top=top, candidates=candidates, rerank=not no_rerank and text is not None,
                             min_prob=min_prob, under=folders)
@@ -56,14 +61,21 @@ def query_command(text, image_path, top, candidates, no_rerank, min_prob, under,
     store = IndexReader.open(location)
     if store.counts()[1] == 0:
         raise InvalidInputError(f"the index at {location} is empty; add images with `blipsearch index FOLDER`")
-    model = load(model_name or store.manifest["model"]["id"], device, precision, with_vision=image_path is not None)
+    model = load(model_name or store.manifest.identity.model_id, device, precision,
+                 with_vision=image_path is not None)
     check_model(store.manifest, model.info, location)
     searcher = Searcher(model, store)
     hits = (searcher.search_text(text, options) if text is not None
             else searcher.search_image(_query_pixels(model, image_path), options))
     paths = store.paths_by_hash([h.key for h in hits])
-    _print(text if text is not None else str(image_path), model.info.model_id, hits, paths, folders,
-           as_json, as_paths)
+    rows = _rows(hits, paths, folders)
+    query = text if text is not None else str(image_path)
+    if as_paths:
+        _print_paths(rows, b"\0" if null else b"\n")
+    elif as_json:
+        _print_json(query, model.info.model_id, rows)
+    else:
+        _print_table(rows)
 
 
 def _folder(under: Path) -> str:
@@ -85,7 +97,8 @@ def _query_pixels(model, image_path: Path):
     return model.pixel_values([loaded.pixels])
 
 
-def _print(query, model_id, hits, paths, folders, as_json, as_paths) -> None:
+def _rows(hits, paths, folders) -> list[tuple]:
+    """(hit, its files) best first; copies outside `--in` folders are not shown."""
     from blipsearch.indexer.scan import is_under
 
     rows = []
@@ -93,19 +106,33 @@ def _print(query, model_id, hits, paths, folders, as_json, as_paths) -> None:
         files = [p for p in paths.get(hit.key, []) if folders is None or is_under(p, folders)]
         if files:
             rows.append((hit, files))
-    if as_paths:
-        for _, files in rows:
-            click.echo(files[0])
-    elif as_json:
-        results = [{"path": files[0], "score": round(hit.score, 6), "itc": round(hit.itc, 6),
-                    "itm_prob": None if hit.itm_prob is None else round(hit.itm_prob, 6)}
-                   | ({"copies": files[1:]} if len(files) > 1 else {}) for hit, files in rows]
-        click.echo(json.dumps({"query": query, "model": model_id, "results": results}, ensure_ascii=False))
-    elif not rows:
+    return rows
+
+
+def _print_paths(rows, end: bytes) -> None:
+    """The paths' own bytes, so that any name a file system allows reaches `xargs` intact."""
+    sys.stdout.flush()
+    for _, files in rows:
+        sys.stdout.buffer.write(os.fsencode(files[0]) + end)
+    sys.stdout.buffer.flush()
+
+
+def _print_json(query: str, model_id: str, rows) -> None:
+    """Valid UTF-8 JSON for any name: bytes that are not UTF-8 appear as \\xNN escapes."""
+    results = [{"path": printable(files[0]), "score": round(hit.score, 6), "itc": round(hit.itc, 6),
+                "itm_prob": None if hit.itm_prob is None else round(hit.itm_prob, 6)}
+               | ({"copies": [printable(p) for p in files[1:]]} if len(files) > 1 else {}) for hit, files in rows]
+    answer = {"query": printable(query), "model": printable(model_id), "results": results}
+    click.echo(json.dumps(answer, ensure_ascii=False))
+
+
+def _print_table(rows) -> None:
+    if not rows:
         click.echo("no matching images", err=True)
-    else:
-        click.echo(f"{'#':>3}  {'score':>7}  {'match':>5}  path")
-        for rank, (hit, files) in enumerate(rows, 1):
-            match = "    -" if hit.itm_prob is None else f"{hit.itm_prob:5.0%}"
-            extra = f"  (+{len(files) - 1} copies)" if len(files) > 1 else ""
-            click.echo(f"{rank:>3}  {hit.score:7.3f}  {match}  {files[0]}{extra}")
+        return
+    click.echo(f"{'#':>3}  {'score':>7}  {'match':>5}  path")
+    for rank, (hit, files) in enumerate(rows, 1):
+        match = "    -" if hit.itm_prob is None else f"{hit.itm_prob:5.0%}"
+        extra = f"  (+{len(files) - 1} copies)" if len(files) > 1 else ""
+        name = printable(files[0]).replace("\n", "\\n")  # one line per result
+        click.echo(f"{rank:>3}  {hit.score:7.3f}  {match}  {name}{extra}")

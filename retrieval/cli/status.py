@@ -14,34 +14,55 @@ from .options import index_location, index_option
 @index_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def status_command(index_path, as_json):
-    """Where the index is, which model built it, how many images it holds and its size on disk."""
+    """Where the index is, which model built it, how many images it holds and its size on disk.
+
+    The tables and feature files are checked too: a damaged index is reported as such (exit status 1).
+    """
+    from blipsearch.indexer.layout import disk_bytes, read_index_manifest
     from blipsearch.indexer.reader import IndexReader
+    from blipsearch.indexer.store import check_tables
+
+    from ..errors import IndexDamagedError
 
     location = index_location(index_path)
-    store = IndexReader.open(location)
-    files, images = store.counts()
-    size = store.disk_bytes()
-    manifest = store.manifest
+    manifest = read_index_manifest(location)  # none, or unreadable: nothing to report but the error
+    damage, files, images = None, None, None
+    try:
+        store = IndexReader.open(location)
+        files, images = store.counts()
+        check_tables(location, manifest)
+    except IndexDamagedError as exc:
+        damage = exc
+    identity, run = manifest.identity, manifest.run
+    size = disk_bytes(location)
     report = {
-        "index": str(location), "model": manifest["model"]["id"], "revision": manifest["model"]["revision"],
-        "files": files, "images": images, "bytes": size, "updated": manifest.get("updated"),
-        "interrupted": store.interrupted,
-        "embedding_dim": manifest["embedding"]["dim"], "feature_shape": [manifest["features"]["tokens"],
-                                                                          manifest["features"]["dim"]],
+        "index": str(location), "model": identity.model_id, "revision": identity.revision,
+        "family": identity.family, "files": files, "images": images, "bytes": size, "updated": run.updated,
+        "interrupted": run.writing, "damaged": None if damage is None else str(damage),
+        "embedding_dim": identity.embed_dim, "feature_shape": [identity.feature_tokens, identity.feature_dim],
     }
     if as_json:
         click.echo(json.dumps(report))
-        return
+    else:
+        _print_report(report)
+    if damage is not None:
+        raise damage
+
+
+def _print_report(report: dict) -> None:
+    files, images, size = report["files"], report["images"], report["bytes"]
     per_image = f" (~{size / images / 1024:.0f} KB per image)" if images else ""
     for label, value in (
         ("index", report["index"]),
-        ("model", f"{report['model']} (revision {report['revision']})"),
-        ("images", f"{files} files, {images} distinct images"),
+        ("model", f"{report['model']} ({report['family']}, revision {report['revision']})"),
+        ("images", "unknown: the index is damaged" if files is None else f"{files} files, {images} distinct images"),
         ("size", f"{_human(size)} on disk{per_image}"),
         ("updated", report["updated"] or "never"),
     ):
         click.echo(f"{label:8} {value}")
-    if store.interrupted:
+    if report["damaged"]:
+        click.echo("damaged  yes: see the error below")
+    elif report["interrupted"]:
         click.echo("note     an indexing run is under way, or the last one was interrupted: run "
                    "`blipsearch index` on your folders again to finish it")
 

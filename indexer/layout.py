@@ -1,0 +1,81 @@
+"""The names in an index folder, and which folders may be used as one.
+
+    manifest.json   what the index holds and the state of its runs (manifest.py)
+    files.lance     one row per indexed file (store.py)
+    images.lance    one row per distinct content (store.py)
+    features/       ITM token features in segment files (features.py)
+    snapshot/       what queries read (snapshot.py)
+    .lock           held by the one process that writes
+
+Anything else in the folder means it is not ours to write or delete, except the files that desktops and
+network file systems drop everywhere (`.DS_Store`, `Thumbs.db`, `.nfs*`, ...), which are ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from blipsearch.retrieval.errors import IndexDamagedError, IndexMissingError, InvalidInputError
+
+from . import snapshot
+from .features import FOLDER as FEATURES
+from .manifest import MANIFEST, Manifest, check_location, read_manifest, rebuild_hint, recorded_model
+
+FILES, IMAGES = "files", "images"
+LOCK = ".lock"
+DATA_NAMES = frozenset({f"{FILES}.lance", f"{IMAGES}.lance", FEATURES, snapshot.FOLDER})
+INDEX_NAMES = DATA_NAMES | {MANIFEST, MANIFEST + ".tmp", LOCK, snapshot.FOLDER + ".tmp", snapshot.FOLDER + ".old"}
+_JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".directory", ".localized"})
+_JUNK_PREFIXES = (".nfs", "._", ".fuse_hidden", ".smbdelete")
+
+
+def is_junk(name: str) -> bool:
+    """Files that desktops and network file systems leave in any folder they show."""
+    return name in _JUNK_NAMES or name.startswith(_JUNK_PREFIXES)
+
+
+def check_folder(path: Path) -> None:
+    """Refuse a folder holding anything but an index (and junk): it is not ours to write into or delete."""
+    if path.is_file():
+        raise InvalidInputError(f"the index location {path} is a file, not a folder; choose another index folder")
+    try:
+        names = [p.name for p in path.iterdir()]
+    except (FileNotFoundError, NotADirectoryError):  # not there yet: creating it will say if it cannot be
+        return
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read the index folder {path}: {exc.strerror or exc}") from exc
+    if any(name not in INDEX_NAMES and not is_junk(name) for name in names):
+        raise InvalidInputError(f"{path} holds files that are not a blipsearch index; "
+                                "choose another --index location")
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def has_data(path: Path) -> bool:
+    return any((path / name).exists() for name in DATA_NAMES)
+
+
+def no_manifest(path: Path) -> IndexDamagedError:
+    """A folder with index data but no manifest: refused, never silently taken for a new index."""
+    return IndexDamagedError(f"the index at {path} has lost its {MANIFEST} (its data is still there, but what "
+                             f"it means is not); {rebuild_hint(recorded_model(path))}")
+
+
+def read_index_manifest(path: Path) -> Manifest:
+    """The manifest of a usable index: raises where there is none, or where it says the index is damaged."""
+    check_location(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        if has_data(path):
+            raise no_manifest(path)
+        raise IndexMissingError(f"no index at {path}; create one with `blipsearch index FOLDER`")
+    if manifest.run.damaged:
+        raise IndexDamagedError(f"the index at {path} is damaged ({manifest.run.damaged}); {manifest.hint()}")
+    return manifest
+
+
+def damaged_table(path: Path, manifest: Manifest, exc: BaseException) -> IndexDamagedError:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return IndexDamagedError(f"the index at {path} has a missing or damaged table ({detail}); {manifest.hint()}")

@@ -1,0 +1,34 @@
+"""Running the `blipsearch` command in tests: in-process (click's runner) or in a fresh process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from blipsearch.retrieval.cli import main
+
+CLI = [sys.executable, "-m", "blipsearch.retrieval.cli"]
+
+
+def blipsearch(*args, index, expect=0):
+    """Run the command in-process against the index folder `index`; check its exit status."""
+    device = ["--device", "cpu"] if args[0] in ("index", "query") else []
+    result = CliRunner().invoke(main, [*args, "--index", str(index), *device])
+    assert result.exit_code == expect, (result.output, result.stderr)
+    return result
+
+
+def one_line_error(result, *fragments: str) -> str:
+    """The single stderr line of a failed command, checked to hold each fragment and no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("blipsearch: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """A fresh `blipsearch` process."""
+    return subprocess.run([*CLI, *args], capture_output=True, timeout=timeout, **kwargs)
