@@ -36,7 +36,7 @@ def save_random_blip_base(directory: Path) -> Path:
     if (directory / "model.safetensors").exists():
         return directory
     import torch
-    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessorPil
+    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessorPil, BlipProcessor
 
     directory.mkdir(parents=True, exist_ok=True)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -46,10 +46,11 @@ def save_random_blip_base(directory: Path) -> Path:
     tokens += [f"[unused{i}]" for i in range(vocab_size - 2 - len(tokens))] + ["[DEC]", "[ENC]"]
     tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}, bos_token="[DEC]",
                               extra_special_tokens=["[ENC]"])
-    tokenizer.save_pretrained(directory)
     torch.manual_seed(0)
     BlipForImageTextRetrieval(config).save_pretrained(directory)
-    BlipImageProcessorPil().save_pretrained(directory)
+    side = config.vision_config.image_size
+    images = BlipImageProcessorPil(size={"height": side, "width": side})
+    BlipProcessor(images, tokenizer).save_pretrained(directory)  # as transformers 5 saves it: processor_config.json
     return directory
 
 

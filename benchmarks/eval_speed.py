@@ -29,14 +29,13 @@ def save_random_blip_base(directory: Path) -> Path:
     import transformers
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from tiny import save_tokenizer  # the word-level test tokenizer; its vocabulary size does not matter here
+    from tiny import save_processor, save_tokenizer  # the word-level test tokenizer: its vocabulary size is moot
 
     tokenizer, _ = save_tokenizer(directory)
     config = transformers.BlipConfig(text_config={"bos_token_id": tokenizer.convert_tokens_to_ids("[DEC]")})
     torch.manual_seed(0)
     transformers.BlipForImageTextRetrieval(config).eval().save_pretrained(directory)
-    size = config.vision_config.image_size
-    transformers.BlipImageProcessorPil(size={"height": size, "width": size}).save_pretrained(directory)
+    save_processor(directory, tokenizer, config.vision_config.image_size)
     return directory
 
 

@@ -52,8 +52,8 @@ SEGMENT_BYTES = 4 << 30  # runs append to the last segment until it holds this m
 
 # errno -> (what happened, what to do); other errors are named by their own message
 _WRITE_FAILURES = {
-    errno.ENOSPC: ("the disk is full", "free some space and run again"),
-    errno.EDQUOT: ("the disk quota is exceeded", "free some space and run again"),
+    errno.ENOSPC: ("the disk is full", "free some space and run again (batches already committed are kept)"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free some space and run again (batches already committed are kept)"),
     errno.EROFS: ("the file system is read-only", "queries still work; index into a writable --index location"),
     errno.EACCES: ("permission denied", "queries still work; fix the folder's permissions or pick another --index"),
     errno.EPERM: ("permission denied", "queries still work; fix the folder's permissions or pick another --index"),
@@ -72,10 +72,9 @@ def _store_errors(path: Path) -> Iterator[None]:
         if isinstance(exc, RuntimeError) and "lance" not in str(exc).lower():
             raise  # not a storage failure
         code = exc.errno if isinstance(exc, OSError) else _lance_errno(str(exc))
-        what, todo = _WRITE_FAILURES.get(code, (_first_line(exc), "run again; if it fails again, "
-                                                 "rebuild the index with --rebuild"))
-        raise StoreError(f"cannot write the index at {path}: {what}; {todo} "
-                         "(batches already committed are kept)") from exc
+        what, todo = _WRITE_FAILURES.get(code, (_first_line(exc), "run again (batches already committed are "
+                                                 "kept); if it fails again, rebuild the index with --rebuild"))
+        raise StoreError(f"cannot write the index at {path}: {what}; {todo}") from exc
 
 
 def _writes(method: Callable[..., T]) -> Callable[..., T]:

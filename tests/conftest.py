@@ -19,3 +19,17 @@ def tiny_model(tiny_model_dir):
     from blipsearch.retrieval.models import load_model
 
     return load_model(str(tiny_model_dir), device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_user_cache(tmp_path_factory):
+    """Model hashes and converted weights go to a temporary cache, never the user's (subprocesses too)."""
+    import os
+
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if previous is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous

@@ -37,6 +37,12 @@ def reference(tiny_model_dir):
     return BlipForImageTextRetrieval.from_pretrained(tiny_model_dir).eval()
 
 
+def copy_all_but_weights(source: Path, target: Path) -> None:
+    for path in source.iterdir():
+        if path.suffix == ".json":
+            (target / path.name).write_bytes(path.read_bytes())
+
+
 def hf_pixels(model_dir, paths):
     processor = BlipImageProcessorPil.from_pretrained(model_dir)
     return processor([Image.open(p) for p in paths], return_tensors="pt")["pixel_values"]
@@ -168,10 +174,10 @@ def test_tokenizer_ids_equal_transformers(tiny_model, tiny_model_dir):
 
 
 def test_preprocessing_defaults_are_blips():
-    from blipsearch.retrieval.models.blip import PROCESSOR_DEFAULTS
+    from blipsearch.retrieval.models.preprocessing import PROCESSOR_DEFAULTS
 
     processor = BlipImageProcessorPil()
-    assert PROCESSOR_DEFAULTS["size"] == {"height": processor.size["height"], "width": processor.size["width"]}
+    assert "size" not in PROCESSOR_DEFAULTS  # the vision config's image_size is the default size
     assert PROCESSOR_DEFAULTS["image_mean"] == list(processor.image_mean)
     assert PROCESSOR_DEFAULTS["image_std"] == list(processor.image_std)
     assert PROCESSOR_DEFAULTS["resample"] == int(processor.resample)
@@ -183,8 +189,7 @@ def test_checkpoints_with_pytorch_bin_weights_load(tmp_path, tiny_model_dir, tin
     directory = tmp_path / "bin"
     directory.mkdir()
     torch.save(BlipForImageTextRetrieval.from_pretrained(tiny_model_dir).state_dict(), directory / "pytorch_model.bin")
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
-        (directory / name).write_bytes((tiny_model_dir / name).read_bytes())
+    copy_all_but_weights(tiny_model_dir, directory)
     model = load_model(str(directory), "cpu", "fp32", with_vision=False)
     torch.testing.assert_close(model.encode_texts(TEXTS).embeddings, tiny_model.encode_texts(TEXTS).embeddings)
 
@@ -223,17 +228,16 @@ def test_a_config_that_does_not_fit_the_weights_is_one_line(tmp_path, tiny_model
 
 def test_pickled_weights_are_converted_once_then_read_without_transformers(tmp_path, tiny_model_dir, tiny_model,
                                                                           monkeypatch):
-    from blipsearch.retrieval.models import blip
+    from blipsearch.retrieval.models import loading
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     directory = tmp_path / "bin"
     directory.mkdir()
     torch.save(BlipForImageTextRetrieval.from_pretrained(tiny_model_dir).state_dict(), directory / "pytorch_model.bin")
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
-        (directory / name).write_bytes((tiny_model_dir / name).read_bytes())
+    copy_all_but_weights(tiny_model_dir, directory)
     load_model(str(directory), "cpu", "fp32")
     assert list((tmp_path / "cache").rglob("model.safetensors"))
-    monkeypatch.setattr(blip, "_state_via_transformers", lambda *a: pytest.fail("transformers read it again"))
+    monkeypatch.setattr(loading, "state_via_transformers", lambda *a: pytest.fail("transformers read it again"))
     again = load_model(str(directory), "cpu", "fp32")
     torch.testing.assert_close(again.encode_texts(TEXTS).embeddings, tiny_model.encode_texts(TEXTS).embeddings)
 

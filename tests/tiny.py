@@ -51,6 +51,13 @@ def save_tiny_blip(directory: Path, seed: int = 0, with_enc: bool = True, image_
     torch.manual_seed(seed)
     model = getattr(transformers, model_class)(config).eval()
     model.save_pretrained(directory)
-    processor = transformers.BlipImageProcessorPil(size={"height": image_size, "width": image_size})
-    processor.save_pretrained(directory)
+    save_processor(directory, tokenizer, image_size)
     return directory
+
+
+def save_processor(directory: Path, tokenizer, image_size: int) -> None:
+    """As transformers 5 saves a BLIP processor: processor_config.json with the image processor nested."""
+    import transformers
+
+    images = transformers.BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    transformers.BlipProcessor(images, tokenizer).save_pretrained(directory)

@@ -43,13 +43,15 @@ class Captioner:
     def __init__(self, name: str, device: torch.device):
         from transformers import AutoTokenizer, BlipForConditionalGeneration
 
-        from .export import checkpoint_dir, load_pretrained, read_preprocessing
+        from blipsearch.retrieval.models.preprocessing import read_preprocessing
+
+        from .export import checkpoint_dir, load_pretrained
 
         directory = checkpoint_dir(name)
         self.model = load_pretrained(BlipForConditionalGeneration, directory, name, require="text_decoder")
         self.model = self.model.to(device).eval()
         self.tokenizer = load_pretrained(AutoTokenizer, directory, name)
-        self.preprocessing = read_preprocessing(directory, name)
+        self.preprocessing = read_preprocessing(directory, name, self.model.config.vision_config.image_size)
         self.device = device
 
     @torch.inference_mode()

@@ -45,11 +45,10 @@ def _export(model, tokenizer, out: str | Path, class_name: str) -> Path:
         raise RuntimeError(f"export to {class_name} does not map cleanly: missing {result.missing_keys[:5]}, "
                            f"unexpected {result.unexpected_keys[:5]}")
     hf.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     side = model.config.vision_config.image_size
-    processor = transformers.BlipImageProcessorPil(size={"height": side, "width": side}, image_mean=BLIP_MEAN,
-                                                   image_std=BLIP_STD)
-    processor.save_pretrained(out)
+    images = transformers.BlipImageProcessorPil(size={"height": side, "width": side}, image_mean=BLIP_MEAN,
+                                                image_std=BLIP_STD)
+    transformers.BlipProcessor(images, tokenizer).save_pretrained(out)  # processor_config.json + tokenizer
     log.info("exported %s to %s", class_name, out)
     return out
 
@@ -84,13 +83,6 @@ def load_pretrained(loader, directory: Path, name: str, require: str | None = No
     if any(key.startswith(require + ".") for key in loading.get("missing_keys", ())):
         raise ModelLoadError(f"model {name} has no trained {require}: it is not a captioning checkpoint")
     return model
-
-
-def read_preprocessing(directory: Path, name: str) -> Preprocessing:
-    """A checkpoint's image processor settings, read as the search engine reads them."""
-    from blipsearch.retrieval.models.blip import read_preprocessing as engine_preprocessing
-
-    return engine_preprocessing(directory, name)
 
 
 def read_hf_checkpoint(name: str):

@@ -15,7 +15,6 @@ attends to the image (salesforce/BLIP `blip_retrieval.py`, LAVIS `compute_sim_ma
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -23,20 +22,11 @@ import numpy as np
 import torch
 
 from ..errors import ModelLoadError
-from .base import ImageEncoding, ModelInfo, Preprocessing, TextEncoding, TextTokens
+from .base import ImageEncoding, ModelInfo, TextEncoding, TextTokens
 from .blip_text import BlipTextTower, TextTowerConfig
 from .blip_vision import BlipVisionTower, VisionTowerConfig
-from .loading import (
-    Checkpoint,
-    converted_directory,
-    from_pretrained,
-    has_safetensors,
-    local_directory,
-    read_config,
-    read_tensors,
-    revision,
-    save_converted,
-)
+from .loading import Checkpoint, WeightsSpec, from_pretrained, local_directory, read_config, read_state, revision
+from .preprocessing import read_preprocessing
 from .tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -46,13 +36,9 @@ MAX_TEXT_TOKENS = 35  # as in BLIP/LAVIS retrieval evaluation
 REQUIRED_MODULES = ("vision_model", "text_encoder", "vision_proj", "text_proj", "itm_head")
 TEXT_MODULES = ("text_encoder.", "text_proj.", "itm_head.")
 VISION_MODULES = ("vision_model.", "vision_proj.")
-# BlipImageProcessor's defaults, for keys a preprocessor_config.json leaves out.
-PROCESSOR_DEFAULTS = {
-    "do_resize": True, "size": {"height": 384, "width": 384}, "resample": 3, "do_rescale": True,
-    "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711], "do_center_crop": False, "do_pad": False,
-}
-_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+WEIGHTS = WeightsSpec("BlipForImageTextRetrieval", REQUIRED_MODULES,
+                      "it is not an image-text retrieval checkpoint (captioning and VQA ones are not); use e.g. "
+                      "Salesforce/blip-itm-base-coco")
 
 
 class BlipRetrievalModel:
@@ -78,7 +64,8 @@ class BlipRetrievalModel:
         directory = local_directory(checkpoint)
         config = read_config(directory, checkpoint.name)
         info = _model_info(checkpoint, directory, config)
-        state = _read_state(checkpoint.name, directory, info, TEXT_MODULES + (VISION_MODULES if with_vision else ()))
+        state = read_state(checkpoint.name, directory, info, TEXT_MODULES + (VISION_MODULES if with_vision else ()),
+                           WEIGHTS)
         try:
             text = BlipTextTower(TextTowerConfig.from_blip_config(config))
             vision = BlipVisionTower(VisionTowerConfig.from_blip_config(config)) if with_vision else None
@@ -124,49 +111,6 @@ class BlipRetrievalModel:
         return logits.cpu()  # (N, 2)
 
 
-def _read_state(name: str, directory: Path, info: ModelInfo, modules: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The tensors of `modules`: from safetensors (the checkpoint's own, or a converted copy in the user
-    cache), else through transformers, which reads any format; that copy is then cached as safetensors."""
-    converted = converted_directory(info.model_id, info.revision)
-    for weights in (directory, converted):
-        if has_safetensors(weights):
-            _check_safetensors_heads(weights, name)
-            return read_tensors(weights, modules)
-    state = _state_via_transformers(directory, name)
-    save_converted(converted, state)
-    return state
-
-
-def _state_via_transformers(directory: Path, name: str) -> dict[str, torch.Tensor]:
-    """All tensors, read by `BlipForImageTextRetrieval` (any weight format); refuses untrained heads."""
-    from transformers import BlipForImageTextRetrieval
-
-    model, loading = from_pretrained(directory, name, BlipForImageTextRetrieval, output_loading_info=True)
-    missing = {key.split(".")[0] for key in loading.get("missing_keys", ())}
-    missing |= {key.split(".")[0] for key, *_ in loading.get("mismatched_keys", ())}
-    _refuse_missing(name, missing)
-    return model.state_dict()
-
-
-def _check_safetensors_heads(directory: Path, name: str) -> None:
-    from safetensors import safe_open
-
-    present = set()
-    for path in directory.glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as f:
-            present |= {key.split(".")[0] for key in f.keys()}  # noqa: SIM118  (safe_open is no mapping)
-    _refuse_missing(name, set(REQUIRED_MODULES) - present)
-
-
-def _refuse_missing(name: str, missing: set[str]) -> None:
-    """Refuse checkpoints whose retrieval modules would be left at random initialisation."""
-    absent = sorted(missing & set(REQUIRED_MODULES))
-    if absent:
-        raise ModelLoadError(
-            f"model {name} has no trained weights for {', '.join(absent)}: it is not an image-text "
-            "retrieval checkpoint (captioning and VQA ones are not); use e.g. Salesforce/blip-itm-base-coco")
-
-
 def _tokenizer_via_transformers(directory: Path, name: str) -> TextTokenizer:
     from transformers import AutoTokenizer
 
@@ -205,27 +149,5 @@ def _model_info(checkpoint: Checkpoint, directory: Path, config: dict) -> ModelI
         vectors_per_image=1,
         feature_tokens=(image_size // patch_size) ** 2 + 1,  # patches + [CLS]
         feature_dim=vision.get("hidden_size", 768),
-        preprocessing=read_preprocessing(directory, checkpoint.name),
+        preprocessing=read_preprocessing(directory, checkpoint.name, image_size),
     )
-
-
-def read_preprocessing(directory: Path, name: str) -> Preprocessing:
-    """The image processor's settings, read from preprocessor_config.json with BlipImageProcessor's defaults."""
-    try:
-        stored = json.loads((directory / "preprocessor_config.json").read_text())
-    except FileNotFoundError:
-        stored = {}
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot read the preprocessor_config.json of model {name}: {exc}") from exc
-    p = PROCESSOR_DEFAULTS | stored
-    size = p["size"] if isinstance(p["size"], dict) else {"height": p["size"], "width": p["size"]}
-    resample = _RESAMPLE_NAMES.get(int(p["resample"]))
-    supported = (p["do_resize"] and p["do_rescale"] and p["do_normalize"] and resample
-                 and "height" in size and "width" in size and abs(p["rescale_factor"] - 1 / 255) < 1e-9
-                 and not p.get("do_center_crop") and not p.get("do_pad"))
-    if not supported:
-        raise ModelLoadError(f"model {name}: its image processor settings are not the BLIP resize + rescale + "
-                             "normalise that blipsearch implements")
-    return Preprocessing(height=int(size["height"]), width=int(size["width"]),
-                         mean=tuple(map(float, p["image_mean"])), std=tuple(map(float, p["image_std"])),
-                         resample=resample)

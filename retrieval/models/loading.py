@@ -11,23 +11,34 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from ..errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from .base import ModelInfo
 
 log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+_VOCABULARY_FILES = ("tokenizer.json", "vocab.txt")
+_SETTLED_NS = 2_000_000_000  # a file modified this recently may still be written: hash it, cache it later
 # What a retrieval checkpoint needs from a hub repository (configs, tokenizer, weights); older repositories
 # (Salesforce's BLIP ones among them) hold PyTorch pickles only, fetched when no safetensors came.
 _DOWNLOAD_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
 _PICKLE_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+DAMAGED_HINT = "if the file is damaged or incomplete, download the model again or re-export it"
 
 
 @dataclass(frozen=True)
@@ -56,21 +67,72 @@ def resolve(name: str) -> Checkpoint:
     raise ModelLoadError(f"model {name!r} is neither an existing directory nor a hub id like 'org/name'")
 
 
-def fingerprint(directory: str | Path, samples: int = 16, chunk: int = 1 << 16) -> str:
-    """A cheap content fingerprint of a local checkpoint: config plus sampled chunks of each weight file.
+def fingerprint(directory: str | Path) -> str:
+    """A content hash of a local checkpoint: every byte of config.json, the tokenizer's vocabulary and each
+    weight file, so that any retraining or edit (one negated head) gives another revision.
 
-    Training changes every weight, so sampled chunks detect a retrained model without reading gigabytes.
+    Each file's hash is cached by (path, size, mtime_ns, inode) in the user cache: a multi-GB checkpoint
+    is read in full once, later loads only stat it.
     """
     directory = Path(directory)
-    digest = hashlib.sha256((directory / "config.json").read_bytes())
-    for path in sorted(p for p in directory.iterdir() if p.suffix in _WEIGHT_SUFFIXES):
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as f:
-            for i in range(samples):
-                f.seek(size * i // samples)
-                digest.update(f.read(chunk))
+    cache_path = _hash_cache_path()
+    cache = _load_hash_cache(cache_path)
+    known = dict(cache)
+    digest = hashlib.sha256()
+    for path in _identity_files(directory):
+        digest.update(f"{path.name}:{_cached_file_hash(path, cache)}\n".encode())
+    if cache != known:
+        _save_hash_cache(cache_path, cache)
     return "sha256:" + digest.hexdigest()[:16]
+
+
+def _identity_files(directory: Path) -> list[Path]:
+    """What decides a checkpoint's outputs: its config, vocabulary and weights (sorted, so order is stable)."""
+    named = [directory / n for n in ("config.json", *_VOCABULARY_FILES) if (directory / n).is_file()]
+    return named + sorted(p for p in directory.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+
+
+def _cached_file_hash(path: Path, cache: dict[str, Any]) -> str:
+    """The file's sha256, from `cache` when its (size, mtime_ns, inode) are unchanged; updates `cache`."""
+    stat = path.stat()  # before reading: a file changed meanwhile gets another stamp next time
+    key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    entry = cache.get(key)
+    if isinstance(entry, list) and len(entry) == 4 and entry[:3] == stamp and isinstance(entry[3], str):
+        return entry[3]
+    digest = hash_file(path)
+    if time.time_ns() - stat.st_mtime_ns > _SETTLED_NS:
+        cache[key] = [*stamp, digest]
+    return digest
+
+
+def hash_file(path: Path) -> str:
+    """sha256 of the whole file, streamed (hashlib reads it in chunks)."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _hash_cache_path() -> Path:
+    import platformdirs
+
+    return platformdirs.user_cache_path("blipsearch") / "file-hashes.json"
+
+
+def _load_hash_cache(path: Path) -> dict[str, Any]:
+    """{absolute path: [size, mtime_ns, inode, sha256]}; empty when the cache is absent or damaged."""
+    try:
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # absent, unreadable, not JSON, other shape
+        if not isinstance(exc, FileNotFoundError):
+            log.info("ignoring the file-hash cache %s: %s", path, first_line(exc))
+        return {}
+    return files if isinstance(files, dict) else {}
+
+
+def _save_hash_cache(path: Path, files: dict[str, Any]) -> None:
+    """Write the cache atomically, without the entries of files that are gone."""
+    kept = {key: entry for key, entry in files.items() if os.path.exists(key)}
+    text = json.dumps({"version": 1, "files": kept})
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -109,7 +171,7 @@ def local_directory(checkpoint: Checkpoint) -> Path:
             directory = Path(snapshot_download(checkpoint.source, allow_patterns=_PICKLE_PATTERNS))
         return directory
     except Exception as exc:  # network, authorisation, missing repository
-        raise ModelLoadError(f"cannot download model {checkpoint.name}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot download model {checkpoint.name}: {first_line(exc)}") from exc
 
 
 def from_pretrained(directory: Path, name: str, loader: Any, **kwargs: Any) -> Any:
@@ -117,12 +179,20 @@ def from_pretrained(directory: Path, name: str, loader: Any, **kwargs: Any) -> A
     try:
         return loader.from_pretrained(str(directory), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot load model {name}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load model {name}: {first_line(exc)}") from exc
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # torch.load of a damaged or cut-short file
+        raise ModelLoadError(f"cannot load model {name}: {first_line(exc)}; {DAMAGED_HINT}") from exc
 
 
 def revision(checkpoint: Checkpoint, directory: Path) -> str:
     """Hub commit hash (the snapshot folder's name), or a content fingerprint for a local directory."""
-    return fingerprint(directory) if checkpoint.is_local else directory.name
+    if not checkpoint.is_local:
+        return directory.name
+    try:
+        return fingerprint(directory)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read the files of model {checkpoint.name} ({first_line(exc)}); check that "
+                             "they are readable") from exc
 
 
 def read_config(directory: Path, name: str) -> dict:
@@ -132,21 +202,94 @@ def read_config(directory: Path, name: str) -> dict:
         raise ModelLoadError(f"cannot read the config.json of model {name}: {exc}") from exc
 
 
-def read_tensors(directory: Path, prefixes: tuple[str, ...]) -> dict[str, Any]:
-    """The checkpoint's tensors whose names start with `prefixes`, from safetensors files (any shards)."""
-    from safetensors import safe_open
+@dataclass(frozen=True)
+class WeightsSpec:
+    """What one family's retrieval checkpoint must hold, and the transformers class that reads any format."""
 
+    transformers_class: str  # e.g. "BlipForImageTextRetrieval"
+    required: tuple[str, ...]  # top-level modules that must carry trained weights
+    refusal: str  # ends the refusal of a checkpoint without them: what it is not, what to use instead
+
+
+def read_state(name: str, directory: Path, info: ModelInfo, modules: tuple[str, ...],
+               spec: WeightsSpec) -> dict[str, Any]:
+    """The tensors of `modules`: from safetensors (the checkpoint's own, or a converted copy in the user
+    cache), else through transformers, which reads any format; that copy is then cached as safetensors.
+    A checkpoint whose `spec.required` modules would stay at random initialisation is refused."""
+    if has_safetensors(directory):
+        return _safetensors_state(directory, name, modules, spec)
+    converted = converted_directory(info.model_id, info.revision)
+    if has_safetensors(converted):
+        try:
+            return _safetensors_state(converted, name, modules, spec)
+        except ModelLoadError as exc:  # a damaged cache is rebuilt, not reported as a damaged model
+            log.warning("converting model %s again: its cached copy is unreadable (%s)", name, exc)
+    state = state_via_transformers(directory, name, spec)
+    save_converted(converted, state)
+    return state
+
+
+def _safetensors_state(directory: Path, name: str, modules: tuple[str, ...], spec: WeightsSpec) -> dict[str, Any]:
+    present = {key.split(".")[0] for key in safetensors_keys(directory, name)}
+    _refuse_missing(name, set(spec.required) - present, spec)
+    return read_tensors(directory, name, modules)
+
+
+def state_via_transformers(directory: Path, name: str, spec: WeightsSpec) -> dict[str, Any]:
+    """All tensors, read by `spec.transformers_class` (any weight format); refuses untrained heads."""
+    import transformers
+
+    loader = getattr(transformers, spec.transformers_class)
+    model, loading = from_pretrained(directory, name, loader, output_loading_info=True)
+    missing = {key.split(".")[0] for key in loading.get("missing_keys", ())}
+    missing |= {key.split(".")[0] for key, *_ in loading.get("mismatched_keys", ())}
+    _refuse_missing(name, missing, spec)
+    return model.state_dict()
+
+
+def _refuse_missing(name: str, missing: set[str], spec: WeightsSpec) -> None:
+    """Refuse checkpoints whose retrieval modules would be left at random initialisation."""
+    absent = sorted(missing & set(spec.required))
+    if absent:
+        raise ModelLoadError(f"model {name} has no trained weights for {', '.join(absent)}: {spec.refusal}")
+
+
+def read_tensors(directory: Path, name: str, prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """The checkpoint's tensors whose names start with `prefixes`, from safetensors files (any shards)."""
+    tensors = {}
+    for path in _safetensors_files(directory):
+        with open_safetensors(path, name) as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)})  # noqa: SIM118
+    return tensors
+
+
+def safetensors_keys(directory: Path, name: str) -> set[str]:
+    """The names of every tensor in the checkpoint's safetensors files (headers only)."""
+    keys: set[str] = set()
+    for path in _safetensors_files(directory):
+        with open_safetensors(path, name) as f:
+            keys.update(f.keys())
+    return keys
+
+
+@contextmanager
+def open_safetensors(path: Path, name: str) -> Iterator[Any]:
+    """`safe_open(path)`; a damaged, cut-short or unreadable file of model `name` is a one-line error."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"cannot read the weights file {path} of model {name} ({first_line(exc)}); "
+                             f"{DAMAGED_HINT}") from exc
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"model directory {directory} has no .safetensors weights")
-    tensors = {}
-    try:
-        for path in files:
-            with safe_open(str(path), framework="pt") as f:
-                tensors.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)})  # noqa: SIM118
-    except Exception as exc:  # safetensors raises its own SafetensorError on damaged files
-        raise ModelLoadError(f"cannot read the weights in {directory}: {_first_line(exc)}") from exc
-    return tensors
+    return files
 
 
 def has_safetensors(directory: Path) -> bool:
@@ -165,15 +308,29 @@ def save_converted(directory: Path, state: dict[str, Any]) -> None:
     """Write `state` as directory/model.safetensors atomically; a cache that cannot be written is skipped."""
     from safetensors.torch import save_file
 
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    write_atomically(directory / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+
+
+def write_atomically(target: Path, write: Callable[[Path], object]) -> bool:
+    """`write(tmp)` then rename tmp to `target`, for caches: on failure log, leave no tmp, return False."""
+    tmp = None
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / "model.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        tmp.replace(directory / "model.safetensors")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
+        write(tmp)
+        tmp.replace(target)
+        return True
     except OSError as exc:
-        log.info("could not cache converted weights in %s: %s", directory, exc)
+        log.info("could not write the cache file %s: %s", target, first_line(exc))
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        return False
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of the exception's message (its type name when the message is empty)."""
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]

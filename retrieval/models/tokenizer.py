@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InvalidInputError, ModelLoadError
 from .base import TextTokens
+from .loading import first_line
 
 
 class TextTokenizer:
@@ -28,9 +30,18 @@ class TextTokenizer:
         import tokenizers
 
         path = directory / "tokenizer.json"
-        return cls(tokenizers.Tokenizer.from_file(str(path)), max_length) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception for a damaged file
+            raise ModelLoadError(f"cannot read {path} ({first_line(exc)}); download the model again or "
+                                 "re-export it") from exc
+        return cls(backend, max_length)
 
     def __call__(self, texts: list[str]) -> TextTokens:
+        for text in texts:
+            _require_utf8(text)
         encodings = self._tokenizer.encode_batch(texts)
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
@@ -38,3 +49,13 @@ class TextTokenizer:
 
     def token_id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)
+
+
+def _require_utf8(text: str) -> None:
+    """Text from a non-UTF-8 source (argv bytes decoded with surrogateescape) holds lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"the query text {text!r} is not valid UTF-8 (character {exc.start + 1}); type it again in a "
+            "terminal set to UTF-8 (e.g. LANG=C.UTF-8)") from exc
