@@ -35,9 +35,10 @@ def load_model(name: str, device: str | torch.device = "auto", precision: str = 
     """
     from ..device import select_device, select_dtype
     from .blip import BlipRetrievalModel
+    from .blip2 import Blip2RetrievalModel
     from .loading import local_directory, read_config
 
-    adapters = {"blip": BlipRetrievalModel}  # "blip-2" joins here
+    adapters = {"blip": BlipRetrievalModel, "blip-2": Blip2RetrievalModel}
     checkpoint = resolve(name)
     model_type = read_config(local_directory(checkpoint), name).get("model_type")
     adapter = adapters.get(model_type)
