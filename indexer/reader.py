@@ -58,7 +58,8 @@ class IndexReader:
         return {p: str(self.view.hashes[r]) for p, r in zip(self.view.paths, self.view.path_rows, strict=True)}
 
     def recall(self, query: np.ndarray, k: int, under: Sequence[str] | None = None) -> list[tuple[str, float]]:
-        """Top-k images (hash, ITC cosine) for a (D,) query; `under` keeps images with a file in those folders."""
+        """Top-k images (hash, ITC cosine) for a (D,) or (Q, D) query (see `RecallIndex.search`); `under` keeps
+        images with a file in those folders."""
         allowed = None
         if under is not None:
             inside = [r for p, r in zip(self.view.paths, self.view.path_rows, strict=True) if is_under(p, under)]

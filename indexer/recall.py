@@ -56,7 +56,12 @@ class RecallIndex:
         return type(self.index).__name__ == "IndexFlatIP"
 
     def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k image rows for one (D,) query -> (rows, scores), best first; `allowed` is a row subset."""
+        """Top-k image rows for a (D,) query -> (rows, scores), best first; `allowed` is a row subset.
+
+        A (Q, D) query scores an image by its best vector against the best query vector (an image query
+        of BLIP-2's 32 vectors); exact, since an image in the overall top-k is in the top-k of the query
+        vector that scores it best.
+        """
         import faiss
 
         v = self.vectors_per_image
@@ -71,8 +76,10 @@ class RecallIndex:
             params = (faiss.SearchParameters(sel=selector) if self.exact else
                       faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(self.index).nlist))
         # with V vectors per image the k best images are among the k*V best vectors
-        scores, ids = self.index.search(query.reshape(1, -1).astype(np.float32), k * v, params=params)
-        return _best_per_image(ids[0], scores[0], v, k)
+        queries = np.ascontiguousarray(query.reshape(-1, query.shape[-1]), dtype=np.float32)  # (Q, D)
+        scores, ids = self.index.search(queries, k * v, params=params)
+        order = np.argsort(-scores.ravel(), kind="stable")
+        return _best_per_image(ids.ravel()[order], scores.ravel()[order], v, k)
 
     def save(self, directory: Path) -> None:
         import faiss

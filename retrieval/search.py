@@ -22,7 +22,8 @@ RERANK_BATCH = 32  # candidates per ITM forward pass: bounds activation memory
 
 class CandidateSource(Protocol):
     def recall(self, query: np.ndarray, k: int, under: Sequence[str] | None = None) -> list[tuple[str, float]]:
-        """Best `k` images (key, ITC cosine) for a (D,) query vector, best first."""
+        """Best `k` images (key, ITC cosine) for a (D,) query vector, best first; for (Q, D) query vectors an
+        image scores its best cosine against any of them."""
         ...
 
     def token_features(self, keys: Sequence[str]) -> np.ndarray:
@@ -77,9 +78,11 @@ class Searcher:
         return hits[:options.top]
 
     def search_image(self, pixels: torch.Tensor, options: SearchOptions) -> list[Hit]:
-        """Images like a (1, 3, H, W) query image, by ITC cosine of their embeddings."""
+        """Images like a (1, 3, H, W) query image: the best ITC cosine between any of its V vectors and any of
+        an indexed image's (BLIP: its one vector; BLIP-2: 32 query vectors each, so an image scores 1 with
+        itself)."""
         vectors = self.model.encode_images(pixels).embeddings[0]  # (V, D)
-        recalled = self.source.recall(vectors.mean(0).numpy(), options.top, options.under)
+        recalled = self.source.recall(vectors.numpy(), options.top, options.under)
         return [Hit(key, itc, itc, None) for key, itc in recalled]
 
     def rerank(self, tokens, recalled: list[tuple[str, float]]) -> list[Hit]:

@@ -19,11 +19,12 @@ QUERY = "a red dog on the beach"
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory, tiny_model_dir):
+def library(tmp_path_factory, family_model_dir):
+    """Two folders indexed with the tiny model of each family: the tests that take it run once per family."""
     root = tmp_path_factory.mktemp("cli")
     make_folder(root / "photos" / "trips", 5, seed=1)
     make_folder(root / "photos" / "family", 4, seed=2)
-    blipsearch("index", str(root / "photos"), "--model", str(tiny_model_dir), "-q", index=root / "index")
+    blipsearch("index", str(root / "photos"), "--model", str(family_model_dir), "-q", index=root / "index")
     return root
 
 
@@ -32,10 +33,10 @@ def query_json(library, *args):
     return json.loads(out)
 
 
-def test_json_schema(library, tiny_model_dir):
+def test_json_schema(library, family_model_dir):
     answer = query_json(library, "--top", "4")
     assert set(answer) == {"query", "model", "results"}
-    assert answer["query"] == QUERY and answer["model"] == str(tiny_model_dir)
+    assert answer["query"] == QUERY and answer["model"] == str(family_model_dir)
     assert len(answer["results"]) == 4
     for row in answer["results"]:
         assert set(row) == {"path", "score", "itc", "itm_prob"}
@@ -59,12 +60,12 @@ def test_paths_in_and_min_prob(library):
     assert [r["path"] for r in kept] == [r["path"] for r in full if r["itm_prob"] >= threshold]
 
 
-def test_table_output_and_status(library, tiny_model_dir):
+def test_table_output_and_status(library, family_model_dir):
     lines = blipsearch("query", QUERY, "--top", "3", index=library / "index").stdout.splitlines()
     assert lines[0].split() == ["#", "score", "match", "path"] and len(lines) == 4
     assert lines[1].split()[0] == "1" and lines[1].split()[2].endswith("%")
     status = json.loads(blipsearch("status", "--json", index=library / "index").stdout)
-    assert (status["files"], status["images"], status["model"]) == (9, 9, str(tiny_model_dir))
+    assert (status["files"], status["images"], status["model"]) == (9, 9, str(family_model_dir))
     assert status["bytes"] > 0
     text = blipsearch("status", index=library / "index").stdout
     assert "9 files, 9 distinct images" in text

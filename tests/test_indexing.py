@@ -38,8 +38,9 @@ class CountingModel:
 
 
 @pytest.fixture
-def model(tiny_model):
-    return CountingModel(tiny_model)
+def model(family_model):
+    """Every test here runs once per model family (BLIP: 1 vector per image; BLIP-2: 8 query vectors)."""
+    return CountingModel(family_model)
 
 
 def run(folders, model, index_dir):
@@ -136,6 +137,17 @@ def test_another_model_is_refused_and_one_writer_at_a_time(tmp_path, model):
     assert IndexReader.open(tmp_path / "index").counts() == (0, 0)
 
 
+def test_an_index_of_one_family_refuses_a_model_of_the_other(tmp_path, tiny_model, tiny_blip2_dir):
+    make_folder(tmp_path / "photos", 1)
+    run([tmp_path / "photos"], CountingModel(tiny_model), tmp_path / "index")
+    blip2 = load_model(str(tiny_blip2_dir), "cpu", "fp32")
+    message = (f"holds vectors of the blip model {tiny_model.info.model_id} .* not of the blip-2 model "
+               f"{blip2.info.model_id} .* rebuild it with `blipsearch index --rebuild --model {blip2.info.model_id}")
+    with pytest.raises(ModelMismatchError, match=message):
+        IndexWriter.open(tmp_path / "index", blip2.info)
+    assert IndexReader.open(tmp_path / "index").manifest.identity.family == "blip"
+
+
 def test_an_unrelated_folder_is_never_used_as_an_index(tmp_path, model):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "thesis.tex").write_text("precious")
@@ -196,12 +208,12 @@ def test_file_names_that_are_not_utf8_are_skipped_with_a_reason(tmp_path, model)
     assert [reason for _, reason in summary.skipped] == ["file name is not valid UTF-8; rename the file"]
 
 
-def test_killed_run_resumes_with_exactly_one_row_per_file(tmp_path, tiny_model_dir):
+def test_killed_run_resumes_with_exactly_one_row_per_file(tmp_path, family_model_dir):
     """SIGKILL mid-run loses at most the batch in flight; the next run finishes the job."""
     photos, index = tmp_path / "photos", tmp_path / "index"
     make_folder(photos, 120)
     command = [sys.executable, "-m", "blipsearch.retrieval.cli", "index", str(photos), "--model",
-               str(tiny_model_dir), "--index", str(index), "--batch-size", "4", "--device", "cpu", "-q"]
+               str(family_model_dir), "--index", str(index), "--batch-size", "4", "--device", "cpu", "-q"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     committed = wait_for_rows(index, process, at_least=8)
     process.send_signal(signal.SIGKILL)
@@ -271,11 +283,11 @@ def test_a_torn_record_from_a_killed_run_is_overwritten(tmp_path, model):
     assert reader.token_features([reader.files()[str(photos / "more.png")]]).shape == (1, 17, 32)
 
 
-def test_readers_during_a_run_see_the_tables_and_the_same_answers(tmp_path, model, tiny_model):
+def test_readers_during_a_run_see_the_tables_and_the_same_answers(tmp_path, model, family_model):
     photos, index = tmp_path / "photos", tmp_path / "index"
     make_folder(photos, 4)
     run([photos], model, index)
-    query = tiny_model.encode_texts(["a dog"]).embeddings[0].numpy()
+    query = family_model.encode_texts(["a dog"]).embeddings[0].numpy()
     settled = IndexReader.open(index)
     writer = IndexWriter.open(index, model.info)  # a run starts (or is killed before it finishes)
     during = IndexReader.open(index)

@@ -116,3 +116,19 @@ def test_several_vectors_per_image_score_by_their_maximum():
     vectors[0, 1, 1] = 0.5
     rows, scores = RecallIndex.build(vectors).search(np.array([0, 1, 0, 0], np.float32), 3)
     assert list(rows[:2]) == [1, 0] and list(scores[:2]) == [1.0, 0.5]
+
+
+def test_several_query_vectors_score_an_image_by_its_best_pair():
+    """An image query of V vectors: exact top-k by max over (query vector, stored vector) pairs."""
+    from blipsearch.indexer.recall import RecallIndex
+
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(300, 4, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=-1, keepdims=True)
+    queries = vectors[11] + 0.1 * rng.normal(size=(4, 8)).astype(np.float32)
+    best = np.einsum("nvd,qd->nvq", vectors, queries).max(axis=(1, 2))  # (N,) brute force
+    expected = np.argsort(-best, kind="stable")[:10]
+    rows, scores = RecallIndex.build(vectors).search(queries, 10)
+    np.testing.assert_array_equal(rows, expected)
+    np.testing.assert_allclose(scores, best[expected], rtol=1e-5)
+    assert RecallIndex.build(vectors).search(vectors[5], 1)[1][0] == pytest.approx(1.0, abs=1e-5)
