@@ -94,7 +94,8 @@ def _reference(model, dataset: Path, k_test: int) -> dict[str, dict[str, float]]
     features = images.features.half().float()  # (I, T, H)
     captions = [c for it in items for c in it.captions]
     texts = model.encode_texts(captions)
-    itc = images.embeddings[:, 0] @ texts.embeddings.T  # (I, N)
+    # (I, N): LAVIS's BLIP `image_feat @ text_feat.t()`; BLIP-2 `(image_feats @ text_feat.t()).max(dim=1)`
+    itc = torch.einsum("ivd,nd->inv", images.embeddings, texts.embeddings).amax(dim=-1)
     itm = torch.stack([model.itm_scores(texts.tokens, features[i:i + 1].expand(len(captions), -1, -1))[:, 1]
                        for i in range(len(items))])  # (I, N) class-1 logits, every pair
     i2t, t2i = torch.full_like(itc, -100.0), torch.full_like(itc.T, -100.0)
@@ -133,24 +134,26 @@ def _assert_recall_matches(ours: dict, reference: dict, keys) -> None:
 ALL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10")
 
 
-def test_both_annotation_forms_give_lavis_numbers(dataset, tiny_model_dir, tiny_model):
-    lavis = _eval_json(dataset, tiny_model_dir, "flickr30k_test.json", "--k-test", "64")
-    karpathy = _eval_json(dataset, tiny_model_dir, "dataset_flickr30k.json", "--k-test", "64")
+def test_both_annotation_forms_give_lavis_numbers(dataset, family_model_dir, family_model):
+    """BLIP and BLIP-2 (ITC max over the queries, ITM averaged over them), against LAVIS's protocol."""
+    lavis = _eval_json(dataset, family_model_dir, "flickr30k_test.json", "--k-test", "64")
+    karpathy = _eval_json(dataset, family_model_dir, "dataset_flickr30k.json", "--k-test", "64")
+    assert lavis["model"]["family"] == family_model.info.family
     assert (lavis["dataset"]["images"], lavis["dataset"]["texts"]) == (6, 30)
     keys = ("itc", "rerank", "itm_pairs", "candidate_pairs")
     assert {k: lavis[k] for k in keys} == {k: karpathy[k] for k in keys}
     # k_test above the pool: every pair is a candidate both ways, and ITM scores each one once.
     assert (lavis["candidate_pairs"], lavis["itm_pairs"]) == (6 * 30 + 30 * 6, 6 * 30)
-    reference = _reference(tiny_model, dataset, k_test=30)
+    reference = _reference(family_model, dataset, k_test=30)
     _assert_recall_matches(lavis["itc"], reference["itc"], ALL_KEYS)
     _assert_recall_matches(lavis["rerank"], reference["rerank"], ALL_KEYS)
 
 
-def test_small_k_test_matches_lavis_where_its_filler_does_not_decide(dataset, tiny_model_dir, tiny_model):
-    ours = _eval_json(dataset, tiny_model_dir, "flickr30k_test.json", "--k-test", "5")
+def test_small_k_test_matches_lavis_where_its_filler_does_not_decide(dataset, family_model_dir, family_model):
+    ours = _eval_json(dataset, family_model_dir, "flickr30k_test.json", "--k-test", "5")
     assert ours["k_test"] == 5 and ours["candidate_pairs"] == 6 * 5 + 30 * 5
     assert 30 * 5 <= ours["itm_pairs"] < 6 * 5 + 30 * 5  # pairs in both directions' candidates count once
-    reference = _reference(tiny_model, dataset, k_test=5)
+    reference = _reference(family_model, dataset, k_test=5)
     # LAVIS orders its -100 non-candidates arbitrarily; within the top 5 only candidates count.
     _assert_recall_matches(ours["rerank"], reference["rerank"], ("txt_r1", "txt_r5", "img_r1", "img_r5"))
 
