@@ -2,32 +2,50 @@
 
 Steps match the checkpoint's image processor (transformers' BLIP PIL backend): transparent pixels over
 white, RGB, resize to (height, width) with the processor's filter. We add what a photo folder needs
-and the processor does not do: camera (EXIF) orientation, and a guard against decompression bombs.
+and the processor does not do: camera (EXIF) orientation, a guard against decompression bombs, and a
+bound on memory: no step makes a second full-size copy of the decoded picture (see `load_image`).
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import re
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from blipsearch.retrieval.errors import ImageLoadError
 from blipsearch.retrieval.models.base import Preprocessing
 
+from .scan import open_regular
+
+log = logging.getLogger(__name__)
+
 # Pillow refuses images above 2 x MAX_IMAGE_PIXELS (~179 megapixels) as decompression bombs; so do we.
 DEFAULT_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+# Reduced decoding box-reduces a large picture to at least this many times the model's input size before
+# the exact resize, as Pillow's `reducing_gap` (3: "practically identical" to the plain resize).
+REDUCING_GAP = 3
+_BAND_PIXELS = 1 << 20  # pixels per band of rows converted to RGB at a time (~16 MB of temporaries)
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
 }
 
-_ORIENTATION = 0x0112  # EXIF tag
+_ORIENTATION = 0x0112  # EXIF tag; its values 2..8 as Pillow's `ImageOps.exif_transpose` applies them
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey picture
 
 
@@ -52,31 +70,133 @@ def load_image(path: str | Path, pre: Preprocessing, max_pixels: int = DEFAULT_M
     """Decode, orient and resize one file (or its bytes, already read, as `data`); raises `ImageLoadError`.
 
     `reduced_decode` lets a JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's `draft`),
-    never below the model's input size, before the same resize: a 12-megapixel photo decodes at 1/4
-    scale, about 3x faster, and the resized pixels move by a quarter grey level on average
-    (tests/test_images.py).
+    never below the model's input size, and box-reduces other large pictures to `REDUCING_GAP` times it,
+    before the same resize: a 12-megapixel photo decodes at 1/4 scale, about 3x faster, and the resized
+    pixels move by a quarter grey level on average (tests/test_images.py).
+
+    Memory: the decoded picture (at most 4 bytes a pixel in Pillow) plus, for pictures that are not RGB,
+    a full-size RGB copy unless `reduced_decode`; conversion goes a band of rows at a time, and the
+    orientation is applied to the resized result.
     """
+    with _reasons(path), _naming_warnings(path), _source(path, data) as source, _opened(source, max_pixels) as image:
+        return _prepare(image, pre, reduced_decode)
+
+
+def check_header(file: BinaryIO, path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Refuse a file that is no image, or a picture over `max_pixels`, from its header (a few KB read)."""
+    with _reasons(path), _naming_warnings(path), _opened(file, max_pixels):
+        pass
+
+
+def _prepare(image: Image.Image, pre: Preprocessing, reduced_decode: bool) -> LoadedImage:
+    width, height = image.size
+    orientation = image.getexif().get(_ORIENTATION, 1) if pre.exif_transpose else 1
+    turned = orientation in (5, 6, 7, 8)  # turned by 90 degrees: the model's width spans the file's height
+    size = (pre.height, pre.width) if turned else (pre.width, pre.height)
+    if reduced_decode and image.format == "JPEG":
+        side = max(pre.width, pre.height)
+        image.draft("RGB", (side, side))
+    factors = _factors(image.size, size) if reduced_decode else (1, 1)
+    box = (0, 0, image.width / factors[0], image.height / factors[1])  # the reduced picture's last pixels are part ones
+    resized = _rgb(image, factors).resize(size, resample=_FILTERS[pre.resample], box=box)
+    if orientation in _TRANSPOSE:
+        resized = resized.transpose(_TRANSPOSE[orientation])
+    return LoadedImage(np.asarray(resized, dtype=np.uint8), *((height, width) if turned else (width, height)))
+
+
+def _factors(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """Box-reduction factors that leave at least REDUCING_GAP x `target` in each direction (as Pillow's)."""
+    return (max(1, int(size[0] / target[0] / REDUCING_GAP)), max(1, int(size[1] / target[1] / REDUCING_GAP)))
+
+
+def _rgb(image: Image.Image, factors: tuple[int, int]) -> Image.Image:
+    """`to_rgb(image).reduce(factors)`, without a second full-size copy: other modes go a band of rows at a time."""
+    if image.mode == "RGB":
+        return image if factors == (1, 1) else image.reduce(factors)
+    (fx, fy), (width, height) = factors, image.size
+    out = Image.new("RGB", (-(-width // fx), -(-height // fy)))
+    rows = fy * max(1, _BAND_PIXELS // (width * fy))  # whole boxes of the reduction in each band
+    for top in range(0, height, rows):
+        band = to_rgb(image.crop((0, top, width, min(top + rows, height))))
+        out.paste(band.reduce(factors), (0, top // fy))
+    return out
+
+
+@contextmanager
+def _reasons(path: str | Path) -> Iterator[None]:
+    """Any failure inside becomes an `ImageLoadError` that says in a few words why."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path if data is None else io.BytesIO(data)) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise ImageLoadError(_bomb(width * height, max_pixels))
-                if reduced_decode and image.format == "JPEG":
-                    side = max(pre.width, pre.height)
-                    image.draft("RGB", (side, side))
-                if pre.exif_transpose:
-                    if image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):  # turned by 90 degrees
-                        width, height = height, width
-                    image = ImageOps.exif_transpose(image)
-                rgb = to_rgb(image)
-                resized = rgb.resize((pre.width, pre.height), resample=_FILTERS[pre.resample])
-                return LoadedImage(np.asarray(resized, dtype=np.uint8), width, height)
+        yield
     except ImageLoadError:
         raise
     except Exception as exc:  # Pillow signals bad data with many exception types
         raise ImageLoadError(failure_reason(path, exc)) from exc
+
+
+@contextmanager
+def _source(path: str | Path, data: bytes | None) -> Iterator[BinaryIO]:
+    if data is not None:
+        yield io.BytesIO(data)  # shares the bytes, no copy
+    else:
+        with open_regular(path) as file:
+            yield file
+
+
+@contextmanager
+def _opened(source: BinaryIO, max_pixels: int) -> Iterator[Image.Image]:
+    """The picture, its header read and its pixel count checked; pixels are decoded on first use."""
+    _setup_pillow()
+    with Image.open(source) as image:
+        if image.width * image.height > max_pixels:
+            raise ImageLoadError(_bomb(image.width * image.height, max_pixels))
+        yield image
+
+
+# ---- once per process: HEIC/HEIF, and Pillow's warnings naming their file --------------------------------
+
+_decoding = threading.local()  # .path: the file this thread decodes
+_setup_lock = threading.Lock()
+
+
+@contextmanager
+def _naming_warnings(path: str | Path) -> Iterator[None]:
+    _decoding.path = str(path)
+    try:
+        yield
+    finally:
+        _decoding.path = None
+
+
+def _setup_pillow() -> None:
+    with _setup_lock:  # decoding threads may arrive together; the hook must be installed once
+        _setup_once()
+
+
+@functools.cache
+def _setup_once() -> None:
+    """Register pillow-heif's opener where installed, and route Pillow's warnings through `_show_warning`.
+
+    `warnings.catch_warnings` is process-wide, not per thread, so decoding threads cannot use it to learn
+    which file a warning (corrupt EXIF, ...) is about; one hook reads the thread's file instead.
+    """
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        pass
+    else:
+        register_heif_opener()
+    passed_on = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        path = getattr(_decoding, "path", None)
+        if path is None:
+            passed_on(message, category, filename, lineno, file, line)
+        else:
+            log.warning("%s: %s", path, message)
+
+    warnings.showwarning = show
+    warnings.filterwarnings("always", module=r"(PIL|pillow_heif)\b")  # every file's warning, not the first one
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # we refuse with our own reason
 
 
 def _bomb(pixels: int, limit: int) -> str:

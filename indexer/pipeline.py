@@ -8,41 +8,41 @@ The run receives the model and the store, so tests can pass fakes. Plan per file
   removed     stored path under a scanned folder that is gone         -> row deleted
 
 Worker threads read each new or changed file once, hash its bytes and decode them if the content is new,
-while the main thread encodes the previous batch.
+while the main thread encodes the previous batch. Only regular files within the size limit are read, and a
+picture's header is checked before its bytes are read (scan.open_regular, images.check_header). A read
+that does not finish within READ_TIMEOUT_S skips its file; the workers are daemon threads, so one stuck
+in the kernel (a hung network drive) never keeps the process from ending.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
-from typing import TypeVar
 
 from tqdm import tqdm
 
-from blipsearch.retrieval.errors import ImageLoadError
+from blipsearch.retrieval.errors import ImageLoadError, InvalidInputError
 from blipsearch.retrieval.models.base import RetrievalModel
 
 from . import codec
-from .images import LoadedImage, failure_reason, load_image
-from .scan import FileStat, hash_bytes, is_under, resolve_roots, scan
+from .images import LoadedImage, check_header, failure_reason, load_image
+from .readahead import TooManyStuck, bounded_map
+from .scan import FileStat, is_under, open_regular, read_hashed, resolve_roots, scan
 from .store import FileRecord, ImageRecord, IndexWriter
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-R = TypeVar("R")
 COMPACT_EVERY = 64  # batches between compactions, to keep fragments few while a long run goes on
+READ_TIMEOUT_S = 60.0  # a file not read and decoded within this many seconds is skipped (a hung drive)
+MAX_STUCK_READS = 16  # reads that never returned before the run stops: each holds a thread for good
 
 
 @dataclass
 class IndexSummary:
-    indexed: int = 0  # files whose content was encoded
+    indexed: int = 0  # files whose content was encoded (or stored by a killed run that did not name it yet)
     reused: int = 0  # new paths whose content was already stored (moved, renamed, copied)
     unchanged: int = 0
     removed: int = 0
@@ -52,7 +52,7 @@ class IndexSummary:
 @dataclass
 class IndexOptions:
     batch_size: int = 16
-    workers: int = 2  # decoding threads (0: decode in the encoding thread, no overlap)
+    workers: int = 2  # decoding threads (0: one, that never runs ahead of the encoder: no overlap)
     progress: bool = True
     reduced_decode: bool = True  # JPEGs decode at reduced scale (see images.load_image)
     allow_empty: bool = False  # an empty folder removes its indexed files (else they are kept, with a warning)
@@ -120,25 +120,35 @@ class _Run:
                  options: IndexOptions, summary: IndexSummary):
         self.store, self.model, self.stored, self.options, self.summary = store, model, stored, options, summary
         self.known = store.known_hashes()  # contents with stored features (grows as batches commit)
+        self.named = {record.hash for record in stored.values()}  # contents some file row points to
         self.batch: dict[str, tuple[LoadedImage, list[FileStat]]] = {}  # new contents waiting for the encoder
         self.reused: list[FileRecord] = []  # files of known contents, written with the next commit
         self.batches = 0
 
     def process(self, changed: list[FileStat]) -> None:
-        read = bounded_map(self._read, changed, self.options.workers, ahead=2 * self.options.batch_size)
+        read = bounded_map(self._read, changed, self.options.workers, ahead=2 * self.options.batch_size,
+                           timeout=READ_TIMEOUT_S, on_timeout=self._timed_out, max_stuck=MAX_STUCK_READS)
         quiet = not self.options.progress or not changed
         with closing(read), tqdm(total=len(changed), desc="indexing", unit="img", disable=quiet) as self.progress:
-            for item in read:
-                self._take(item)
+            try:
+                for item in read:
+                    self._take(item)
+            except TooManyStuck as exc:
+                raise InvalidInputError(f"{exc.count} files did not answer within {READ_TIMEOUT_S:g} s each, e.g. "
+                                        f"{exc.item.path}: is a drive unreachable? Finished batches are kept; "
+                                        "run again once it answers") from None
             self._commit()
 
     def _read(self, stat: FileStat) -> _Read:
         """In a worker thread: read the file once, hash it, decode it only if its content is new."""
         try:
-            data = Path(stat.path).read_bytes()
+            with open_regular(stat.path) as file:
+                check_header(file, stat.path)  # no image, or a decompression bomb: refused before reading it whole
+                data, digest = read_hashed(file)
+        except ImageLoadError as exc:
+            return _Read(stat, reason=str(exc))
         except OSError as exc:
             return _Read(stat, reason=failure_reason(stat.path, exc))
-        digest = hash_bytes(data)
         if digest in self.known:
             return _Read(stat, digest)
         try:
@@ -148,13 +158,17 @@ class _Run:
             return _Read(stat, digest, reason=str(exc))
         return _Read(stat, digest, image)
 
+    @staticmethod
+    def _timed_out(stat: FileStat) -> _Read:
+        return _Read(stat, reason=f"read timed out (no answer in {READ_TIMEOUT_S:g} s; a hung drive?)")
+
     def _take(self, item: _Read) -> None:
         stat, digest = item.stat, item.digest
         if item.reason is not None:
             self._skip(stat, item.reason)
         elif digest in self.known:
-            self.reused.append(FileRecord(stat.path, stat.size, stat.mtime_ns, digest))
             self._count_reuse(stat, digest)
+            self.reused.append(FileRecord(stat.path, stat.size, stat.mtime_ns, digest))
         elif digest in self.batch:  # an identical copy is already waiting: encode once
             self.batch[digest][1].append(stat)
         elif item.image is None:  # known when read, and this run pruned nothing since: cannot happen
@@ -178,6 +192,7 @@ class _Run:
             new = [FileRecord(s.path, s.size, s.mtime_ns, d) for d in digests for s in self.batch[d][1]]
             files += new
             self.known.update(digests)
+            self.named.update(digests)
             self.summary.indexed += len(new)
         self.store.upsert_files(files)  # after the images: a crash in between leaves only re-usable features
         self.progress.update(len(files))
@@ -190,8 +205,11 @@ class _Run:
         old = self.stored.get(stat.path)
         if old is not None and old.hash == digest:
             self.summary.unchanged += 1  # touched: same bytes, new mtime
-        else:
+        elif digest in self.named:
             self.summary.reused += 1  # moved, renamed or copied
+        else:  # features a killed run stored before its file rows: this run finishes indexing the file
+            self.summary.indexed += 1
+        self.named.add(digest)
 
     def _skip(self, stat: FileStat, reason: str) -> None:
         if stat.path in self.stored:
@@ -204,24 +222,3 @@ def _skip(path: str, reason: str, options: IndexOptions, summary: IndexSummary) 
     summary.skipped.append((path, reason))
     if options.on_skip:
         options.on_skip(path, reason)
-
-
-def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int = 64) -> Iterator[R]:
-    """`map` in a thread pool, in order, with at most `ahead` results waiting (bounded memory).
-
-    workers=0 maps in the calling thread, without overlap (for measuring what the overlap brings).
-    """
-    if workers == 0:
-        yield from map(fn, items)
-        return
-    items = iter(items)
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        pending = deque(pool.submit(fn, item) for item in islice(items, ahead))
-        while pending:
-            result = pending.popleft().result()
-            for item in islice(items, 1):
-                pending.append(pool.submit(fn, item))
-            yield result
-    finally:  # also when the consumer stops early (an error, Ctrl-C): queued work is dropped, not waited for
-        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,29 +1,40 @@
-"""Find image files under folders, and fingerprint their content."""
+"""Find image files under folders, and read and fingerprint their content safely.
+
+Only regular files are read: a FIFO, a device or a socket (or a link to one) could block a read forever or
+never end (`/dev/zero`). A scan skips them by their status; `open_regular` checks the opened descriptor
+again, so a file swapped for one between the scan and the read is refused too.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
-from blipsearch.retrieval.errors import InvalidInputError
+from blipsearch.retrieval.errors import ImageLoadError, InvalidInputError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
+# Larger files are skipped unread. 1 GiB holds any 8-bit RGBA image under the decompression-bomb limit
+# stored uncompressed (179 megapixels x 4 bytes = 716 MB); photos are far smaller.
+MAX_FILE_BYTES = 1 << 30
+READ_CHUNK = 1 << 20  # bytes per read() of a streamed hash
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
 
 
 def supported_extensions() -> frozenset[str]:
-    """Pillow's formats we index, plus HEIC/HEIF when pillow-heif is installed."""
-    try:
-        from pillow_heif import register_heif_opener
-    except ImportError:
+    """Pillow's formats we index, plus HEIC/HEIF when pillow-heif is installed (images.py registers it)."""
+    if importlib.util.find_spec("pillow_heif") is None:
         return IMAGE_EXTENSIONS
-    register_heif_opener()
     return IMAGE_EXTENSIONS | HEIF_EXTENSIONS
 
 
@@ -53,7 +64,10 @@ def resolve_roots(roots: Iterable[str | Path]) -> list[Path]:
 
 
 def scan(roots: Iterable[Path], extensions: frozenset[str] | None = None) -> ScanResult:
-    """Every image file below `roots`, recursively, in sorted order; hidden files and folders are skipped."""
+    """Every image file below `roots`, recursively, in sorted order; hidden files and folders are skipped.
+
+    Links to folders are followed, except one that leads back to a folder it is inside of (a loop).
+    """
     extensions = extensions or supported_extensions()
     result = ScanResult()
     seen: set[str] = set()
@@ -62,50 +76,130 @@ def scan(roots: Iterable[Path], extensions: frozenset[str] | None = None) -> Sca
             if Path(path).suffix.lower() not in extensions or path in seen:
                 continue
             seen.add(path)
-            if not _utf8(path):
-                result.skipped.append((path.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
-                                       "file name is not valid UTF-8; rename the file"))
-                continue
-            try:
-                st = os.stat(path)
-            except OSError:
-                st = None  # broken link or vanished: let the loader report it
-            result.files.append(FileStat(path, st.st_size if st else 0, st.st_mtime_ns if st else 0))
+            reason = _unreadable_name(path)
+            st = None if reason else _stat(path)
+            reason = reason or (file_problem(st) if st else None)
+            if reason:
+                result.skipped.append((_printable(path), reason))
+            else:  # a broken link or a vanished file (no status) is the loader's to report
+                result.files.append(FileStat(path, st.st_size if st else 0, st.st_mtime_ns if st else 0))
     result.files.sort(key=lambda f: f.path)
     return result
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def file_problem(st: os.stat_result) -> str | None:
+    """Why a file with this status is not read, or None for a regular file within the size limit."""
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "of an unknown kind")
+        return f"not a regular file ({kind})"
+    if st.st_size > MAX_FILE_BYTES:
+        return f"file too large ({_size(st.st_size)}; the limit is {_size(MAX_FILE_BYTES)})"
+    return None
+
+
+def _size(count: int) -> str:
+    return f"{count / (1 << 30):,.1f} GiB" if count >= 1 << 30 else f"{count / (1 << 20):,.1f} MiB"
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """Open a regular file within the size limit for reading; else raise `ImageLoadError` with the reason.
+
+    O_NONBLOCK: opening a FIFO swapped in since the scan returns at once instead of waiting for a writer;
+    the status of the open descriptor, not of the name, decides.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        reason = file_problem(os.fstat(fd))
+        if reason:
+            raise ImageLoadError(reason)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_hashed(file: BinaryIO) -> tuple[bytes, str]:
+    """All of `file` from its start, in one buffer (decoders read it without a copy), and its content hash."""
+    file.seek(0)
+    data = file.read()
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageLoadError(file_problem(os.fstat(file.fileno())) or "file grew while being read")
+    return data, hash_bytes(data)
+
+
+def content_hash(path: str | Path) -> str:
+    """128-bit BLAKE2b of the bytes: the identity of an image across moves, renames and copies."""
+    hasher = _hasher()
+    with open_regular(path) as file:
+        while chunk := file.read(READ_CHUNK):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def hash_bytes(data: bytes) -> str:
+    hasher = _hasher()
+    hasher.update(data)
+    return hasher.hexdigest()
+
+
+def _hasher():
+    return hashlib.blake2b(digest_size=16)
 
 
 def _walk(root: Path, unreadable: list[str]) -> Iterator[str]:
     if root.is_file():
         yield str(root)
+    else:
+        yield from _walk_folder(str(root), {}, unreadable)
+
+
+def _walk_folder(folder: str, above: dict[tuple[int, int], str], unreadable: list[str]) -> Iterator[str]:
+    """Paths of the files below `folder`; `above` maps the (device, inode) of each folder it is inside of."""
+    try:
+        st = os.stat(folder)
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda e: e.name)
+    except OSError as exc:
+        log.warning("cannot read folder %s: %s", folder, exc.strerror)
+        unreadable.append(folder)
         return
-
-    def on_error(exc: OSError) -> None:
-        log.warning("cannot read folder %s: %s", exc.filename, exc.strerror)
-        unreadable.append(str(exc.filename))
-
-    for folder, dirs, files in os.walk(root, onerror=on_error):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if not name.startswith("."):
-                yield os.path.join(folder, name)
-
-
-def content_hash(path: str | Path) -> str:
-    """128-bit BLAKE2b of the bytes: the identity of an image across moves, renames and copies."""
-    return hash_bytes(Path(path).read_bytes())
+    above = {**above, (st.st_dev, st.st_ino): folder}
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():  # follows links: a link to a file, and a broken link, are files here
+            yield entry.path
+        elif (loop := _loop(entry, above)) is not None:
+            log.warning("not following %s: it leads back to %s, which holds it (a loop)", entry.path, loop)
+        else:
+            yield from _walk_folder(entry.path, above, unreadable)
 
 
-def hash_bytes(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+def _loop(entry: os.DirEntry, above: dict[tuple[int, int], str]) -> str | None:
+    try:
+        st = entry.stat()
+    except OSError:
+        return None  # gone since the listing: reading it will say so
+    return above.get((st.st_dev, st.st_ino))
 
 
-def _utf8(path: str) -> bool:
+def _unreadable_name(path: str) -> str | None:
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:  # bytes the file system gave that are no UTF-8 (old archives, Samba)
-        return False
-    return True
+        return "file name is not valid UTF-8; rename the file"
+    return None
+
+
+def _printable(path: str) -> str:
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def is_under(path: str, folders: Iterable[str]) -> bool:

@@ -18,9 +18,8 @@ import hashlib
 import json
 import logging
 import os
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,23 +156,16 @@ def decoded_batches(root: Path, paths: list[str], rows: np.ndarray, preprocessin
                     workers: int) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
     """(rows, uint8 pixel arrays) per batch, in order; decoding runs `workers` threads, one batch ahead."""
     from blipsearch.indexer.images import load_image
+    from blipsearch.indexer.readahead import bounded_map
 
-    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-    pending: deque[tuple[np.ndarray, list[Future]]] = deque()
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for batch in batches:
-            pending.append((batch, [pool.submit(load_image, root / paths[r], preprocessing) for r in batch]))
-            if len(pending) > 1:
-                yield _resolve(*pending.popleft(), root, paths)
-        while pending:
-            yield _resolve(*pending.popleft(), root, paths)
-
-
-def _resolve(batch: np.ndarray, futures: list[Future], root: Path, paths: list[str]):
-    pixels = []
-    for row, future in zip(batch, futures, strict=True):
+    def decode(row: int) -> np.ndarray:
         try:
-            pixels.append(future.result().pixels)
+            return load_image(root / paths[row], preprocessing).pixels
         except ImageLoadError as exc:
             raise ImageLoadError(f"image {root / paths[row]}: {exc}") from exc
-    return batch, pixels
+
+    decoded = bounded_map(decode, rows, max(1, workers), ahead=batch_size)
+    with closing(decoded):
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            yield batch, [next(decoded) for _ in batch]

@@ -133,12 +133,76 @@ def test_reduced_decode_leaves_other_formats_and_orientation_alone(tmp_path):
 
 
 def test_heic_photos_are_indexed_when_pillow_heif_is_installed(tmp_path):
-    """pillow-heif is the `heic` extra (and part of `dev`, so CI runs this)."""
+    """pillow-heif is the `heic` extra (and part of `dev`, so CI runs this); fresh processes: test_faults_reads.py."""
+    import pillow_heif
+
     from blipsearch.indexer.scan import supported_extensions
 
-    assert ".heic" in supported_extensions()  # registers the opener
+    assert ".heic" in supported_extensions()
     path = tmp_path / "phone.HEIC"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), np.uint8)).save(path, format="HEIF")
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 48, 3), np.uint8)
+    pillow_heif.from_pillow(Image.fromarray(pixels)).save(path, quality=90)
     assert [f.path for f in scan([tmp_path]).files] == [str(path)]
     loaded = load_image(path, PRE)
     assert (loaded.width, loaded.height) == (48, 40) and loaded.pixels.shape == (16, 16, 3)
+
+
+def transparent_and_palette(tmp_path, size=(150, 110)):
+    """An RGBA picture with graded transparency and a palette one with a transparent entry."""
+    rng = np.random.default_rng(8)
+    rgba = rng.integers(0, 255, (size[1], size[0], 4), np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    palette = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), np.uint8)).quantize(64)
+    palette.save(tmp_path / "p.png", transparency=3)
+    Image.fromarray(rgba[..., 0]).save(tmp_path / "l.png")
+    return [tmp_path / "a.png", tmp_path / "p.png", tmp_path / "l.png"]
+
+
+def test_band_by_band_conversion_equals_transformers_convert_to_rgb_and_resize(tmp_path, monkeypatch):
+    from transformers.image_transforms import convert_to_rgb
+
+    from blipsearch.indexer import images
+
+    monkeypatch.setattr(images, "_BAND_PIXELS", 1000)  # many bands of 6 rows
+    for path in transparent_and_palette(tmp_path):
+        expected = convert_to_rgb(Image.open(path)).resize((16, 16), Image.Resampling.BICUBIC)
+        np.testing.assert_array_equal(load_image(path, PRE).pixels, np.asarray(expected), err_msg=path.name)
+
+
+def test_band_by_band_reduction_equals_the_whole_picture_reduced(tmp_path, monkeypatch):
+    from blipsearch.indexer import images
+
+    monkeypatch.setattr(images, "_BAND_PIXELS", 1000)
+    for path in transparent_and_palette(tmp_path):
+        with Image.open(path) as image:
+            ours = images._rgb(image, (3, 2))
+            np.testing.assert_array_equal(np.asarray(ours), np.asarray(images.to_rgb(image).reduce((3, 2))))
+
+
+def test_reduced_decode_of_a_large_png_moves_pixels_by_under_a_grey_level_on_average(tmp_path):
+    pre = Preprocessing(height=384, width=384, mean=(0.5,) * 3, std=(0.5,) * 3)
+    path = tmp_path / "photo.png"
+    Image.open(photo_like(tmp_path / "photo.jpg", size=(4000, 3000))).save(path)
+    exact = load_image(path, pre).pixels.astype(np.float32)
+    reduced = load_image(path, pre, reduced_decode=True)
+    assert (reduced.width, reduced.height) == (4000, 3000)
+    difference = np.abs(reduced.pixels.astype(np.float32) - exact)
+    assert difference.mean() < 0.5 and np.percentile(difference, 99) <= 2
+    assert difference.max() > 0  # it was box-reduced first: the bound is the claim
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_orientation_applied_after_the_resize_is_within_a_grey_level_of_before(tmp_path, orientation):
+    """The picture is resized, then turned (no full-size turned copy); turned first, it differs by rounding."""
+    from PIL import ImageOps
+
+    pre = Preprocessing(height=64, width=48, mean=(0.5,) * 3, std=(0.5,) * 3)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.open(photo_like(tmp_path / "p.jpg", size=(400, 300))).save(tmp_path / "r.png", exif=exif.tobytes())
+    turned = ImageOps.exif_transpose(Image.open(tmp_path / "r.png"))
+    expected = np.asarray(turned.resize((48, 64), Image.Resampling.BICUBIC), dtype=np.float32)
+    loaded = load_image(tmp_path / "r.png", pre)
+    assert (loaded.width, loaded.height) == turned.size
+    difference = np.abs(loaded.pixels - expected)
+    assert difference.mean() < 0.5 and difference.max() <= 2
