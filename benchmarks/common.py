@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -141,3 +142,95 @@ def run_measured(command: list[str], env: dict | None = None) -> dict:
 
 def print_json(data: dict) -> None:
     print(json.dumps(data, indent=2))
+
+
+def word_tokenizer(vocab_size: int, tail: list[str]):
+    """A BERT word tokenizer of `vocab_size` ids: specials, WORDS (one token each), [unusedN] filler, then
+    `tail` (e.g. ["[DEC]"] for BLIP-2's Q-Former, whose bos token is the last id). Ids decide the speed,
+    not the words: benchmark queries tokenise to realistic lengths."""
+    from transformers import BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens = specials + list(dict.fromkeys(WORDS))
+    tokens += [f"[unused{i}]" for i in range(vocab_size - len(tail) - len(tokens))] + tail
+    return BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}, bos_token=tail[0] if tail else None)
+
+
+def save_random_blip2(directory: Path) -> Path:
+    """BLIP-2 stage-1 retrieval model at transformers' default `Blip2Config` sizes (EVA ViT-g/14 at 224 px,
+    39 layers, 1408 wide; Q-Former BERT-base with 32 queries, cross-attention every 2 layers), random
+    weights, with a BERT tokenizer and a 224 px BLIP image processor: ~1.2 B parameters, ~4.6 GB fp32.
+
+    Stands in for `Salesforce/blip2-itm-vit-g` (same shapes; its config lists the Q-Former vocabulary as
+    30523, BERT's plus [DEC]). Weights are transformers' own fp32 initialisation (~25 s and ~5 GB of memory
+    here; run it in a process of its own so that memory goes back), except the ViT's scale: 0.02 like the
+    rest, not Blip2VisionConfig's 1e-10, so that activations have a trained model's magnitudes.
+    """
+    if directory.exists():
+        return directory
+    import shutil
+
+    import torch
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2Processor, BlipImageProcessorPil
+
+    partial = directory.with_name(directory.name + ".partial")  # renamed when complete
+    shutil.rmtree(partial, ignore_errors=True)
+    vocab_size = 30523  # BERT's 30522 + [DEC]
+    config = Blip2Config(vision_config={"initializer_range": 0.02},
+                         qformer_config={"use_qformer_text_input": True, "vocab_size": vocab_size})
+    torch.manual_seed(0)
+    model = Blip2ForImageTextRetrieval(config).eval()
+    with torch.no_grad():  # transformers zeroes the queries at initialisation; trained ones differ from each other
+        model.query_tokens.normal_(0, 1)
+    model.save_pretrained(partial)
+    side = config.vision_config.image_size
+    images = BlipImageProcessorPil(size={"height": side, "width": side})
+    Blip2Processor(images, word_tokenizer(vocab_size, ["[DEC]"]), num_query_tokens=None).save_pretrained(partial)
+    partial.rename(directory)
+    return directory
+
+
+def build_synthetic_index(directory: Path, model_dir: Path, images: int, batch: int = 250) -> Path:
+    """An index of `images` synthetic images for `model_dir`'s shapes: random normalised ITC vectors
+    (V, D) per image (V = 1 for BLIP, 32 for BLIP-2) and random int8 feature maps (T, H) (577 x 768 for
+    BLIP ViT-B/16 at 384 px, 257 x 1408 for BLIP-2 ViT-g at 224 px). Made once; `complete` marks it done.
+    (bench_query.py's `build_index` is the BLIP-only form of this: it could call this one.)"""
+    from blipsearch.indexer import codec
+    from blipsearch.indexer.store import FileRecord, ImageRecord, IndexWriter
+    from blipsearch.retrieval.models import load_model
+
+    if (directory / "complete").exists():
+        return directory
+    info = load_model(str(model_dir), "cpu", "fp32", with_vision=False).info
+    store = IndexWriter.open(directory, info, rebuild=True)
+    rng = np.random.default_rng(0)
+    t, h = info.feature_tokens, info.feature_dim
+    scale, offset = np.full(h, 0.05, np.float16).tobytes(), np.zeros(h, np.float16).tobytes()
+    for start in range(0, images, batch):
+        count = min(batch, images - start)
+        vectors = rng.standard_normal((count, info.vectors_per_image, info.embed_dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=-1, keepdims=True)  # (count, V, D)
+        hashes = [f"{start + i:032x}" for i in range(count)]
+        store.add_images([ImageRecord(hashes[i], vectors[i], codec.PackedFeatures(rng.bytes(t * h), scale, offset),
+                                      4000, 3000) for i in range(count)])
+        store.upsert_files([FileRecord(f"/photos/synthetic/img{start + i:06d}.jpg", 3_000_000, 0, hashes[i])
+                            for i in range(count)])
+        print(f"\rbuilding the synthetic index: {start + count}/{images}", end="", file=sys.stderr)
+    store.finish()
+    store.close()
+    (directory / "complete").touch()
+    print(file=sys.stderr)
+    return directory
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; else what `platform` knows) and how many cores are usable."""
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores)"

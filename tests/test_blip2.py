@@ -11,12 +11,12 @@ from transformers import AutoTokenizer, Blip2ForImageTextRetrieval, Blip2Process
 from blipsearch.indexer import codec
 from blipsearch.indexer.images import load_image
 from blipsearch.retrieval.errors import ModelLoadError
-from blipsearch.retrieval.fusion import fuse
-from blipsearch.retrieval.models import blip2, load_model, resolve
+from blipsearch.retrieval.models import blip2, load_model, loading, resolve
 from blipsearch.retrieval.models.blip2_vision import vision_config
 from blipsearch.retrieval.models.qformer import QFormerConfig
 
 from photos import make_photo
+from precision import assert_within_tolerance_and_same_ranking
 from tiny_blip2 import save_tiny_blip2
 
 TEXTS = ["a red dog on the beach", "a cat", "a photo of a blue car in the sea"]  # unequal lengths: padding
@@ -168,19 +168,19 @@ def test_every_checkpoint_tensor_is_used(model, blip2_dir):
 
     with safe_open(str(blip2_dir / "model.safetensors"), framework="pt") as f:
         stored = set(f.keys())
-    ours = set(model.qformer.state_dict()) | set(model.vision.state_dict())
+    ours = set(model.qformer.state_dict()) | {f"vision_model.{k}" for k in model.vision.state_dict()}
     assert ours == stored
 
 
 def test_text_only_loading_reads_no_vision_tensors(blip2_dir, model, photos, monkeypatch):
-    read, real = [], blip2.read_tensors
+    read, real = [], loading.read_tensors
 
-    def spy(*args):
-        tensors = real(*args)
+    def spy(*args, **kwargs):
+        tensors = real(*args, **kwargs)
         read.extend(tensors)
         return tensors
 
-    monkeypatch.setattr(blip2, "read_tensors", spy)
+    monkeypatch.setattr(loading, "read_tensors", spy)
     light = load_model(str(blip2_dir), "cpu", "fp32", with_vision=False)
     assert read and not [k for k in read if k.startswith("vision_model.")]
     assert light.vision is None and light.info == model.info
@@ -211,7 +211,7 @@ def test_pickled_weights_are_converted_once_then_read_without_transformers(tmp_p
         (directory / name).write_bytes((blip2_dir / name).read_bytes())
     load_model(str(directory), "cpu", "fp32")
     assert list((tmp_path / "cache").rglob("model.safetensors"))
-    monkeypatch.setattr(blip2, "_state_via_transformers", lambda *a: pytest.fail("transformers read it again"))
+    monkeypatch.setattr(loading, "state_via_transformers", lambda *a: pytest.fail("transformers read it again"))
     again = load_model(str(directory), "cpu", "fp32")
     torch.testing.assert_close(again.encode_texts(TEXTS).embeddings, model.encode_texts(TEXTS).embeddings)
 
@@ -227,21 +227,12 @@ def bf16_model(blip2_dir):
 
 
 def test_bf16_scores_stay_within_tolerance_and_keep_the_ranking(model, bf16_model):
-    pixels = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    scores = []
-    for m in (model, bf16_model):
-        images, text = m.encode_images(pixels), m.encode_texts(TEXTS[:1])
-        itc = (images.embeddings @ text.embeddings[0]).amax(dim=1)
-        scores.append(fuse(itc, m.itm_scores(text.tokens, images.features)))
-    fp32, low = scores
-    assert (fp32 - low).abs().max() < BF16_TOLERANCE
-    apart = (fp32[:, None] - fp32[None, :]) > 2 * BF16_TOLERANCE  # pairs the tolerance cannot swap
-    assert apart.sum() > 20 and ((low[:, None] - low[None, :]) > 0)[apart].all()
+    assert_within_tolerance_and_same_ranking(model, bf16_model, TEXTS[0], BF16_TOLERANCE, min_apart=21)
 
 
 def test_bf16_keeps_the_qformer_weights_and_itc_passes_in_fp32(model, bf16_model):
     """As transformers keeps the Q-Former fp32: only the ViT is cast, and only ITM's matmuls run in bf16."""
-    assert bf16_model.vision.vision_model.post_layernorm.weight.dtype == torch.bfloat16
+    assert bf16_model.vision.post_layernorm.weight.dtype == torch.bfloat16
     assert {p.dtype for p in bf16_model.qformer.parameters()} == {torch.float32}
     torch.testing.assert_close(bf16_model.encode_texts(TEXTS).embeddings, model.encode_texts(TEXTS).embeddings,
                                atol=0, rtol=0)

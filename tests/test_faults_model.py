@@ -243,7 +243,7 @@ BAD_TEXT = "red \udcff circle"  # what Python makes of the argv bytes b"red \xff
 
 
 def test_text_that_is_not_utf8_is_an_input_error(tiny_model):
-    with pytest.raises(InvalidInputError, match=r"^the query text 'red \\udcff circle' is not valid UTF-8"):
+    with pytest.raises(InvalidInputError, match=r"^the query text 'red \\xff circle' is not valid UTF-8"):
         tiny_model.encode_texts(["a red dog", BAD_TEXT])
     assert tiny_model.encode_texts(["rouge été 赤い"]).embeddings.shape[0] == 1  # real non-ASCII text is fine
 

@@ -15,6 +15,7 @@ from blipsearch.indexer.images import load_image
 from blipsearch.retrieval.errors import ModelLoadError
 from blipsearch.retrieval.models import load_model
 
+from precision import assert_within_tolerance_and_same_ranking
 from tiny import save_tiny_blip
 
 TEXTS = ["a red dog on the beach", "a photo of a cat", "a blue car"]
@@ -199,19 +200,8 @@ BF16_TOLERANCE = 0.03  # fused ITM + ITC score, bf16 end to end against fp32 (me
 
 def test_bf16_scores_stay_within_tolerance_and_keep_the_ranking(tiny_model_dir, tiny_model):
     """The bf16 path (vision tower, stored features, ITM) against the fp32 computation."""
-    from blipsearch.retrieval.fusion import fuse
-
     bf16 = load_model(str(tiny_model_dir), "cpu", "bf16")
-    pixels = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    scores = []
-    for model in (tiny_model, bf16):
-        images, text = model.encode_images(pixels), model.encode_texts(TEXTS[:1])
-        itc = images.embeddings[:, 0] @ text.embeddings[0]
-        scores.append(fuse(itc, model.itm_scores(text.tokens, images.features)))
-    fp32, low = scores
-    assert (fp32 - low).abs().max() < BF16_TOLERANCE
-    apart = (fp32[:, None] - fp32[None, :]) > 2 * BF16_TOLERANCE  # pairs the tolerance cannot swap
-    assert apart.any() and ((low[:, None] - low[None, :]) > 0)[apart].all()
+    assert_within_tolerance_and_same_ranking(tiny_model, bf16, TEXTS[0], BF16_TOLERANCE)
 
 
 def test_a_config_that_does_not_fit_the_weights_is_one_line(tmp_path, tiny_model_dir):
@@ -266,3 +256,24 @@ def test_a_hub_repository_with_pickles_only_downloads_them(tmp_path, tiny_model_
     assert directory == snapshot and (directory / "pytorch_model.bin").exists()
     assert len(asked) == 2 and "*.safetensors" in asked[0]
     assert loading.revision(loading.resolve("Salesforce/blip-itm-base-coco"), directory) == "0123abcd"
+
+
+def test_weights_are_read_as_stored_cast_by_prefix_and_not_left_mapped(tiny_model_dir, tmp_path):
+    """read_tensors equals safetensors' own reader; `dtypes` casts by name prefix as it reads; and no tensor
+    keeps the file memory-mapped (a mapped file keeps every page a load touched resident: 4.6 GB for ViT-g)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from blipsearch.retrieval.models import loading
+
+    directory = Path(shutil.copytree(tiny_model_dir, tmp_path / "m"))  # a file no other test has open
+    ours = loading.read_tensors(directory, "tiny", ("vision_model.", "itm_head."), {"vision_model.": torch.bfloat16})
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(directory.resolve()) not in maps.read_text()
+    expected = load_file(directory / "model.safetensors")
+    assert set(ours) == {k for k in expected if k.startswith(("vision_model.", "itm_head."))}
+    for key, tensor in ours.items():
+        want = expected[key].to(torch.bfloat16) if key.startswith("vision_model.") else expected[key]
+        assert tensor.dtype == want.dtype and torch.equal(tensor, want), key

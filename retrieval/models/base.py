@@ -34,7 +34,7 @@ class ModelInfo:
 
     model_id: str  # hub id or absolute local path
     revision: str  # hub commit hash, or a fingerprint of a local directory
-    family: str  # "blip" (BLIP-2 later)
+    family: str  # "blip" or "blip-2"
     embed_dim: int  # ITC embedding size (256 for BLIP)
     vectors_per_image: int  # 1 for BLIP, 32 for BLIP-2
     feature_tokens: int  # ITM cross-attention tokens per image (577 for ViT-B/16 at 384 px)

@@ -18,20 +18,19 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import ModelLoadError
+from .adapter import Adapter, fitting_config, paired
 from .base import ImageEncoding, ModelInfo, TextEncoding, TextTokens
 from .blip_text import BlipTextTower, TextTowerConfig
 from .blip_vision import BlipVisionTower, VisionTowerConfig
-from .loading import Checkpoint, WeightsSpec, from_pretrained, local_directory, read_config, read_state, revision
+from .loading import Checkpoint, WeightsSpec, local_directory, read_config, read_state, revision
 from .preprocessing import read_preprocessing
 from .tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
-MAX_TEXT_TOKENS = 35  # as in BLIP/LAVIS retrieval evaluation
 # Modules that a retrieval checkpoint must carry trained weights for.
 REQUIRED_MODULES = ("vision_model", "text_encoder", "vision_proj", "text_proj", "itm_head")
 TEXT_MODULES = ("text_encoder.", "text_proj.", "itm_head.")
@@ -41,22 +40,14 @@ WEIGHTS = WeightsSpec("BlipForImageTextRetrieval", REQUIRED_MODULES,
                       "Salesforce/blip-itm-base-coco")
 
 
-class BlipRetrievalModel:
+class BlipRetrievalModel(Adapter):
     """A BLIP retrieval checkpoint on one device and dtype; implements `RetrievalModel`."""
 
     def __init__(self, text: BlipTextTower, tokenizer: TextTokenizer, enc_token_id: int, info: ModelInfo,
                  device: torch.device, dtype: torch.dtype, vision: BlipVisionTower | None = None):
+        super().__init__(tokenizer, info, device, dtype, vision)
         self.text = text.to(device=device, dtype=dtype).eval()
-        self.vision = None if vision is None else vision.to(device=device, dtype=dtype).eval()
-        self.tokenizer = tokenizer
         self.enc_token_id = enc_token_id
-        self.info = info
-        self.device = device
-        self.dtype = dtype
-        pre = info.preprocessing
-        # Rescale and normalise in one step, as the image processor does: (x / 255 - mean) / std.
-        self._pixel_mean = torch.tensor(pre.mean).view(1, 3, 1, 1) * 255.0
-        self._pixel_std = torch.tensor(pre.std).view(1, 3, 1, 1) * 255.0
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
@@ -64,33 +55,21 @@ class BlipRetrievalModel:
         directory = local_directory(checkpoint)
         config = read_config(directory, checkpoint.name)
         info = _model_info(checkpoint, directory, config)
-        state = read_state(checkpoint.name, directory, info, TEXT_MODULES + (VISION_MODULES if with_vision else ()),
-                           WEIGHTS)
-        try:
+        modules = TEXT_MODULES + (VISION_MODULES if with_vision else ())
+        state = read_state(checkpoint.name, directory, info, modules, WEIGHTS, dict.fromkeys(modules, dtype))
+        with fitting_config(checkpoint.name):
             text = BlipTextTower(TextTowerConfig.from_blip_config(config))
             vision = BlipVisionTower(VisionTowerConfig.from_blip_config(config)) if with_vision else None
             text.load_weights(state)
             if vision is not None:
                 vision.load_weights(state)
-        except (KeyError, RuntimeError, ValueError) as exc:  # sizes in config.json and tensors disagree
-            raise ModelLoadError(f"model {checkpoint.name} does not fit its config.json: {exc}") from exc
-        tokenizer = TextTokenizer.from_directory(directory, MAX_TEXT_TOKENS) or _tokenizer_via_transformers(
-            directory, checkpoint.name)
+        tokenizer = TextTokenizer.load(directory, checkpoint.name)
         return cls(text, tokenizer, _enc_token_id(tokenizer, config), info, device, dtype, vision)
-
-    def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:
-        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()  # (B, 3, H, W)
-        return (batch - self._pixel_mean) / self._pixel_std
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> ImageEncoding:
-        if self.vision is None:
-            raise ModelLoadError("this model was loaded without its vision tower; load it with_vision=True")
-        features, embeddings = self.vision(pixel_values.to(self.device, self.dtype))  # (B, T, H), (B, D)
+        features, embeddings = self._vision_tower()(pixel_values.to(self.device, self.dtype))  # (B, T, H), (B, D)
         return ImageEncoding(embeddings=embeddings[:, None, :].cpu(), features=features)
-
-    def tokenize(self, texts: list[str]) -> TextTokens:
-        return self.tokenizer(texts)
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> TextEncoding:
@@ -100,25 +79,12 @@ class BlipRetrievalModel:
 
     @torch.inference_mode()
     def itm_scores(self, tokens: TextTokens, features: torch.Tensor) -> torch.Tensor:
-        input_ids = tokens.input_ids.clone()
-        input_ids[:, 0] = self.enc_token_id  # BLIP's training convention, see the module docstring
-        attention_mask = tokens.attention_mask
-        if input_ids.shape[0] == 1 and features.shape[0] > 1:
-            input_ids = input_ids.expand(features.shape[0], -1)
-            attention_mask = attention_mask.expand(features.shape[0], -1)
+        enc_ids = tokens.input_ids.clone()
+        enc_ids[:, 0] = self.enc_token_id  # BLIP's training convention, see the module docstring
+        input_ids, attention_mask = paired(TextTokens(enc_ids, tokens.attention_mask), features.shape[0])
         logits = self.text.itm_logits(input_ids.to(self.device), attention_mask.to(self.device),  # (N, 2)
                                       features.to(self.device, self.dtype))
         return logits.cpu()  # (N, 2)
-
-
-def _tokenizer_via_transformers(directory: Path, name: str) -> TextTokenizer:
-    from transformers import AutoTokenizer
-
-    tokenizer = from_pretrained(directory, name, AutoTokenizer)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ModelLoadError(f"model {name}: its tokenizer has no fast (tokenizers) backend")
-    return TextTokenizer(backend, MAX_TEXT_TOKENS)
 
 
 def _enc_token_id(tokenizer: TextTokenizer, config: dict) -> int:

@@ -1,17 +1,15 @@
 """BLIP-2's image tower (EVA ViT-g/14) as transformers' `Blip2VisionModel` stores it (`vision_model.*`).
 
-Its maths and tensor names are BLIP's ViT (blip_vision.py: pre-norm blocks, fused qkv with bias, exact
-GELU, a final LayerNorm = LAVIS's `ln_vision`), only larger: 39 layers, 1408 wide, 16 heads, patch 14.
-What differs is the head: BLIP projects [CLS] with `vision_proj`; BLIP-2 has no such layer and hands all
-T tokens after the final LayerNorm to the Q-Former. Those tokens are what an index keeps for ITM.
+Its maths and tensor names are BLIP's ViT body (blip_vision.py `VisionTransformer`: pre-norm blocks, fused
+qkv with bias, exact GELU, a final LayerNorm = LAVIS's `ln_vision`), only larger: 39 layers, 1408 wide,
+16 heads, patch 14. So the BLIP-2 adapter runs that body as it is; what differs is the head: BLIP projects
+[CLS] with `vision_proj`, BLIP-2 has no such layer and hands all T tokens after the final LayerNorm to the
+Q-Former. Those tokens are what an index keeps for ITM. This module reads the tower's sizes.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
-from .blip_vision import BlipVisionTower, VisionTowerConfig
+from .blip_vision import VisionTowerConfig
 
 # transformers' Blip2VisionConfig defaults: hub configs list only what differs (Salesforce/blip2-itm-vit-g
 # lists no size at all), and where BLIP's defaults (ViT-B/16 at 384 px) would be wrong.
@@ -27,22 +25,3 @@ def vision_config(config: dict) -> VisionTowerConfig:
     if not isinstance(v["image_size"], int) or not isinstance(v["patch_size"], int):
         raise ValueError(f"non-square images or patches ({v['image_size']}, {v['patch_size']}) are not supported")
     return VisionTowerConfig.from_blip_config(config | {"vision_config": v})
-
-
-class _NoProjection(nn.Module):
-    """Stands where BLIP has `vision_proj`: BLIP-2 has none, so nothing is loaded for it."""
-
-    def forward(self, cls: torch.Tensor) -> torch.Tensor:
-        return cls
-
-
-class Blip2VisionTower(BlipVisionTower):
-    """Pixels (B, 3, H, W) -> the ViT's tokens after its final LayerNorm (B, T, Hv)."""
-
-    def __init__(self, c: VisionTowerConfig):
-        super().__init__(c)
-        self.vision_proj = _NoProjection()
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        features, _ = super().forward(pixel_values)  # the second output, a normalised [CLS], is unused
-        return features

@@ -1,4 +1,5 @@
-"""BLIP's vision tower (ViT) and `vision_proj` for inference.
+"""BLIP's vision tower for inference: the ViT body (`VisionTransformer`, BLIP-2's image tower too) and
+`BlipVisionTower`, the body plus BLIP's `vision_proj`.
 
 Parameter names mirror transformers' `BlipForImageTextRetrieval` (`vision_model.*`, `vision_proj.*`), so
 a checkpoint's tensors load as they are. The computation is transformers' `BlipVisionModel` with its
@@ -66,20 +67,42 @@ class _Layer(nn.Module):
         return h + self.mlp.fc2(F.gelu(self.mlp.fc1(self.layer_norm2(h))))
 
 
+class VisionTransformer(nn.Module):
+    """The ViT body, transformers' `vision_model`: pixels (B, 3, H, W) -> tokens after the final LayerNorm
+    (B, T, Hv). BLIP projects token 0 with `vision_proj`; BLIP-2 hands all T tokens to its Q-Former."""
+
+    def __init__(self, c: VisionTowerConfig):
+        super().__init__()
+        self.config = c
+        emb = self.embeddings = nn.Module()
+        emb.class_embedding = nn.Parameter(torch.empty(1, 1, c.hidden_size), requires_grad=False)
+        emb.patch_embedding = PatchEmbedding(3, c.hidden_size, c.patch_size)
+        emb.position_embedding = nn.Parameter(torch.empty(1, c.tokens, c.hidden_size), requires_grad=False)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(_Layer(c) for _ in range(c.num_layers))
+        self.post_layernorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def load_weights(self, state: dict[str, torch.Tensor], prefix: str = "vision_model.") -> None:
+        """Take the ViT's tensors (`prefix` + our names) from a checkpoint's state dict; a missing one is an error."""
+        load_weights(self, state, "vision", prefix)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        emb = self.embeddings
+        patches = emb.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, T-1, Hv)
+        cls = emb.class_embedding.expand(patches.shape[0], 1, -1)
+        h = torch.cat([cls, patches], dim=1) + emb.position_embedding  # (B, T, Hv)
+        for layer in self.encoder.layers:
+            h = layer(h)
+        return self.post_layernorm(h)
+
+
 class BlipVisionTower(nn.Module):
     """Pixels -> (token features for ITM, normalised ITC embedding)."""
 
     def __init__(self, c: VisionTowerConfig):
         super().__init__()
         self.config = c
-        self.vision_model = nn.Module()
-        emb = self.vision_model.embeddings = nn.Module()
-        emb.class_embedding = nn.Parameter(torch.empty(1, 1, c.hidden_size), requires_grad=False)
-        emb.patch_embedding = PatchEmbedding(3, c.hidden_size, c.patch_size)
-        emb.position_embedding = nn.Parameter(torch.empty(1, c.tokens, c.hidden_size), requires_grad=False)
-        self.vision_model.encoder = nn.Module()
-        self.vision_model.encoder.layers = nn.ModuleList(_Layer(c) for _ in range(c.num_layers))
-        self.vision_model.post_layernorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.vision_model = VisionTransformer(c)
         self.vision_proj = Linear(c.hidden_size, c.embed_dim)
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
@@ -88,11 +111,5 @@ class BlipVisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> features (B, T, Hv) after the final LayerNorm, embeddings (B, D) float32."""
-        emb = self.vision_model.embeddings
-        patches = emb.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, T-1, Hv)
-        cls = emb.class_embedding.expand(patches.shape[0], 1, -1)
-        h = torch.cat([cls, patches], dim=1) + emb.position_embedding  # (B, T, Hv)
-        for layer in self.vision_model.encoder.layers:
-            h = layer(h)
-        features = self.vision_model.post_layernorm(h)
+        features = self.vision_model(pixel_values)
         return features, F.normalize(self.vision_proj(features[:, 0, :]).float(), dim=-1)

@@ -59,10 +59,11 @@ class PatchEmbedding(nn.Module):
         return F.conv2d(pixels, self.weight, self.bias, stride=self.patch)
 
 
-def load_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Take `module`'s tensors (by name) from a checkpoint's state dict; name the first one missing."""
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str, prefix: str = "") -> None:
+    """Take `module`'s tensors (by name, under `prefix` in the checkpoint) from a checkpoint's state dict;
+    name the first one missing."""
     own = module.state_dict()
-    missing = sorted(k for k in own if k not in state)
+    missing = sorted(prefix + k for k in own if prefix + k not in state)
     if missing:
         raise KeyError(f"checkpoint lacks {len(missing)} {what} tensors, e.g. {missing[0]}")
-    module.load_state_dict({k: state[k] for k in own}, assign=True)
+    module.load_state_dict({k: state[prefix + k] for k in own}, assign=True)

@@ -11,14 +11,19 @@ Rule: the nested settings win when `processor_config.json` has them, else `prepr
 else none. Keys left out take `BlipImageProcessor`'s defaults, except the size, which defaults to the
 vision tower's `image_size`; a size that disagrees with the vision tower is refused, since the tower's
 position embeddings fit one size only.
+
+`normalise` is the processor's last step, rescale + normalise, for every adapter (and training).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..errors import ModelLoadError
 from .base import Preprocessing
@@ -98,3 +103,10 @@ def _preprocessing(p: dict[str, Any]) -> Preprocessing | None:
         raise ValueError(f"image_mean and image_std need 3 values, not {len(mean)} and {len(std)}")
     return Preprocessing(height=int(size["height"]), width=int(size["width"]), mean=mean, std=std,
                          resample=resample)
+
+
+def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 RGB (B, H, W, 3) -> float32 (B, 3, H, W): (x / 255 - mean) / std in one step, as the processor."""
+    scaled_mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    scaled_std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return (pixels.permute(0, 3, 1, 2).float() - scaled_mean) / scaled_std

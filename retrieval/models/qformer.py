@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import blip_text
-from .blip_text import TextTowerConfig
+from .blip_text import Attention, TextTowerConfig
 from .layers import Embedding, LayerNorm, Linear, load_weights
 
 
@@ -51,14 +50,9 @@ class QFormerConfig(TextTowerConfig):
                    num_query_tokens=config.get("num_query_tokens", 32))
 
 
-class _Attention(blip_text._Attention):
-    """blip_text's attention under the Q-Former's names: `attention.{query,key,value}` where BERT has `self.*`."""
-
-    def __init__(self, c: QFormerConfig, kv_size: int):
-        super().__init__(c, kv_size)
-        projections = self._modules.pop("self")
-        self.attention = projections  # registered under transformers' name: this is what the state dict holds
-        object.__setattr__(self, "self", projections)  # an unregistered alias, read by blip_text's maths
+def _compute_dtype(device_type: str, weights: torch.dtype) -> torch.dtype:
+    """The dtype matmuls run in: autocast's where it is on, else the weights'."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weights
 
 
 def _feed_forward(c: QFormerConfig) -> tuple[nn.Module, nn.Module]:
@@ -77,8 +71,9 @@ def _apply_feed_forward(intermediate: nn.Module, output: nn.Module, h: torch.Ten
 class _Layer(nn.Module):
     def __init__(self, c: QFormerConfig, cross: bool):
         super().__init__()
-        self.attention = _Attention(c, c.hidden_size)
-        self.crossattention = _Attention(c, c.image_hidden_size) if cross else None
+        # the projections are `attention.{query,key,value}` where BERT has `self.*`
+        self.attention = Attention(c, c.hidden_size, inner="attention")
+        self.crossattention = Attention(c, c.image_hidden_size, inner="attention") if cross else None
         self.intermediate, self.output = _feed_forward(c)  # text tokens
         self.intermediate_query, self.output_query = _feed_forward(c)  # queries
 
@@ -136,8 +131,8 @@ class QFormerTower(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             valid = attention_mask.new_ones(batch, q)
             mask = torch.cat([valid, attention_mask], dim=1)[:, None, None, :].bool()
-        if image is not None:
-            image = image.to(self.query_tokens.dtype)
+        if image is not None:  # fp32 for ITC; under autocast (ITM) the matmuls' dtype: cast once, not per layer
+            image = image.to(_compute_dtype(image.device.type, self.query_tokens.dtype))
         layers = self.qformer.encoder.layer
         for i, layer in enumerate(layers):
             h = layer(h, mask, q, image, first_only=not queries and i == len(layers) - 1)

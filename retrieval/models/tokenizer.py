@@ -10,9 +10,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InvalidInputError, ModelLoadError
+from ..errors import InvalidInputError, ModelLoadError, printable
 from .base import TextTokens
-from .loading import first_line
+from .loading import first_line, from_pretrained
+
+MAX_TEXT_TOKENS = 35  # as in BLIP/LAVIS retrieval evaluation (BLIP and BLIP-2)
 
 
 class TextTokenizer:
@@ -39,6 +41,21 @@ class TextTokenizer:
                                  "re-export it") from exc
         return cls(backend, max_length)
 
+    @classmethod
+    def load(cls, directory: Path, name: str, max_length: int = MAX_TEXT_TOKENS) -> TextTokenizer:
+        """From `tokenizer.json`, else through transformers' `AutoTokenizer` (slow-tokenizer files only)."""
+        return cls.from_directory(directory, max_length) or cls._via_transformers(directory, name, max_length)
+
+    @classmethod
+    def _via_transformers(cls, directory: Path, name: str, max_length: int) -> TextTokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = from_pretrained(directory, name, AutoTokenizer)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ModelLoadError(f"model {name}: its tokenizer has no fast (tokenizers) backend")
+        return cls(backend, max_length)
+
     def __call__(self, texts: list[str]) -> TextTokens:
         for text in texts:
             _require_utf8(text)
@@ -57,5 +74,5 @@ def _require_utf8(text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidInputError(
-            f"the query text {text!r} is not valid UTF-8 (character {exc.start + 1}); type it again in a "
+            f"the query text '{printable(text)}' is not valid UTF-8 (character {exc.start + 1}); type it again in a "
             "terminal set to UTF-8 (e.g. LANG=C.UTF-8)") from exc
