@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import DEFAULT_WORKDIR, print_json, run_measured, save_random_blip_base
+from common import DEFAULT_WORKDIR, build_synthetic_index, print_json, run_measured, save_random_blip_base
 
 QUERIES = [
     "a dog on a beach", "two children building a sandcastle near the sea", "a red car parked on a city street",
@@ -37,37 +37,6 @@ QUERIES = [
     "a family eating dinner", "a kite flying in the sky", "a small house near the lake",
 ]
 CANDIDATES = 32
-
-
-def build_index(directory: Path, model_dir: Path, images: int, batch: int = 250) -> Path:
-    """Synthetic index: random normalised ITC vectors and random int8 feature maps of the real shape."""
-    from blipsearch.indexer import codec
-    from blipsearch.indexer.store import FileRecord, ImageRecord, IndexWriter
-    from blipsearch.retrieval.models import load_model
-
-    if (directory / "complete").exists():
-        return directory
-    info = load_model(str(model_dir), "cpu", "fp32", with_vision=False).info
-    store = IndexWriter.open(directory, info, rebuild=True)
-    rng = np.random.default_rng(0)
-    t, h = info.feature_tokens, info.feature_dim
-    scale = np.full(h, 0.05, np.float16).tobytes()
-    offset = np.zeros(h, np.float16).tobytes()
-    for start in range(0, images, batch):
-        count = min(batch, images - start)
-        vectors = rng.standard_normal((count, 1, info.embed_dim)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=-1, keepdims=True)
-        hashes = [f"{start + i:032x}" for i in range(count)]
-        store.add_images([ImageRecord(hashes[i], vectors[i], codec.PackedFeatures(rng.bytes(t * h), scale, offset),
-                                      4000, 3000) for i in range(count)])
-        store.upsert_files([FileRecord(f"/photos/synthetic/img{start + i:06d}.jpg", 3_000_000, 0, hashes[i])
-                            for i in range(count)])
-        print(f"\rbuilding the synthetic index: {start + count}/{images}", end="", file=sys.stderr)
-    store.finish()
-    store.close()
-    (directory / "complete").touch()
-    print(file=sys.stderr)
-    return directory
 
 
 def warm_latencies(model_dir: Path, index: Path, queries: list[str]) -> dict:
@@ -197,7 +166,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = save_random_blip_base(args.workdir / "blip-base-random")
-    index = build_index(args.workdir / f"query-index-{args.images}", model, args.images)
+    index = build_synthetic_index(args.workdir / f"query-index-{args.images}", model, args.images)
     warm = warm_latencies(model, index, QUERIES)
     baseline = baseline_latencies(model, QUERIES[:args.baseline_queries])
     cold = cold_latencies(model, index, args.cold_runs)

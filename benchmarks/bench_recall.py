@@ -22,10 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import cpu_model
 
 DIM = 256
 
@@ -43,7 +48,7 @@ def main() -> None:
     v = args.vectors_per_image
     sizes = args.sizes or [n // v for n in (16_384, 65_536, 262_144, 1_048_576)]
     rng = np.random.default_rng(0)
-    print(f"CPU: {_cpu_model()}; {v} vector(s) per image, {DIM} dimensions")
+    print(f"CPU: {cpu_model()}; {v} vector(s) per image, {DIM} dimensions")
     header = f"{'images':>8} {'vectors':>9}  {'exact ms':>8}  {'IVF ms':>7}  {'IVF R@10':>8}  {'IVF R@64':>8}"
     print(header + (f"  {'pooled ms':>9}  {'pooled R@10':>11}  {'pooled R@64':>11}" if v > 1 else ""))
     rows = [_measure(n, v, args.queries, args.spread, rng) for n in sizes]
@@ -90,14 +95,6 @@ def _pooled_then_rescored(pooled, vectors: np.ndarray, query: np.ndarray, k: int
     rows, _ = pooled.search(query, depth * k)
     exact = (vectors[rows] @ query).max(axis=1)  # (depth*k,)
     return rows[np.argsort(-exact, kind="stable")[:k]]
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def _timed(search, queries: np.ndarray) -> tuple[float, list[np.ndarray]]:

@@ -37,16 +37,11 @@ def save_random_blip_base(directory: Path) -> Path:
     if (directory / "model.safetensors").exists():
         return directory
     import torch
-    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessorPil, BlipProcessor
+    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipImageProcessorPil, BlipProcessor
 
     directory.mkdir(parents=True, exist_ok=True)
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     config = BlipConfig()  # ViT-B/16 at 384 px, BERT-base text with 30524 tokens ([DEC] 30522, [ENC] 30523)
-    vocab_size = config.text_config.vocab_size
-    tokens = specials + list(dict.fromkeys(WORDS))
-    tokens += [f"[unused{i}]" for i in range(vocab_size - 2 - len(tokens))] + ["[DEC]", "[ENC]"]
-    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}, bos_token="[DEC]",
-                              extra_special_tokens=["[ENC]"])
+    tokenizer = word_tokenizer(config.text_config.vocab_size, ["[DEC]", "[ENC]"])
     torch.manual_seed(0)
     BlipForImageTextRetrieval(config).save_pretrained(directory)
     side = config.vision_config.image_size
@@ -194,7 +189,7 @@ def build_synthetic_index(directory: Path, model_dir: Path, images: int, batch: 
     """An index of `images` synthetic images for `model_dir`'s shapes: random normalised ITC vectors
     (V, D) per image (V = 1 for BLIP, 32 for BLIP-2) and random int8 feature maps (T, H) (577 x 768 for
     BLIP ViT-B/16 at 384 px, 257 x 1408 for BLIP-2 ViT-g at 224 px). Made once; `complete` marks it done.
-    (bench_query.py's `build_index` is the BLIP-only form of this: it could call this one.)"""
+"""
     from blipsearch.indexer import codec
     from blipsearch.indexer.store import FileRecord, ImageRecord, IndexWriter
     from blipsearch.retrieval.models import load_model
