@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from blipsearch.retrieval.errors import ImageLoadError, InvalidInputError
+from blipsearch.retrieval.errors import ImageLoadError, InvalidInputError, printable
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def scan(roots: Iterable[Path], extensions: frozenset[str] | None = None) -> Sca
             st = None if reason else _stat(path)
             reason = reason or (file_problem(st) if st else None)
             if reason:
-                result.skipped.append((_printable(path), reason))
+                result.skipped.append((printable(path), reason))
             else:  # a broken link or a vanished file (no status) is the loader's to report
                 result.files.append(FileStat(path, st.st_size if st else 0, st.st_mtime_ns if st else 0))
     result.files.sort(key=lambda f: f.path)
@@ -196,10 +196,6 @@ def _unreadable_name(path: str) -> str | None:
     except UnicodeEncodeError:  # bytes the file system gave that are no UTF-8 (old archives, Samba)
         return "file name is not valid UTF-8; rename the file"
     return None
-
-
-def _printable(path: str) -> str:
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def is_under(path: str, folders: Iterable[str]) -> bool:
