@@ -31,10 +31,11 @@ def _show_training_logs() -> None:
 @click.option("--resume", metavar="auto|CHECKPOINT",
               help="Continue a run: 'auto' takes OUTPUT/checkpoint-last.pt when there is one.")
 def train_command(config: str | None, overrides: tuple[str, ...], output: str | None, resume: str | None) -> None:
-    """Train or fine-tune BLIP from a YAML/JSON CONFIG (see training/configs/).
+    """Train or fine-tune BLIP, or BLIP-2 stage 1 (model.family: blip-2), from a YAML/JSON CONFIG (see
+    training/configs/).
 
     Writes checkpoints and log.jsonl to the run folder, then the exported Hugging Face models to
-    OUTPUT/retrieval (for `blipsearch index --model`) and OUTPUT/captioner.
+    OUTPUT/retrieval (for `blipsearch index --model`) and, for BLIP with a decoder, OUTPUT/captioner.
     """
     from . import distributed
     from .config import load_config

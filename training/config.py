@@ -29,12 +29,16 @@ PRESETS: dict[str, dict[str, int]] = {
                   max_positions=512, embed_dim=256),
 }
 PRESETS["vit-b-224"] = {**PRESETS["vit-b"], "image_size": 224}
-LOSSES = ("itc", "itm", "lm")
+# BLIP-2's Q-Former is BERT-base (LAVIS initialises it from bert-base-uncased); its ViT comes from `vision_from`
+PRESETS["qformer-base"] = dict(text_width=768, text_layers=12, text_heads=12, text_mlp=3072, max_positions=512,
+                               embed_dim=256)
+# The losses each family's objective computes (all weighted 1.0 unless objective.losses says otherwise)
+FAMILY_LOSSES: dict[str, tuple[str, ...]] = {"blip": ("itc", "itm", "lm"), "blip-2": ("itc", "itm", "itg")}
 
 
 @dataclass
 class ModelConfig:
-    family: str = "blip"  # which model + objective pair to build (BLIP-2 joins later)
+    family: str = "blip"  # which model + objective pair to build: blip | blip-2 (stage 1: Q-Former ITC, ITM, ITG)
     preset: str | None = None  # fills the sizes below first, see PRESETS
     init_from: str | None = None  # a Hugging Face BLIP checkpoint (hub id or directory); sizes then come from it
     tokenizer: str | None = None  # tokenizer directory or hub id; None: a word-level vocabulary of the captions
@@ -51,6 +55,14 @@ class ModelConfig:
     max_positions: int = 512  # text position embeddings
     embed_dim: int = 256  # ITC embedding size (vision_proj / text_proj output)
     max_text_tokens: int = 35  # captions are cut to this many tokens, as in BLIP's retrieval evaluation
+    # BLIP-2 only. The text_* sizes above describe the Q-Former (a BERT); vision_* a random ViT when no
+    # checkpoint gives one (tests). The ViT is frozen: the Q-Former learns to read it.
+    vision_from: str | None = None  # BLIP or BLIP-2 checkpoint whose ViT is the frozen image encoder
+    qformer_from: str | None = None  # BERT checkpoint for the Q-Former's BERT weights (LAVIS: bert-base-uncased)
+    num_query_tokens: int = 32  # learned queries: Q image vectors for ITC, Q outputs for ITM
+    cross_attention_frequency: int = 2  # Q-Former layers 0, f, 2f, ... cross-attend the ViT tokens
+    qformer_dropout: float = 0.1  # BERT's hidden and attention dropout in the Q-Former, as LAVIS
+    train_vision_norm: bool = False  # train the ViT's last LayerNorm (LAVIS's `ln_vision`, new in stage 1)
 
 
 @dataclass
@@ -62,7 +74,7 @@ class ObjectiveConfig:
     alpha: float = 0.4  # momentum distillation weight of the momentum encoders' soft targets
     alpha_ramp_epochs: float = 1.0  # alpha rises linearly from 0 over this many epochs (BLIP: the first)
     positives: str = "image"  # "image": captions of the same image are positives (fine-tuning); "pair": only
-    label_smoothing: float = 0.1  # LM loss
+    label_smoothing: float = 0.1  # LM / ITG loss; BLIP-2's ITC targets too (LAVIS)
 
 
 @dataclass
@@ -123,8 +135,11 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
     sections = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig, "optim": OptimConfig}
     top = {k: v for k, v in data.items() if k not in sections}
     parts = {}
+    family = (data.get("model") or {}).get("family", ModelConfig.family)
     for name, cls in sections.items():
         values = dict(data.get(name) or {})
+        if name == "objective" and family in FAMILY_LOSSES:  # the family's losses unless the file names some
+            values.setdefault("losses", dict.fromkeys(FAMILY_LOSSES[family], 1.0))
         if name == "model" and values.get("preset") is not None:
             preset = PRESETS.get(values["preset"])
             if preset is None:
@@ -155,9 +170,17 @@ def _float(text: str, key: str) -> float:
 
 
 def validate(config: TrainConfig) -> None:
-    unknown = sorted(set(config.objective.losses) - set(LOSSES))
+    family = config.model.family
+    if family not in FAMILY_LOSSES:
+        raise InvalidInputError(f"model.family must be one of {', '.join(FAMILY_LOSSES)}, not {family!r}")
+    losses = FAMILY_LOSSES[family]
+    unknown = sorted(set(config.objective.losses) - set(losses))
     if unknown or not config.objective.losses:
-        raise InvalidInputError(f"objective.losses must name some of {', '.join(LOSSES)}; got {unknown or 'none'}")
+        raise InvalidInputError(f"objective.losses must name some of {', '.join(losses)}; got {unknown or 'none'}")
+    if family == "blip-2":
+        validate_blip2(config.model)
+    elif config.model.vision_from or config.model.qformer_from:
+        raise InvalidInputError("model.vision_from and model.qformer_from are for model.family blip-2")
     if config.objective.positives not in ("image", "pair"):
         raise InvalidInputError("objective.positives must be 'image' or 'pair'")
     if config.optim.precision not in ("auto", "bf16", "fp32"):
@@ -168,6 +191,16 @@ def validate(config: TrainConfig) -> None:
         raise InvalidInputError("optim.lr must be positive and at least optim.min_lr")
     if config.optim.grad_accum < 1:
         raise InvalidInputError("optim.grad_accum must be at least 1")
+
+
+def validate_blip2(model: ModelConfig) -> None:
+    if model.num_query_tokens < 1 or model.cross_attention_frequency < 1:
+        raise InvalidInputError("model.num_query_tokens and model.cross_attention_frequency must be at least 1")
+    if model.init_from and (model.vision_from or model.qformer_from):
+        raise InvalidInputError("model.init_from (a BLIP-2 checkpoint) brings its own ViT and Q-Former; "
+                                "leave model.vision_from and model.qformer_from unset")
+    if not 0.0 <= model.qformer_dropout < 1.0:
+        raise InvalidInputError("model.qformer_dropout must be in [0, 1)")
 
 
 def _read(path: Path) -> dict[str, Any]:

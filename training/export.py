@@ -1,8 +1,10 @@
-"""Between our training model and Hugging Face BLIP checkpoints: both directions are state-dict mappings.
+"""Between our training models and Hugging Face BLIP / BLIP-2 checkpoints: both directions are state-dict mappings.
 
 Export writes `BlipForImageTextRetrieval` (what `blipsearch index/query --model PATH` load) and, when the
 model has a decoder, `BlipForConditionalGeneration` (the captioner, for CapFilt), each with its
 tokenizer and image processor. Import (`init_from`) reads either class back into the online modules.
+BLIP-2 stage 1 exports `Blip2ForImageTextRetrieval` + `Blip2Processor` (the ITG head has no transformers
+class to go to) and starts from one.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ log = logging.getLogger(__name__)
 
 RETRIEVAL_MODULES = ("vision_model", "text_encoder", "vision_proj", "text_proj", "itm_head")
 CAPTIONER_MODULES = ("vision_model", "text_decoder")
-_CLASSES = {"BlipForImageTextRetrieval": RETRIEVAL_MODULES, "BlipForConditionalGeneration": CAPTIONER_MODULES}
+BLIP2_RETRIEVAL_MODULES = ("vision_model", "query_tokens", "embeddings", "qformer", "vision_projection",
+                           "text_projection", "itm_head")
+_CLASSES = {"BlipForImageTextRetrieval": RETRIEVAL_MODULES, "BlipForConditionalGeneration": CAPTIONER_MODULES,
+            "Blip2ForImageTextRetrieval": BLIP2_RETRIEVAL_MODULES}
+_PROCESSORS = {"BlipForImageTextRetrieval": "BlipProcessor", "BlipForConditionalGeneration": "BlipProcessor",
+               "Blip2ForImageTextRetrieval": "Blip2Processor"}
+# what training can start from (`init_from`), by model_type
+_STARTS = {"blip": (("BlipForImageTextRetrieval", "BlipForConditionalGeneration"), "BLIP retrieval or captioning"),
+           "blip-2": (("Blip2ForImageTextRetrieval",), "BLIP-2 retrieval")}
 
 
 def preprocessing_of(config) -> Preprocessing:
@@ -32,14 +42,15 @@ def preprocessing_of(config) -> Preprocessing:
 
 def _state(model, modules: tuple[str, ...]) -> dict[str, torch.Tensor]:
     prefixes = tuple(m + "." for m in modules)
-    return {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    return {k: v.detach().float().cpu() for k, v in model.state_dict().items()
+            if k.startswith(prefixes) or k in modules}  # a bare name: a parameter (BLIP-2's query_tokens)
 
 
-def _export(model, tokenizer, out: str | Path, class_name: str) -> Path:
+def _export(model, tokenizer, out: str | Path, class_name: str, config=None) -> Path:
     import transformers
 
     out = Path(out)
-    hf = getattr(transformers, class_name)(model.config)
+    hf = getattr(transformers, class_name)(config if config is not None else model.config)
     result = hf.load_state_dict(_state(model, _CLASSES[class_name]), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise RuntimeError(f"export to {class_name} does not map cleanly: missing {result.missing_keys[:5]}, "
@@ -48,7 +59,8 @@ def _export(model, tokenizer, out: str | Path, class_name: str) -> Path:
     side = model.config.vision_config.image_size
     images = transformers.BlipImageProcessorPil(size={"height": side, "width": side}, image_mean=BLIP_MEAN,
                                                 image_std=BLIP_STD)
-    transformers.BlipProcessor(images, tokenizer).save_pretrained(out)  # processor_config.json + tokenizer
+    processor = getattr(transformers, _PROCESSORS[class_name])
+    processor(images, tokenizer).save_pretrained(out)  # processor_config.json (image processor nested) + tokenizer
     log.info("exported %s to %s", class_name, out)
     return out
 
@@ -63,6 +75,18 @@ def export_captioner(model, tokenizer, out: str | Path) -> Path:
     if model.text_decoder is None:
         raise ModelLoadError("this model has no decoder to export as a captioner (train with the lm loss)")
     return _export(model, tokenizer, out, "BlipForConditionalGeneration")
+
+
+def export_blip2_retrieval(model, tokenizer, out: str | Path) -> Path:
+    """`Blip2ForImageTextRetrieval` + `Blip2Processor` (tokenizer with [DEC]), loadable by `load_model(out)`.
+
+    No `<image>` placeholders: the processor gets no `num_query_tokens` and the config no `image_token_index`,
+    so transformers' processor and model agree that the text starts at [CLS]."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.image_token_index = None
+    return _export(model, tokenizer, out, "Blip2ForImageTextRetrieval", config)
 
 
 def checkpoint_dir(name: str) -> Path:
@@ -85,16 +109,17 @@ def load_pretrained(loader, directory: Path, name: str, require: str | None = No
     return model
 
 
-def read_hf_checkpoint(name: str):
-    """(BlipConfig, state dict, tokenizer) of a Hugging Face BLIP retrieval or captioning checkpoint."""
+def read_hf_checkpoint(name: str, model_type: str = "blip"):
+    """(config, state dict, tokenizer) of a Hugging Face checkpoint that training starts from: BLIP retrieval
+    or captioning (`BlipConfig`), or BLIP-2 retrieval (`Blip2Config`)."""
     import transformers
 
     directory = checkpoint_dir(name)
     config = load_pretrained(transformers.AutoConfig, directory, name)
-    class_name = next((a for a in (config.architectures or ()) if a in _CLASSES), None)
-    if config.model_type != "blip" or class_name is None:
-        raise ModelLoadError(f"model {name} is not a BLIP retrieval or captioning checkpoint "
-                             f"(architectures: {config.architectures})")
+    classes, kind = _STARTS[model_type]
+    class_name = next((a for a in (config.architectures or ()) if a in classes), None)
+    if config.model_type != model_type or class_name is None:
+        raise ModelLoadError(f"model {name} is not a {kind} checkpoint (architectures: {config.architectures})")
     hf = load_pretrained(getattr(transformers, class_name), directory, name)
     tokenizer = load_pretrained(transformers.AutoTokenizer, directory, name)
     return hf.config, hf.state_dict(), tokenizer
@@ -110,4 +135,14 @@ def load_hf_weights(model, state: dict[str, torch.Tensor]) -> list[str]:
     untouched = sorted({k.split(".")[0] for k in ours if not k.split(".")[0].endswith("_m")} - set(loaded)
                        - {"temp", "image_queue", "text_queue", "idx_queue", "queue_ptr"})
     log.info("initialised %s from the checkpoint; %s start random", ", ".join(loaded), ", ".join(untouched) or "none")
+    return loaded
+
+
+def load_blip2_weights(model, state: dict[str, torch.Tensor]) -> list[str]:
+    """Copy a `Blip2ForImageTextRetrieval` state dict (ViT, Q-Former, heads) into the training model."""
+    ours = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in ours and ours[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    loaded = sorted({k.split(".")[0] for k in usable})
+    log.info("initialised %s from the checkpoint", ", ".join(loaded))
     return loaded

@@ -23,10 +23,10 @@ from . import checkpoint, distributed
 from .checkpoint import TrainState
 from .config import TrainConfig
 from .data import CaptionDataset, Collate, EpochBatches, load_samples
-from .export import export_captioner, export_retrieval, load_hf_weights, preprocessing_of, read_hf_checkpoint
-from .model import build_model
+from .export import preprocessing_of
+from .families import FAMILIES
 from .objectives import Progress, build_objective
-from .tokenizer import load_tokenizer, special_ids, word_tokenizer
+from .tokenizer import load_tokenizer, word_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,14 @@ class Run:
 
 
 def prepare_model(cfg: TrainConfig, captions: list[str], output: Path, is_main: bool):
-    """(model, tokenizer): from a Hugging Face checkpoint, or random with the configured tokenizer
-    (no tokenizer configured: a word-level vocabulary of `captions`, or the one saved in `output`)."""
+    """(model, tokenizer) of the configured family: from a Hugging Face checkpoint, or random with the
+    configured tokenizer (no tokenizer configured: a word-level vocabulary of `captions`, or the one saved
+    in `output`)."""
+    family = FAMILIES[cfg.model.family]
     if cfg.model.init_from:
-        config, state, tokenizer = read_hf_checkpoint(cfg.model.init_from)
-        ids = special_ids(tokenizer, config.text_config.vocab_size)
-        model = build_model(cfg.model, cfg.objective, ids, config=config)
-        load_hf_weights(model, state)
+        config, state, tokenizer = family.read_checkpoint(cfg.model.init_from)
+        model = family.build(cfg, tokenizer, config)
+        family.load_weights(model, state)
         return model, tokenizer
     if cfg.model.tokenizer:
         tokenizer = load_tokenizer(cfg.model.tokenizer)
@@ -75,7 +76,7 @@ def prepare_model(cfg: TrainConfig, captions: list[str], output: Path, is_main: 
         tokenizer = load_tokenizer(str(output / "tokenizer"))
     else:  # deterministic in the captions, so every rank (and a resumed run) builds the same one
         tokenizer = word_tokenizer(captions, output / "tokenizer" if is_main else None)
-    return build_model(cfg.model, cfg.objective, special_ids(tokenizer)), tokenizer
+    return family.build(cfg, tokenizer), tokenizer
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -113,8 +114,11 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
     model.to(device)
     dataset = CaptionDataset(samples, preprocessing_of(model.config), cfg.data.crop_scale, cfg.data.hflip, cfg.seed)
     sampler = EpochBatches(len(samples), cfg.data.batch_size, cfg.seed, world.rank, world.size)
+    # its own generator: starting an epoch's iterator must not draw from the global random state, which
+    # the checkpoint restores for dropout (else a resumed run's masks would differ from an uninterrupted one's)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
-                                         collate_fn=Collate(tokenizer, cfg.model.max_text_tokens))
+                                         collate_fn=Collate(tokenizer, cfg.model.max_text_tokens),
+                                         generator=torch.Generator().manual_seed(cfg.seed))
     opt = cfg.optim
     total = opt.max_steps or math.ceil(opt.epochs * sampler.batches_per_epoch / opt.grad_accum)
     optimizer = torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=opt.lr, betas=opt.betas)
@@ -233,22 +237,16 @@ def train(cfg: TrainConfig, resume: str | None = None, until: int | None = None)
         (run.output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
     run_steps(run, wrap(run), until)
     if run.world.is_main and run.state.step >= run.total_steps:
-        export_retrieval(run.model, run.tokenizer, run.output / "retrieval")
-        if run.model.text_decoder is not None:
-            export_captioner(run.model, run.tokenizer, run.output / "captioner")
+        FAMILIES[cfg.model.family].export(run.model, run.tokenizer, run.output)
     return run.output
 
 
 def export_checkpoint(path: str | Path, out: str | Path, captioner: bool = True) -> list[Path]:
-    """Export a training checkpoint: `out/retrieval` and, if it has a decoder, `out/captioner`."""
+    """Export a training checkpoint: `out/retrieval` and, for BLIP with a decoder, `out/captioner`."""
     from .config import from_dict
 
     payload = checkpoint.read(path)
     cfg = from_dict(payload["config"])
     model, tokenizer = prepare_model(cfg, [], Path(path).parent, is_main=False)  # the run's tokenizer/ is beside
     model.load_state_dict(payload["model"])
-    out = Path(out)
-    written = [export_retrieval(model, tokenizer, out / "retrieval")]
-    if captioner and model.text_decoder is not None:
-        written.append(export_captioner(model, tokenizer, out / "captioner"))
-    return written
+    return FAMILIES[cfg.model.family].export(model, tokenizer, Path(out), captioner)

@@ -1,6 +1,6 @@
 """Every training loss of the package. An objective maps (model, batch, progress) to a dict of named,
-weighted losses; the loop sums the dict and never looks inside. BLIP-2 and InstructBLIP objectives join
-here as further classes with the same call signature.
+weighted losses; the loop sums the dict and never looks inside. One class per family (`OBJECTIVES`), all with
+the same call signature; InstructBLIP's would join the same way.
 
 BLIP (Li et al. 2022; salesforce/BLIP `blip_pretrain.py`, `blip_retrieval.py`):
 
@@ -11,6 +11,16 @@ BLIP (Li et al. 2022; salesforce/BLIP `blip_pretrain.py`, `blip_retrieval.py`):
   2B hard negatives: for each image a text, for each text an image, sampled from the softmaxed ITC
   similarities of the global batch with positives (same id) masked out.
 - LM: the decoder predicts the caption after [DEC], cross-entropy with label smoothing 0.1.
+
+BLIP-2 stage 1 (Li et al. 2023; LAVIS `blip2_qformer.py`), on a frozen image encoder, no momentum, no queue:
+
+- ITC: each image gives Q normalised query vectors, each text its [CLS] vector; the image-text score is the
+  max over the queries. Keys are the global batch's online features (gathered with gradient); targets are
+  the positives (same id) smoothed by 0.1 as LAVIS's `label_smoothing=0.1` / `0.9 * pos + 0.1 / K`.
+- ITM: as BLIP's, sampled from those max-over-queries similarities; queries and text in one sequence, the
+  ITM head on the Q query outputs, logits averaged over the queries.
+- ITG: the Q-Former's text predicts the caption after [DEC]; the text attends to every query and to the
+  earlier text, the queries never to the text (UniLM mask). Label smoothing 0.1.
 
 Distributed: each rank's loss is its share of the global-batch loss, so DDP's gradient averaging gives
 the single-process gradient (see `distributed`); logged values are averaged over ranks by the loop.
@@ -140,7 +150,7 @@ class BlipObjective:
             losses["itm_loss"] = self.itm(model, input_ids, mask, image_embeds, image_feat, text_feat, ids, progress)
         if "lm" in weights:
             losses["lm_loss"] = self.lm(model, input_ids, mask, image_embeds)
-        return {name: weights[name.removesuffix("_loss")] * value for name, value in losses.items()}
+        return weighted(losses, weights)
 
     def itc(self, model, pixel_values, input_ids, mask, image_feat, text_feat, ids, progress) -> torch.Tensor:
         with torch.no_grad():
@@ -158,32 +168,55 @@ class BlipObjective:
         return itc_loss(image_feat, text_feat, image_keys, text_keys, targets_i2t, targets_t2i, model.temp)
 
     def itm(self, model, input_ids, mask, image_embeds, image_feat, text_feat, ids, progress) -> torch.Tensor:
-        rows = image_feat.shape[0]
-        rank = distributed.current().rank
         with torch.no_grad():
-            ids_world = distributed.gather(ids)
             sim = distributed.gather(image_feat) @ distributed.gather(text_feat).t() / model.temp  # (Bw, Bw)
-            positives = ids_world[:, None] == ids_world[None, :]
-            generator = torch.Generator().manual_seed(progress.seed)
-            local = slice(rank * rows, (rank + 1) * rows)  # every rank draws for the global batch, keeps its rows
-            neg_text = sample_hard_negatives(sim.cpu(), positives.cpu(), generator)[local].to(ids.device)
-            neg_image = sample_hard_negatives(sim.t().cpu(), positives.t().cpu(), generator)[local].to(ids.device)
-        ids_all, mask_all = distributed.gather(input_ids), distributed.gather(mask)
-        image_all = distributed.gather_with_grad(image_embeds)
-        texts = torch.cat([input_ids, input_ids, ids_all[neg_text]])  # (3B, L)
-        masks = torch.cat([mask, mask, mask_all[neg_text]])
-        images = torch.cat([image_embeds, image_all[neg_image], image_embeds])  # (3B, T, Hv)
-        logits = model.itm_logits(texts, masks, images)
-        labels = torch.cat([torch.ones(rows, dtype=torch.long, device=logits.device),
-                            torch.zeros(2 * rows, dtype=torch.long, device=logits.device)])
-        return itm_loss(logits, labels)
+        return hard_negative_itm_loss(model, input_ids, mask, image_embeds, sim, ids, progress)
 
     def lm(self, model, input_ids, mask, image_embeds) -> torch.Tensor:
-        labels = input_ids.masked_fill(mask == 0, -100)
-        logits = model.lm_logits(input_ids, mask, image_embeds)
-        world = distributed.current().size
-        count = distributed.all_reduce_sum((labels[:, 1:] != -100).sum()).float() / world
-        return lm_loss(logits, labels, self.cfg.label_smoothing, count)
+        return caption_loss(model, input_ids, mask, image_embeds, self.cfg.label_smoothing)
+
+
+# --- shared by the families ---------------------------------------------------------------------------
+
+def weighted(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """{"itc_loss": value} -> weight of "itc" x value."""
+    return {name: weights[name.removesuffix("_loss")] * value for name, value in losses.items()}
+
+
+def hard_negative_itm_loss(model, input_ids, mask, image_embeds, sim, ids, progress) -> torch.Tensor:
+    """ITM over B positives and 2B hard negatives (for each image a text, for each text an image).
+
+    sim (Bw, Bw): image i vs text j over the global batch, no gradient. Every rank draws for the global
+    batch with the same seed and keeps its rows, so the draws do not depend on the number of processes.
+    `model.itm_logits(texts, masks, image_embeds)` scores pairs; image_embeds (B, T, Hv) are what it attends.
+    """
+    rows = input_ids.shape[0]
+    rank = distributed.current().rank
+    with torch.no_grad():
+        ids_world = distributed.gather(ids)
+        positives = ids_world[:, None] == ids_world[None, :]
+        generator = torch.Generator().manual_seed(progress.seed)
+        local = slice(rank * rows, (rank + 1) * rows)
+        neg_text = sample_hard_negatives(sim.cpu(), positives.cpu(), generator)[local].to(ids.device)
+        neg_image = sample_hard_negatives(sim.t().cpu(), positives.t().cpu(), generator)[local].to(ids.device)
+    ids_all, mask_all = distributed.gather(input_ids), distributed.gather(mask)
+    image_all = distributed.gather_with_grad(image_embeds)
+    texts = torch.cat([input_ids, input_ids, ids_all[neg_text]])  # (3B, L)
+    masks = torch.cat([mask, mask, mask_all[neg_text]])
+    images = torch.cat([image_embeds, image_all[neg_image], image_embeds])  # (3B, T, Hv)
+    logits = model.itm_logits(texts, masks, images)
+    labels = torch.cat([torch.ones(rows, dtype=torch.long, device=logits.device),
+                        torch.zeros(2 * rows, dtype=torch.long, device=logits.device)])
+    return itm_loss(logits, labels)
+
+
+def caption_loss(model, input_ids, mask, image_embeds, smoothing: float) -> torch.Tensor:
+    """Image-grounded captioning: `model.lm_logits` (which puts [DEC] first) predicts each next token."""
+    labels = input_ids.masked_fill(mask == 0, -100)
+    logits = model.lm_logits(input_ids, mask, image_embeds)
+    world = distributed.current().size
+    count = distributed.all_reduce_sum((labels[:, 1:] != -100).sum()).float() / world
+    return lm_loss(logits, labels, smoothing, count)
 
 
 def pad_to_world_length(input_ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +228,65 @@ def pad_to_world_length(input_ids: torch.Tensor, mask: torch.Tensor, pad_id: int
     return F.pad(input_ids, (0, extra), value=pad_id), F.pad(mask, (0, extra), value=0)
 
 
-OBJECTIVES = {"blip": BlipObjective}
+# --- BLIP-2 stage 1 ----------------------------------------------------------------------------------
+
+def max_query_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+    """(N, Q, D) query vectors, (M, D) text vectors -> (N, M): for each pair the best query's dot product."""
+    return torch.einsum("nqd,md->nmq", image_feats, text_feats).amax(dim=-1)
+
+
+def smoothed_targets(ids: torch.Tensor, key_ids: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """(B,), (K,) -> (B, K): (1 - smoothing) x uniform over the positives + smoothing / K."""
+    return (1.0 - smoothing) * positive_targets(ids, key_ids) + smoothing / key_ids.shape[0]
+
+
+def query_itc_loss(image_feats: torch.Tensor, text_feat: torch.Tensor, image_keys: torch.Tensor,
+                   text_keys: torch.Tensor, targets: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+    """BLIP-2's ITC, both directions averaged. This rank's image_feats (B, Q, D) and text_feat (B, D);
+    the global batch's image_keys (K, Q, D) and text_keys (K, D); targets (B, K) for both directions."""
+    sim_i2t = max_query_similarity(image_feats, text_keys) / temp  # (B, K)
+    sim_t2i = max_query_similarity(image_keys, text_feat).t() / temp  # (B, K)
+    return (soft_cross_entropy(sim_i2t, targets) + soft_cross_entropy(sim_t2i, targets)) / 2
+
+
+class Blip2Objective:
+    """BLIP-2 stage 1: ITC over the query vectors, ITM with hard negatives, ITG; weights from the config.
+
+    The model (`blip2.Blip2PretrainModel`) gives `encode_image` -> frozen ViT tokens (B, T, Hv) and query
+    vectors (B, Q, D), `encode_text` -> (B, D), `itm_logits`, `lm_logits` and the temperature `temp`.
+    """
+
+    def __init__(self, cfg: ObjectiveConfig):
+        self.cfg = cfg
+
+    def __call__(self, model, batch: Batch, progress: Progress) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            model.temp.clamp_(0.001, 0.5)  # BLIP's range; LAVIS's Blip2Qformer leaves the temperature unclamped
+        ids = batch.image_ids if self.cfg.positives == "image" else batch.sample_ids
+        input_ids, mask = pad_to_world_length(batch.input_ids, batch.attention_mask, model.ids.pad)
+        image_embeds, image_feats = model.encode_image(batch.pixel_values)  # (B, T, Hv) frozen, (B, Q, D)
+        weights, losses = self.cfg.losses, {}
+        if "itc" in weights or "itm" in weights:
+            text_feat = model.encode_text(input_ids, mask)  # (B, D)
+        if "itc" in weights:
+            losses["itc_loss"] = self.itc(model, image_feats, text_feat, ids)
+        if "itm" in weights:
+            with torch.no_grad():
+                sim = max_query_similarity(distributed.gather(image_feats), distributed.gather(text_feat)) / model.temp
+            losses["itm_loss"] = hard_negative_itm_loss(model, input_ids, mask, image_embeds, sim, ids, progress)
+        if "itg" in weights:
+            losses["itg_loss"] = caption_loss(model, input_ids, mask, image_embeds, self.cfg.label_smoothing)
+        return weighted(losses, weights)
+
+    def itc(self, model, image_feats, text_feat, ids) -> torch.Tensor:
+        """In-batch negatives of every rank; gathered with gradient, so DDP equals one process (`distributed`)."""
+        image_keys = distributed.gather_with_grad(image_feats)  # (Bw, Q, D)
+        text_keys = distributed.gather_with_grad(text_feat)  # (Bw, D)
+        targets = smoothed_targets(ids, distributed.gather(ids), self.cfg.label_smoothing)
+        return query_itc_loss(image_feats, text_feat, image_keys, text_keys, targets, model.temp)
+
+
+OBJECTIVES = {"blip": BlipObjective, "blip-2": Blip2Objective}
 
 
 def build_objective(family: str, cfg: ObjectiveConfig) -> Objective:

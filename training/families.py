@@ -1,0 +1,65 @@
+"""What the loop needs of each model family, so that it never asks which one runs.
+
+A family builds its training model (random, or shaped by the Hugging Face config that `init_from` read),
+reads the checkpoints it can start from, loads their weights, and exports what the engine loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from torch import nn
+
+from .blip2 import build_blip2_model
+from .config import TrainConfig
+from .export import (
+    export_blip2_retrieval,
+    export_captioner,
+    export_retrieval,
+    load_blip2_weights,
+    load_hf_weights,
+    read_hf_checkpoint,
+)
+from .model import build_model
+from .tokenizer import special_ids
+
+
+@dataclass(frozen=True)
+class Family:
+    build: Callable[..., nn.Module]  # (cfg, tokenizer, hf config or None) -> model
+    read_checkpoint: Callable[[str], tuple]  # init_from -> (hf config, state dict, tokenizer)
+    load_weights: Callable[[nn.Module, dict], list[str]]  # (model, state dict) -> modules loaded
+    export: Callable[..., list[Path]]  # (model, tokenizer, out folder, captioner: bool) -> folders written
+
+
+def _build_blip(cfg: TrainConfig, tokenizer, config=None) -> nn.Module:
+    vocab = config.text_config.vocab_size if config is not None else None
+    return build_model(cfg.model, cfg.objective, special_ids(tokenizer, vocab), config=config)
+
+
+def _export_blip(model, tokenizer, out: Path, captioner: bool = True) -> list[Path]:
+    written = [export_retrieval(model, tokenizer, out / "retrieval")]
+    if captioner and model.text_decoder is not None:
+        written.append(export_captioner(model, tokenizer, out / "captioner"))
+    return written
+
+
+def _build_blip2(cfg: TrainConfig, tokenizer, config=None) -> nn.Module:
+    vocab = config.qformer_config.vocab_size if config is not None else None
+    return build_blip2_model(cfg.model, cfg.objective.temperature, "itg" in cfg.objective.losses,
+                             special_ids(tokenizer, vocab), config=config)
+
+
+def _export_blip2(model, tokenizer, out: Path, captioner: bool = True) -> list[Path]:
+    """Stage 1 has no captioner to export: its ITG head has no transformers class (stage 2 adds an LLM)."""
+    return [export_blip2_retrieval(model, tokenizer, out / "retrieval")]
+
+
+FAMILIES = {
+    "blip": Family(_build_blip, partial(read_hf_checkpoint, model_type="blip"), load_hf_weights, _export_blip),
+    "blip-2": Family(_build_blip2, partial(read_hf_checkpoint, model_type="blip-2"), load_blip2_weights,
+                     _export_blip2),
+}
