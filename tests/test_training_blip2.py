@@ -30,7 +30,7 @@ QUERIES = 4
 def tiny_blip2(overrides=(), captions=CAPTIONS):
     """(model, tokenizer, config): the tiny preset with 4 queries and no dropout; a random frozen ViT."""
     cfg = load_config(None, ["model.family=blip-2", "model.preset=tiny", f"model.num_query_tokens={QUERIES}",
-                             "model.qformer_dropout=0.0", *overrides])
+                             "model.text_dropout=0.0", *overrides])
     tokenizer = word_tokenizer(captions)
     torch.manual_seed(0)
     return FAMILIES["blip-2"].build(cfg, tokenizer), tokenizer, cfg

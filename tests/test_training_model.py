@@ -12,7 +12,8 @@ CAPTIONS = ["a red circle left of a blue square", "a small green triangle", "a b
 
 
 def tiny(overrides=()):
-    cfg = load_config(None, ["model.preset=tiny", "objective.queue_size=6", *overrides])
+    # no dropout: the tests compare passes and processes that would draw different masks
+    cfg = load_config(None, ["model.preset=tiny", "objective.queue_size=6", "model.text_dropout=0.0", *overrides])
     tokenizer = word_tokenizer(CAPTIONS)
     torch.manual_seed(0)
     return build_model(cfg.model, cfg.objective, special_ids(tokenizer)), tokenizer, cfg
@@ -123,3 +124,16 @@ def test_objective_returns_named_weighted_losses():
     plain = BlipObjective(cfg2.objective)(model2, batch, Progress(0, 0.0, 0))
     torch.testing.assert_close(losses["itm_loss"], 2.0 * plain["itm_loss"])
     torch.testing.assert_close(losses["lm_loss"], 0.5 * plain["lm_loss"])
+
+
+def test_text_dropout_follows_blip_and_the_pretraining_preset_follows_its_recipe():
+    from pathlib import Path
+
+    model, _, _ = tiny(["model.text_dropout=0.1"])
+    assert model.text_encoder.config.hidden_dropout_prob == 0.1  # BLIP's med_config
+    assert model.text_encoder.config.attention_probs_dropout_prob == 0.1
+    assert load_config(None, []).model.text_dropout == 0.1
+    preset = Path(__file__).parents[1] / "training" / "configs" / "blip-base-pretrain.yaml"
+    cfg = load_config(preset, [])
+    assert cfg.objective.alpha_ramp_epochs == 2.0  # pretrain.py: alpha ramps over the first 2 epochs
+    assert tuple(cfg.data.crop_scale) == (0.2, 1.0) and cfg.data.randaugment and cfg.data.hflip

@@ -48,7 +48,7 @@ def blip2_config(cfg: ModelConfig, ids: SpecialIds, vision_config):
                    num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
                    max_position_embeddings=cfg.max_positions, pad_token_id=ids.pad,
                    cross_attention_frequency=cfg.cross_attention_frequency, use_qformer_text_input=True,
-                   hidden_dropout_prob=cfg.qformer_dropout, attention_probs_dropout_prob=cfg.qformer_dropout)
+                   hidden_dropout_prob=cfg.text_dropout, attention_probs_dropout_prob=cfg.text_dropout)
     return Blip2Config(vision_config=vision_config.to_dict(), qformer_config=qformer,
                        num_query_tokens=cfg.num_query_tokens, image_text_hidden_size=cfg.embed_dim)
 

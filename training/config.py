@@ -55,13 +55,13 @@ class ModelConfig:
     max_positions: int = 512  # text position embeddings
     embed_dim: int = 256  # ITC embedding size (vision_proj / text_proj output)
     max_text_tokens: int = 35  # captions are cut to this many tokens, as in BLIP's retrieval evaluation
+    text_dropout: float = 0.1  # hidden and attention dropout of the text side (BLIP's med_config; the Q-Former's)
     # BLIP-2 only. The text_* sizes above describe the Q-Former (a BERT); vision_* a random ViT when no
     # checkpoint gives one (tests). The ViT is frozen: the Q-Former learns to read it.
     vision_from: str | None = None  # BLIP or BLIP-2 checkpoint whose ViT is the frozen image encoder
     qformer_from: str | None = None  # BERT checkpoint for the Q-Former's BERT weights (LAVIS: bert-base-uncased)
     num_query_tokens: int = 32  # learned queries: Q image vectors for ITC, Q outputs for ITM
     cross_attention_frequency: int = 2  # Q-Former layers 0, f, 2f, ... cross-attend the ViT tokens
-    qformer_dropout: float = 0.1  # BERT's hidden and attention dropout in the Q-Former, as LAVIS
     train_vision_norm: bool = False  # train the ViT's last LayerNorm (LAVIS's `ln_vision`, new in stage 1)
 
 
@@ -86,6 +86,7 @@ class DataConfig:
     workers: int = 2  # DataLoader worker processes
     crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop area range; (1, 1) turns it off
     hflip: bool = False  # horizontal flips swap "left" and "right", so they are off by default
+    randaugment: bool = False  # BLIP's RandomAugment(2, 5) after crop and flip (training/randaugment.py)
 
 
 @dataclass
@@ -181,6 +182,8 @@ def validate(config: TrainConfig) -> None:
         validate_blip2(config.model)
     elif config.model.vision_from or config.model.qformer_from:
         raise InvalidInputError("model.vision_from and model.qformer_from are for model.family blip-2")
+    if not 0.0 <= config.model.text_dropout < 1.0:
+        raise InvalidInputError("model.text_dropout must be in [0, 1)")
     if config.objective.positives not in ("image", "pair"):
         raise InvalidInputError("objective.positives must be 'image' or 'pair'")
     if config.optim.precision not in ("auto", "bf16", "fp32"):
@@ -199,8 +202,6 @@ def validate_blip2(model: ModelConfig) -> None:
     if model.init_from and (model.vision_from or model.qformer_from):
         raise InvalidInputError("model.init_from (a BLIP-2 checkpoint) brings its own ViT and Q-Former; "
                                 "leave model.vision_from and model.qformer_from unset")
-    if not 0.0 <= model.qformer_dropout < 1.0:
-        raise InvalidInputError("model.qformer_dropout must be in [0, 1)")
 
 
 def _read(path: Path) -> dict[str, Any]:

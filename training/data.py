@@ -28,6 +28,7 @@ from blipsearch.retrieval.errors import InvalidInputError
 from blipsearch.retrieval.models.base import Preprocessing
 
 from .objectives import Batch
+from .randaugment import random_augment
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,10 @@ def load_samples(source: str | Path, images: str | Path | None = None, split: st
 class CaptionDataset(torch.utils.data.Dataset):
     """(image, caption) pairs as uint8 pixels at the model's input size; augmentation is seeded per sample."""
 
-    def __init__(self, samples: list[Sample], pre: Preprocessing, crop_scale=(1.0, 1.0), hflip=False, seed=0):
+    def __init__(self, samples: list[Sample], pre: Preprocessing, crop_scale=(1.0, 1.0), hflip=False, seed=0,
+                 randaugment: bool = False):
         self.samples, self.pre = samples, pre
-        self.crop_scale, self.hflip, self.seed = tuple(crop_scale), hflip, seed
+        self.crop_scale, self.hflip, self.randaugment, self.seed = tuple(crop_scale), hflip, randaugment, seed
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -98,13 +100,15 @@ class CaptionDataset(torch.utils.data.Dataset):
         sample = self.samples[index]
         pixels = load_image(sample.image, self.pre).pixels  # (H, W, 3) uint8
         rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
-        pixels = augment(pixels, rng, self.crop_scale, self.hflip)
+        pixels = augment(pixels, rng, self.crop_scale, self.hflip, self.randaugment)
         return {"pixels": torch.from_numpy(np.array(pixels)), "caption": sample.caption,
                 "image_id": sample.image_id, "sample_id": sample.sample_id}
 
 
-def augment(pixels: np.ndarray, rng: random.Random, crop_scale=(1.0, 1.0), hflip: bool = False) -> np.ndarray:
-    """Random resized crop (area fraction in crop_scale, aspect 3/4..4/3) and optional flip."""
+def augment(pixels: np.ndarray, rng: random.Random, crop_scale=(1.0, 1.0), hflip: bool = False,
+            randaugment: bool = False) -> np.ndarray:
+    """Random resized crop (area fraction in crop_scale, aspect 3/4..4/3), optional flip, optional BLIP
+    RandomAugment: BLIP's training transform, in its order."""
     height, width = pixels.shape[:2]
     if crop_scale[0] < 1.0:
         area = rng.uniform(*crop_scale) * height * width
@@ -116,6 +120,8 @@ def augment(pixels: np.ndarray, rng: random.Random, crop_scale=(1.0, 1.0), hflip
         pixels = np.asarray(crop)
     if hflip and rng.random() < 0.5:
         pixels = pixels[:, ::-1]
+    if randaugment:
+        pixels = random_augment(pixels, rng)
     return pixels
 
 

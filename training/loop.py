@@ -112,7 +112,8 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
     samples = load_samples(cfg.data.train, cfg.data.images, cfg.data.split)
     model, tokenizer = prepare_model(cfg, [s.caption for s in samples], output, world.is_main)
     model.to(device)
-    dataset = CaptionDataset(samples, preprocessing_of(model.config), cfg.data.crop_scale, cfg.data.hflip, cfg.seed)
+    dataset = CaptionDataset(samples, preprocessing_of(model.config), cfg.data.crop_scale, cfg.data.hflip, cfg.seed,
+                             cfg.data.randaugment)
     sampler = EpochBatches(len(samples), cfg.data.batch_size, cfg.seed, world.rank, world.size)
     # its own generator: starting an epoch's iterator must not draw from the global random state, which
     # the checkpoint restores for dropout (else a resumed run's masks would differ from an uninterrupted one's)

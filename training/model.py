@@ -39,7 +39,8 @@ def blip_config(cfg: ModelConfig, ids: SpecialIds):
     text = dict(vocab_size=ids.vocab_size, hidden_size=cfg.text_width, intermediate_size=cfg.text_mlp,
                 num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
                 max_position_embeddings=cfg.max_positions, bos_token_id=ids.bos, pad_token_id=ids.pad,
-                sep_token_id=ids.sep, eos_token_id=ids.sep)
+                sep_token_id=ids.sep, eos_token_id=ids.sep,
+                hidden_dropout_prob=cfg.text_dropout, attention_probs_dropout_prob=cfg.text_dropout)
     vision = dict(hidden_size=cfg.vision_width, intermediate_size=cfg.vision_mlp,
                   num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
                   image_size=cfg.image_size, patch_size=cfg.patch_size,
