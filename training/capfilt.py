@@ -53,6 +53,8 @@ class Captioner:
         self.tokenizer = load_pretrained(AutoTokenizer, directory, name)
         self.preprocessing = read_preprocessing(directory, name, self.model.config.vision_config.image_size)
         self.device = device
+        # a captioner fine-tuned as BLIP's writes after its prompt ("a picture of"), which is cut off again
+        self.prompt = getattr(self.model.config, "caption_prompt", "") or ""
 
     @torch.inference_mode()
     def caption(self, pixels: list, samples: int = 1, top_p: float = 0.9, max_length: int = 30,
@@ -60,10 +62,19 @@ class Captioner:
         """uint8 (H, W, 3) arrays -> `samples` nucleus-sampled captions per image."""
         pre = self.preprocessing
         batch = normalise(torch.from_numpy(np.stack(pixels)), pre.mean, pre.std)  # (B, 3, H, W)
-        out = self.model.generate(pixel_values=batch.to(self.device), do_sample=True, top_p=top_p, top_k=0,
-                                  max_length=max_length, min_length=min_length, num_return_sequences=samples)
-        texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        prompt = None
+        if self.prompt:  # [CLS] prompt [SEP] per image: generate puts [DEC] first and drops the [SEP]
+            prompt = self.tokenizer([self.prompt] * len(pixels), return_tensors="pt").input_ids.to(self.device)
+        out = self.model.generate(pixel_values=batch.to(self.device), input_ids=prompt, do_sample=True, top_p=top_p,
+                                  top_k=0, max_length=max_length, min_length=min_length,
+                                  num_return_sequences=samples)
+        texts = [_after(t.strip(), self.prompt) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         return [texts[i * samples:(i + 1) * samples] for i in range(len(pixels))]
+
+
+def _after(text: str, prompt: str) -> str:
+    """The caption without the prompt it was generated after (BLIP: `caption[len(self.prompt):]`)."""
+    return text[len(prompt):].strip() if prompt and text.lower().startswith(prompt.lower()) else text
 
 
 def _grouped(source: str, images: str | None, split: str) -> Iterator[tuple[Path, list[str]]]:

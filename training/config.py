@@ -75,6 +75,9 @@ class ObjectiveConfig:
     alpha_ramp_epochs: float = 1.0  # alpha rises linearly from 0 over this many epochs (BLIP: the first)
     positives: str = "image"  # "image": captions of the same image are positives (fine-tuning); "pair": only
     label_smoothing: float = 0.1  # LM / ITG loss; BLIP-2's ITC targets too (LAVIS)
+    # BLIP's captioner fine-tuning starts every caption with "a picture of " and masks it from the LM loss; the
+    # exported captioner then generates after it. "" (BLIP's pre-training): no prompt.
+    caption_prompt: str = ""
 
 
 @dataclass

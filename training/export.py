@@ -72,9 +72,13 @@ def export_retrieval(model, tokenizer, out: str | Path) -> Path:
 
 def export_captioner(model, tokenizer, out: str | Path) -> Path:
     """`BlipForConditionalGeneration` + tokenizer + image processor (needs a model with a decoder)."""
+    import copy
+
     if model.text_decoder is None:
         raise ModelLoadError("this model has no decoder to export as a captioner (train with the lm loss)")
-    return _export(model, tokenizer, out, "BlipForConditionalGeneration")
+    config = copy.deepcopy(model.config)
+    config.caption_prompt = tokenizer.decode(list(model.ids.prompt))  # what generation starts after ("" none)
+    return _export(model, tokenizer, out, "BlipForConditionalGeneration", config)
 
 
 def export_blip2_retrieval(model, tokenizer, out: str | Path) -> Path:

@@ -37,7 +37,8 @@ class Family:
 
 def _build_blip(cfg: TrainConfig, tokenizer, config=None) -> nn.Module:
     vocab = config.text_config.vocab_size if config is not None else None
-    return build_model(cfg.model, cfg.objective, special_ids(tokenizer, vocab), config=config)
+    return build_model(cfg.model, cfg.objective, special_ids(tokenizer, vocab, cfg.objective.caption_prompt),
+                       config=config)
 
 
 def _export_blip(model, tokenizer, out: Path, captioner: bool = True) -> list[Path]:

@@ -75,7 +75,9 @@ def prepare_model(cfg: TrainConfig, captions: list[str], output: Path, is_main: 
     elif not captions:  # exporting a checkpoint: the run's vocabulary lies beside it
         tokenizer = load_tokenizer(str(output / "tokenizer"))
     else:  # deterministic in the captions, so every rank (and a resumed run) builds the same one
-        tokenizer = word_tokenizer(captions, output / "tokenizer" if is_main else None)
+        # the prompt's words belong to the vocabulary too
+        tokenizer = word_tokenizer([*captions, cfg.objective.caption_prompt],
+                                   output / "tokenizer" if is_main else None)
     return family.build(cfg, tokenizer), tokenizer
 
 

@@ -211,12 +211,29 @@ def hard_negative_itm_loss(model, input_ids, mask, image_embeds, sim, ids, progr
 
 
 def caption_loss(model, input_ids, mask, image_embeds, smoothing: float) -> torch.Tensor:
-    """Image-grounded captioning: `model.lm_logits` (which puts [DEC] first) predicts each next token."""
-    labels = input_ids.masked_fill(mask == 0, -100)
+    """Image-grounded captioning: `model.lm_logits` (which puts [DEC] first) predicts each next token.
+
+    With a caption prompt (`model.ids.prompt`), its tokens follow [DEC] and are not predicted (BLIP's
+    `decoder_targets[:, :prompt_length] = -100`)."""
+    input_ids, mask, labels = with_prompt(input_ids, mask, model.ids.prompt)
     logits = model.lm_logits(input_ids, mask, image_embeds)
     world = distributed.current().size
     count = distributed.all_reduce_sum((labels[:, 1:] != -100).sum()).float() / world
     return lm_loss(logits, labels, smoothing, count)
+
+
+def with_prompt(input_ids: torch.Tensor, mask: torch.Tensor,
+                prompt: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L) [CLS] caption [SEP] -> (B, P + L) [CLS] prompt caption [SEP], its mask, and LM labels (-100 on
+    padding and on the prompt)."""
+    if prompt:
+        rows, count = input_ids.shape[0], len(prompt)
+        tokens = torch.tensor(prompt, dtype=input_ids.dtype, device=input_ids.device).expand(rows, count)
+        input_ids = torch.cat([input_ids[:, :1], tokens, input_ids[:, 1:]], dim=1)
+        mask = torch.cat([mask[:, :1], torch.ones_like(tokens, dtype=mask.dtype), mask[:, 1:]], dim=1)
+    labels = input_ids.masked_fill(mask == 0, -100)
+    labels[:, 1:1 + len(prompt)] = -100
+    return input_ids, mask, labels
 
 
 def pad_to_world_length(input_ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

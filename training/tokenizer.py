@@ -30,6 +30,7 @@ class SpecialIds:
     bos: int  # [DEC]
     enc: int  # [ENC]
     vocab_size: int  # rows of the word embedding
+    prompt: tuple[int, ...] = ()  # the caption prompt's tokens (objective.caption_prompt), without [CLS]/[SEP]
 
 
 def words_of(captions: Iterable[str]) -> list[str]:
@@ -68,7 +69,7 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def special_ids(tokenizer, vocab_size: int | None = None) -> SpecialIds:
+def special_ids(tokenizer, vocab_size: int | None = None, prompt: str = "") -> SpecialIds:
     """The ids the model needs; `vocab_size` is the checkpoint's when it has rows the tokenizer lacks."""
     ids = dict(pad=tokenizer.pad_token_id, cls=tokenizer.cls_token_id, sep=tokenizer.sep_token_id,
                bos=tokenizer.bos_token_id)
@@ -80,4 +81,7 @@ def special_ids(tokenizer, vocab_size: int | None = None) -> SpecialIds:
     if enc is None or enc == tokenizer.unk_token_id:
         enc = ids["bos"] + 1  # BLIP's vocabulary: [ENC] follows [DEC] (Hugging Face conversions drop the token)
     size = max(len(tokenizer), vocab_size or 0, enc + 1)
-    return SpecialIds(vocab_size=size, enc=int(enc), **{k: int(v) for k, v in ids.items()})
+    prompt_ids = tuple(int(i) for i in tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else ()
+    if tokenizer.unk_token_id in prompt_ids:
+        raise InvalidInputError(f"the tokenizer does not know every word of objective.caption_prompt {prompt!r}")
+    return SpecialIds(vocab_size=size, enc=int(enc), prompt=prompt_ids, **{k: int(v) for k, v in ids.items()})
