@@ -5,7 +5,7 @@
 The index holds synthetic stored features (random vectors and int8 feature maps of the real size:
 577 x 768 per image), made once under --workdir; the model is BLIP ViT-B/16 384 px + BERT-base with
 random weights (speed does not depend on weight values). Prints, for the same 32 candidates:
-  - warm: p50/p95 latency of `Searcher.search_text` in a process that has the model loaded;
+  - warm: p50/p95 latency of `Index.search` (the library API) in a process that has the model loaded;
   - baseline: transformers' `BlipForImageTextRetrieval(input_ids, pixel_values, use_itm_head=True)`;
   - cold: a fresh `blipsearch query` process, from start to printed answer.
 """
@@ -41,24 +41,21 @@ CANDIDATES = 32
 
 def warm_latencies(model_dir: Path, index: Path, queries: list[str]) -> dict:
     """Per-query wall time in a process that has loaded the model, with a breakdown by stage."""
-    from blipsearch.indexer.reader import IndexReader
-    from blipsearch.retrieval.models import load_model
-    from blipsearch.retrieval.search import Searcher, SearchOptions
+    from blipsearch.retrieval.api import Index, Options
 
-    model = load_model(str(model_dir), "cpu", "auto", with_vision=False)
-    store = IndexReader.open(index)
+    opened = Index.open(index, str(model_dir), device="cpu", with_vision=False)
     stages = {"recall": 0.0, "features": 0.0}
-    source = _Timed(store, stages)
-    searcher = Searcher(model, source)
-    options = SearchOptions(top=10, candidates=CANDIDATES)
+    timed = Index(opened.location, opened.model, _Timed(opened.reader, stages))
+    options = Options(top=10, candidates=CANDIDATES)
     for query in queries[:3]:  # first touches: page cache, oneDNN kernels
-        searcher.search_text(query, options)
+        timed.search(query, options)
     stages.update(recall=0.0, features=0.0)
     times = []
     for query in queries:
         start = time.perf_counter()
-        searcher.search_text(query, options)
+        timed.search(query, options)
         times.append(time.perf_counter() - start)
+    model = opened.model
     total = sum(times)
     return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * float(np.percentile(times, 95)),
             "mean_ms": 1000 * total / len(times), "dtype": str(model.dtype).replace("torch.", ""),
@@ -67,10 +64,13 @@ def warm_latencies(model_dir: Path, index: Path, queries: list[str]) -> dict:
 
 
 class _Timed:
-    """A store that adds up the time spent in recall and in fetching features."""
+    """A store that adds up the time spent in recall and in fetching features (the rest passes through)."""
 
     def __init__(self, store, stages: dict):
         self.store, self.stages = store, stages
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
 
     def recall(self, *args, **kwargs):
         start = time.perf_counter()

@@ -83,8 +83,11 @@ class IndexReader:
         return np.stack(maps) if maps else np.empty((0, identity.feature_tokens, identity.feature_dim), np.float32)
 
     def paths_by_hash(self, hashes: Sequence[str]) -> dict[str, list[str]]:
-        return {h: list(self.view.paths_of(row)) if (row := self.view.row_of(h)) is not None else []
-                for h in hashes}
+        return {h: [path for path, _, _ in files] for h, files in self.files_by_hash(hashes).items()}
+
+    def files_by_hash(self, hashes: Sequence[str]) -> dict[str, list[tuple[str, int, int]]]:
+        """(path, size, mtime_ns) of each file of the given images, as indexed."""
+        return {h: self.view.files_of(row) if (row := self.view.row_of(h)) is not None else [] for h in hashes}
 
 
 def _from_tables(path: Path, manifest: Manifest) -> snapshot.Snapshot:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from .errors import InvalidInputError
-from .fusion import fuse, match_probability
-from .models.base import RetrievalModel
+from .fusion import fuse, match_logit, match_probability
+from .models.base import RetrievalModel, TextTokens
 
 RERANK_BATCH = 32  # candidates per ITM forward pass: bounds activation memory
 
@@ -67,12 +67,17 @@ class Searcher:
         if not text.strip():
             raise InvalidInputError("the query text is empty")
         encoded = self.model.encode_texts([text])
+        return self.search_vector(encoded.embeddings[0].numpy(), [(1.0, encoded.tokens)], options)
+
+    def search_vector(self, query: np.ndarray, texts: Sequence[tuple[float, TextTokens]],
+                      options: SearchOptions) -> list[Hit]:
+        """Recall by a (D,) or (V, D) query; re-rank by ITC + the weighted ITM match logits of `texts` (a negative
+        weight subtracts that text's logit). Without texts, or without re-rank, the ITC order stands."""
         # --top beyond --candidates re-ranks more: the user asked for that many results
-        recalled = self.source.recall(encoded.embeddings[0].numpy(), max(options.candidates, options.top),
-                                      options.under)
-        if not options.rerank:
+        recalled = self.source.recall(query, max(options.candidates, options.top), options.under)
+        if not options.rerank or not texts:
             return [Hit(key, itc, itc, None) for key, itc in recalled[:options.top]]
-        hits = self.rerank(encoded.tokens, recalled)
+        hits = self.rerank(texts, recalled)
         if options.min_prob is not None:
             hits = [h for h in hits if h.itm_prob >= options.min_prob]
         return hits[:options.top]
@@ -82,18 +87,22 @@ class Searcher:
         an indexed image's (BLIP: its one vector; BLIP-2: 32 query vectors each, so an image scores 1 with
         itself)."""
         vectors = self.model.encode_images(pixels).embeddings[0]  # (V, D)
-        recalled = self.source.recall(vectors.numpy(), options.top, options.under)
-        return [Hit(key, itc, itc, None) for key, itc in recalled]
+        return self.search_vector(vectors.numpy(), [], options)
 
-    def rerank(self, tokens, recalled: list[tuple[str, float]]) -> list[Hit]:
-        """ITM over the stored features of the recalled images; best fused score first."""
+    def rerank(self, texts: Sequence[tuple[float, TextTokens]], recalled: list[tuple[str, float]]) -> list[Hit]:
+        """ITM of each (weight, text) over the stored features of the recalled images; best fused score first.
+
+        score = ITC + sum of weight x ITM match logit (one text of weight 1: BLIP's logit + cosine); the match
+        probability reported is the first text's.
+        """
         hits = []
         for start in range(0, len(recalled), RERANK_BATCH):
             chunk = recalled[start:start + RERANK_BATCH]
             features = torch.from_numpy(self.source.token_features([key for key, _ in chunk]))
-            logits = self.model.itm_scores(tokens, features)  # (K, 2)
-            itc = torch.tensor([score for _, score in chunk])
-            scores, probs = fuse(itc, logits), match_probability(logits)
-            hits += [Hit(key, float(s), float(c), float(p))
-                     for (key, c), s, p in zip(chunk, scores, probs, strict=True)]
+            logits = [self.model.itm_scores(tokens, features) for _, tokens in texts]  # each (K, 2)
+            scores = fuse(torch.tensor([score for _, score in chunk]), logits[0] * texts[0][0])
+            for (weight, _), more in zip(texts[1:], logits[1:], strict=True):
+                scores += weight * match_logit(more).float()
+            probs = match_probability(logits[0])
+            hits += [Hit(key, float(s), c, float(p)) for (key, c), s, p in zip(chunk, scores, probs, strict=True)]
         return sorted(hits, key=lambda h: -h.score)

@@ -92,7 +92,7 @@ def _quiet_third_party() -> None:
 
 
 def _register() -> None:
-    from . import evaluate, index, query, status  # noqa: F401  (each module adds its command to `main`)
+    from . import evaluate, index, query, serve, status  # noqa: F401  (each module adds its command to `main`)
 
 
 _register()

@@ -5,19 +5,38 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from ..errors import InvalidInputError, printable
 from . import main
-from .options import device_option, index_location, index_option, load, model_option, precision_option
+from .options import device_option, index_location, index_option, model_option, precision_option
+
+if TYPE_CHECKING:
+    from ..api import Result, Term
+
+
+# library field -> the flag that sets it
+FLAGS = {"top": "--top", "candidates": "--candidates", "min_prob": "--min-prob", "under": "--in", "image": "--image",
+         "weight": "a term's WEIGHT:"}
 
 
 @main.command("query")
 @click.argument("text", required=False)
 @click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
               help="Query by an image instead of text (ITC similarity, no re-rank).")
+@click.option("--add", "add", multiple=True, metavar="[W:]TEXT",
+              help="Also like TEXT (weight W, default 1); repeatable.")
+@click.option("--subtract", "subtract", multiple=True, metavar="[W:]TEXT",
+              help="Less like TEXT (weight W, default 1); repeatable.")
+@click.option("--add-image", "add_image", multiple=True, metavar="[W:]PATH",
+              help="Also like the image at PATH; repeatable.")
+@click.option("--subtract-image", "subtract_image", multiple=True, metavar="[W:]PATH",
+              help="Less like the image at PATH; repeatable.")
 @click.option("--top", type=click.IntRange(1), default=10, show_default=True, help="How many results.")
 @click.option("--candidates", type=click.IntRange(1), default=64, show_default=True,
               help="ITC recall depth: how many images the ITM head re-ranks.")
@@ -34,17 +53,19 @@ from .options import device_option, index_location, index_option, load, model_op
 @index_option
 @device_option
 @precision_option
-def query_command(text, image_path, top, candidates, no_rerank, min_prob, under, as_json, as_paths, null,
-                  model_name, index_path, device, precision):
+def query_command(text, image_path, add, subtract, add_image, subtract_image, top, candidates, no_rerank, min_prob,
+                  under, as_json, as_paths, null, model_name, index_path, device, precision):
     """Find the images that best match TEXT (or --image).
 
     Recall ranks every image by ITC similarity; the ITM head then re-ranks the best --candidates with
     cross-attention over their stored features. score = ITM match logit + ITC cosine, as in BLIP.
-    """
-    from blipsearch.indexer.manifest import check_model
-    from blipsearch.indexer.reader import IndexReader
 
-    from ..search import Searcher, SearchOptions
+    Composed queries, as rclip's: `query "a beach" --add sunset --subtract people --add-image PATH`. The
+    ITC query is the normalised weighted sum of the terms' normalised embeddings; the re-rank adds each
+    text term's weighted ITM match logit (subtracted terms subtract theirs) when a positive text term exists.
+    """
+    from ..api import Index, folder
+    from ..search import SearchOptions
 
     if (text is None) == (image_path is None):
         raise InvalidInputError("give either a query TEXT or --image PATH")
@@ -54,85 +75,58 @@ def query_command(text, image_path, top, candidates, no_rerank, min_prob, under,
     as_paths = as_paths or null
     if as_json and as_paths:
         raise InvalidInputError("--json and --paths (or --null) exclude each other")
-    folders = [_folder(under)] if under is not None else None
-    options = SearchOptions(top=top, candidates=candidates, rerank=not no_rerank and text is not None,
-                            min_prob=min_prob, under=folders)
-    location = index_location(index_path)
-    store = IndexReader.open(location)
-    if store.counts()[1] == 0:
-        raise InvalidInputError(f"the index at {location} is empty; add images with `blipsearch index FOLDER`")
-    model = load(model_name or store.manifest.identity.model_id, device, precision,
-                 with_vision=image_path is not None)
-    check_model(store.manifest, model.info, location)
-    searcher = Searcher(model, store)
-    hits = (searcher.search_text(text, options) if text is not None
-            else searcher.search_image(_query_pixels(model, image_path), options))
-    paths = store.paths_by_hash([h.key for h in hits])
-    rows = _rows(hits, paths, folders)
+    with flags():
+        terms = _terms(text, image_path, add, subtract, add_image, subtract_image)
+        options = SearchOptions(top=top, candidates=candidates, rerank=not no_rerank, min_prob=min_prob,
+                                under=[folder(under)] if under is not None else None)
+        index = Index.open(index_location(index_path), model_name, device, precision,
+                           with_vision=any(t.image is not None for t in terms))
+        results = index.search(terms, options)
     query = text if text is not None else str(image_path)
     if as_paths:
-        _print_paths(rows, b"\0" if null else b"\n")
+        _print_paths(results, b"\0" if null else b"\n")
     elif as_json:
-        _print_json(query, model.info.model_id, rows)
+        answer = {"query": printable(query), "model": printable(index.model.info.model_id),
+                  "results": [r.to_json() for r in results]}
+        click.echo(json.dumps(answer, ensure_ascii=False))  # valid UTF-8 for any name
     else:
-        _print_table(rows)
+        _print_table(results)
 
 
-def _folder(under: Path) -> str:
-    path = under.expanduser().resolve()
-    if not path.is_dir():
-        raise InvalidInputError(f"--in {under}: no such folder")
-    return str(path)
-
-
-def _query_pixels(model, image_path: Path):
-    from blipsearch.indexer.images import load_image
-
-    from ..errors import ImageLoadError
+@contextmanager
+def flags() -> Iterator[None]:
+    """The library names fields (`top must be at least 1`); the command names its flags."""
+    from ..api import FieldError
 
     try:
-        loaded = load_image(image_path, model.info.preprocessing)
-    except ImageLoadError as exc:
-        raise InvalidInputError(f"--image {image_path}: {exc}") from exc
-    return model.pixel_values([loaded.pixels])
+        yield
+    except FieldError as exc:
+        raise InvalidInputError(f"{FLAGS.get(exc.field, exc.field)} {exc.problem}") from exc
 
 
-def _rows(hits, paths, folders) -> list[tuple]:
-    """(hit, its files) best first; copies outside `--in` folders are not shown."""
-    from blipsearch.indexer.scan import is_under
+def _terms(text, image_path, add, subtract, add_image, subtract_image) -> list[Term]:
+    """The query's terms: the main one first, then the added and subtracted ones."""
+    from ..api import Term, more_terms
 
-    rows = []
-    for hit in hits:
-        files = [p for p in paths.get(hit.key, []) if folders is None or is_under(p, folders)]
-        if files:
-            rows.append((hit, files))
-    return rows
+    main_term = Term(text=text) if text is not None else Term(image=image_path)
+    return [main_term, *more_terms(add, subtract, add_image, subtract_image)]
 
 
-def _print_paths(rows, end: bytes) -> None:
+def _print_paths(results: list[Result], end: bytes) -> None:
     """The paths' own bytes, so that any name a file system allows reaches `xargs` intact."""
     sys.stdout.flush()
-    for _, files in rows:
-        sys.stdout.buffer.write(os.fsencode(files[0]) + end)
+    for result in results:
+        sys.stdout.buffer.write(os.fsencode(result.path) + end)
     sys.stdout.buffer.flush()
 
 
-def _print_json(query: str, model_id: str, rows) -> None:
-    """Valid UTF-8 JSON for any name: bytes that are not UTF-8 appear as \\xNN escapes."""
-    results = [{"path": printable(files[0]), "score": round(hit.score, 6), "itc": round(hit.itc, 6),
-                "itm_prob": None if hit.itm_prob is None else round(hit.itm_prob, 6)}
-               | ({"copies": [printable(p) for p in files[1:]]} if len(files) > 1 else {}) for hit, files in rows]
-    answer = {"query": printable(query), "model": printable(model_id), "results": results}
-    click.echo(json.dumps(answer, ensure_ascii=False))
-
-
-def _print_table(rows) -> None:
-    if not rows:
+def _print_table(results: list[Result]) -> None:
+    if not results:
         click.echo("no matching images", err=True)
         return
     click.echo(f"{'#':>3}  {'score':>7}  {'match':>5}  path")
-    for rank, (hit, files) in enumerate(rows, 1):
-        match = "    -" if hit.itm_prob is None else f"{hit.itm_prob:5.0%}"
-        extra = f"  (+{len(files) - 1} copies)" if len(files) > 1 else ""
-        name = printable(files[0]).replace("\n", "\\n")  # one line per result
-        click.echo(f"{rank:>3}  {hit.score:7.3f}  {match}  {name}{extra}")
+    for rank, r in enumerate(results, 1):
+        match = "    -" if r.itm_prob is None else f"{r.itm_prob:5.0%}"
+        extra = f"  (+{len(r.copies)} copies)" if r.copies else ""
+        name = printable(r.path).replace("\n", "\\n")  # one line per result
+        click.echo(f"{rank:>3}  {r.score:7.3f}  {match}  {name}{extra}")

@@ -18,29 +18,9 @@ def status_command(index_path, as_json):
 
     The tables and feature files are checked too: a damaged index is reported as such (exit status 1).
     """
-    from blipsearch.indexer.layout import disk_bytes, read_index_manifest
-    from blipsearch.indexer.reader import IndexReader
-    from blipsearch.indexer.store import check_tables
+    from ..api import index_status
 
-    from ..errors import IndexDamagedError
-
-    location = index_location(index_path)
-    manifest = read_index_manifest(location)  # none, or unreadable: nothing to report but the error
-    damage, files, images = None, None, None
-    try:
-        store = IndexReader.open(location)
-        files, images = store.counts()
-        check_tables(location, manifest)
-    except IndexDamagedError as exc:
-        damage = exc
-    identity, run = manifest.identity, manifest.run
-    size = disk_bytes(location)
-    report = {
-        "index": str(location), "model": identity.model_id, "revision": identity.revision,
-        "family": identity.family, "files": files, "images": images, "bytes": size, "updated": run.updated,
-        "interrupted": run.writing, "damaged": None if damage is None else str(damage),
-        "embedding_dim": identity.embed_dim, "feature_shape": [identity.feature_tokens, identity.feature_dim],
-    }
+    report, damage = index_status(index_location(index_path))
     if as_json:
         click.echo(json.dumps(report))
     else:

@@ -1,0 +1,308 @@
+"""The library API: open an index once (its model loaded and checked), then search it.
+
+The CLI, the HTTP server and the benchmarks all call this; none of them wires the reader, the model and
+the searcher itself.
+
+    index = Index.open(Path("~/photos-index"))
+    index.search("a beach", Options(top=5))
+    index.search([Term("a beach"), Term("sunset"), Term("people", weight=-1)])
+    index.search_image(Path("query.jpg")), index.similar("/photos/a.jpg"), index.status()
+
+Composed queries (as rclip's `--add` / `--subtract`): each term is a text or an image with a signed weight.
+The ITC query vector is the normalised weighted sum of the terms' normalised embeddings; an image term of
+BLIP-2 (32 vectors) enters as the normalised mean of its vectors. A query of one image alone keeps all its
+vectors (an image then scores 1 with itself, as `query --image` always did).
+Re-rank: where at least one text term has a positive weight, each candidate scores its ITC cosine with the
+composed vector plus the weighted ITM match logit of every text term (negative terms subtract theirs), and
+its match probability is that of the first positive text term; other queries rank by ITC alone.
+
+Errors are `InvalidInputError`s; a `FieldError` names the option it is about (`top`, `image`, `under`...),
+which the CLI turns into its flag and the server into its parameter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ImageLoadError, IndexDamagedError, InvalidInputError, printable
+from .models.base import RetrievalModel, TextTokens
+from .search import Hit, Searcher, SearchOptions
+
+log = logging.getLogger(__name__)
+
+Options = SearchOptions
+ImageSource = Path | bytes  # a file, or its bytes (an upload)
+
+
+class FieldError(InvalidInputError):
+    """A bad value of one named option; the message reads `<field> <what is wrong>`."""
+
+    def __init__(self, name: str, problem: str):
+        super().__init__(f"{name} {problem}")
+        self.field, self.problem = name, problem
+
+
+class NotIndexedError(InvalidInputError):
+    """A path that the index does not hold."""
+
+
+@dataclass(frozen=True)
+class Term:
+    """One term of a query: a text or an image, with a weight (negative: less like this)."""
+
+    text: str | None = None
+    image: ImageSource | None = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if (self.text is None) == (self.image is None):
+            raise InvalidInputError("a query term is a text or an image, not both or neither")
+        if not math.isfinite(self.weight) or self.weight == 0:
+            raise FieldError("weight", "must be a finite number other than 0")
+        if self.text is not None and not self.text.strip():
+            raise InvalidInputError("the query text is empty")
+
+
+def weighted(spec: str) -> tuple[float, str]:
+    """`"2:sunset"` -> (2.0, "sunset"); a prefix that is no number is part of the term (`"time: 5pm"`)."""
+    head, sep, tail = spec.partition(":")
+    try:
+        return (float(head), tail) if sep and tail else (1.0, spec)
+    except ValueError:
+        return 1.0, spec
+
+
+def more_terms(add: Sequence[str] = (), subtract: Sequence[str] = (), add_images: Sequence[str] = (),
+               subtract_images: Sequence[str] = ()) -> list[Term]:
+    """The added and subtracted terms of a query, each `[WEIGHT:]TEXT` or `[WEIGHT:]PATH`, in that order."""
+    terms = [Term(text=t, weight=w) for w, t in map(weighted, add)]
+    terms += [Term(text=t, weight=-w) for w, t in map(weighted, subtract)]
+    terms += [Term(image=Path(p), weight=w) for w, p in map(weighted, add_images)]
+    return terms + [Term(image=Path(p), weight=-w) for w, p in map(weighted, subtract_images)]
+
+
+@dataclass
+class Result:
+    path: str
+    copies: list[str]  # other paths with the same content
+    score: float
+    itc: float
+    itm_prob: float | None
+    size: int  # bytes of `path`, as indexed
+    mtime_ns: int  # its modification time, as indexed
+
+    @property
+    def modified(self) -> str:
+        return datetime.fromtimestamp(self.mtime_ns / 1e9, UTC).isoformat(timespec="seconds")
+
+    def to_json(self, details: bool = False) -> dict:
+        """`query --json`'s row (valid UTF-8 for any name); `details` adds size and modification date."""
+        row = {"path": printable(self.path), "score": round(self.score, 6), "itc": round(self.itc, 6),
+               "itm_prob": None if self.itm_prob is None else round(self.itm_prob, 6)}
+        if self.copies:
+            row["copies"] = [printable(p) for p in self.copies]
+        return row | ({"size": self.size, "modified": self.modified} if details else {})
+
+
+@dataclass
+class _View:
+    """One generation of the index as the API sees it: the reader, and a path -> hash map made on first use
+    (a one-off query never pays for it)."""
+
+    reader: object  # IndexReader
+    _hash_of: dict[str, str] | None = None
+
+    def hash_of(self, path: str) -> str | None:
+        if self._hash_of is None:
+            self._hash_of = self.reader.files()
+        return self._hash_of.get(path)
+
+
+class Index:
+    """An index opened for searching, with its model loaded once. Thread-safe: one query runs at a time."""
+
+    def __init__(self, location: Path, model: RetrievalModel, reader):
+        self.location = location
+        self.model = model
+        self._view = _View(reader)
+        self._lock = threading.RLock()
+
+    @classmethod
+    def open(cls, location: Path | None = None, model: str | None = None, device: str = "auto",
+             precision: str = "auto", with_vision: bool = True) -> Index:
+        """Raises `IndexMissingError`, `IndexDamagedError`, `ModelLoadError` or `ModelMismatchError`.
+
+        `with_vision=False` loads the text side only (quicker): such an index answers text terms only.
+        """
+        from blipsearch.indexer.manifest import check_model, default_location
+        from blipsearch.indexer.reader import IndexReader
+
+        from .models import load_model
+
+        location = (location or default_location()).expanduser()
+        reader = IndexReader.open(location)
+        loaded = load_model(model or reader.manifest.identity.model_id, device=device, precision=precision,
+                            with_vision=with_vision)
+        check_model(reader.manifest, loaded.info, location)
+        return cls(location, loaded, reader)
+
+    @property
+    def reader(self):
+        return self._view.reader
+
+    # ---- queries ----------------------------------------------------------------------------------
+
+    def search(self, query: str | Sequence[Term], options: Options | None = None) -> list[Result]:
+        """Images that best match a text, or a composed query (see the module docstring)."""
+        terms = [Term(text=query)] if isinstance(query, str) else list(query)
+        if not terms:
+            raise InvalidInputError("the query has no terms")
+        options = options or Options()
+        with self._lock:
+            self._check_not_empty()
+            searcher = Searcher(self.model, self.reader)
+            if len(terms) == 1 and terms[0].image is not None and terms[0].weight > 0:
+                hits = searcher.search_image(self._pixels(terms[0].image), options)
+            else:
+                vector, texts = self._compose(terms)
+                if options.min_prob is not None and not texts:
+                    raise FieldError("min_prob", "needs a text term of positive weight to re-rank with")
+                hits = searcher.search_vector(vector, texts, options)
+            return self._results(hits, options.under)
+
+    def search_image(self, image: ImageSource, options: Options | None = None) -> list[Result]:
+        return self.search([Term(image=image)], options)
+
+    def similar(self, path: str, options: Options | None = None) -> list[Result]:
+        """Images like the indexed file `path` (itself first)."""
+        return self.search_image(Path(self.indexed(path)[0]), options)
+
+    def indexed(self, path: str) -> tuple[str, str]:
+        """(path, content hash) of an indexed file; raises `NotIndexedError` for any other path."""
+        with self._lock:
+            digest = self._view.hash_of(path)
+        if digest is None:
+            raise NotIndexedError(f"{printable(path)} is not in the index")
+        return path, digest
+
+    def status(self) -> dict:
+        """`blipsearch status --json` of the generation open here (its tables are not re-checked)."""
+        with self._lock:
+            return index_status(self.location, self.reader)[0]
+
+    def refresh(self) -> bool:
+        """Pick up a generation that an indexing run in another process has finished; True if it did.
+
+        While a run is under way the view of the last finished generation stays (its snapshot and feature
+        segments stay valid until that run finishes); a view older than that is rebuilt from the tables, since
+        a run starts by deleting the segments that the generation before the last retired. Raises
+        `ModelMismatchError` if the index was rebuilt with another model.
+        """
+        from blipsearch.indexer.layout import read_index_manifest
+        from blipsearch.indexer.manifest import check_model
+        from blipsearch.indexer.reader import IndexReader
+
+        with self._lock:
+            run, ours = read_index_manifest(self.location).run, self.reader.manifest.run
+            if run.generation == ours.generation and (run.writing or not ours.writing):
+                return False
+            reader = IndexReader.open(self.location)
+            check_model(reader.manifest, self.model.info, self.location)
+            self._view = _View(reader)
+            log.info("index at %s: generation %d opened", self.location, run.generation)
+            return True
+
+    # ---- internals --------------------------------------------------------------------------------
+
+    def _check_not_empty(self) -> None:
+        if self.reader.counts()[1] == 0:
+            raise InvalidInputError(f"the index at {self.location} is empty; add images with "
+                                    "`blipsearch index FOLDER`")
+
+    def _compose(self, terms: Sequence[Term]) -> tuple[np.ndarray, list[tuple[float, TextTokens]]]:
+        """(D,) normalised weighted sum of the terms' normalised vectors, and the text terms to re-rank with."""
+        total, texts = None, []
+        for term in terms:
+            if term.text is not None:
+                encoded = self.model.encode_texts([term.text])
+                vector = encoded.embeddings[0]  # (D,)
+                texts.append((term.weight, encoded.tokens))
+            else:
+                vectors = self.model.encode_images(self._pixels(term.image)).embeddings[0]  # (V, D)
+                vector = _unit(vectors.mean(0))
+            total = term.weight * vector if total is None else total + term.weight * vector
+        if float(total.norm()) < 1e-6:
+            raise InvalidInputError("the query terms cancel out: change a weight or a term")
+        positive = [i for i, (weight, _) in enumerate(texts) if weight > 0]
+        if positive:  # the first positive text leads: its match probability is the one reported
+            texts.insert(0, texts.pop(positive[0]))
+        return _unit(total).numpy(), texts if positive else []
+
+    def _pixels(self, image: ImageSource) -> torch.Tensor:
+        from blipsearch.indexer.images import load_image
+
+        name = "the uploaded image" if isinstance(image, bytes) else str(image)
+        data = image if isinstance(image, bytes) else None
+        try:
+            loaded = load_image(name if data is not None else image, self.model.info.preprocessing, data=data)
+        except ImageLoadError as exc:
+            raise FieldError("image", f"{printable(name)}: {exc}") from exc
+        return self.model.pixel_values([loaded.pixels])
+
+    def _results(self, hits: list[Hit], under: Sequence[str] | None) -> list[Result]:
+        """Hits with their files, best first; copies outside `under` are not shown, nor hits without one."""
+        from blipsearch.indexer.scan import is_under
+
+        files = self.reader.files_by_hash([h.key for h in hits])
+        results = []
+        for hit in hits:
+            inside = [f for f in files.get(hit.key, []) if under is None or is_under(f[0], under)]
+            if inside:
+                (path, size, mtime), *copies = inside
+                results.append(Result(path, [c[0] for c in copies], hit.score, hit.itc, hit.itm_prob, size, mtime))
+        return results
+
+
+def _unit(vector: torch.Tensor) -> torch.Tensor:
+    return vector / vector.norm().clamp_min(1e-12)
+
+
+def folder(path: Path) -> str:
+    """An absolute folder for `Options.under`; raises `FieldError("under", ...)` where there is none."""
+    resolved = path.expanduser().resolve()
+    if not resolved.is_dir():
+        raise FieldError("under", f"{path}: no such folder")
+    return str(resolved)
+
+
+def index_status(location: Path, reader=None) -> tuple[dict, IndexDamagedError | None]:
+    """What `blipsearch status` reports, and the damage found (if any). No model is loaded. With an open
+    `reader`, its counts are reported and nothing is checked again."""
+    from blipsearch.indexer.layout import disk_bytes, read_index_manifest
+    from blipsearch.indexer.reader import IndexReader
+    from blipsearch.indexer.store import check_tables
+
+    manifest = read_index_manifest(location)  # none, or unreadable: nothing to report but the error
+    damage, files, images = None, None, None
+    try:
+        files, images = (reader or IndexReader.open(location)).counts()
+        if reader is None:
+            check_tables(location, manifest)
+    except IndexDamagedError as exc:
+        damage = exc
+    identity, run = manifest.identity, manifest.run
+    return {
+        "index": str(location), "model": identity.model_id, "revision": identity.revision,
+        "family": identity.family, "files": files, "images": images, "bytes": disk_bytes(location),
+        "updated": run.updated, "interrupted": run.writing, "damaged": None if damage is None else str(damage),
+        "embedding_dim": identity.embed_dim, "feature_shape": [identity.feature_tokens, identity.feature_dim],
+    }, damage

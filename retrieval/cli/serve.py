@@ -1,0 +1,63 @@
+"""`blipsearch serve`"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import click
+
+from ..errors import InvalidInputError
+from . import main
+from .options import device_option, index_location, index_option, model_option, precision_option
+
+
+@main.command("serve")
+@index_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Any but loopback needs --token.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8765, show_default=True)
+@click.option("--token", envvar="BLIPSEARCH_TOKEN", default=None, metavar="SECRET",
+              help="Access token every request must carry (Authorization: Bearer SECRET, or ?token=SECRET "
+                   "once in the page's address). Default: $BLIPSEARCH_TOKEN.")
+@model_option("Model to query with. Default: the one the index was built with.")
+@device_option
+@precision_option
+def serve_command(index_path, host, port, token, model_name, device, precision):
+    """Serve the search page and a JSON API (OpenAPI at /docs) over the index, until Ctrl-C.
+
+    The model loads once; a finished `blipsearch index` run in another process is picked up by the next
+    request. Only indexed files are ever served.
+    """
+    if not _loopback(host) and not token:
+        raise InvalidInputError(f"--host {host} is reachable from other machines: set an access token with "
+                                "--token or BLIPSEARCH_TOKEN")
+    try:
+        import uvicorn
+
+        from ..server.app import create_app
+    except ImportError as exc:
+        raise InvalidInputError(f"`blipsearch serve` needs the serve extra ({exc.name} is missing): "
+                                "pip install 'blipsearch[serve]'") from exc
+    import platformdirs
+
+    from ..api import Index
+
+    location = index_location(index_path)
+    index = Index.open(location, model_name, device, precision, with_vision=True)
+    hosts = LOOPBACK_NAMES if _loopback(host) and not token else None  # with a token, any name may reach it
+    app = create_app(index, platformdirs.user_cache_path("blipsearch") / "thumbnails", token, hosts)
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"blipsearch: serving {location} at http://{shown}:{port}/ (Ctrl-C stops)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve to anything
+        return False

@@ -1,0 +1,225 @@
+"""The HTTP API and the search page, over one opened `Index`.
+
+    GET  /                    the search page (page.html)
+    GET  /api/search          text and composed queries: q, add, subtract, like, unlike, top, candidates,
+                              rerank, min_prob, under
+    POST /api/search/image    the request body is an image (at most MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS);
+                              the same parameters compose with it
+    GET  /api/similar         images like the indexed file `path`
+    GET  /api/status          `blipsearch status --json`
+    GET  /api/thumbnail       a small JPEG of the indexed file `path`
+    GET  /api/original        the indexed file `path` itself
+    GET  /docs                the OpenAPI page
+
+Results have `query --json`'s schema, plus each file's `size` and `modified` date. Every bad request is a
+4xx with `{"error": "..."}`. Sync handlers run in Starlette's thread pool; the `Index` runs one query at a
+time (one model), and each query first picks up a generation an indexing run has finished meanwhile.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import logging
+import mimetypes
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from blipsearch.indexer.images import check_header
+
+from ..api import FieldError, Index, NotIndexedError, Term, folder, more_terms
+from ..errors import BlipsearchError, ImageLoadError, InvalidInputError, ModelMismatchError, StoreError
+from ..search import SearchOptions
+from .files import ServedFiles
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 32 << 20
+MAX_UPLOAD_PIXELS = 50_000_000  # a 50-megapixel upload decodes to ~150 MB at most
+MAX_TOP = 500
+TOKEN_COOKIE = "blipsearch_token"
+
+Texts = Annotated[list[str], Query()]
+
+
+class TooLarge(InvalidInputError):
+    """An upload over the limits."""
+
+
+def create_app(index: Index, cache: Path, token: str | None = None, hosts: Sequence[str] | None = None) -> FastAPI:
+    """The server's app; `token`: every request must carry it (header, `?token=` or the page's cookie);
+    `hosts`: the only names a request's Host header may give (against DNS rebinding of a loopback server)."""
+    app = FastAPI(title="blipsearch", summary="Search your images with words (BLIP image-text retrieval)")
+    files = ServedFiles(index, cache)
+    _errors(app)
+    if token:
+        _guard(app, token)
+    if hosts:
+        _hosts(app, hosts)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8"))
+
+    @app.get("/api/search", summary="Images matching a text or a composed query")
+    def search(q: str, add: Texts = (), subtract: Texts = (), like: Texts = (), unlike: Texts = (),
+               top: int = 10, candidates: int = 64, rerank: bool = True, min_prob: float | None = None,
+               under: str | None = None) -> dict:
+        terms = [Term(text=q), *_more(add, subtract, like, unlike, files)]
+        return _answer(index, q, terms, _options(top, candidates, rerank, min_prob, under))
+
+    @app.post("/api/search/image", summary="Images like the uploaded image (the request body)")
+    async def search_image(request: Request, add: Texts = (), subtract: Texts = (), top: int = 10,
+                           candidates: int = 64, rerank: bool = True, under: str | None = None) -> JSONResponse:
+        data = await _upload(request)
+        terms = [Term(image=data), *_more(add, subtract, (), (), files)]
+        options = _options(top, candidates, rerank, None, under)
+        return JSONResponse(await run_in_threadpool(_answer, index, "(uploaded image)", terms, options))
+
+    @app.get("/api/similar", summary="Images like an indexed image")
+    def similar(path: str, top: int = 10, under: str | None = None) -> dict:
+        return _answer(index, path, [Term(image=Path(files_path(files, path)))], _options(top, 64, False, None, under))
+
+    @app.get("/api/status", summary="The index: model, counts, size, last update")
+    def status() -> dict:
+        index.refresh()
+        return index.status()
+
+    @app.get("/api/thumbnail", summary="A small JPEG of an indexed image", response_class=FileResponse)
+    def thumbnail(path: str) -> FileResponse:
+        index.refresh()
+        return FileResponse(files.thumbnail(path), media_type="image/jpeg",
+                            headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/original", summary="An indexed image file itself")
+    def original(path: str) -> StreamingResponse:
+        index.refresh()
+        file = files.open(path)
+        kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        return StreamingResponse(_chunks(file), media_type=kind, headers={"X-Content-Type-Options": "nosniff"})
+
+    return app
+
+
+def files_path(files: ServedFiles, path: str) -> str:
+    """`path` if it is an indexed file the server may read, else `NotIndexedError`."""
+    files.open(path).close()
+    return path
+
+
+def _more(add, subtract, like, unlike, files: ServedFiles) -> list[Term]:
+    """Added and subtracted terms; image terms name indexed files, which are checked as `original` checks them."""
+    terms = more_terms(add, subtract, like, unlike)
+    for term in terms:
+        if term.image is not None:
+            files_path(files, str(term.image))
+    return terms
+
+
+def _options(top: int, candidates: int, rerank: bool, min_prob: float | None, under: str | None) -> SearchOptions:
+    for name, value in (("top", top), ("candidates", candidates)):
+        if not 1 <= value <= MAX_TOP:
+            raise FieldError(name, f"must lie between 1 and {MAX_TOP}")
+    if min_prob is not None and not 0 <= min_prob <= 1:
+        raise FieldError("min_prob", "must lie between 0 and 1")
+    if min_prob is not None and not rerank:
+        raise FieldError("min_prob", "needs the ITM re-rank: drop rerank=false")
+    return SearchOptions(top=top, candidates=candidates, rerank=rerank, min_prob=min_prob,
+                         under=[folder(Path(under))] if under else None)
+
+
+def _answer(index: Index, query: str, terms: list[Term], options: SearchOptions) -> dict:
+    from ..errors import printable
+
+    index.refresh()
+    results = index.search(terms, options)
+    return {"query": printable(query), "model": printable(index.model.info.model_id),
+            "results": [r.to_json(details=True) for r in results]}
+
+
+async def _upload(request: Request) -> bytes:
+    """The body, refused past MAX_UPLOAD_BYTES (before reading it where the length is declared)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
+        raise TooLarge(f"the upload is {int(declared)} bytes; the limit is {MAX_UPLOAD_BYTES}")
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise TooLarge(f"the upload is over {MAX_UPLOAD_BYTES} bytes, the limit")
+    if not data:
+        raise FieldError("image", "is missing: send the image file as the request body")
+    try:
+        check_header(io.BytesIO(data), "the uploaded image", MAX_UPLOAD_PIXELS)
+    except ImageLoadError as exc:
+        if "decompression bomb" in str(exc):
+            raise TooLarge(f"the uploaded image: {exc}") from exc
+        raise FieldError("image", f"cannot be read: {exc}") from exc
+    return bytes(data)
+
+
+def _chunks(file, size: int = 1 << 20):
+    with file:
+        while chunk := file.read(size):
+            yield chunk
+
+
+STATUS = ((TooLarge, 413), (NotIndexedError, 404), (ModelMismatchError, 409), (StoreError, 503),
+          (BlipsearchError, 400))
+
+
+def _errors(app: FastAPI) -> None:
+    """Each library error becomes a 4xx (or 503: the index is unreadable now) with `{"error": message}`."""
+
+    @app.exception_handler(BlipsearchError)
+    def library_error(request: Request, exc: BlipsearchError) -> JSONResponse:
+        code = next(code for kind, code in STATUS if isinstance(exc, kind))
+        return JSONResponse({"error": str(exc)}, status_code=code)
+
+    @app.exception_handler(StarletteHTTPException)
+    def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # unknown route, wrong method
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": problems}, status_code=422)
+
+
+def _hosts(app: FastAPI, hosts: Sequence[str]) -> None:
+    """A web page whose name an attacker points at 127.0.0.1 sends its own name as Host: refuse it."""
+    allowed = {h.lower() for h in hosts}
+
+    @app.middleware("http")
+    async def check_host(request: Request, call_next) -> Response:
+        host = request.headers.get("host", "").lower()
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host  # drop the port; keep [::1]
+        if name not in allowed:
+            return JSONResponse({"error": f"requests must address this server as one of {sorted(allowed)}"},
+                                status_code=400)
+        return await call_next(request)
+
+
+def _guard(app: FastAPI, token: str) -> None:
+    """Refuse any request without the token; a page opened with `?token=` keeps it in a cookie."""
+
+    @app.middleware("http")
+    async def check_token(request: Request, call_next) -> Response:
+        header = request.headers.get("authorization", "")
+        given = (header[7:] if header.startswith("Bearer ") else None) or request.query_params.get("token") \
+            or request.cookies.get(TOKEN_COOKIE) or ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return JSONResponse({"error": "a valid access token is required (Authorization: Bearer TOKEN)"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        response = await call_next(request)
+        if request.query_params.get("token"):
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+        return response

@@ -1,0 +1,80 @@
+"""Which files the server hands out, and their thumbnails.
+
+Only indexed files are served: a path is looked up in the index (never joined to a folder), and its real
+location must lie in a folder that holds indexed files (followed through symlinks as the scan followed
+them), so a link swapped in to point elsewhere (`/etc/passwd`) is refused. Thumbnails are JPEGs of at most
+`THUMB_SIDE` pixels, EXIF-oriented, cached on disk by content hash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import BinaryIO
+
+from blipsearch.indexer.images import check_header, to_rgb
+from blipsearch.indexer.scan import open_regular
+
+from ..api import Index, NotIndexedError
+from ..errors import ImageLoadError, printable
+
+log = logging.getLogger(__name__)
+
+THUMB_SIDE = 320  # pixels: sharp in a ~160 px tile on a 2x screen, a few KB as JPEG
+THUMB_QUALITY = 80
+
+
+class ServedFiles:
+    """Opens indexed files for serving; keeps the real folders of one index generation."""
+
+    def __init__(self, index: Index, cache: Path):
+        self.index, self.cache = index, cache
+        self._folders: tuple[object, frozenset[str]] | None = None  # (reader, real folders)
+
+    def open(self, path: str) -> BinaryIO:
+        """The indexed file `path`, opened; raises `NotIndexedError` (unknown, or leads out) or `ImageLoadError`."""
+        self.index.indexed(path)
+        real = os.path.realpath(path)
+        if os.path.dirname(real) not in self._real_folders():
+            raise NotIndexedError(f"{printable(path)} leads out of the indexed folders")
+        try:
+            return open_regular(real)
+        except OSError as exc:
+            raise NotIndexedError(f"{printable(path)} cannot be read: {exc.strerror}") from exc
+
+    def thumbnail(self, path: str) -> Path:
+        """A cached JPEG of the indexed image at `path` (made on first request)."""
+        _, digest = self.index.indexed(path)
+        target = self.cache / digest[:2] / f"{digest}-{THUMB_SIDE}.jpg"
+        if not target.exists():
+            with self.open(path) as file:
+                _write_thumbnail(file, path, target)
+        return target
+
+    def _real_folders(self) -> frozenset[str]:
+        reader = self.index.reader
+        if self._folders is None or self._folders[0] is not reader:
+            folders = {os.path.dirname(p) for p in reader.files()}
+            self._folders = (reader, frozenset(os.path.realpath(f) for f in folders))
+        return self._folders[1]
+
+
+def _write_thumbnail(file: BinaryIO, path: str, target: Path) -> None:
+    from PIL import Image, ImageOps
+
+    check_header(file, path)  # no image, or a decompression bomb: ImageLoadError
+    file.seek(0)
+    try:
+        with Image.open(file) as image:
+            image.draft("RGB", (THUMB_SIDE, THUMB_SIDE))  # JPEG: decode at a reduced scale
+            small = ImageOps.exif_transpose(image)
+            small.thumbnail((THUMB_SIDE, THUMB_SIDE))
+            small = to_rgb(small)
+    except (OSError, ValueError) as exc:
+        raise ImageLoadError(f"cannot decode: {exc}") from exc
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
+    small.save(tmp, "JPEG", quality=THUMB_QUALITY, optimize=True)
+    tmp.replace(target)  # concurrent makers write the same bytes; a reader never sees half a file

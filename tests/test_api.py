@@ -1,0 +1,195 @@
+"""The library API (`retrieval/api.py`): one opened index for the CLI, the server and the benchmarks."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from blipsearch.indexer import snapshot
+from blipsearch.indexer.images import load_image
+from blipsearch.indexer.reader import IndexReader
+from blipsearch.retrieval.api import FieldError, Index, NotIndexedError, Term, folder, weighted
+from blipsearch.retrieval.errors import InvalidInputError
+from blipsearch.retrieval.search import SearchOptions
+
+from photos import make_folder
+from runner import blipsearch
+
+QUERY = "a red dog on the beach"
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, family_model_dir):
+    root = tmp_path_factory.mktemp("api")
+    make_folder(root / "photos" / "a", 5, seed=1)
+    make_folder(root / "photos" / "b", 4, seed=2)
+    blipsearch("index", str(root / "photos"), "--model", str(family_model_dir), "-q", index=root / "index")
+    return root
+
+
+@pytest.fixture(scope="module")
+def index(library):
+    return Index.open(library / "index", device="cpu", precision="fp32")
+
+
+def test_search_answers_as_the_cli_does(library, index):
+    cli = json.loads(blipsearch("query", QUERY, "--json", "--top", "6", "--precision", "fp32",
+                                index=library / "index").stdout)
+    results = index.search(QUERY, SearchOptions(top=6))
+    assert [r.to_json() for r in results] == cli["results"]
+    for r in results:  # size and modification time come from the index, as the files were then
+        st = os.stat(r.path)
+        assert (r.size, r.mtime_ns) == (st.st_size, st.st_mtime_ns) and r.to_json(details=True)["size"] == r.size
+
+
+def test_composed_itc_vector_is_the_normalised_weighted_sum(index):
+    """A text with a subtracted text and an added image, without re-rank: ITC order by the composed vector."""
+    model = index.model
+    image = Path(sorted(index.reader.files())[0])
+    terms = [Term(QUERY), Term("a cat", weight=-0.5), Term(image=image, weight=2.0)]
+    got = index.search(terms, SearchOptions(top=9, rerank=False))
+    texts = model.encode_texts([QUERY, "a cat"]).embeddings
+    pixels = model.pixel_values([load_image(image, model.info.preprocessing).pixels])
+    mean = model.encode_images(pixels).embeddings[0].mean(0)  # BLIP-2: 32 vectors -> their mean
+    vector = texts[0] - 0.5 * texts[1] + 2.0 * mean / mean.norm()
+    vector = (vector / vector.norm()).numpy()
+    expected = index.reader.recall(vector, 9)
+    paths = index.reader.paths_by_hash([h for h, _ in expected])
+    assert [r.path for r in got] == [paths[h][0] for h, _ in expected]
+    assert [r.itc for r in got] == pytest.approx([s for _, s in expected], abs=1e-5)
+    assert all(r.itm_prob is None for r in got)
+
+
+def test_composed_rerank_adds_and_subtracts_the_texts_itm_logits(index):
+    """score = ITC(composed) + ITM logit of the positive text - weight x ITM logit of the negative one; the
+    match probability is the positive text's."""
+    model = index.model
+    got = index.search([Term("a cat", weight=-0.5), Term(QUERY)], SearchOptions(top=9, candidates=9))
+    keys = index.reader.files()
+    features = torch.from_numpy(index.reader.token_features([keys[r.path] for r in got]))
+    logits = [model.itm_scores(model.tokenize([t]), features) for t in (QUERY, "a cat")]
+    expected = torch.tensor([r.itc for r in got]) + logits[0][:, 1] - 0.5 * logits[1][:, 1]
+    assert [r.score for r in got] == pytest.approx(expected.tolist(), abs=1e-4)
+    assert [r.itm_prob for r in got] == pytest.approx(logits[0].softmax(-1)[:, 1].tolist(), abs=1e-5)
+    assert [r.score for r in got] == sorted((r.score for r in got), reverse=True)
+
+
+def test_one_text_term_is_the_plain_query(index):
+    plain, composed = index.search(QUERY), index.search([Term(QUERY)])
+    assert [(r.path, r.score) for r in plain] == [(r.path, r.score) for r in composed]
+
+
+def test_image_and_negative_texts_rank_by_itc_only(index):
+    image = Path(sorted(index.reader.files())[2])
+    got = index.search([Term(image=image), Term("a cat", weight=-1)], SearchOptions(top=3))
+    assert all(r.itm_prob is None and r.score == r.itc for r in got)
+    with pytest.raises(FieldError, match=r"^min_prob needs a text term"):
+        index.search([Term(image=image), Term("a cat", weight=-1)], SearchOptions(min_prob=0.5))
+
+
+def test_similar_finds_the_file_itself_first(index):
+    path = sorted(index.reader.files())[3]
+    first = index.similar(path)[0]
+    assert first.path == path and first.score == pytest.approx(1.0, abs=1e-4)
+    assert index.search_image(Path(path).read_bytes())[0].path == path  # an upload: the bytes
+
+
+def test_errors_name_fields(index, tmp_path):
+    with pytest.raises(NotIndexedError, match="is not in the index"):
+        index.similar(str(tmp_path / "nowhere.png"))
+    with pytest.raises(FieldError, match=r"^under .*: no such folder"):
+        folder(tmp_path / "missing")
+    with pytest.raises(FieldError, match=r"^image .*: ") as caught:
+        index.search_image(b"no image at all")
+    assert caught.value.field == "image"
+    with pytest.raises(FieldError, match=r"^weight must be"):
+        Term("x", weight=float("nan"))
+    with pytest.raises(InvalidInputError, match="cancel out"):
+        index.search([Term(QUERY), Term(QUERY, weight=-1)])
+    with pytest.raises(InvalidInputError, match="no terms"):
+        index.search([])
+
+
+def test_weighted_term_syntax():
+    assert weighted("2:sunset") == (2.0, "sunset")
+    assert weighted("0.5:a:b") == (0.5, "a:b")
+    assert weighted("time: 5pm") == (1.0, "time: 5pm")
+    assert weighted("sunset") == (1.0, "sunset")
+
+
+def test_a_finished_run_in_another_process_is_picked_up(tmp_path, tiny_model_dir):
+    make_folder(tmp_path / "photos", 2)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    index = Index.open(tmp_path / "index", device="cpu")
+    assert not index.refresh() and index.status()["files"] == 2
+    make_folder(tmp_path / "more", 3, seed=9)
+    blipsearch("index", str(tmp_path / "more"), "-q", index=tmp_path / "index")
+    assert index.refresh()
+    assert len(index.search(QUERY, SearchOptions(top=10))) == 5 and not index.refresh()
+
+
+def test_a_view_older_than_the_last_generation_is_rebuilt_while_a_run_is_under_way(tmp_path, tiny_model_dir):
+    """A run deletes the segments the generation before the last retired: a view that old reads the tables."""
+    from blipsearch.indexer.manifest import read_manifest, write_manifest
+
+    make_folder(tmp_path / "photos", 2)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    index = Index.open(tmp_path / "index", device="cpu")
+    make_folder(tmp_path / "more", 1, seed=4)
+    blipsearch("index", str(tmp_path / "more"), "-q", index=tmp_path / "index")
+    manifest = read_manifest(tmp_path / "index")
+    manifest.run.writing = True  # as a third run under way leaves it
+    write_manifest(tmp_path / "index", manifest)
+    assert index.refresh() and not index.reader.from_snapshot and index.status()["files"] == 3
+    assert not index.refresh()  # the same run still under way: this view stays
+    manifest.run.writing = False
+    write_manifest(tmp_path / "index", manifest)
+    assert index.refresh() and index.reader.from_snapshot
+
+
+def test_an_older_snapshot_format_counts_as_absent(tmp_path, tiny_model_dir):
+    """Readers then read the tables, and the next indexing run (even with nothing new) rewrites it."""
+    make_folder(tmp_path / "photos", 2)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    meta_file = tmp_path / "index" / snapshot.FOLDER / "snapshot.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["format"] == snapshot.FORMAT
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "format"}))  # as format 1 wrote it
+    assert snapshot.saved_generation(tmp_path / "index") is None
+    reader = IndexReader.open(tmp_path / "index")
+    assert not reader.from_snapshot and reader.counts() == (2, 2)
+    sizes = [f[1] for files in reader.files_by_hash(list(reader.files().values())).values() for f in files]
+    assert sorted(sizes) == sorted(p.stat().st_size for p in (tmp_path / "photos").iterdir())
+    blipsearch("index", str(tmp_path / "photos"), "-q", index=tmp_path / "index")
+    assert snapshot.saved_generation(tmp_path / "index") == meta["generation"] + 1
+    assert IndexReader.open(tmp_path / "index").from_snapshot
+
+
+def test_blip2_image_terms_enter_as_the_mean_of_their_vectors(tiny_blip2_dir, tmp_path):
+    """Stated rule: a BLIP-2 image term in a composed query is its 32 vectors' normalised mean."""
+    make_folder(tmp_path / "photos", 3)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_blip2_dir), "-q", index=tmp_path / "index")
+    index = Index.open(tmp_path / "index", device="cpu", precision="fp32")
+    image = sorted(index.reader.files())[0]
+    composed = index.search([Term(image=Path(image)), Term(image=Path(image))], SearchOptions(top=3))
+    pixels = index.model.pixel_values([load_image(image, index.model.info.preprocessing).pixels])
+    mean = index.model.encode_images(pixels).embeddings[0].mean(0)
+    expected = index.reader.recall((mean / mean.norm()).numpy(), 3)
+    assert [r.itc for r in composed] == pytest.approx([s for _, s in expected], abs=1e-5)
+    assert np.isfinite([r.score for r in composed]).all()
+
+
+def test_the_cli_composes_as_the_api_does(library, index):
+    image = sorted(index.reader.files())[1]
+    cli = json.loads(blipsearch("query", QUERY, "--add", "2:sunset", "--subtract", "people", "--subtract-image",
+                                f"0.5:{image}", "--json", "--precision", "fp32", index=library / "index").stdout)
+    terms = [Term(QUERY), Term("sunset", weight=2), Term("people", weight=-1), Term(image=Path(image), weight=-0.5)]
+    assert cli["results"] == [r.to_json() for r in index.search(terms)]
+    result = blipsearch("query", QUERY, "--add", "inf:x", index=library / "index", expect=1)
+    assert "WEIGHT: must be a finite number" in result.stderr
+    result = blipsearch("query", QUERY, "--top", "3", "--in", str(library / "nowhere"), index=library / "index",
+                        expect=1)
+    assert "--in " + str(library / "nowhere") + ": no such folder" in result.stderr

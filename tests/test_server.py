@@ -1,0 +1,221 @@
+"""`blipsearch serve`'s HTTP API in process (FastAPI's TestClient): every endpoint and every error path."""
+
+import io
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from PIL import Image
+
+from blipsearch.retrieval.api import Index
+from blipsearch.retrieval.server import app as server
+
+from photos import make_folder, make_photo
+from runner import blipsearch, one_line_error
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+
+QUERY = "a red dog on the beach"
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("server")
+    make_folder(root / "photos" / "a", 4, seed=1)
+    make_folder(root / "photos" / "b", 3, seed=2)
+    turned = Image.new("RGB", (40, 20), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by 90 degrees
+    turned.save(root / "photos" / "b" / "turned.jpg", exif=exif)
+    (root / "outside").mkdir()
+    make_photo(root / "outside" / "secret.png", seed=99)
+    blipsearch("index", str(root / "photos"), "--model", str(tiny_model_dir), "-q", index=root / "index")
+    return root
+
+
+@pytest.fixture(scope="module")
+def index(library):
+    return Index.open(library / "index", device="cpu", precision="fp32")
+
+
+@pytest.fixture()
+def client(index, tmp_path):
+    return TestClient(server.create_app(index, tmp_path / "thumbs"))
+
+
+def paths(response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [r["path"] for r in response.json()["results"]]
+
+
+def error(response, status: int, *fragments: str) -> str:
+    assert response.status_code == status, response.text
+    message = response.json()["error"]
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    return message
+
+
+def test_search_mirrors_query_json(client, library, tiny_model_dir):
+    cli = json.loads(blipsearch("query", QUERY, "--json", "--top", "5", "--precision", "fp32",
+                                index=library / "index").stdout)
+    answer = client.get("/api/search", params={"q": QUERY, "top": 5}).json()
+    assert (answer["query"], answer["model"]) == (QUERY, str(tiny_model_dir))
+    assert [{k: v for k, v in r.items() if k not in ("size", "modified")} for r in answer["results"]] == cli["results"]
+    assert all(r["size"] > 0 and r["modified"].startswith("20") for r in answer["results"])
+
+
+def test_every_query_option(client, library):
+    under = str(library / "photos" / "b")
+    assert all(p.startswith(under) for p in paths(client.get("/api/search", params={"q": QUERY, "under": under})))
+    itc = client.get("/api/search", params={"q": QUERY, "rerank": "false"}).json()["results"]
+    assert all(r["itm_prob"] is None for r in itc)
+    kept = client.get("/api/search", params={"q": QUERY, "min_prob": 1.0, "candidates": 3}).json()["results"]
+    assert kept == []
+    like, unlike = str(library / "photos" / "a" / "img000.png"), str(library / "photos" / "b" / "img001.png")
+    composed = client.get("/api/search", params=[("q", QUERY), ("add", "2:sunset"), ("subtract", "people"),
+                                                  ("like", like), ("unlike", unlike)])
+    assert len(paths(composed)) == 8
+
+
+@pytest.mark.parametrize("params, status, fragment", [
+    ({"q": QUERY, "top": 0}, 400, "top must lie between 1 and"),
+    ({"q": QUERY, "candidates": 10_000}, 400, "candidates must lie between"),
+    ({"q": QUERY, "min_prob": 2}, 400, "min_prob must lie between 0 and 1"),
+    ({"q": QUERY, "min_prob": 0.5, "rerank": "false"}, 400, "min_prob needs the ITM re-rank"),
+    ({"q": QUERY, "under": "/no/such/folder"}, 400, "under /no/such/folder: no such folder"),
+    ({"q": "   "}, 400, "the query text is empty"),
+    ({"q": QUERY, "top": "many"}, 422, "top"),
+    ({}, 422, "q"),
+    ({"q": QUERY, "like": "/etc/passwd"}, 404, "is not in the index"),
+    ({"q": QUERY, "add": "1e999:x"}, 400, "weight must be"),
+])
+def test_bad_searches_are_4xx_with_a_json_error(client, params, status, fragment):
+    error(client.get("/api/search", params=params), status, fragment)
+    assert client.get("/api/status").status_code == 200  # still up
+
+
+def test_unknown_routes_and_methods_are_json_errors(client):
+    error(client.get("/api/nothing"), 404, "Not Found")
+    error(client.post("/api/search", params={"q": QUERY}), 405, "Method Not Allowed")
+    error(client.get("/api/search/image"), 405, "Method Not Allowed")
+
+
+def test_search_by_an_uploaded_image(client, library, monkeypatch):
+    target = library / "photos" / "a" / "img002.png"
+    assert paths(client.post("/api/search/image", content=target.read_bytes()))[0] == str(target)
+    composed = client.post("/api/search/image", params={"add": QUERY, "top": 3}, content=target.read_bytes())
+    assert len(paths(composed)) == 3 and composed.json()["results"][0]["itm_prob"] is not None
+    error(client.post("/api/search/image", content=b""), 400, "image is missing")
+    error(client.post("/api/search/image", content=b"\x89PNG not really"), 400, "image cannot be read")
+    monkeypatch.setattr(server, "MAX_UPLOAD_BYTES", 1000)
+    error(client.post("/api/search/image", content=target.read_bytes() * 50), 413, "the limit is 1000")
+    monkeypatch.setattr(server, "MAX_UPLOAD_BYTES", 1 << 20)
+    monkeypatch.setattr(server, "MAX_UPLOAD_PIXELS", 100)
+    error(client.post("/api/search/image", content=target.read_bytes()), 413, "decompression bomb")
+
+
+def test_similar(client, library):
+    path = str(library / "photos" / "b" / "img000.png")
+    answer = client.get("/api/similar", params={"path": path, "top": 3}).json()
+    assert answer["results"][0]["path"] == path and answer["results"][0]["score"] == pytest.approx(1, abs=1e-3)
+    error(client.get("/api/similar", params={"path": str(library / "outside" / "secret.png")}), 404, "not in the index")
+
+
+def test_status(client, tiny_model_dir):
+    status = client.get("/api/status").json()
+    assert (status["files"], status["images"], status["model"]) == (8, 8, str(tiny_model_dir))
+
+
+def test_thumbnails_are_small_oriented_jpegs_cached_on_disk(client, library, tmp_path):
+    response = client.get("/api/thumbnail", params={"path": str(library / "photos" / "b" / "turned.jpg")})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(response.content)).size == (20, 40) and len(response.content) < 20_000
+    assert len(list((tmp_path / "thumbs").rglob("*.jpg"))) == 1
+    again = client.get("/api/thumbnail", params={"path": str(library / "photos" / "b" / "turned.jpg")})
+    assert again.content == response.content
+
+
+def test_originals_are_the_files(client, library):
+    path = library / "photos" / "a" / "img001.png"
+    response = client.get("/api/original", params={"path": str(path)})
+    assert response.content == path.read_bytes() and response.headers["content-type"] == "image/png"
+
+
+@pytest.mark.parametrize("endpoint", ["/api/original", "/api/thumbnail"])
+@pytest.mark.parametrize("path", ["/etc/passwd", "{root}/photos/a/../../outside/secret.png",
+                                  "{root}/index/manifest.json", "photos/a/img001.png", "{root}/photos/a"])
+def test_only_indexed_files_are_served(client, library, endpoint, path):
+    error(client.get(endpoint, params={"path": path.format(root=library)}), 404, "is not in the index")
+
+
+def test_a_symlink_swapped_in_to_lead_out_is_refused(tmp_path, tiny_model_dir):
+    make_folder(tmp_path / "photos", 2)
+    make_photo(tmp_path / "outside.png", seed=5)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    client = TestClient(server.create_app(Index.open(tmp_path / "index", device="cpu"), tmp_path / "thumbs"))
+    victim = tmp_path / "photos" / "img000.png"
+    assert client.get("/api/original", params={"path": str(victim)}).status_code == 200
+    victim.unlink()
+    victim.symlink_to(tmp_path / "outside.png")
+    for endpoint in ("/api/original", "/api/thumbnail"):
+        error(client.get(endpoint, params={"path": str(victim)}), 404, "leads out of the indexed folders")
+
+
+def test_token_is_required_when_set(index, tmp_path):
+    client = TestClient(server.create_app(index, tmp_path / "thumbs", token="s3cret"))
+    for url in ("/", "/api/status", "/docs", "/openapi.json"):
+        error(client.get(url), 401, "access token")
+    error(client.get("/api/status", headers={"Authorization": "Bearer wrong"}), 401, "access token")
+    assert client.get("/api/status", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    page = client.get("/", params={"token": "s3cret"})  # the page's own image URLs then carry the cookie
+    assert page.status_code == 200 and page.cookies.get(server.TOKEN_COOKIE) == "s3cret"
+    assert client.get("/api/status").status_code == 200
+    fresh = TestClient(server.create_app(index, tmp_path / "thumbs", token="s3cret"))
+    assert fresh.get("/api/status", params={"token": "s3cret"}).status_code == 200
+
+
+def test_a_loopback_server_answers_only_to_loopback_names(index, tmp_path):
+    """DNS rebinding: a page at evil.example pointed at 127.0.0.1 would send Host: evil.example."""
+    client = TestClient(server.create_app(index, tmp_path / "thumbs", hosts=["127.0.0.1", "localhost", "[::1]"]))
+    for host in ("127.0.0.1:8765", "localhost", "[::1]:8765"):
+        assert client.get("/api/status", headers={"Host": host}).status_code == 200
+    error(client.get("/api/status", headers={"Host": "evil.example:8765"}), 400, "must address this server")
+
+
+def test_page_and_openapi(client):
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="q"' in page.text and "http" not in page.text.split("<body>")[1]
+    schema = client.get("/openapi.json").json()
+    assert {"/api/search", "/api/search/image", "/api/similar", "/api/status", "/api/thumbnail",
+            "/api/original"} <= set(schema["paths"])
+    assert client.get("/docs").status_code == 200
+
+
+def test_concurrent_requests_answer_alike(client):
+    def one(i):
+        return client.get("/api/search", params={"q": QUERY if i % 2 else "a blue car", "top": 4}).json()
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(16)))
+    assert all(a == answers[i % 2] for i, a in enumerate(answers))
+
+
+def test_a_finished_index_run_is_picked_up_without_a_restart(tmp_path, tiny_model_dir):
+    make_folder(tmp_path / "photos", 2)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    client = TestClient(server.create_app(Index.open(tmp_path / "index", device="cpu"), tmp_path / "thumbs"))
+    assert len(paths(client.get("/api/search", params={"q": QUERY}))) == 2
+    make_folder(tmp_path / "more", 2, seed=4)
+    blipsearch("index", str(tmp_path / "more"), "-q", index=tmp_path / "index")
+    assert len(paths(client.get("/api/search", params={"q": QUERY}))) == 4
+    assert client.get("/api/status").json()["files"] == 4
+
+
+def test_serve_refuses_other_hosts_without_a_token(tmp_path, monkeypatch):
+    monkeypatch.delenv("BLIPSEARCH_TOKEN", raising=False)
+    result = blipsearch("serve", "--host", "0.0.0.0", index=tmp_path / "index", expect=1)
+    one_line_error(result, "--host 0.0.0.0 is reachable from other machines", "--token or BLIPSEARCH_TOKEN")
+    assert not os.path.exists(tmp_path / "index")
