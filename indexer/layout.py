@@ -13,6 +13,8 @@ network file systems drop everywhere (`.DS_Store`, `Thumbs.db`, `.nfs*`, ...), w
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 from blipsearch.retrieval.errors import IndexDamagedError, IndexMissingError, InvalidInputError
@@ -50,7 +52,13 @@ def check_folder(path: Path) -> None:
 
 
 def disk_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """Bytes of the files in the index folder; files a running writer deletes meanwhile count as 0."""
+    total = 0
+    for folder, _, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(folder, name)).st_size
+    return total
 
 
 def has_data(path: Path) -> bool:

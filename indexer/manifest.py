@@ -27,7 +27,7 @@ from blipsearch.retrieval.errors import (
 )
 from blipsearch.retrieval.models.base import ModelInfo
 
-from . import codec
+from . import codec, durable
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -184,10 +184,10 @@ def recorded_model(path: Path) -> str | None:
 
 
 def write_manifest(path: Path, manifest: Manifest) -> None:
-    """Atomically: a reader sees the old manifest or the new one, never half of one."""
+    """Atomically and durably: a reader, or a machine after a power loss, sees the old manifest or the new one."""
     tmp = path / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest.to_json(), indent=2), encoding="utf-8")
-    tmp.replace(path / MANIFEST)
+    durable.replace(tmp, path / MANIFEST)
 
 
 def check_model(manifest: Manifest, info: ModelInfo, path: Path) -> None:

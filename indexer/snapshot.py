@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import durable
 from .recall import RecallIndex
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class Snapshot:
         shutil.rmtree(old, ignore_errors=True)
         if folder.exists():
             folder.replace(old)
-        tmp.replace(folder)
+        durable.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
 
     @classmethod

@@ -69,7 +69,7 @@ def _store_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and "lance" not in str(exc).lower():
+        if isinstance(exc, RuntimeError) and not str(exc).lower().startswith("lance error"):
             raise  # not a storage failure
         code = exc.errno if isinstance(exc, OSError) else _lance_errno(str(exc))
         what, todo = _WRITE_FAILURES.get(code, (_first_line(exc), "run again (batches already committed are "
@@ -262,6 +262,7 @@ class IndexWriter:
                                    "slot": pa.array(slots, pa.int64())})
                 self.images.merge_insert("hash").when_matched_update_all().execute(update)
         run.retired_segments = sparse  # deleted by the next run: queries may still read them
+        write_manifest(self.path, self.manifest)  # at once: a run killed before `finish` ends still frees them
         log.info("retired %d sparse feature segment(s)", len(sparse))
 
     def _images_table(self, records: Sequence[ImageRecord], slots: list[int]) -> pa.Table:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,13 +129,16 @@ class _View:
 
 
 class Index:
-    """An index opened for searching, with its model loaded once. Thread-safe: one query runs at a time."""
+    """An index opened for searching, with its model loaded once. Thread-safe: one query runs the model at a
+    time, while path look-ups, status and refreshes go on beside it (each works on the view it started with;
+    a refresh swaps in a new view in one assignment)."""
 
     def __init__(self, location: Path, model: RetrievalModel, reader):
         self.location = location
         self.model = model
         self._view = _View(reader)
-        self._lock = threading.RLock()
+        self._model_lock = threading.Lock()  # one model, one query at a time
+        self._refresh_lock = threading.Lock()  # one reopening at a time
 
     @classmethod
     def open(cls, location: Path | None = None, model: str | None = None, device: str = "auto",
@@ -167,17 +171,20 @@ class Index:
         if not terms:
             raise InvalidInputError("the query has no terms")
         options = options or Options()
-        with self._lock:
-            self._check_not_empty()
-            searcher = Searcher(self.model, self.reader)
+        view = self._view
+        with self._model_lock:
+            self._check_not_empty(view.reader)
+            searcher = Searcher(self.model, view.reader)
             if len(terms) == 1 and terms[0].image is not None and terms[0].weight > 0:
+                if options.min_prob is not None:
+                    raise FieldError("min_prob", "needs a text term of positive weight to re-rank with")
                 hits = searcher.search_image(self._pixels(terms[0].image), options)
             else:
                 vector, texts = self._compose(terms)
                 if options.min_prob is not None and not texts:
                     raise FieldError("min_prob", "needs a text term of positive weight to re-rank with")
                 hits = searcher.search_vector(vector, texts, options)
-            return self._results(hits, options.under)
+            return self._results(view, hits, options.under)
 
     def search_image(self, image: ImageSource, options: Options | None = None) -> list[Result]:
         return self.search([Term(image=image)], options)
@@ -188,16 +195,14 @@ class Index:
 
     def indexed(self, path: str) -> tuple[str, str]:
         """(path, content hash) of an indexed file; raises `NotIndexedError` for any other path."""
-        with self._lock:
-            digest = self._view.hash_of(path)
+        digest = self._view.hash_of(path)
         if digest is None:
             raise NotIndexedError(f"{printable(path)} is not in the index")
         return path, digest
 
     def status(self) -> dict:
         """`blipsearch status --json` of the generation open here (its tables are not re-checked)."""
-        with self._lock:
-            return index_status(self.location, self.reader)[0]
+        return index_status(self.location, self._view.reader)[0]
 
     def refresh(self) -> bool:
         """Pick up a generation that an indexing run in another process has finished; True if it did.
@@ -211,7 +216,7 @@ class Index:
         from blipsearch.indexer.manifest import check_model
         from blipsearch.indexer.reader import IndexReader
 
-        with self._lock:
+        with self._refresh_lock:
             run, ours = read_index_manifest(self.location).run, self.reader.manifest.run
             if run.generation == ours.generation and (run.writing or not ours.writing):
                 return False
@@ -223,8 +228,8 @@ class Index:
 
     # ---- internals --------------------------------------------------------------------------------
 
-    def _check_not_empty(self) -> None:
-        if self.reader.counts()[1] == 0:
+    def _check_not_empty(self, reader) -> None:
+        if reader.counts()[1] == 0:
             raise InvalidInputError(f"the index at {self.location} is empty; add images with "
                                     "`blipsearch index FOLDER`")
 
@@ -258,11 +263,12 @@ class Index:
             raise FieldError("image", f"{printable(name)}: {exc}") from exc
         return self.model.pixel_values([loaded.pixels])
 
-    def _results(self, hits: list[Hit], under: Sequence[str] | None) -> list[Result]:
+    @staticmethod
+    def _results(view: _View, hits: list[Hit], under: Sequence[str] | None) -> list[Result]:
         """Hits with their files, best first; copies outside `under` are not shown, nor hits without one."""
         from blipsearch.indexer.scan import is_under
 
-        files = self.reader.files_by_hash([h.key for h in hits])
+        files = view.reader.files_by_hash([h.key for h in hits])
         results = []
         for hit in hits:
             inside = [f for f in files.get(hit.key, []) if under is None or is_under(f[0], under)]
@@ -276,12 +282,14 @@ def _unit(vector: torch.Tensor) -> torch.Tensor:
     return vector / vector.norm().clamp_min(1e-12)
 
 
-def folder(path: Path) -> str:
-    """An absolute folder for `Options.under`; raises `FieldError("under", ...)` where there is none."""
+def folders(path: Path) -> list[str]:
+    """`Options.under` for one folder: its absolute path as given, and where its links lead (an index stores
+    a root's real path, and the link paths of linked folders below it); raises `FieldError("under", ...)`
+    where there is no folder."""
     resolved = path.expanduser().resolve()
     if not resolved.is_dir():
         raise FieldError("under", f"{path}: no such folder")
-    return str(resolved)
+    return list(dict.fromkeys([os.path.abspath(path.expanduser()), str(resolved)]))
 
 
 def index_status(location: Path, reader=None) -> tuple[dict, IndexDamagedError | None]:

@@ -11,7 +11,7 @@ import torch
 from blipsearch.indexer import snapshot
 from blipsearch.indexer.images import load_image
 from blipsearch.indexer.reader import IndexReader
-from blipsearch.retrieval.api import FieldError, Index, NotIndexedError, Term, folder, weighted
+from blipsearch.retrieval.api import FieldError, Index, NotIndexedError, Term, folders, weighted
 from blipsearch.retrieval.errors import InvalidInputError
 from blipsearch.retrieval.search import SearchOptions
 
@@ -101,7 +101,7 @@ def test_errors_name_fields(index, tmp_path):
     with pytest.raises(NotIndexedError, match="is not in the index"):
         index.similar(str(tmp_path / "nowhere.png"))
     with pytest.raises(FieldError, match=r"^under .*: no such folder"):
-        folder(tmp_path / "missing")
+        folders(tmp_path / "missing")
     with pytest.raises(FieldError, match=r"^image .*: ") as caught:
         index.search_image(b"no image at all")
     assert caught.value.field == "image"

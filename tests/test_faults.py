@@ -241,3 +241,32 @@ def test_a_closed_pipe_ends_the_command_quietly(library):
     _, stderr = process.communicate(timeout=300)
     assert stderr == b"" and process.returncode in (141, -signal.SIGPIPE)
 
+
+
+def test_in_a_linked_subfolder_finds_its_files(tmp_path, tiny_model_dir):
+    make_folder(tmp_path / "photos" / "trips", 2, seed=1)
+    make_folder(tmp_path / "elsewhere", 2, seed=2)
+    (tmp_path / "photos" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    index(tmp_path, tiny_model_dir, "photos")
+    paths = [r["path"] for r in json.loads(query(tmp_path, "--json", "--in", str(tmp_path / "photos" / "linked"))
+                                           .stdout)["results"]]
+    assert sorted(paths) == [str(tmp_path / "photos" / "linked" / f"img00{i}.png") for i in (0, 1)]
+
+
+def test_segments_retired_by_a_run_killed_in_its_last_step_are_still_freed(tmp_path, tiny_model_dir, monkeypatch):
+    paths = make_folder(tmp_path / "a", 6)
+    index(tmp_path, tiny_model_dir, "a")
+    for path in paths[1:]:
+        path.unlink()
+    make_folder(tmp_path / "a" / "new", 1, seed=9)
+
+    def killed(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_module.IndexWriter, "compact", killed)  # after the retiring, before the snapshot
+    index(tmp_path, tiny_model_dir, "a", expect=130)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "index" / "manifest.json").read_text())["retired_segments"] == [1]
+    index(tmp_path, tiny_model_dir, "a")
+    assert not (tmp_path / "index" / "features" / "000001.bin").exists()
+    assert len(json.loads(query(tmp_path, "--json").stdout)["results"]) == 2

@@ -64,7 +64,7 @@ def query_command(text, image_path, add, subtract, add_image, subtract_image, to
     ITC query is the normalised weighted sum of the terms' normalised embeddings; the re-rank adds each
     text term's weighted ITM match logit (subtracted terms subtract theirs) when a positive text term exists.
     """
-    from ..api import Index, folder
+    from ..api import Index, folders
     from ..search import SearchOptions
 
     if (text is None) == (image_path is None):
@@ -78,7 +78,7 @@ def query_command(text, image_path, add, subtract, add_image, subtract_image, to
     with flags():
         terms = _terms(text, image_path, add, subtract, add_image, subtract_image)
         options = SearchOptions(top=top, candidates=candidates, rerank=not no_rerank, min_prob=min_prob,
-                                under=[folder(under)] if under is not None else None)
+                                under=folders(under) if under is not None else None)
         index = Index.open(index_location(index_path), model_name, device, precision,
                            with_vision=any(t.image is not None for t in terms))
         results = index.search(terms, options)

@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from blipsearch.indexer.images import check_header
 
-from ..api import FieldError, Index, NotIndexedError, Term, folder, more_terms
+from ..api import FieldError, Index, NotIndexedError, Term, folders, more_terms
 from ..errors import BlipsearchError, ImageLoadError, InvalidInputError, ModelMismatchError, StoreError
 from ..search import SearchOptions
 from .files import ServedFiles
@@ -133,7 +133,7 @@ def _options(top: int, candidates: int, rerank: bool, min_prob: float | None, un
     if min_prob is not None and not rerank:
         raise FieldError("min_prob", "needs the ITM re-rank: drop rerank=false")
     return SearchOptions(top=top, candidates=candidates, rerank=rerank, min_prob=min_prob,
-                         under=[folder(Path(under))] if under else None)
+                         under=folders(Path(under)) if under else None)
 
 
 def _answer(index: Index, query: str, terms: list[Term], options: SearchOptions) -> dict:
