@@ -21,8 +21,9 @@ from runner import CLI, blipsearch
 
 README_QUERY = "a large red circle left of a large blue square"
 CHROMIUM = "/usr/bin/chromium"
-# without the last four, Chromium floods a closed network with background requests
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+# without the last four, Chromium floods a closed network with background requests; containers give /dev/shm
+# only 64 MB, which Chromium outgrows
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 DEMO_MODEL = Path(__file__).parents[1] / "training" / "demo_model"
 
@@ -73,7 +74,8 @@ def server(demo):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "XDG_CACHE_HOME": str(root / "cache")}
+    env = {key: value for key, value in os.environ.items() if key != "BLIPSEARCH_TOKEN"}  # a loopback server
+    env["XDG_CACHE_HOME"] = str(root / "cache")
     process = subprocess.Popen([*CLI, "serve", "--index", str(root / "index"), "--port", str(port), "--device", "cpu"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"

@@ -6,6 +6,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from fastapi.testclient import TestClient  # the [dev] extra installs FastAPI
 from PIL import Image
 
 from blipsearch.retrieval.api import Index
@@ -13,9 +14,6 @@ from blipsearch.retrieval.server import app as server
 
 from photos import make_folder, make_photo
 from runner import blipsearch, one_line_error
-
-pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient
 
 QUERY = "a red dog on the beach"
 
@@ -78,6 +76,9 @@ def test_every_query_option(client, library):
     composed = client.get("/api/search", params=[("q", QUERY), ("add", "2:sunset"), ("subtract", "people"),
                                                   ("like", like), ("unlike", unlike)])
     assert len(paths(composed)) == 8
+    base = [("q", QUERY), ("top", 9), ("rerank", "false")]  # ITC alone: the composed vector decides
+    assert paths(client.get("/api/search", params=[*base, ("like", f"5:{like}")]))[0] == like
+    assert paths(client.get("/api/search", params=[*base, ("unlike", f"5:{unlike}")]))[-1] == unlike
 
 
 @pytest.mark.parametrize("params, status, fragment", [
@@ -138,6 +139,21 @@ def test_thumbnails_are_small_oriented_jpegs_cached_on_disk(client, library, tmp
     assert again.content == response.content
 
 
+def test_a_file_changed_since_indexing_never_files_its_thumbnail_under_the_indexed_hash(tmp_path, tiny_model_dir):
+    from blipsearch.indexer.scan import content_hash
+
+    photo = make_photo(tmp_path / "photos" / "p.png", 1)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    index = Index.open(tmp_path / "index", device="cpu")
+    indexed = index.indexed(str(photo))[1]
+    make_photo(photo, 2, size=(30, 60))  # edited after indexing
+    client = TestClient(server.create_app(index, tmp_path / "thumbs"))
+    response = client.get("/api/thumbnail", params={"path": str(photo)})
+    assert Image.open(io.BytesIO(response.content)).size == (30, 60)  # the edited picture, not the indexed one
+    cached = [p.name for p in (tmp_path / "thumbs").rglob("*.jpg")]
+    assert cached == [f"{content_hash(photo)}-320.jpg"] and not cached[0].startswith(indexed)
+
+
 def test_originals_are_the_files(client, library):
     path = library / "photos" / "a" / "img001.png"
     response = client.get("/api/original", params={"path": str(path)})
@@ -183,6 +199,12 @@ def test_a_loopback_server_answers_only_to_loopback_names(index, tmp_path):
     for host in ("127.0.0.1:8765", "localhost", "[::1]:8765"):
         assert client.get("/api/status", headers={"Host": host}).status_code == 200
     error(client.get("/api/status", headers={"Host": "evil.example:8765"}), 400, "must address this server")
+    # another site's page loading our URLs: the browser marks it, or it names its origin
+    local = {"Host": "127.0.0.1:8765"}
+    error(client.get("/api/status", headers={**local, "Sec-Fetch-Site": "cross-site"}), 403, "other sites")
+    error(client.get("/api/status", headers={**local, "Origin": "https://evil.example"}), 403, "other sites")
+    for same in ({"Sec-Fetch-Site": "same-origin", "Origin": "http://127.0.0.1:8765"}, {"Sec-Fetch-Site": "none"}):
+        assert client.get("/api/status", headers={**local, **same}).status_code == 200
 
 
 def test_page_and_openapi(client):

@@ -44,7 +44,8 @@ def serve_command(index_path, host, port, token, model_name, device, precision):
 
     location = index_location(index_path)
     index = Index.open(location, model_name, device, precision, with_vision=True)
-    hosts = LOOPBACK_NAMES if _loopback(host) and not token else None  # with a token, any name may reach it
+    # with a token, any name may reach it; without, only loopback names (the bound address among them)
+    hosts = (*LOOPBACK_NAMES, f"[{host}]" if ":" in host else host) if _loopback(host) and not token else None
     app = create_app(index, platformdirs.user_cache_path("blipsearch") / "thumbnails", token, hosts)
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"blipsearch: serving {location} at http://{shown}:{port}/ (Ctrl-C stops)", err=True)

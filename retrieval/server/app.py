@@ -195,17 +195,30 @@ def _errors(app: FastAPI) -> None:
 
 
 def _hosts(app: FastAPI, hosts: Sequence[str]) -> None:
-    """A web page whose name an attacker points at 127.0.0.1 sends its own name as Host: refuse it."""
+    """A loopback server without a token answers only itself and the user's own browser tab:
+    - a web page whose name an attacker points at 127.0.0.1 sends its own name as Host (DNS rebinding);
+    - another site's page that loads our URLs (`<img src>`, a form post) is marked by the browser as
+      `Sec-Fetch-Site: cross-site`, or names its own `Origin`."""
     allowed = {h.lower() for h in hosts}
 
     @app.middleware("http")
     async def check_host(request: Request, call_next) -> Response:
-        host = request.headers.get("host", "").lower()
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host  # drop the port; keep [::1]
-        if name not in allowed:
+        if _name(request.headers.get("host", "")) not in allowed:
             return JSONResponse({"error": f"requests must address this server as one of {sorted(allowed)}"},
                                 status_code=400)
+        origin = request.headers.get("origin")
+        if request.headers.get("sec-fetch-site") == "cross-site" or (
+                origin is not None and _name(origin.split("://", 1)[-1]) not in allowed):
+            return JSONResponse({"error": "requests from other sites are refused"}, status_code=403)
         return await call_next(request)
+
+
+def _name(host: str) -> str:
+    """`host[:port]` -> host, lower-cased; `[::1]:8765` -> `[::1]`."""
+    host = host.lower()
+    if host.startswith("["):
+        return host[:host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def _guard(app: FastAPI, token: str) -> None:

@@ -8,6 +8,7 @@ them), so a link swapped in to point elsewhere (`/etc/passwd`) is refused. Thumb
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from blipsearch.indexer.images import check_header, to_rgb
-from blipsearch.indexer.scan import open_regular
+from blipsearch.indexer.scan import open_regular, read_hashed
 
 from ..api import Index, NotIndexedError
 from ..errors import ImageLoadError, printable
@@ -45,13 +46,24 @@ class ServedFiles:
             raise NotIndexedError(f"{printable(path)} cannot be read: {exc.strerror}") from exc
 
     def thumbnail(self, path: str) -> Path:
-        """A cached JPEG of the indexed image at `path` (made on first request)."""
+        """A cached JPEG of the indexed image at `path` (made on first request).
+
+        Cached by the hash of the bytes it was made from: a file changed since it was indexed gets its own
+        thumbnail, never one filed under the indexed content's hash (which its copies share)."""
         _, digest = self.index.indexed(path)
-        target = self.cache / digest[:2] / f"{digest}-{THUMB_SIDE}.jpg"
+        target = self._cached(digest)
+        if target.exists():
+            return target
+        with self.open(path) as file:
+            check_header(file, path)  # no image, or a decompression bomb: refused before reading it whole
+            data, actual = read_hashed(file)
+        target = self._cached(actual)
         if not target.exists():
-            with self.open(path) as file:
-                _write_thumbnail(file, path, target)
+            _write_thumbnail(io.BytesIO(data), path, target)
         return target
+
+    def _cached(self, digest: str) -> Path:
+        return self.cache / digest[:2] / f"{digest}-{THUMB_SIDE}.jpg"
 
     def _real_folders(self) -> frozenset[str]:
         reader = self.index.reader
