@@ -112,14 +112,19 @@ def _index_mb(index) -> float:
     return size / 2**20
 
 
-def _collection(n: int, v: int, queries: int, spread: float,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(n, v, D) unit vectors in clusters, and (queries, D) unit queries near stored vectors."""
-    centres = rng.standard_normal((max(n // 100, 1), DIM), dtype=np.float32)
-    images = centres[rng.integers(0, len(centres), n)] / 16 + rng.standard_normal((n, DIM), dtype=np.float32) / 64
-    spread = 0.0 if v == 1 else spread  # an image's own vectors scatter around its centre
-    vectors = images[:, None, :] + spread * rng.standard_normal((n, v, DIM), dtype=np.float32)
-    vectors /= np.linalg.norm(vectors, axis=-1, keepdims=True)
+def _collection(n: int, v: int, queries: int, spread: float, rng: np.random.Generator,
+                chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
+    """(n, v, D) unit vectors in clusters, made a chunk of images at a time (10M x 256 is 10 GB already),
+    and (queries, D) unit queries near stored vectors."""
+    centres = rng.standard_normal((max(n // 100, 1), DIM), dtype=np.float32) / 16
+    vectors = np.empty((n, v, DIM), np.float32)
+    for start in range(0, n, chunk):
+        part = vectors[start:start + chunk]
+        part[:] = (centres[rng.integers(0, len(centres), len(part))]
+                   + rng.standard_normal((len(part), DIM), dtype=np.float32) / 64)[:, None, :]
+        if v > 1:  # an image's own vectors scatter around its centre
+            part += spread * rng.standard_normal(part.shape, dtype=np.float32)
+        part /= np.linalg.norm(part, axis=-1, keepdims=True)
     picked = vectors[rng.choice(n, queries), rng.integers(0, v, queries)]
     targets = picked + 0.02 * rng.standard_normal((queries, DIM))
     return vectors, (targets / np.linalg.norm(targets, axis=-1, keepdims=True)).astype(np.float32)

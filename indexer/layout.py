@@ -17,7 +17,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from blipsearch.retrieval.errors import IndexDamagedError, IndexMissingError, InvalidInputError
+from blipsearch.retrieval.errors import IndexDamagedError, IndexMissingError, InvalidInputError, first_line
 
 from . import snapshot
 from .features import FOLDER as FEATURES
@@ -85,5 +85,5 @@ def read_index_manifest(path: Path) -> Manifest:
 
 
 def damaged_table(path: Path, manifest: Manifest, exc: BaseException) -> IndexDamagedError:
-    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return IndexDamagedError(f"the index at {path} has a missing or damaged table ({detail}); {manifest.hint()}")
+    return IndexDamagedError(f"the index at {path} has a missing or damaged table ({first_line(exc)}); "
+                             f"{manifest.hint()}")

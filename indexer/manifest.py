@@ -23,6 +23,7 @@ from blipsearch.retrieval.errors import (
     InvalidInputError,
     ModelMismatchError,
     StoreError,
+    first_line,
     printable,
 )
 from blipsearch.retrieval.models.base import ModelInfo
@@ -168,7 +169,7 @@ def read_manifest(path: Path) -> Manifest | None:
 
 
 def _unreadable(path: Path, exc: BaseException) -> IndexDamagedError:
-    detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+    detail = f"missing field {exc}" if isinstance(exc, KeyError) else first_line(exc)
     return IndexDamagedError(f"the manifest of the index at {path} is damaged ({detail}); "
                              f"{rebuild_hint(recorded_model(path))}")
 

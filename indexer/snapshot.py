@@ -63,10 +63,6 @@ class Snapshot:
             self._row_of = {h: i for i, h in enumerate(self.hashes)}
         return self._row_of.get(digest)
 
-    def paths_of(self, row: int) -> list[str]:
-        lo, hi = self._span(row)
-        return self.paths[lo:hi]
-
     def files_of(self, row: int) -> list[tuple[str, int, int]]:
         """(path, size, mtime_ns) of each file of image `row`."""
         lo, hi = self._span(row)

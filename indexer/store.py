@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
-from blipsearch.retrieval.errors import IndexDamagedError, IndexLockedError, InvalidInputError, StoreError
+from blipsearch.retrieval.errors import IndexDamagedError, IndexLockedError, InvalidInputError, StoreError, first_line
 from blipsearch.retrieval.models.base import ModelInfo
 
 from . import codec, snapshot
@@ -72,7 +72,7 @@ def _store_errors(path: Path) -> Iterator[None]:
         if isinstance(exc, RuntimeError) and not str(exc).lower().startswith("lance error"):
             raise  # not a storage failure
         code = exc.errno if isinstance(exc, OSError) else _lance_errno(str(exc))
-        what, todo = _WRITE_FAILURES.get(code, (_first_line(exc), "run again (batches already committed are "
+        what, todo = _WRITE_FAILURES.get(code, (first_line(exc), "run again (batches already committed are "
                                                  "kept); if it fails again, rebuild the index with --rebuild"))
         raise StoreError(f"cannot write the index at {path}: {what}; {todo}") from exc
 
@@ -89,11 +89,6 @@ def _writes(method: Callable[..., T]) -> Callable[..., T]:
 def _lance_errno(message: str) -> int | None:
     found = re.search(r"os error (\d+)", message)
     return int(found.group(1)) if found else None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 @dataclass(frozen=True)

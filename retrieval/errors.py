@@ -44,3 +44,9 @@ def printable(text: str) -> str:
     except UnicodeEncodeError:  # a lone surrogate that stands for no byte
         data = text.encode("utf-8", "backslashreplace")
     return data.decode("utf-8", "backslashreplace")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of the exception's message (its type name when the message is empty)."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -25,15 +25,15 @@ from blipsearch.indexer.images import load_image
 from blipsearch.indexer.scan import supported_extensions  # the engine's formats (HEIC with pillow-heif)
 from blipsearch.retrieval.annotations import load_annotations
 from blipsearch.retrieval.errors import InvalidInputError
+from blipsearch.retrieval.models import preprocessing
 from blipsearch.retrieval.models.base import Preprocessing
+from blipsearch.retrieval.models.preprocessing import BLIP_MEAN, BLIP_STD
 
 from .objectives import Batch
 from .randaugment import random_augment
 
 log = logging.getLogger(__name__)
 
-BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's, as BLIP's image processor
-BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
@@ -126,10 +126,9 @@ def augment(pixels: np.ndarray, rng: random.Random, crop_scale=(1.0, 1.0), hflip
 
 
 def normalise(pixels: torch.Tensor, mean=BLIP_MEAN, std=BLIP_STD) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W): (x / 255 - mean) / std, as BLIP's image processor."""
-    scale = 255.0
-    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1) * scale, torch.tensor(std).view(1, 3, 1, 1) * scale
-    return (pixels.permute(0, 3, 1, 2).float() - mean_t) / std_t
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W): (x / 255 - mean) / std, as BLIP's image processor (the
+    engine's own normalisation, with BLIP's statistics by default)."""
+    return preprocessing.normalise(pixels, mean, std)
 
 
 class Collate:

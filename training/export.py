@@ -16,8 +16,7 @@ import torch
 
 from blipsearch.retrieval.errors import ModelLoadError
 from blipsearch.retrieval.models.base import Preprocessing
-
-from .data import BLIP_MEAN, BLIP_STD
+from blipsearch.retrieval.models.preprocessing import BLIP_MEAN, BLIP_STD
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, first_line
 
 if TYPE_CHECKING:
     from .base import ModelInfo
@@ -374,9 +374,3 @@ def write_atomically(target: Path, write: Callable[[Path], object]) -> bool:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         return False
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of the exception's message (its type name when the message is empty)."""
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

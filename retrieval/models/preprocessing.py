@@ -31,9 +31,11 @@ from .base import Preprocessing
 log = logging.getLogger(__name__)
 
 # BlipImageProcessor's defaults, for keys the stored settings leave out ("size" comes from the vision config).
+BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's, as BLIP's and BLIP-2's image processors
+BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PROCESSOR_DEFAULTS = {
     "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_mean": list(BLIP_MEAN), "image_std": list(BLIP_STD),
     "do_center_crop": False, "do_pad": False,
 }
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InvalidInputError, ModelLoadError, printable
+from ..errors import InvalidInputError, ModelLoadError, first_line, printable
 from .base import TextTokens
-from .loading import first_line, from_pretrained
+from .loading import from_pretrained
 
 MAX_TEXT_TOKENS = 35  # as in BLIP/LAVIS retrieval evaluation (BLIP and BLIP-2)
 
