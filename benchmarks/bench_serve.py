@@ -107,6 +107,23 @@ def level(port: int, clients: int, seconds: float, max_requests: int) -> dict:
             "throughput_rps": len(latencies) / wall}
 
 
+def library_latency(index: Path, rounds: int = 5) -> float:
+    """Median ms of the same text queries through the library API in this process, warm: what a served query
+    costs without HTTP (the server's one-client p50 is compared with it)."""
+    from blipsearch.retrieval.api import Index, Options
+
+    opened, options = Index.open(index, with_vision=False), Options(top=20)  # as the clients ask
+    for text in QUERIES:  # warm up
+        opened.search(text, options)
+    times = []
+    for _ in range(rounds):
+        for text in QUERIES:
+            start = time.perf_counter()
+            opened.search(text, options)
+            times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--index", type=Path, default=None, help="an existing index (default: the demo one)")
@@ -120,7 +137,8 @@ def main() -> None:
         parser.error(f"clients must lie in 1..{MAX_CLIENTS} and seconds in (0, {MAX_SECONDS}]")
 
     index = args.index or demo_index(args.workdir)
-    report = {"cpu": cpu_model(), "bf16_peak_gflops": matmul_peak_gflops("bf16"), "index": str(index)}
+    report = {"cpu": cpu_model(), "bf16_peak_gflops": matmul_peak_gflops("bf16"), "index": str(index),
+              "library_p50_ms": library_latency(index)}
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -135,6 +153,10 @@ def main() -> None:
     for row in report["levels"]:
         print(f"{row['clients']:>3} clients: p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, "
               f"{row['throughput_rps']:.1f} req/s, {row['errors']} errors of {row['requests']}")
+    one = next((row for row in report["levels"] if row["clients"] == 1), None)
+    if one:
+        print(f"library API in process, warm: p50 {report['library_p50_ms']:.0f} ms; served to one client: "
+              f"{one['p50_ms'] / report['library_p50_ms']:.2f}x that")
     print(f"CPU {report['cpu']}, bf16 peak {report['bf16_peak_gflops']:.0f} GFLOP/s (this run)")
     if any(row["errors"] for row in report["levels"]):
         sys.exit(1)
