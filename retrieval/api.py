@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ImageLoadError, IndexDamagedError, InvalidInputError, printable
+from .errors import FieldError, ImageLoadError, IndexDamagedError, InvalidInputError, printable
 from .models.base import RetrievalModel, TextTokens
 from .search import Hit, Searcher, SearchOptions
 
@@ -42,14 +42,6 @@ log = logging.getLogger(__name__)
 
 Options = SearchOptions
 ImageSource = Path | bytes  # a file, or its bytes (an upload)
-
-
-class FieldError(InvalidInputError):
-    """A bad value of one named option; the message reads `<field> <what is wrong>`."""
-
-    def __init__(self, name: str, problem: str):
-        super().__init__(f"{name} {problem}")
-        self.field, self.problem = name, problem
 
 
 class NotIndexedError(InvalidInputError):

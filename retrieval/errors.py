@@ -33,6 +33,15 @@ class InvalidInputError(BlipsearchError):
     """An argument (path, option value, query) cannot be used."""
 
 
+class FieldError(InvalidInputError):
+    """A bad value of one named option; the message reads `<field> <what is wrong>`. The library names its
+    fields (`top`, `min_prob`, `under`...); the CLI and the server map them to their flags and parameters."""
+
+    def __init__(self, name: str, problem: str):
+        super().__init__(f"{name} {problem}")
+        self.field, self.problem = name, problem
+
+
 class ImageLoadError(BlipsearchError):
     """One image file cannot be decoded; the message names the reason, the caller names the file."""
 

@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .errors import InvalidInputError
+from .errors import FieldError, InvalidInputError
 from .fusion import fuse, match_logit, match_probability
 from .models.base import RetrievalModel, TextTokens
 
@@ -48,14 +48,13 @@ class SearchOptions:
     under: Sequence[str] | None = None  # absolute folders: only images with a file there
 
     def __post_init__(self) -> None:
-        if self.top < 1:
-            raise InvalidInputError("--top must be at least 1")
-        if self.candidates < 1:
-            raise InvalidInputError("--candidates must be at least 1")
+        for name in ("top", "candidates"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, "must be at least 1")
         if self.min_prob is not None and not 0 <= self.min_prob <= 1:
-            raise InvalidInputError("--min-prob must lie between 0 and 1")
+            raise FieldError("min_prob", "must lie between 0 and 1")
         if self.min_prob is not None and not self.rerank:
-            raise InvalidInputError("--min-prob needs the ITM re-rank; drop --no-rerank")
+            raise FieldError("min_prob", "needs the ITM re-rank, which is turned off")
 
 
 class Searcher:

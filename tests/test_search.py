@@ -84,7 +84,7 @@ def test_min_prob_and_folder_filter(indexed, tiny_model):
 
 
 def test_option_errors_are_typed():
-    with pytest.raises(InvalidInputError, match="--min-prob needs the ITM re-rank"):
+    with pytest.raises(InvalidInputError, match=r"^min_prob needs the ITM re-rank"):
         SearchOptions(rerank=False, min_prob=0.5)
     with pytest.raises(InvalidInputError, match="between 0 and 1"):
         SearchOptions(min_prob=2)

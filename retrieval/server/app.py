@@ -126,12 +126,8 @@ def _more(add, subtract, like, unlike, files: ServedFiles) -> list[Term]:
 
 def _options(top: int, candidates: int, rerank: bool, min_prob: float | None, under: str | None) -> SearchOptions:
     for name, value in (("top", top), ("candidates", candidates)):
-        if not 1 <= value <= MAX_TOP:
+        if not 1 <= value <= MAX_TOP:  # a bound of the server's; the rest is SearchOptions' to check
             raise FieldError(name, f"must lie between 1 and {MAX_TOP}")
-    if min_prob is not None and not 0 <= min_prob <= 1:
-        raise FieldError("min_prob", "must lie between 0 and 1")
-    if min_prob is not None and not rerank:
-        raise FieldError("min_prob", "needs the ITM re-rank: drop rerank=false")
     return SearchOptions(top=top, candidates=candidates, rerank=rerank, min_prob=min_prob,
                          under=folders(Path(under)) if under else None)
 
