@@ -9,7 +9,8 @@ can, so the twins are where re-ranking should win.
     python benchmarks/scenes.py demo-folder OUT --seed 7    # a folder of pictures to index and search
 
 The JSON files use the LAVIS form that `load_annotations` and `blipsearch train` read: training entries
-carry one caption each, val/test entries a list. Output is identical for identical arguments.
+carry one caption each (and `negative_captions`, false for the picture: the mirror caption, a binding
+twin's caption), val/test entries a list. Output is identical for identical arguments.
 """
 
 from __future__ import annotations
@@ -102,6 +103,18 @@ def mirror_caption(scene: Scene) -> str:
     return f"a {b.name()} {scene.relation} a {a.name()}"
 
 
+def false_captions(scene: Scene, rng: random.Random) -> list[str]:
+    """ITM caption negatives for a training scene: the mirror caption (two things) and the first caption
+    of a binding twin (two or three things), without repeats; none for one thing."""
+    if len(scene.things) < 2:
+        return []
+    out = [mirror_caption(scene)] if len(scene.things) == 2 else []
+    twin = binding_twin(scene, rng)
+    if twin is not None:
+        out.append(captions(twin[0])[0])
+    return list(dict.fromkeys(out))
+
+
 # --- captions ---------------------------------------------------------------------------------------
 
 def captions(scene: Scene) -> list[str]:
@@ -185,7 +198,9 @@ def write_split(root: Path, split: str, count: int, seed: int, size: int) -> Pat
         texts = captions(scene)
         if split == "train":
             picked = rng.sample(texts, min(CAPTIONS_PER_TRAIN_IMAGE, len(texts)))
-            entries += [{"image": rel, "caption": text, "image_id": f"{split}_{i}"} for text in picked]
+            negatives = false_captions(scene, random.Random(f"negatives-{seed}-{split}-{i}"))
+            extra = {"negative_captions": negatives} if negatives else {}
+            entries += [{"image": rel, "caption": text, "image_id": f"{split}_{i}", **extra} for text in picked]
             continue
         entry = {"image": rel, "caption": texts, "image_id": f"{split}_{i}"}
         if len(scene.things) == 2:  # tests whether a model reads the relation's direction

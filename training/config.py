@@ -78,6 +78,9 @@ class ObjectiveConfig:
     # BLIP's captioner fine-tuning starts every caption with "a picture of " and masks it from the LM loss; the
     # exported captioner then generates after it. "" (BLIP's pre-training): no prompt.
     caption_prompt: str = ""
+    # weight of `itm_neg_loss`: ITM on (image, one of its entry's `negative_captions`) pairs labelled no match,
+    # e.g. the caption with its two things exchanged; 0: off (batches' negative captions are ignored)
+    caption_negatives: float = 0.0
 
 
 @dataclass
@@ -187,6 +190,9 @@ def validate(config: TrainConfig) -> None:
         raise InvalidInputError("model.vision_from and model.qformer_from are for model.family blip-2")
     if not 0.0 <= config.model.text_dropout < 1.0:
         raise InvalidInputError("model.text_dropout must be in [0, 1)")
+    if config.objective.caption_negatives < 0 or (config.objective.caption_negatives > 0
+                                                  and "itm" not in config.objective.losses):
+        raise InvalidInputError("objective.caption_negatives must be 0 (off) or positive with itm in objective.losses")
     if config.objective.positives not in ("image", "pair"):
         raise InvalidInputError("objective.positives must be 'image' or 'pair'")
     if config.optim.precision not in ("auto", "bf16", "fp32"):

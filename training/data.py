@@ -11,10 +11,11 @@ neither worker count nor restarts change what the model sees.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,15 +43,34 @@ class Sample:
     caption: str
     image_id: int  # the image's index: its captions share it
     sample_id: int  # index of the pair
+    negative_captions: tuple[str, ...] = ()  # captions false for the image (ITM caption negatives)
 
 
 def json_samples(path: str | Path, images: str | Path | None = None, split: str = "train") -> list[Sample]:
     """Pairs from a LAVIS or Karpathy annotation file; image paths are relative to `images`
-    (default: `images/` beside the file if it exists, else the file's folder)."""
+    (default: `images/` beside the file if it exists, else the file's folder). A LAVIS entry's optional
+    `"negative_captions": [...]` belong to every caption of its image."""
     path = Path(path)
     root = Path(images) if images is not None else default_image_root(path)
-    pairs = [(root / item.image, caption) for item in load_annotations(path, split) for caption in item.captions]
-    return _number(pairs)
+    items = load_annotations(path, split)
+    negatives = negative_captions(path)
+    pairs = [(root / item.image, caption) for item in items for caption in item.captions]
+    false = [negatives.get(item.image, ()) for item in items for _ in item.captions]
+    return [replace(sample, negative_captions=neg) if neg else sample
+            for sample, neg in zip(_number(pairs), false, strict=True)]
+
+
+def negative_captions(path: Path) -> dict[str, tuple[str, ...]]:
+    """image -> its LAVIS entries' `negative_captions`, in file order, without repeats ({} for Karpathy)."""
+    data = json.loads(path.read_text(encoding="utf-8"))  # already read once by load_annotations: valid
+    by_image: dict[str, dict[str, None]] = {}
+    for i, entry in enumerate(data if isinstance(data, list) else []):
+        captions = entry.get("negative_captions", [])
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            raise InvalidInputError(f"annotation file {path}: entry {i}'s negative_captions must be a list of "
+                                    "strings")
+        by_image.setdefault(entry["image"], {}).update(dict.fromkeys(captions))
+    return {image: tuple(captions) for image, captions in by_image.items() if captions}
 
 
 def default_image_root(path: Path) -> Path:
@@ -101,8 +121,11 @@ class CaptionDataset(torch.utils.data.Dataset):
         pixels = load_image(sample.image, self.pre).pixels  # (H, W, 3) uint8
         rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
         pixels = augment(pixels, rng, self.crop_scale, self.hflip, self.randaugment)
+        # a generator of its own, so that augmentation draws the same with or without negatives
+        negatives = sample.negative_captions
+        negative = random.Random(f"{self.seed}-{self.epoch}-{index}-negative").choice(negatives) if negatives else None
         return {"pixels": torch.from_numpy(np.array(pixels)), "caption": sample.caption,
-                "image_id": sample.image_id, "sample_id": sample.sample_id}
+                "image_id": sample.image_id, "sample_id": sample.sample_id, "negative_caption": negative}
 
 
 def augment(pixels: np.ndarray, rng: random.Random, crop_scale=(1.0, 1.0), hflip: bool = False,
@@ -132,19 +155,30 @@ def normalise(pixels: torch.Tensor, mean=BLIP_MEAN, std=BLIP_STD) -> torch.Tenso
 
 
 class Collate:
-    """Tokenises captions and normalises pixels into a `Batch`."""
+    """Tokenises captions and normalises pixels into a `Batch`; a sample's negative caption (the one
+    `CaptionDataset` drew, seeded per sample and epoch) goes into the batch's negative fields."""
 
     def __init__(self, tokenizer, max_tokens: int, mean=BLIP_MEAN, std=BLIP_STD):
         self.tokenizer, self.max_tokens, self.mean, self.std = tokenizer, max_tokens, mean, std
 
     def __call__(self, items: list[dict]) -> Batch:
         pixels = normalise(torch.stack([item["pixels"] for item in items]), self.mean, self.std)  # (B, 3, H, W)
-        tokens = self.tokenizer([item["caption"] for item in items], padding="longest", truncation=True,
-                                max_length=self.max_tokens, return_tensors="pt")
-        return Batch(pixel_values=pixels, input_ids=tokens["input_ids"],
-                     attention_mask=tokens["attention_mask"],
-                     image_ids=torch.tensor([item["image_id"] for item in items], dtype=torch.long),
-                     sample_ids=torch.tensor([item["sample_id"] for item in items], dtype=torch.long))
+        tokens = self.tokenize([item["caption"] for item in items])
+        batch = Batch(pixel_values=pixels, input_ids=tokens["input_ids"],
+                      attention_mask=tokens["attention_mask"],
+                      image_ids=torch.tensor([item["image_id"] for item in items], dtype=torch.long),
+                      sample_ids=torch.tensor([item["sample_id"] for item in items], dtype=torch.long))
+        rows = [row for row, item in enumerate(items) if item.get("negative_caption")]
+        if rows:
+            negatives = self.tokenize([items[row]["negative_caption"] for row in rows])
+            batch.negative_input_ids = negatives["input_ids"]
+            batch.negative_attention_mask = negatives["attention_mask"]
+            batch.negative_rows = torch.tensor(rows, dtype=torch.long)
+        return batch
+
+    def tokenize(self, captions: list[str]):
+        return self.tokenizer(captions, padding="longest", truncation=True, max_length=self.max_tokens,
+                              return_tensors="pt")
 
 
 class EpochBatches(torch.utils.data.Sampler):

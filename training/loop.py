@@ -112,7 +112,8 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
     resume_path = checkpoint.resolve_resume(resume, output)
     torch.manual_seed(cfg.seed)  # the same initial weights and queues on every rank
     samples = load_samples(cfg.data.train, cfg.data.images, cfg.data.split)
-    model, tokenizer = prepare_model(cfg, [s.caption for s in samples], output, world.is_main)
+    texts = [s.caption for s in samples] + [n for s in samples for n in s.negative_captions]  # the vocabulary
+    model, tokenizer = prepare_model(cfg, texts, output, world.is_main)
     model.to(device)
     dataset = CaptionDataset(samples, preprocessing_of(model.config), cfg.data.crop_scale, cfg.data.hflip, cfg.seed,
                              cfg.data.randaugment)

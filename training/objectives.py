@@ -22,6 +22,10 @@ BLIP-2 stage 1 (Li et al. 2023; LAVIS `blip2_qformer.py`), on a frozen image enc
 - ITG: the Q-Former's text predicts the caption after [DEC]; the text attends to every query and to the
   earlier text, the queries never to the text (UniLM mask). Label smoothing 0.1.
 
+Both families, off by default: caption negatives (`objective.caption_negatives`, `itm_neg_loss`), ITM on
+(image, a caption false for it) pairs from the data, e.g. the mirror caption, so ITM learns relation
+direction and attribute binding that in-batch negatives seldom test.
+
 Distributed: each rank's loss is its share of the global-batch loss, so DDP's gradient averaging gives
 the single-process gradient (see `distributed`); logged values are averaged over ranks by the loop.
 """
@@ -48,10 +52,15 @@ class Batch:
     attention_mask: torch.Tensor  # (B, L)
     image_ids: torch.Tensor  # (B,) int64: captions of one image share it
     sample_ids: torch.Tensor  # (B,) int64: unique per (image, caption) pair
+    # caption negatives (None when no sample of the batch has one): N false captions of N of the images
+    negative_input_ids: torch.Tensor | None = None  # (N, Ln)
+    negative_attention_mask: torch.Tensor | None = None  # (N, Ln)
+    negative_rows: torch.Tensor | None = None  # (N,) int64: the row of the image each one is false for
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in
-                       (self.pixel_values, self.input_ids, self.attention_mask, self.image_ids, self.sample_ids)))
+        return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in
+                       (self.pixel_values, self.input_ids, self.attention_mask, self.image_ids, self.sample_ids,
+                        self.negative_input_ids, self.negative_attention_mask, self.negative_rows)))
 
 
 @dataclass(frozen=True)
@@ -148,9 +157,10 @@ class BlipObjective:
                                           ids, progress)
         if "itm" in weights:
             losses["itm_loss"] = self.itm(model, input_ids, mask, image_embeds, image_feat, text_feat, ids, progress)
+            losses.update(caption_negative_losses(model, batch, image_embeds, self.cfg))
         if "lm" in weights:
             losses["lm_loss"] = self.lm(model, input_ids, mask, image_embeds)
-        return weighted(losses, weights)
+        return weighted(losses, loss_weights(self.cfg))
 
     def itc(self, model, pixel_values, input_ids, mask, image_feat, text_feat, ids, progress) -> torch.Tensor:
         with torch.no_grad():
@@ -181,6 +191,42 @@ class BlipObjective:
 def weighted(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> dict[str, torch.Tensor]:
     """{"itc_loss": value} -> weight of "itc" x value."""
     return {name: weights[name.removesuffix("_loss")] * value for name, value in losses.items()}
+
+
+def loss_weights(cfg: ObjectiveConfig) -> dict[str, float]:
+    """The configured weights, plus `itm_neg` (caption negatives) when it is on."""
+    return {**cfg.losses, "itm_neg": cfg.caption_negatives} if cfg.caption_negatives > 0 else cfg.losses
+
+
+def caption_negative_losses(model, batch: Batch, image_embeds: torch.Tensor,
+                            cfg: ObjectiveConfig) -> dict[str, torch.Tensor]:
+    """{"itm_neg_loss": ...} when caption negatives are on (every step, so the logged names never change;
+    0 for a batch without any), else {}."""
+    if cfg.caption_negatives <= 0:
+        return {}
+    return {"itm_neg_loss": caption_negative_itm_loss(model, batch, image_embeds)}
+
+
+def caption_negative_itm_loss(model, batch: Batch, image_embeds: torch.Tensor) -> torch.Tensor:
+    """ITM cross-entropy of (own image, false caption) pairs, all labelled no match: the mean over the
+    global batch's N negatives.
+
+    A term of its own, not extra rows of `hard_negative_itm_loss`: there they would change that loss's
+    mean and its 1:2 match balance whenever a batch had some, and `objective.caption_negatives` weighs it.
+    Under DDP nothing is gathered: each pair's image and caption lie on the same rank. Only the count is
+    summed over ranks, so each rank's loss is its share of the global mean (as `caption_loss`).
+    image_embeds (B, T, Hv): what `model.itm_logits` attends; negative captions (N, Ln) of rows (N,).
+    """
+    world = distributed.current().size
+    rows = batch.negative_rows
+    local = 0 if rows is None else rows.shape[0]
+    count = distributed.all_reduce_sum(torch.tensor(local, device=image_embeds.device))
+    if local == 0:
+        return torch.zeros((), device=image_embeds.device)
+    logits = model.itm_logits(batch.negative_input_ids, batch.negative_attention_mask, image_embeds[rows])  # (N, 2)
+    labels = torch.zeros(local, dtype=torch.long, device=logits.device)
+    total = F.cross_entropy(logits, labels, reduction="sum")
+    return total * world / count.clamp(min=1).float()
 
 
 def hard_negative_itm_loss(model, input_ids, mask, image_embeds, sim, ids, progress) -> torch.Tensor:
@@ -291,9 +337,10 @@ class Blip2Objective:
             with torch.no_grad():
                 sim = max_query_similarity(distributed.gather(image_feats), distributed.gather(text_feat)) / model.temp
             losses["itm_loss"] = hard_negative_itm_loss(model, input_ids, mask, image_embeds, sim, ids, progress)
+            losses.update(caption_negative_losses(model, batch, image_embeds, self.cfg))
         if "itg" in weights:
             losses["itg_loss"] = caption_loss(model, input_ids, mask, image_embeds, self.cfg.label_smoothing)
-        return weighted(losses, weights)
+        return weighted(losses, loss_weights(self.cfg))
 
     def itc(self, model, image_feats, text_feat, ids) -> torch.Tensor:
         """In-batch negatives of every rank; gathered with gradient, so DDP equals one process (`distributed`)."""
