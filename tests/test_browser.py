@@ -3,7 +3,7 @@
 
 Needs `chromium` (apt) and the `playwright` package (in `[dev]`; its own browsers are never downloaded).
 Without them the test skips, unless BLIPSEARCH_BROWSER_TESTS=1 (CI sets it): then it fails. Set
-BLIPSEARCH_SCREENSHOT=PATH to keep a copy of the screenshot (docs/serve.png is made so).
+BLIPSEARCH_SCREENSHOT=PATH to keep a copy of the screenshot (README shows one: retrieval/server/screenshot.png).
 """
 
 import os
