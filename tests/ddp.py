@@ -20,6 +20,23 @@ IMAGE_IDS = [0, 1, 2, 0, 3, 2]  # captions of one image on both ranks: positives
 STEPS = 2
 
 
+def global_batch(tokenizer) -> Batch:
+    """The batch both processes split: CAPTIONS with IMAGE_IDS and random pixels."""
+    from test_training_model import batch_of
+
+    return batch_of(tokenizer, CAPTIONS, IMAGE_IDS, seed=1)
+
+
+def single_process(build: Callable, objective: Callable):
+    """(model, per-step losses and gradients) of one process on the whole global batch."""
+    from blipsearch.training.loop import ObjectiveModule
+
+    torch.set_num_threads(1)
+    model, tokenizer, cfg = build()
+    return model, steps(ObjectiveModule(model, objective(cfg.objective)), model, [global_batch(tokenizer)] * STEPS,
+                        lambda v: v)
+
+
 def half(batch: Batch, rank: int) -> Batch:
     rows = slice(rank * 3, rank * 3 + 3)
     keep = int(batch.attention_mask[rows].sum(1).max())  # each rank pads to its own longest caption
@@ -47,8 +64,9 @@ def run_two_ranks(worker: Callable, tmp_path) -> dict:
     return dict(results)
 
 
-def ddp_steps(rank: int, init_file: str, build: Callable, objective: Callable, global_batch: Callable):
-    """In a worker: `build()` -> (model, tokenizer, cfg); the rank's half of `global_batch(tokenizer)`."""
+def ddp_steps(rank: int, init_file: str, build: Callable, objective: Callable, make_batch: Callable | None = None):
+    """In a worker: `build()` -> (model, tokenizer, cfg); the rank's half of `make_batch(tokenizer)` (default:
+    `global_batch`)."""
     import torch.distributed as dist
 
     from blipsearch.training import distributed
@@ -59,7 +77,8 @@ def ddp_steps(rank: int, init_file: str, build: Callable, objective: Callable, g
     model, tokenizer, cfg = build()
     module = torch.nn.parallel.DistributedDataParallel(ObjectiveModule(model, objective(cfg.objective)),
                                                        **no_buffer_sync())
-    out = steps(module, model, [half(global_batch(tokenizer), rank)] * STEPS, distributed.all_reduce_mean)
+    batch = (make_batch or global_batch)(tokenizer)
+    out = steps(module, model, [half(batch, rank)] * STEPS, distributed.all_reduce_mean)
     return model, out, dist
 
 

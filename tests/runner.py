@@ -32,3 +32,16 @@ def one_line_error(result, *fragments: str) -> str:
 def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """A fresh `blipsearch` process."""
     return subprocess.run([*CLI, *args], capture_output=True, timeout=timeout, **kwargs)
+
+
+def photo_library(root, model_dir, folders: dict[str, int], extra=None):
+    """`root/photos/<name>` folders of `count` random pictures each (seeds 1, 2, ...), `extra(root)` for any
+    other files, all indexed with `model_dir` into `root/index`; returns `root`."""
+    from photos import make_folder
+
+    for seed, (name, count) in enumerate(folders.items(), 1):
+        make_folder(root / "photos" / name, count, seed=seed)
+    if extra is not None:
+        extra(root)
+    blipsearch("index", str(root / "photos"), "--model", str(model_dir), "-q", index=root / "index")
+    return root

@@ -16,18 +16,14 @@ from blipsearch.retrieval.errors import InvalidInputError
 from blipsearch.retrieval.search import SearchOptions
 
 from photos import make_folder
-from runner import blipsearch
+from runner import blipsearch, photo_library
 
 QUERY = "a red dog on the beach"
 
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory, family_model_dir):
-    root = tmp_path_factory.mktemp("api")
-    make_folder(root / "photos" / "a", 5, seed=1)
-    make_folder(root / "photos" / "b", 4, seed=2)
-    blipsearch("index", str(root / "photos"), "--model", str(family_model_dir), "-q", index=root / "index")
-    return root
+    return photo_library(tmp_path_factory.mktemp("api"), family_model_dir, {"a": 5, "b": 4})
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import AutoTokenizer, BlipForImageTextRetrieval, BlipImageProcessorPil
 
 from photos import make_folder
-from runner import blipsearch
+from runner import blipsearch, photo_library
 from tiny import save_tiny_blip
 
 QUERY = "a red dog on the beach"
@@ -21,11 +21,7 @@ QUERY = "a red dog on the beach"
 @pytest.fixture(scope="module")
 def library(tmp_path_factory, family_model_dir):
     """Two folders indexed with the tiny model of each family: the tests that take it run once per family."""
-    root = tmp_path_factory.mktemp("cli")
-    make_folder(root / "photos" / "trips", 5, seed=1)
-    make_folder(root / "photos" / "family", 4, seed=2)
-    blipsearch("index", str(root / "photos"), "--model", str(family_model_dir), "-q", index=root / "index")
-    return root
+    return photo_library(tmp_path_factory.mktemp("cli"), family_model_dir, {"trips": 5, "family": 4})
 
 
 def query_json(library, *args):

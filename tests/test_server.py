@@ -13,24 +13,21 @@ from blipsearch.retrieval.api import Index
 from blipsearch.retrieval.server import app as server
 
 from photos import make_folder, make_photo
-from runner import blipsearch, one_line_error
+from runner import blipsearch, one_line_error, photo_library
 
 QUERY = "a red dog on the beach"
 
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("server")
-    make_folder(root / "photos" / "a", 4, seed=1)
-    make_folder(root / "photos" / "b", 3, seed=2)
-    turned = Image.new("RGB", (40, 20), (200, 30, 30))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # shown turned by 90 degrees
-    turned.save(root / "photos" / "b" / "turned.jpg", exif=exif)
-    (root / "outside").mkdir()
-    make_photo(root / "outside" / "secret.png", seed=99)
-    blipsearch("index", str(root / "photos"), "--model", str(tiny_model_dir), "-q", index=root / "index")
-    return root
+    def extra(root):
+        turned = Image.new("RGB", (40, 20), (200, 30, 30))
+        exif = Image.Exif()
+        exif[0x0112] = 6  # shown turned by 90 degrees
+        turned.save(root / "photos" / "b" / "turned.jpg", exif=exif)
+        make_photo(root / "outside" / "secret.png", seed=99)  # beside the indexed folders, never served
+
+    return photo_library(tmp_path_factory.mktemp("server"), tiny_model_dir, {"a": 4, "b": 3}, extra)
 
 
 @pytest.fixture(scope="module")

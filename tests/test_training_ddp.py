@@ -3,30 +3,21 @@ gradients of that batch, and keep identical queues."""
 
 import torch
 
-from blipsearch.training.objectives import Batch, BlipObjective
+from blipsearch.training.objectives import BlipObjective
 
-from ddp import CAPTIONS, IMAGE_IDS, STEPS, assert_same_as_single, ddp_steps, run_two_ranks, steps
-from test_training_model import batch_of, tiny
-
-
-def _global_batch(tokenizer) -> Batch:
-    return batch_of(tokenizer, CAPTIONS, IMAGE_IDS, seed=1)
+from ddp import assert_same_as_single, ddp_steps, run_two_ranks, single_process
+from test_training_model import tiny
 
 
 def _worker(rank: int, init_file: str, results):
-    model, out, dist = ddp_steps(rank, init_file, tiny, BlipObjective, _global_batch)
+    model, out, dist = ddp_steps(rank, init_file, tiny, BlipObjective)
     queues = (model.image_queue.clone(), model.idx_queue.clone(), int(model.queue_ptr))
     results[rank] = (out, queues)
     dist.destroy_process_group()
 
 
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
-    from blipsearch.training.loop import ObjectiveModule
-
-    torch.set_num_threads(1)
-    model, tokenizer, cfg = tiny()
-    single = steps(ObjectiveModule(model, BlipObjective(cfg.objective)), model,
-                   [_global_batch(tokenizer)] * STEPS, lambda v: v)
+    model, single = single_process(tiny, BlipObjective)
     results = run_two_ranks(_worker, tmp_path)
     for rank in (0, 1):
         ranked, (image_queue, idx_queue, ptr) = results[rank]

@@ -12,13 +12,16 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-from .base import ModelInfo, TextTokens
+from .base import ModelInfo, TextEncoding, TextTokens
 from .preprocessing import normalise
 from .tokenizer import TextTokenizer
 
 
 class Adapter:
-    """Base of the family adapters; each adds `encode_images`, `encode_texts`, `itm_scores` and `load`."""
+    """Base of the family adapters; each adds `encode_images`, `itm_scores`, `load` and its `text_tower` (the
+    module whose `embed_texts(input_ids, attention_mask)` gives normalised ITC text vectors)."""
+
+    text_tower: nn.Module
 
     def __init__(self, tokenizer: TextTokenizer, info: ModelInfo, device: torch.device, dtype: torch.dtype,
                  vision: nn.Module | None):
@@ -36,6 +39,13 @@ class Adapter:
     def tokenize(self, texts: list[str]) -> TextTokens:
         """[CLS] text [SEP], at most 35 tokens, padded to the longest."""
         return self.tokenizer(texts)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> TextEncoding:
+        tokens = self.tokenize(texts)
+        embeddings = self.text_tower.embed_texts(tokens.input_ids.to(self.device),  # (N, D)
+                                                 tokens.attention_mask.to(self.device))
+        return TextEncoding(embeddings=embeddings.cpu(), tokens=tokens)
 
     def _vision_tower(self) -> nn.Module:
         if self.vision is None:

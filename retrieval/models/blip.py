@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ModelLoadError
 from .adapter import Adapter, fitting_config, paired
-from .base import ImageEncoding, ModelInfo, TextEncoding, TextTokens
+from .base import ImageEncoding, ModelInfo, TextTokens
 from .blip_text import BlipTextTower, TextTowerConfig
 from .blip_vision import BlipVisionTower, VisionTowerConfig
 from .loading import Checkpoint, WeightsSpec, local_directory, read_config, read_state, revision
@@ -46,7 +46,7 @@ class BlipRetrievalModel(Adapter):
     def __init__(self, text: BlipTextTower, tokenizer: TextTokenizer, enc_token_id: int, info: ModelInfo,
                  device: torch.device, dtype: torch.dtype, vision: BlipVisionTower | None = None):
         super().__init__(tokenizer, info, device, dtype, vision)
-        self.text = text.to(device=device, dtype=dtype).eval()
+        self.text = self.text_tower = text.to(device=device, dtype=dtype).eval()
         self.enc_token_id = enc_token_id
 
     @classmethod
@@ -70,12 +70,6 @@ class BlipRetrievalModel(Adapter):
     def encode_images(self, pixel_values: torch.Tensor) -> ImageEncoding:
         features, embeddings = self._vision_tower()(pixel_values.to(self.device, self.dtype))  # (B, T, H), (B, D)
         return ImageEncoding(embeddings=embeddings[:, None, :].cpu(), features=features)
-
-    @torch.inference_mode()
-    def encode_texts(self, texts: list[str]) -> TextEncoding:
-        tokens = self.tokenize(texts)
-        embeddings = self.text.embed_texts(tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device))
-        return TextEncoding(embeddings=embeddings.cpu(), tokens=tokens)
 
     @torch.inference_mode()
     def itm_scores(self, tokens: TextTokens, features: torch.Tensor) -> torch.Tensor:

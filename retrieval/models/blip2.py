@@ -31,7 +31,7 @@ import torch
 
 from ..errors import ModelLoadError
 from .adapter import Adapter, fitting_config, paired
-from .base import ImageEncoding, ModelInfo, TextEncoding, TextTokens
+from .base import ImageEncoding, ModelInfo, TextTokens
 from .blip2_vision import vision_config
 from .blip_vision import VisionTowerConfig, VisionTransformer
 from .loading import Checkpoint, WeightsSpec, local_directory, read_config, read_state, revision
@@ -58,7 +58,7 @@ class Blip2RetrievalModel(Adapter):
     def __init__(self, qformer: QFormerTower, tokenizer: TextTokenizer, info: ModelInfo, device: torch.device,
                  dtype: torch.dtype, vision: VisionTransformer | None = None):
         super().__init__(tokenizer, info, device, dtype, vision)
-        self.qformer = qformer.to(device=device).eval()  # fp32 weights: see the module docstring
+        self.qformer = self.text_tower = qformer.to(device=device).eval()  # fp32 weights: see the module docstring
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
@@ -86,12 +86,6 @@ class Blip2RetrievalModel(Adapter):
         features = self._vision_tower()(pixel_values.to(self.device, self.dtype))  # (B, T, Hv)
         embeddings = self.qformer.embed_images(features)  # (B, Q, D)
         return ImageEncoding(embeddings=embeddings.cpu(), features=features)
-
-    @torch.inference_mode()
-    def encode_texts(self, texts: list[str]) -> TextEncoding:
-        tokens = self.tokenize(texts)
-        embeddings = self.qformer.embed_texts(tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device))
-        return TextEncoding(embeddings=embeddings.cpu(), tokens=tokens)
 
     @torch.inference_mode()
     def itm_scores(self, tokens: TextTokens, features: torch.Tensor) -> torch.Tensor:
