@@ -1,5 +1,5 @@
-"""ITM caption negatives: read from JSON, drawn per sample, scored as (own image, false caption) no-match
-pairs in `itm_neg_loss`; off (or absent) they change nothing."""
+"""ITM caption negatives: read from JSON, drawn per sample, ranked below the image's own caption in
+`itm_neg_loss`; off (or absent) they change nothing."""
 
 import json
 import random
@@ -113,15 +113,19 @@ def _losses(family, overrides=(), with_negatives=True, step=0):
 
 
 @pytest.mark.parametrize("family", ["blip", "blip-2"])
-def test_negative_loss_is_the_cross_entropy_of_no_match(family):
+def test_negative_loss_ranks_the_true_caption_above_the_false_one(family):
     losses, model = _losses(family, ["objective.caption_negatives=0.5"])
     _, tokenizer, _ = _model(family)
     batch = _batch(tokenizer)
+    rows = batch.negative_rows
     with torch.no_grad():
         image_embeds = model.encode_image(batch.pixel_values)[0]  # (B, T, Hv)
-        logits = model.itm_logits(batch.negative_input_ids, batch.negative_attention_mask,
-                                  image_embeds[batch.negative_rows])  # (2, 2) [no match, match]
-    expected = 0.5 * -(F.log_softmax(logits, dim=1)[:, 0]).mean()
+        false = model.itm_logits(batch.negative_input_ids, batch.negative_attention_mask,
+                                 image_embeds[rows])  # (2, 2) [no match, match]
+        true = model.itm_logits(batch.input_ids[rows], batch.attention_mask[rows], image_embeds[rows])
+    log_odds = [F.log_softmax(x, dim=1) for x in (true, false)]
+    odds_true, odds_false = (x[:, 1] - x[:, 0] for x in log_odds)
+    expected = 0.5 * -torch.log(torch.sigmoid(odds_true - odds_false)).mean()
     assert set(losses) == {"itm_loss", "itm_neg_loss"}
     torch.testing.assert_close(losses["itm_neg_loss"].detach(), expected, rtol=1e-5, atol=1e-6)
     losses["itm_neg_loss"].backward()

@@ -78,8 +78,8 @@ class ObjectiveConfig:
     # BLIP's captioner fine-tuning starts every caption with "a picture of " and masks it from the LM loss; the
     # exported captioner then generates after it. "" (BLIP's pre-training): no prompt.
     caption_prompt: str = ""
-    # weight of `itm_neg_loss`: ITM on (image, one of its entry's `negative_captions`) pairs labelled no match,
-    # e.g. the caption with its two things exchanged; 0: off (batches' negative captions are ignored)
+    # weight of `itm_neg_loss`: ITM ranks an image's caption above one of its entry's `negative_captions`, e.g.
+    # the caption with its two things exchanged; 0: off (batches' negative captions are ignored)
     caption_negatives: float = 0.0
 
 
