@@ -145,7 +145,7 @@ def _source(path: str | Path, data: bytes | None) -> Iterator[BinaryIO]:
 @contextmanager
 def _opened(source: BinaryIO, max_pixels: int) -> Iterator[Image.Image]:
     """The picture, its header read and its pixel count checked; pixels are decoded on first use."""
-    _setup_pillow()
+    setup_pillow()
     with Image.open(source) as image:
         if image.width * image.height > max_pixels:
             raise ImageLoadError(_bomb(image.width * image.height, max_pixels))
@@ -167,7 +167,7 @@ def _naming_warnings(path: str | Path) -> Iterator[None]:
         _decoding.path = None
 
 
-def _setup_pillow() -> None:
+def setup_pillow() -> None:
     with _setup_lock:  # decoding threads may arrive together; the hook must be installed once
         _setup_once()
 

@@ -113,6 +113,7 @@ class RunState:
     next_segment: int = 1  # segment ids are never reused: an older snapshot may still name one
     retired_segments: list[int] = field(default_factory=list)  # deleted at the start of the next run
     damaged: str | None = None  # why the index must be rebuilt (e.g. a --rebuild was cut short)
+    captioner: str | None = None  # the captioner runs use, as `index --captions` last named it (None: no captions)
     created: str | None = None
     updated: str | None = None
 
@@ -120,7 +121,8 @@ class RunState:
     def from_json(cls, data: dict) -> RunState:
         state = cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
         counters = (state.generation, state.current_segment, state.next_segment, *state.retired_segments)
-        if not (all(type(n) is int and n >= 0 for n in counters) and isinstance(state.writing, bool)):
+        if not (all(type(n) is int and n >= 0 for n in counters) and isinstance(state.writing, bool)
+                and (state.captioner is None or isinstance(state.captioner, str))):
             raise ValueError("run fields of the wrong type")
         return state
 

@@ -7,20 +7,28 @@ The run receives the model and the store, so tests can pass fakes. Plan per file
   encode      content not stored                                      -> decode, encode, store
   removed     stored path under a scanned folder that is gone         -> row deleted
 
-Worker threads read each new or changed file once, hash its bytes and decode them if the content is new,
-while the main thread encodes the previous batch. Only regular files within the size limit are read, and a
-picture's header is checked before its bytes are read (scan.open_regular, images.check_header). A read
-that does not finish within READ_TIMEOUT_S skips its file; the workers are daemon threads, so one stuck
-in the kernel (a hung network drive) never keeps the process from ending.
+Worker threads read each new or changed file once, hash its bytes, read its metadata (date taken, camera)
+and decode it if the content is new, while the main thread encodes the previous batch. Only regular files
+within the size limit are read, and a picture's header is checked before its bytes are read
+(scan.open_regular, images.check_header). A read that does not finish within READ_TIMEOUT_S skips its
+file; the workers are daemon threads, so one stuck in the kernel (a hung network drive) never keeps the
+process from ending. Rows written before metadata was kept count as changed once: their files are read
+again (their contents are not encoded again).
+
+Captions (`IndexOptions.captioner`): each new content is captioned with its batch, and each stored one
+without a caption by this captioner has one of its files read and decoded again (an index captioned after
+the fact). A caption that fails is left out, never the image; the next run tries again.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -29,9 +37,15 @@ from blipsearch.retrieval.models.base import RetrievalModel
 
 from . import codec
 from .images import LoadedImage, check_header, failure_reason, load_image
+from .metadata import FileMeta, read_meta
 from .readahead import TooManyStuck, bounded_map
 from .scan import FileStat, is_under, open_regular, read_hashed, resolve_roots, scan
 from .store import FileRecord, ImageRecord, IndexWriter
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from blipsearch.retrieval.models.captioner import Captioner
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +60,18 @@ class IndexSummary:
     reused: int = 0  # new paths whose content was already stored (moved, renamed, copied)
     unchanged: int = 0
     removed: int = 0
+    captioned: int = 0  # contents that received a caption
+    uncaptioned: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of captions that failed
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+@dataclass(frozen=True)
+class CaptionerSource:
+    """A captioner by name, loaded only when a run has something to caption. The name is what a stored
+    caption records: a content captioned under another name is captioned again."""
+
+    name: str
+    load: Callable[[], Captioner]
 
 
 @dataclass
@@ -57,6 +82,8 @@ class IndexOptions:
     reduced_decode: bool = True  # JPEGs decode at reduced scale (see images.load_image)
     allow_empty: bool = False  # an empty folder removes its indexed files (else they are kept, with a warning)
     on_skip: Callable[[str, str], None] | None = None  # called as files are skipped
+    captioner: CaptionerSource | None = None  # write captions (see the module docstring)
+
 
 
 def index_folders(roots: Sequence[str | Path], model: RetrievalModel, store: IndexWriter,
@@ -72,7 +99,10 @@ def index_folders(roots: Sequence[str | Path], model: RetrievalModel, store: Ind
     _remove_vanished(store, stored, found.files, [str(f) for f in folders], found.unreadable_dirs + kept, summary)
     changed = [f for f in found.files if not _unchanged(stored.get(f.path), f)]
     summary.unchanged = len(found.files) - len(changed)
-    _Run(store, model, stored, options, summary).process(changed)
+    recaption = []
+    if options.captioner is not None:
+        recaption = _to_caption(found.files, changed, stored, store.captioned(), options.captioner.name)
+    _Run(store, model, stored, options, summary).process(changed, recaption)
     store.prune_images()
     store.finish()
     return summary
@@ -92,7 +122,22 @@ def _empty_folders_with_files(folders: list[Path], found, stored: dict[str, File
 
 
 def _unchanged(record: FileRecord | None, stat: FileStat) -> bool:
-    return record is not None and record.size == stat.size and record.mtime_ns == stat.mtime_ns
+    """Same size and mtime, and its metadata was read (rows from before metadata was kept are read once)."""
+    return record is not None and record.size == stat.size and record.mtime_ns == stat.mtime_ns and \
+        bool(record.meta)
+
+
+def _to_caption(files: list[FileStat], changed: list[FileStat], stored: dict[str, FileRecord],
+                captioned: dict[str, str], captioner: str) -> list[FileStat]:
+    """One unchanged file of each stored content without a caption by `captioner`."""
+    changed_paths = {f.path for f in changed}
+    picked: dict[str, FileStat] = {}
+    for f in files:
+        record = stored.get(f.path)
+        if record is not None and f.path not in changed_paths and record.hash not in picked \
+                and captioned.get(record.hash) != captioner:
+            picked[record.hash] = f
+    return list(picked.values())
 
 
 def _remove_vanished(store: IndexWriter, stored: dict[str, FileRecord], files: list[FileStat], folders: list[str],
@@ -105,12 +150,16 @@ def _remove_vanished(store: IndexWriter, stored: dict[str, FileRecord], files: l
 
 @dataclass
 class _Read:
-    """What a worker made of one file: its content hash, and the decoded image when that content is new."""
+    """What a worker made of one file: its content hash and metadata, the decoded image when that content is
+    new, and the captioner's pixels when its content needs a caption."""
 
     stat: FileStat
     digest: str | None = None
     image: LoadedImage | None = None
     reason: str | None = None  # why the file was skipped
+    meta: FileMeta | None = None
+    caption_pixels: np.ndarray | None = None
+    caption_only: bool = False  # an unchanged file read for its content's caption alone
 
 
 class _Run:
@@ -119,17 +168,24 @@ class _Run:
     def __init__(self, store: IndexWriter, model: RetrievalModel, stored: dict[str, FileRecord],
                  options: IndexOptions, summary: IndexSummary):
         self.store, self.model, self.stored, self.options, self.summary = store, model, stored, options, summary
+        self._captioner: Captioner | None = None  # loaded by the first content that needs a caption
+        self._captioner_lock = threading.Lock()
         self.known = store.known_hashes()  # contents with stored features (grows as batches commit)
         self.named = {record.hash for record in stored.values()}  # contents some file row points to
-        self.batch: dict[str, tuple[LoadedImage, list[FileStat]]] = {}  # new contents waiting for the encoder
+        # contents that need a caption from this run's captioner (none without one)
+        self.uncaptioned = _Uncaptioned(store.captioned(), options.captioner.name if options.captioner else None)
+        # new contents waiting for the encoder: image, files, captioner pixels
+        self.batch: dict[str, tuple[LoadedImage, list[_Read], np.ndarray | None]] = {}
         self.reused: list[FileRecord] = []  # files of known contents, written with the next commit
+        self.captions: dict[str, tuple[str, np.ndarray]] = {}  # stored contents to caption: path, pixels
         self.batches = 0
 
-    def process(self, changed: list[FileStat]) -> None:
-        read = bounded_map(self._read, changed, self.options.workers, ahead=2 * self.options.batch_size,
+    def process(self, changed: list[FileStat], recaption: list[FileStat] = ()) -> None:
+        work = [(stat, False) for stat in changed] + [(stat, True) for stat in recaption]
+        read = bounded_map(self._read, work, self.options.workers, ahead=2 * self.options.batch_size,
                            timeout=READ_TIMEOUT_S, on_timeout=self._timed_out, max_stuck=MAX_STUCK_READS)
-        quiet = not self.options.progress or not changed
-        with closing(read), tqdm(total=len(changed), desc="indexing", unit="img", disable=quiet) as self.progress:
+        quiet = not self.options.progress or not work
+        with closing(read), tqdm(total=len(work), desc="indexing", unit="img", disable=quiet) as self.progress:
             try:
                 for item in read:
                     self._take(item)
@@ -139,67 +195,130 @@ class _Run:
                                         "run again once it answers") from None
             self._commit()
 
-    def _read(self, stat: FileStat) -> _Read:
-        """In a worker thread: read the file once, hash it, decode it only if its content is new."""
+    def _read(self, work: tuple[FileStat, bool]) -> _Read:
+        """In a worker thread: read the file once, hash it and read its metadata; decode it only if its
+        content is new (for the encoder) or needs a caption (for the captioner)."""
+        stat, caption_only = work
         try:
             with open_regular(stat.path) as file:
                 check_header(file, stat.path)  # no image, or a decompression bomb: refused before reading it whole
                 data, digest = read_hashed(file)
         except ImageLoadError as exc:
-            return _Read(stat, reason=str(exc))
+            return _Read(stat, reason=str(exc), caption_only=caption_only)
         except OSError as exc:
-            return _Read(stat, reason=failure_reason(stat.path, exc))
-        if digest in self.known:
-            return _Read(stat, digest)
+            return _Read(stat, reason=failure_reason(stat.path, exc), caption_only=caption_only)
+        read = _Read(stat, digest, meta=read_meta(data, stat.mtime_ns), caption_only=caption_only)
+        if digest not in self.known:
+            try:
+                read.image = load_image(stat.path, self.model.info.preprocessing,
+                                        reduced_decode=self.options.reduced_decode, data=data)
+            except ImageLoadError as exc:
+                read.reason = str(exc)
+                return read
+        if digest in self.uncaptioned:
+            read.caption_pixels = self._caption_pixels(read, data)
+        return read
+
+    @property
+    def captioner(self) -> Captioner:
+        """The captioner, loaded on first use (by a worker thread, or the main one)."""
+        with self._captioner_lock:
+            if self._captioner is None:
+                self._captioner = self.options.captioner.load()
+            return self._captioner
+
+    def _caption_pixels(self, read: _Read, data: bytes) -> np.ndarray | None:
+        """The picture at the captioner's input size: the encoder's pixels where the sizes agree."""
+        pre = self.captioner.info.preprocessing
+        if read.image is not None and _same_input(pre, self.model.info.preprocessing):
+            return read.image.pixels
         try:
-            image = load_image(stat.path, self.model.info.preprocessing, reduced_decode=self.options.reduced_decode,
-                               data=data)
-        except ImageLoadError as exc:
-            return _Read(stat, digest, reason=str(exc))
-        return _Read(stat, digest, image)
+            return load_image(read.stat.path, pre, reduced_decode=self.options.reduced_decode, data=data).pixels
+        except ImageLoadError as exc:  # decoded for the encoder, yet not now: leave the caption out
+            self.summary.uncaptioned.append((read.stat.path, str(exc)))
+            return None
 
     @staticmethod
-    def _timed_out(stat: FileStat) -> _Read:
-        return _Read(stat, reason=f"read timed out (no answer in {READ_TIMEOUT_S:g} s; a hung drive?)")
+    def _timed_out(work: tuple[FileStat, bool]) -> _Read:
+        return _Read(work[0], reason=f"read timed out (no answer in {READ_TIMEOUT_S:g} s; a hung drive?)",
+                     caption_only=work[1])
 
     def _take(self, item: _Read) -> None:
         stat, digest = item.stat, item.digest
-        if item.reason is not None:
+        if item.caption_only:
+            self._take_caption_only(item)
+        elif item.reason is not None:
             self._skip(stat, item.reason)
         elif digest in self.known:
             self._count_reuse(stat, digest)
-            self.reused.append(FileRecord(stat.path, stat.size, stat.mtime_ns, digest))
+            self.reused.append(_file_record(item))
+            if item.caption_pixels is not None and digest not in self.captions:
+                self.captions[digest] = (stat.path, item.caption_pixels)
         elif digest in self.batch:  # an identical copy is already waiting: encode once
-            self.batch[digest][1].append(stat)
+            self.batch[digest][1].append(item)
         elif item.image is None:  # known when read, and this run pruned nothing since: cannot happen
             raise AssertionError(f"{stat.path}: content neither stored nor decoded")
         else:
-            self.batch[digest] = (item.image, [stat])
-        if len(self.batch) >= self.options.batch_size:
+            self.batch[digest] = (item.image, [item], item.caption_pixels)
+        if len(self.batch) >= self.options.batch_size or len(self.captions) >= self.options.batch_size:
             self._commit()
 
+    def _take_caption_only(self, item: _Read) -> None:
+        """An unchanged file read for its stored content's caption: nothing else of it changes."""
+        if item.reason is not None:
+            self.summary.uncaptioned.append((item.stat.path, item.reason))
+        elif item.digest in self.known and item.caption_pixels is not None:
+            self.captions.setdefault(item.digest, (item.stat.path, item.caption_pixels))
+        # else: the file changed since the scan; the next run indexes it
+        self.progress.update(1)
+
     def _commit(self) -> None:
-        """Encode the waiting images; store features, then image rows, then file rows (reused ones too)."""
+        """Encode the waiting images; store features, then image rows, then file rows (reused ones too);
+        captions of stored contents last."""
         files = list(self.reused)
         if self.batch:
             digests = list(self.batch)
             images = [self.batch[d][0] for d in digests]
             encoded = self.model.encode_images(self.model.pixel_values([image.pixels for image in images]))
             packed = codec.pack(encoded.features)
+            captions = self._caption({d: (self.batch[d][1][0].stat.path, self.batch[d][2]) for d in digests})
+            label = self.options.captioner.name if self.options.captioner else None
             self.store.add_images([
-                ImageRecord(d, encoded.embeddings[i].numpy(), packed[i], images[i].width, images[i].height)
+                ImageRecord(d, encoded.embeddings[i].numpy(), packed[i], images[i].width, images[i].height,
+                            captions.get(d), label if d in captions else None)
                 for i, d in enumerate(digests)])
-            new = [FileRecord(s.path, s.size, s.mtime_ns, d) for d in digests for s in self.batch[d][1]]
+            new = [_file_record(read) for d in digests for read in self.batch[d][1]]
             files += new
             self.known.update(digests)
             self.named.update(digests)
             self.summary.indexed += len(new)
         self.store.upsert_files(files)  # after the images: a crash in between leaves only re-usable features
+        if self.captions:
+            captions = self._caption(self.captions)
+            self.store.set_captions([(d, text, self.options.captioner.name) for d, text in captions.items()])
         self.progress.update(len(files))
-        self.batch, self.reused = {}, []
+        self.batch, self.reused, self.captions = {}, [], {}
         self.batches += 1
         if self.batches % COMPACT_EVERY == 0:
             self.store.compact()
+
+    def _caption(self, waiting: dict[str, tuple[str, np.ndarray | None]]) -> dict[str, str]:
+        """Captions of the contents (hash -> (a path, captioner pixels)) that have pixels; failures are
+        reported by path and left out."""
+        todo = [(d, path, pixels) for d, (path, pixels) in waiting.items() if pixels is not None]
+        if not todo:
+            return {}
+        texts = self.captioner.caption([pixels for _, _, pixels in todo])
+        out = {}
+        for (digest, path, _), text in zip(todo, texts, strict=True):
+            if not text:  # None: it failed; "": it wrote nothing
+                self.summary.uncaptioned.append((path, "the captioner failed on it" if text is None else
+                                                 "the captioner wrote nothing"))
+            else:
+                out[digest] = text
+                self.uncaptioned.done(digest)
+        self.summary.captioned += len(out)
+        return out
 
     def _count_reuse(self, stat: FileStat, digest: str) -> None:
         old = self.stored.get(stat.path)
@@ -216,6 +335,30 @@ class _Run:
             self.store.delete_files([stat.path])  # the stored older version of this path is stale now
         _skip(stat.path, reason, self.options, self.summary)
         self.progress.update(1)
+
+
+def _file_record(read: _Read) -> FileRecord:
+    stat, meta = read.stat, read.meta
+    return FileRecord(stat.path, stat.size, stat.mtime_ns, read.digest, meta.taken, meta.camera, True)
+
+
+def _same_input(a, b) -> bool:
+    return a.to_dict() == b.to_dict()
+
+
+class _Uncaptioned:
+    """Which contents a run's captioner still has to caption: all but those it captioned (in this run or
+    before). Thread-safe enough for the workers' `in` tests: the main thread only removes."""
+
+    def __init__(self, captioned: dict[str, str], captioner: str | None):
+        self.captioner = captioner
+        self.captioned = {d for d, by in captioned.items() if by == captioner}
+
+    def __contains__(self, digest: str) -> bool:
+        return self.captioner is not None and digest not in self.captioned
+
+    def done(self, digest: str) -> None:
+        self.captioned.add(digest)
 
 
 def _skip(path: str, reason: str, options: IndexOptions, summary: IndexSummary) -> None:

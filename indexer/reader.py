@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from blipsearch.retrieval.errors import IndexDamagedError, StoreError
+from blipsearch.retrieval.errors import FieldError, IndexDamagedError, StoreError
 
 from . import codec, snapshot
 from .features import FeatureSegments, needed_records
@@ -21,7 +23,22 @@ from .layout import FILES, IMAGES, damaged_table, read_index_manifest
 from .manifest import Manifest
 from .scan import is_under
 
+if TYPE_CHECKING:
+    from blipsearch.retrieval.search import Filters
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One file of an image, as indexed."""
+
+    path: str
+    size: int  # bytes
+    mtime_ns: int
+    date: int  # wall-clock seconds: EXIF date taken, else the modification time
+    exif_dated: bool  # `date` came from EXIF
+    camera: str | None
 
 
 class IndexReader:
@@ -57,15 +74,56 @@ class IndexReader:
         """path -> content hash of every indexed file."""
         return {p: str(self.view.hashes[r]) for p, r in zip(self.view.paths, self.view.path_rows, strict=True)}
 
-    def recall(self, query: np.ndarray, k: int, under: Sequence[str] | None = None) -> list[tuple[str, float]]:
-        """Top-k images (hash, ITC cosine) for a (D,) or (Q, D) query (see `RecallIndex.search`); `under` keeps
-        images with a file in those folders."""
-        allowed = None
-        if under is not None:
-            inside = [r for p, r in zip(self.view.paths, self.view.path_rows, strict=True) if is_under(p, under)]
-            allowed = np.unique(np.asarray(inside, np.int64))
-        rows, scores = self.view.recall.search(query, k, allowed)
+    def recall(self, query: np.ndarray, k: int, where: Filters | None = None) -> list[tuple[str, float]]:
+        """Top-k images (hash, ITC cosine) for a (D,) or (Q, D) query (see `RecallIndex.search`), among the
+        images that pass `where`."""
+        rows, scores = self.view.recall.search(query, k, self.allowed_rows(where))
         return [(str(self.view.hashes[r]), float(s)) for r, s in zip(rows, scores, strict=True)]
+
+    def similarity(self, query: np.ndarray, hashes: Sequence[str]) -> dict[str, float]:
+        """ITC cosine of the query with each of the given images (exact)."""
+        rows = np.unique(np.asarray([self.view.row_of(h) for h in hashes], np.int64))
+        found, scores = self.view.recall.search(query, len(rows), rows)
+        return {str(self.view.hashes[r]): float(s) for r, s in zip(found, scores, strict=True)}
+
+    @property
+    def has_captions(self) -> bool:
+        return self.view.has_captions
+
+    def keyword_hits(self, text: str, k: int, where: Filters | None = None) -> list[tuple[str, float]]:
+        """Top-k images (hash, BM25 score) whose caption or paths hold words of `text`, among those that pass
+        `where`."""
+        rows, scores = self.view.keywords.search(text, k, self.allowed_rows(where))
+        return [(str(self.view.hashes[r]), float(s)) for r, s in zip(rows, scores, strict=True)]
+
+    def allowed_rows(self, where: Filters | None) -> np.ndarray | None:
+        """Sorted image rows that pass the filters (None: all): a file in the folders and dates asked for,
+        and every `--keyword` word in the row's caption or paths."""
+        if where is None or where.empty:
+            return None
+        view, rows = self.view, None
+        if where.under is not None or where.after is not None or where.before is not None:
+            passing = np.ones(len(view.paths), bool)
+            if where.after is not None:
+                passing &= view.dates >= where.after
+            if where.before is not None:
+                passing &= view.dates < where.before
+            if where.under is not None:
+                passing &= np.fromiter((is_under(p, where.under) for p in view.paths), bool, len(view.paths))
+            rows = np.unique(view.path_rows[passing])
+        if where.keyword:
+            try:
+                with_words = view.keywords.rows_with_all(where.keyword)
+            except ValueError:
+                raise FieldError("keyword", "has no word to search for: give letters or digits") from None
+            rows = with_words if rows is None else np.intersect1d(rows, with_words)
+        return rows
+
+    def passes(self, file: FileInfo, where: Filters | None) -> bool:
+        """Whether one file of a result passes the filters on files (folders, dates)."""
+        return where is None or ((where.under is None or is_under(file.path, where.under))
+                                 and (where.after is None or file.date >= where.after)
+                                 and (where.before is None or file.date < where.before))
 
     def token_features(self, hashes: Sequence[str]) -> np.ndarray:
         """(K, T, H) float32 features of the given images, in the given order."""
@@ -83,11 +141,24 @@ class IndexReader:
         return np.stack(maps) if maps else np.empty((0, identity.feature_tokens, identity.feature_dim), np.float32)
 
     def paths_by_hash(self, hashes: Sequence[str]) -> dict[str, list[str]]:
-        return {h: [path for path, _, _ in files] for h, files in self.files_by_hash(hashes).items()}
+        return {h: [file.path for file in files] for h, files in self.files_by_hash(hashes).items()}
 
-    def files_by_hash(self, hashes: Sequence[str]) -> dict[str, list[tuple[str, int, int]]]:
-        """(path, size, mtime_ns) of each file of the given images, as indexed."""
-        return {h: self.view.files_of(row) if (row := self.view.row_of(h)) is not None else [] for h in hashes}
+    def files_by_hash(self, hashes: Sequence[str]) -> dict[str, list[FileInfo]]:
+        """The files of the given images, as indexed."""
+        view, out = self.view, {}
+        for digest in hashes:
+            row = view.row_of(digest)
+            out[digest] = [] if row is None else [
+                FileInfo(view.paths[i], int(view.sizes[i]), int(view.mtimes_ns[i]), int(view.dates[i]),
+                         bool(view.exif_dated[i]), view.cameras[i] or None) for i in view.files_of(row)]
+        return out
+
+    def caption_count(self) -> int:
+        return sum(1 for caption in self.view.captions if caption)
+
+    def caption(self, digest: str) -> str | None:
+        row = self.view.row_of(digest)
+        return (self.view.captions[row] or None) if row is not None else None
 
 
 def _from_tables(path: Path, manifest: Manifest) -> snapshot.Snapshot:

@@ -3,7 +3,11 @@
     snapshot/rows.npz      per image row: content hash, feature segment and slot
     snapshot/recall.faiss  the FAISS recall index over the rows' ITC vectors (see recall.py)
     snapshot/paths.bin     the files' paths, NUL-separated, grouped by image row (paths_rows.npy)
-    snapshot/files.npz     per path, in the same order: size in bytes and modification time (ns)
+    snapshot/files.npz     per path, in the same order: size in bytes, modification time (ns), date (wall-clock
+                           seconds: EXIF date taken, else the modification time) and whether it came from EXIF
+    snapshot/cameras.bin   per path, NUL-separated: the camera ("" where unknown)
+    snapshot/captions.bin  per image row, NUL-separated: its caption ("" where none)
+    snapshot/keywords.*    the keyword index over each row's caption and paths (keywords.py)
     snapshot/snapshot.json the format version, the manifest generation it mirrors, and the model id (a copy
                            that names the model in the rebuild hint should the manifest be lost)
 
@@ -19,20 +23,33 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import durable
+from .keywords import KeywordIndex
 from .recall import RecallIndex
 
 if TYPE_CHECKING:
     from .manifest import Identity
 
 FOLDER = "snapshot"
-FORMAT = 2  # 2: sizes and modification times of the files
+FORMAT = 3  # 2: sizes and modification times of the files; 3: captions, dates, cameras, keywords
+
+
+@dataclass
+class FileRow:
+    """One file as the tables hold it."""
+
+    path: str
+    hash: str
+    size: int
+    mtime_ns: int
+    taken: int | None = None  # EXIF wall-clock seconds
+    camera: str | None = None
 
 
 @dataclass
@@ -41,36 +58,64 @@ class Snapshot:
     segments: np.ndarray  # (N,) int32: feature segment of each row
     slots: np.ndarray  # (N,) int64: record within the segment
     recall: RecallIndex
+    captions: list[str]  # (N,) "" where none
     path_rows: np.ndarray  # (P,) int64, ascending: the image row of each path
     paths: list[str]  # (P,) in the same order
     sizes: np.ndarray  # (P,) int64 bytes of each file, as indexed
     mtimes_ns: np.ndarray  # (P,) int64 modification time of each file, as indexed
+    dates: np.ndarray  # (P,) int64 wall-clock seconds: EXIF date taken, else the modification time
+    exif_dated: np.ndarray  # (P,) bool: `dates` came from EXIF
+    cameras: list[str]  # (P,) "" where unknown
+    _keywords: KeywordIndex | None = None  # loaded or built on first use
+    _folder: Path | None = None  # where it was loaded from
     _row_of: dict[str, int] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, hashes: Sequence[str], vectors: np.ndarray, segments: np.ndarray, slots: np.ndarray,
-              files: Sequence[tuple[str, str, int, int]]) -> Snapshot:
-        """From image rows (hash, (N, V, D) vectors, segment, slot) and file rows (path, hash, size, mtime_ns)."""
+              captions: Sequence[str | None], files: Sequence[FileRow]) -> Snapshot:
+        """From image rows (hash, (N, V, D) vectors, segment, slot, caption) and file rows."""
+        from .metadata import local_wall_clock  # here: it brings Pillow, which queries do not need
+
         hashes = np.asarray(hashes, dtype=str)
         row_of = {h: i for i, h in enumerate(hashes)}
-        rows = sorted((row_of[h], p, size, mtime) for p, h, size, mtime in files if h in row_of)
-        column = [np.asarray([r[i] for r in rows], np.int64) for i in (0, 2, 3)]
+        rows = sorted(((row_of[f.hash], f) for f in files if f.hash in row_of), key=lambda r: (r[0], r[1].path))
+        ints = [np.asarray(column, np.int64) for column in (
+            [r for r, _ in rows], [f.size for _, f in rows], [f.mtime_ns for _, f in rows],
+            [f.taken if f.taken is not None else local_wall_clock(f.mtime_ns) for _, f in rows])]
         return cls(hashes, np.asarray(segments, np.int32), np.asarray(slots, np.int64), RecallIndex.build(vectors),
-                   column[0], [r[1] for r in rows], column[1], column[2], row_of)
+                   [c or "" for c in captions], ints[0], [f.path for _, f in rows], ints[1], ints[2], ints[3],
+                   np.asarray([f.taken is not None for _, f in rows], bool), [f.camera or "" for _, f in rows],
+                   _row_of=row_of)
 
     def row_of(self, digest: str) -> int | None:
         if not self._row_of:
             self._row_of = {h: i for i, h in enumerate(self.hashes)}
         return self._row_of.get(digest)
 
-    def files_of(self, row: int) -> list[tuple[str, int, int]]:
-        """(path, size, mtime_ns) of each file of image `row`."""
-        lo, hi = self._span(row)
-        return [(self.paths[i], int(self.sizes[i]), int(self.mtimes_ns[i])) for i in range(lo, hi)]
-
-    def _span(self, row: int) -> tuple[int, int]:
+    def files_of(self, row: int) -> range:
+        """Indices (into `paths`, `sizes`, `dates`...) of the files of image `row`."""
         lo, hi = np.searchsorted(self.path_rows, [row, row + 1])
-        return int(lo), int(hi)
+        return range(int(lo), int(hi))
+
+    @property
+    def has_captions(self) -> bool:
+        return any(self.captions)
+
+    @property
+    def keywords(self) -> KeywordIndex:
+        """The keyword index over each row's caption and file paths."""
+        if self._keywords is None:
+            saved = KeywordIndex.load(self._folder) if self._folder is not None else None
+            self._keywords = saved if saved is not None and len(saved) == len(self.hashes) else \
+                KeywordIndex.build(self.documents())
+        return self._keywords
+
+    def documents(self) -> list[str]:
+        """Each row's words: its caption, then its paths."""
+        words = [[caption] for caption in self.captions]
+        for path, row in zip(self.paths, self.path_rows, strict=True):
+            words[row].append(path)
+        return [" ".join(w) for w in words]
 
     def save(self, index_path: Path, generation: int, model_id: str) -> None:
         """Write into a fresh folder, then swap it in: readers see the old snapshot or the new one."""
@@ -79,9 +124,12 @@ class Snapshot:
         tmp.mkdir()
         np.savez(tmp / "rows.npz", hashes=self.hashes.astype("S"), segments=self.segments, slots=self.slots)
         np.save(tmp / "paths_rows.npy", self.path_rows)
-        np.savez(tmp / "files.npz", sizes=self.sizes, mtimes_ns=self.mtimes_ns)
-        (tmp / "paths.bin").write_bytes("\0".join(self.paths).encode("utf-8", "surrogateescape"))
+        np.savez(tmp / "files.npz", sizes=self.sizes, mtimes_ns=self.mtimes_ns, dates=self.dates,
+                 exif_dated=self.exif_dated)
+        for name, texts in (("paths", self.paths), ("cameras", self.cameras), ("captions", self.captions)):
+            (tmp / f"{name}.bin").write_bytes("\0".join(texts).encode("utf-8", "surrogateescape"))
         self.recall.save(tmp)
+        KeywordIndex.build(self.documents()).save(tmp)
         meta = {"format": FORMAT, "generation": generation, "images": len(self.hashes), "files": len(self.paths),
                 "model": model_id}
         (tmp / "snapshot.json").write_text(json.dumps(meta))
@@ -103,16 +151,23 @@ class Snapshot:
                 hashes, segments, slots = rows["hashes"].astype(str), rows["segments"], rows["slots"]
             path_rows = np.load(folder / "paths_rows.npy")
             with np.load(folder / "files.npz") as files:
-                sizes, mtimes = files["sizes"], files["mtimes_ns"]
-            text = (folder / "paths.bin").read_bytes().decode("utf-8", "surrogateescape")
+                sizes, mtimes, dates, exif = (files[k] for k in ("sizes", "mtimes_ns", "dates", "exif_dated"))
+            paths, cameras = (_texts(folder / f"{name}.bin", len(path_rows)) for name in ("paths", "cameras"))
+            captions = _texts(folder / "captions.bin", len(hashes))
             recall = RecallIndex.load(folder)
         except Exception:  # missing, damaged or half-replaced: the tables can always answer instead
             return None
-        paths = text.split("\0") if text else []
-        if (recall is None or not len(paths) == len(path_rows) == len(sizes) == len(mtimes)
-                or not len(hashes) == len(segments) == len(slots)):
+        if (recall is None or not len(paths) == len(path_rows) == len(sizes) == len(mtimes) == len(dates)
+                == len(exif) == len(cameras) or not len(hashes) == len(segments) == len(slots) == len(captions)):
             return None
-        return cls(hashes, segments, slots, recall, path_rows, paths, sizes, mtimes)
+        return cls(hashes, segments, slots, recall, captions, path_rows, paths, sizes, mtimes, dates, exif, cameras,
+                   _folder=folder)
+
+
+def _texts(path: Path, count: int) -> list[str]:
+    """`count` NUL-separated texts (an empty file is no text, or one empty text)."""
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    return text.split("\0") if text or count == 1 else []
 
 
 def _meta(index_path: Path) -> dict:
@@ -137,10 +192,13 @@ def snapshot_model(index_path: Path) -> str | None:
 
 
 def from_tables(images, files, identity: Identity) -> Snapshot:
-    """A snapshot of the LanceDB tables as they are now."""
-    table = images.to_arrow().select(["hash", "embedding", "segment", "slot"])
+    """A snapshot of the LanceDB tables as they are now (tables of an older blipsearch lack some columns)."""
+    table = images.to_arrow()
     vectors = np.asarray(table.column("embedding").combine_chunks().flatten(), dtype=np.float32)
     vectors = vectors.reshape(-1, identity.vectors_per_image, identity.embed_dim)
-    columns = files.to_arrow().select(["path", "hash", "size", "mtime_ns"]).to_pydict().values()
+    captions = table.column("caption").to_pylist() if "caption" in table.schema.names else [None] * len(table)
+    rows = files.to_arrow()
+    names = [f.name for f in fields(FileRow) if f.name in rows.schema.names]
+    file_rows = [FileRow(**row) for row in rows.select(names).to_pylist()]
     return Snapshot.build(table.column("hash").to_pylist(), vectors, table.column("segment").to_numpy(),
-                          table.column("slot").to_numpy(), list(zip(*columns, strict=True)))
+                          table.column("slot").to_numpy(), captions, file_rows)

@@ -97,6 +97,9 @@ class FileRecord:
     size: int
     mtime_ns: int
     hash: str
+    taken: int | None = None  # EXIF date taken, wall-clock seconds (see metadata.py)
+    camera: str | None = None
+    meta: bool | None = None  # the metadata above was read (None: a row from before metadata was kept)
 
 
 @dataclass
@@ -106,6 +109,8 @@ class ImageRecord:
     features: codec.PackedFeatures
     width: int
     height: int
+    caption: str | None = None
+    captioner: str | None = None  # the captioner that wrote `caption` (model id and revision)
 
 
 class IndexWriter:
@@ -118,6 +123,7 @@ class IndexWriter:
         self._changed = not settled  # a run after a killed one must rewrite the snapshot even if idle
         self.files, self.images = tables.files, tables.images
         self._stored_files, self._known = tables.file_records, tables.hashes  # as read (and checked) at open
+        self._captioned = tables.captioned
         self.features = tables.features
         self._segment = manifest.run.current_segment  # this run appends here
 
@@ -143,7 +149,7 @@ class IndexWriter:
                     write_manifest(path, Manifest.new(info))  # tables follow in `_Tables.read`
                 manifest = read_index_manifest(path)
                 check_model(manifest, info, path)
-                tables = _Tables.read(path, manifest, create=manifest.run.generation == 0)
+                tables = _Tables.read(path, manifest, create=manifest.run.generation == 0, upgrade=True)
                 settled = not manifest.run.writing and manifest.run.generation > 0 and \
                     snapshot.saved_generation(path) == manifest.run.generation
                 _start_run(path, manifest, tables)
@@ -165,6 +171,10 @@ class IndexWriter:
     def known_hashes(self) -> set[str]:
         return set(self._known)
 
+    def captioned(self) -> dict[str, str]:
+        """content hash -> the captioner that wrote its caption, for every content with one."""
+        return dict(self._captioned)
+
     # ---- changes ----------------------------------------------------------------------------------
 
     @_writes
@@ -175,7 +185,19 @@ class IndexWriter:
         slots = self.features.append(self._segment, [r.features.record() for r in records])
         self.images.add(self._images_table(records, slots))
         self._known.update(r.hash for r in records)
+        self._captioned.update((r.hash, r.captioner) for r in records if r.caption is not None)
         self._changed = True
+
+    @_writes
+    def set_captions(self, captions: Sequence[tuple[str, str, str]]) -> None:
+        """(content hash, caption, captioner) of stored images, in one commit."""
+        if captions:
+            hashes, texts, by = (list(column) for column in zip(*captions, strict=True))
+            update = pa.table({"hash": hashes, "caption": pa.array(texts, pa.string()),
+                               "captioner": pa.array(by, pa.string())})
+            self.images.merge_insert("hash").when_matched_update_all().execute(update)
+            self._captioned.update(zip(hashes, by, strict=True))
+            self._changed = True
 
     @_writes
     def upsert_files(self, records: Sequence[FileRecord]) -> None:
@@ -200,6 +222,8 @@ class IndexWriter:
         if orphans:
             _delete_in(self.images, "hash", orphans)
             self._known.difference_update(orphans)
+            for orphan in orphans:
+                self._captioned.pop(orphan, None)
             self._changed = True
         return len(orphans)
 
@@ -270,6 +294,8 @@ class IndexWriter:
             "slot": pa.array(slots, pa.int64()),
             "width": pa.array([r.width for r in records], pa.int32()),
             "height": pa.array([r.height for r in records], pa.int32()),
+            "caption": pa.array([r.caption for r in records], pa.string()),
+            "captioner": pa.array([r.captioner for r in records], pa.string()),
         }, schema=images_schema(width))
 
 
@@ -278,6 +304,9 @@ FILES_SCHEMA = pa.schema([
     pa.field("size", pa.int64()),
     pa.field("mtime_ns", pa.int64()),
     pa.field("hash", pa.string()),
+    pa.field("taken", pa.int64()),
+    pa.field("camera", pa.string()),
+    pa.field("meta", pa.bool_()),
 ])
 
 
@@ -289,6 +318,8 @@ def images_schema(width: int) -> pa.Schema:
         pa.field("slot", pa.int64()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        pa.field("caption", pa.string()),
+        pa.field("captioner", pa.string()),
     ])
 
 
@@ -305,13 +336,15 @@ class _Tables:
     features: FeatureSegments
     file_records: dict[str, FileRecord]
     hashes: set[str]
+    captioned: dict[str, str]  # hash -> captioner, for the images with a caption
     needed: dict[int, int]  # segment -> records its rows need
 
     @classmethod
-    def read(cls, path: Path, manifest: Manifest, create: bool = False) -> _Tables:
+    def read(cls, path: Path, manifest: Manifest, create: bool = False, upgrade: bool = False) -> _Tables:
         """Raises `IndexDamagedError` where a table is missing or unreadable, or a segment is short or lost.
 
         `create`: tables that are both absent are created (an index whose creation was cut short).
+        `upgrade`: columns that tables of an older blipsearch lack are added (empty).
         """
         import lancedb
 
@@ -321,8 +354,13 @@ class _Tables:
             db.create_table(IMAGES, schema=images_schema(_embedding_width(manifest.identity)))
         try:
             files, images = db.open_table(FILES), db.open_table(IMAGES)
+            if upgrade:
+                _add_missing_columns(files, FILES_SCHEMA)
+                _add_missing_columns(images, images_schema(_embedding_width(manifest.identity)))
             records = {row["path"]: FileRecord(**row) for row in files.to_arrow().to_pylist()}
-            rows = images.to_arrow().select(["hash", "segment", "slot"])
+            rows = images.to_arrow()
+            rows = rows.select([c for c in ("hash", "segment", "slot", "caption", "captioner")
+                                if c in rows.schema.names])
         except Exception as exc:  # LanceDB: ValueError (no table), OSError or RuntimeError (damaged files)
             raise damaged_table(path, manifest, exc) from exc
         features = FeatureSegments(path, manifest.identity.record_bytes)
@@ -331,7 +369,20 @@ class _Tables:
         if problem:
             raise IndexDamagedError(f"the index at {path} is damaged: {problem}; {manifest.hint()}")
         features.start(needed)
-        return cls(files, images, features, records, set(rows.column("hash").to_pylist()), needed)
+        captioned = {}
+        if "caption" in rows.schema.names:
+            captioned = {row["hash"]: row["captioner"] or "" for row in rows.select(["hash", "caption", "captioner"])
+                         .to_pylist() if row["caption"] is not None}
+        return cls(files, images, features, records, set(rows.column("hash").to_pylist()), captioned, needed)
+
+
+def _add_missing_columns(table, schema: pa.Schema) -> None:
+    """Tables written by an older blipsearch gain the columns they lack, empty (null): captions, file metadata.
+    Files without metadata are read once more by the next run (see pipeline.py); nothing is encoded again."""
+    present = set(table.schema.names)
+    missing = [f for f in schema if f.name not in present]
+    if missing:
+        table.add_columns(missing)
 
 
 def _start_run(path: Path, manifest: Manifest, tables: _Tables) -> None:

@@ -4,3 +4,4 @@ Importing this package is cheap; torch and transformers load only when a model i
 """
 
 DEFAULT_MODEL = "Salesforce/blip-itm-base-coco"  # here, not in models/, so that `--help` needs no torch
+DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"  # `index --captions` without --captioner

@@ -27,16 +27,17 @@ import math
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .dates import format_date
 from .errors import FieldError, ImageLoadError, IndexDamagedError, InvalidInputError, printable
 from .models.base import RetrievalModel, TextTokens
-from .search import Hit, Searcher, SearchOptions
+from .search import Filters, Hit, Searcher, SearchOptions
 
 log = logging.getLogger(__name__)
 
@@ -88,22 +89,32 @@ class Result:
     path: str
     copies: list[str]  # other paths with the same content
     score: float
-    itc: float
+    itc: float | None  # None: found by keyword alone
     itm_prob: float | None
     size: int  # bytes of `path`, as indexed
     mtime_ns: int  # its modification time, as indexed
+    date: int = 0  # wall-clock seconds: EXIF date taken, else the modification time
+    exif_dated: bool = False
+    camera: str | None = None
+    caption: str | None = None
 
     @property
     def modified(self) -> str:
         return datetime.fromtimestamp(self.mtime_ns / 1e9, UTC).isoformat(timespec="seconds")
 
+    @property
+    def date_text(self) -> str:
+        return format_date(self.date)
+
     def to_json(self, details: bool = False) -> dict:
-        """`query --json`'s row (valid UTF-8 for any name); `details` adds size and modification date."""
-        row = {"path": printable(self.path), "score": round(self.score, 6), "itc": round(self.itc, 6),
-               "itm_prob": None if self.itm_prob is None else round(self.itm_prob, 6)}
+        """`query --json`'s row (valid UTF-8 for any name); `details` adds size, modification date, camera."""
+        row = {"path": printable(self.path), "score": round(self.score, 6),
+               "itc": None if self.itc is None else round(self.itc, 6),
+               "itm_prob": None if self.itm_prob is None else round(self.itm_prob, 6),
+               "caption": self.caption, "date": self.date_text, "date_source": "exif" if self.exif_dated else "file"}
         if self.copies:
             row["copies"] = [printable(p) for p in self.copies]
-        return row | ({"size": self.size, "modified": self.modified} if details else {})
+        return row | ({"size": self.size, "modified": self.modified, "camera": self.camera} if details else {})
 
 
 @dataclass
@@ -160,14 +171,18 @@ class Index:
     def search(self, query: str | Sequence[Term], options: Options | None = None) -> list[Result]:
         """Images that best match a text, or a composed query (see the module docstring)."""
         terms = [Term(text=query)] if isinstance(query, str) else list(query)
-        if not terms:
-            raise InvalidInputError("the query has no terms")
         options = options or Options()
+        if not terms and not options.keyword:
+            raise InvalidInputError("the query has no terms")
         view = self._view
         with self._model_lock:
             self._check_not_empty(view.reader)
             searcher = Searcher(self.model, view.reader)
-            if len(terms) == 1 and terms[0].image is not None and terms[0].weight > 0:
+            if not terms:  # keywords alone
+                if options.min_prob is not None:
+                    raise FieldError("min_prob", "needs a text term of positive weight to re-rank with")
+                hits = searcher.search_keywords(options)
+            elif len(terms) == 1 and terms[0].image is not None and terms[0].weight > 0:
                 if options.min_prob is not None:
                     raise FieldError("min_prob", "needs a text term of positive weight to re-rank with")
                 hits = searcher.search_image(self._pixels(terms[0].image), options)
@@ -175,8 +190,17 @@ class Index:
                 vector, texts = self._compose(terms)
                 if options.min_prob is not None and not texts:
                     raise FieldError("min_prob", "needs a text term of positive weight to re-rank with")
-                hits = searcher.search_vector(vector, texts, options)
-            return self._results(view, hits, options.under)
+                words = next((t.text for t in terms if t.text is not None and t.weight > 0), None)
+                hits = searcher.search_vector(vector, texts, options, words=words)
+            results = self._results(view, hits, options.filters)
+        if options.sort == "date":
+            results.sort(key=lambda r: -r.date)
+        return results
+
+    def keyword_search(self, words: str, options: Options | None = None) -> list[Result]:
+        """Images whose caption or paths hold every one of `words`, best BM25 first (no model involved)."""
+        options = replace(options or Options(), keyword=words)
+        return self.search([], options)
 
     def search_image(self, image: ImageSource, options: Options | None = None) -> list[Result]:
         return self.search([Term(image=image)], options)
@@ -256,17 +280,19 @@ class Index:
         return self.model.pixel_values([loaded.pixels])
 
     @staticmethod
-    def _results(view: _View, hits: list[Hit], under: Sequence[str] | None) -> list[Result]:
-        """Hits with their files, best first; copies outside `under` are not shown, nor hits without one."""
-        from blipsearch.indexer.scan import is_under
-
-        files = view.reader.files_by_hash([h.key for h in hits])
+    def _results(view: _View, hits: list[Hit], where: Filters) -> list[Result]:
+        """Hits with their files, best first; copies outside the folders and dates asked for are not shown,
+        nor hits without one."""
+        reader = view.reader
+        files = reader.files_by_hash([h.key for h in hits])
         results = []
         for hit in hits:
-            inside = [f for f in files.get(hit.key, []) if under is None or is_under(f[0], under)]
+            inside = [f for f in files.get(hit.key, []) if reader.passes(f, where)]
             if inside:
-                (path, size, mtime), *copies = inside
-                results.append(Result(path, [c[0] for c in copies], hit.score, hit.itc, hit.itm_prob, size, mtime))
+                first, *copies = inside
+                results.append(Result(first.path, [c.path for c in copies], hit.score, hit.itc, hit.itm_prob,
+                                      first.size, first.mtime_ns, first.date, first.exif_dated, first.camera,
+                                      reader.caption(hit.key)))
         return results
 
 
@@ -292,17 +318,21 @@ def index_status(location: Path, reader=None) -> tuple[dict, IndexDamagedError |
     from blipsearch.indexer.store import check_tables
 
     manifest = read_index_manifest(location)  # none, or unreadable: nothing to report but the error
-    damage, files, images = None, None, None
+    checked = reader is not None
+    damage, files, images, captions = None, None, None, None
     try:
-        files, images = (reader or IndexReader.open(location)).counts()
-        if reader is None:
+        reader = reader or IndexReader.open(location)
+        files, images = reader.counts()
+        captions = reader.caption_count()
+        if not checked:
             check_tables(location, manifest)
     except IndexDamagedError as exc:
         damage = exc
     identity, run = manifest.identity, manifest.run
     return {
         "index": str(location), "model": identity.model_id, "revision": identity.revision,
-        "family": identity.family, "files": files, "images": images, "bytes": disk_bytes(location),
+        "family": identity.family, "files": files, "images": images, "captions": captions,
+        "captioner": run.captioner, "bytes": disk_bytes(location),
         "updated": run.updated, "interrupted": run.writing, "damaged": None if damage is None else str(damage),
         "embedding_dim": identity.embed_dim, "feature_shape": [identity.feature_tokens, identity.feature_dim],
     }, damage

@@ -1,5 +1,9 @@
 """The two-stage search: ITC recall of candidates, then ITM re-rank over their stored token features.
 
+Hybrid search (on by default where the index holds captions): the query's words also find images by
+keyword (BM25 over captions and paths); the vector and keyword lists are fused by reciprocal rank
+(`rrf`), and the best `candidates` of the fused list go to the ITM re-rank as before.
+
 The searcher knows nothing of folders or storage formats: it receives a `CandidateSource` (the index)
 and a `RetrievalModel`, so tests can pass fakes.
 """
@@ -18,13 +22,40 @@ from .fusion import fuse, match_logit, match_probability
 from .models.base import RetrievalModel, TextTokens
 
 RERANK_BATCH = 32  # candidates per ITM forward pass: bounds activation memory
+RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al. 2009; also Elasticsearch's and LanceDB's default)
+SORTS = ("score", "date")
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which images a search may return."""
+
+    under: Sequence[str] | None = None  # absolute folders: only images with a file there
+    keyword: str | None = None  # only images whose caption or paths hold every word of this
+    after: int | None = None  # only files dated at or after this (wall-clock seconds; see indexer/metadata.py)
+    before: int | None = None  # ... and before this
+
+    @property
+    def empty(self) -> bool:
+        return self.under is None and not self.keyword and self.after is None and self.before is None
 
 
 class CandidateSource(Protocol):
-    def recall(self, query: np.ndarray, k: int, under: Sequence[str] | None = None) -> list[tuple[str, float]]:
+    def recall(self, query: np.ndarray, k: int, where: Filters | None = None) -> list[tuple[str, float]]:
         """Best `k` images (key, ITC cosine) for a (D,) query vector, best first; for (Q, D) query vectors an
         image scores its best cosine against any of them."""
         ...
+
+    def similarity(self, query: np.ndarray, keys: Sequence[str]) -> dict[str, float]:
+        """ITC cosine of the query with each of the given images."""
+        ...
+
+    def keyword_hits(self, text: str, k: int, where: Filters | None = None) -> list[tuple[str, float]]:
+        """Best `k` images (key, keyword score) for the words of `text`, best first."""
+        ...
+
+    @property
+    def has_captions(self) -> bool: ...
 
     def token_features(self, keys: Sequence[str]) -> np.ndarray:
         """(K, T, H) ITM features of the given images, in order."""
@@ -34,8 +65,8 @@ class CandidateSource(Protocol):
 @dataclass
 class Hit:
     key: str  # image identity in the source (content hash)
-    score: float  # ITM class-1 logit + ITC cosine after re-rank, else the ITC cosine
-    itc: float
+    score: float  # ITM class-1 logit + ITC cosine after re-rank, else the ITC cosine (keyword search: BM25)
+    itc: float | None  # None: found by keyword alone, without a vector query
     itm_prob: float | None  # ITM match probability; None without re-rank
 
 
@@ -46,6 +77,11 @@ class SearchOptions:
     rerank: bool = True
     min_prob: float | None = None  # drop hits whose ITM match probability is lower
     under: Sequence[str] | None = None  # absolute folders: only images with a file there
+    keyword: str | None = None  # only images whose caption or paths hold every one of these words
+    after: int | None = None  # only files dated at or after this (wall-clock seconds)
+    before: int | None = None  # only files dated before this
+    hybrid: bool | None = None  # fuse keyword hits of the query's words (None: where the index has captions)
+    sort: str = "score"  # or "date": the best `top` results, newest first
 
     def __post_init__(self) -> None:
         for name in ("top", "candidates"):
@@ -55,6 +91,26 @@ class SearchOptions:
             raise FieldError("min_prob", "must lie between 0 and 1")
         if self.min_prob is not None and not self.rerank:
             raise FieldError("min_prob", "needs the ITM re-rank, which is turned off")
+        if self.sort not in SORTS:
+            raise FieldError("sort", f"must be one of {', '.join(SORTS)}")
+        if self.keyword is not None and not self.keyword.strip():
+            raise FieldError("keyword", "is empty")
+        if self.after is not None and self.before is not None and self.after >= self.before:
+            raise FieldError("before", "must come after the --after date")
+
+    @property
+    def filters(self) -> Filters:
+        return Filters(self.under, self.keyword, self.after, self.before)
+
+
+def rrf(*rankings: Sequence[str], k: int = RRF_K) -> list[str]:
+    """Reciprocal-rank fusion: keys by the sum over rankings of 1 / (k + rank), rank from 1; ties keep
+    the order of first appearance (the first ranking leads)."""
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, key in enumerate(ranking, 1):
+            scores[key] = scores.get(key, 0.0) + 1.0 / (k + rank)
+    return sorted(scores, key=lambda key: -scores[key])
 
 
 class Searcher:
@@ -66,14 +122,25 @@ class Searcher:
         if not text.strip():
             raise InvalidInputError("the query text is empty")
         encoded = self.model.encode_texts([text])
-        return self.search_vector(encoded.embeddings[0].numpy(), [(1.0, encoded.tokens)], options)
+        return self.search_vector(encoded.embeddings[0].numpy(), [(1.0, encoded.tokens)], options, words=text)
+
+    def search_keywords(self, options: SearchOptions) -> list[Hit]:
+        """Images by their `options.keyword` words alone (no vector): best BM25 first."""
+        if not options.keyword:
+            raise InvalidInputError("a keyword search needs words")
+        found = self.source.keyword_hits(options.keyword, options.top, options.filters)
+        return [Hit(key, score, None, None) for key, score in found]
 
     def search_vector(self, query: np.ndarray, texts: Sequence[tuple[float, TextTokens]],
-                      options: SearchOptions) -> list[Hit]:
-        """Recall by a (D,) or (V, D) query; re-rank by ITC + the weighted ITM match logits of `texts` (a negative
-        weight subtracts that text's logit). Without texts, or without re-rank, the ITC order stands."""
+                      options: SearchOptions, words: str | None = None) -> list[Hit]:
+        """Recall by a (D,) or (V, D) query (fused with the keyword hits of `words` in hybrid search);
+        re-rank by ITC + the weighted ITM match logits of `texts` (a negative weight subtracts that text's
+        logit). Without texts, or without re-rank, the recall order stands."""
         # --top beyond --candidates re-ranks more: the user asked for that many results
-        recalled = self.source.recall(query, max(options.candidates, options.top), options.under)
+        depth = max(options.candidates, options.top)
+        recalled = self.source.recall(query, depth, options.filters)
+        if words and (options.hybrid if options.hybrid is not None else self.source.has_captions):
+            recalled = self._fused(query, recalled, self.source.keyword_hits(words, depth, options.filters), depth)
         if not options.rerank or not texts:
             return [Hit(key, itc, itc, None) for key, itc in recalled[:options.top]]
         hits = self.rerank(texts, recalled)
@@ -87,6 +154,16 @@ class Searcher:
         itself)."""
         vectors = self.model.encode_images(pixels).embeddings[0]  # (V, D)
         return self.search_vector(vectors.numpy(), [], options)
+
+    def _fused(self, query: np.ndarray, recalled: list[tuple[str, float]], keyword: list[tuple[str, float]],
+               depth: int) -> list[tuple[str, float]]:
+        """The best `depth` of the vector and keyword lists fused by reciprocal rank, with their ITC cosines."""
+        order = rrf([key for key, _ in recalled], [key for key, _ in keyword])[:depth]
+        itc = dict(recalled)
+        missing = [key for key in order if key not in itc]
+        if missing:
+            itc.update(self.source.similarity(query, missing))
+        return [(key, itc[key]) for key in order]
 
     def rerank(self, texts: Sequence[tuple[float, TextTokens]], recalled: list[tuple[str, float]]) -> list[Hit]:
         """ITM of each (weight, text) over the stored features of the recalled images; best fused score first.

@@ -18,6 +18,18 @@ def make_photo(path: Path, seed: int, size: tuple[int, int] = (48, 40)) -> Path:
     return path
 
 
+def exif_photo(path: Path, seed: int, taken: str | None, make: str = "Canon", model: str = "Canon EOS 5D") -> Path:
+    """A random-noise JPEG with EXIF DateTimeOriginal `taken` ("YYYY:MM:DD HH:MM:SS"; None: no date) and a camera."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = make, model
+    if taken is not None:
+        exif.get_ifd(0x8769)[0x9003] = taken
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path, "JPEG", exif=exif.tobytes())
+    return path
+
+
 def make_folder(folder: Path, count: int, seed: int = 0, ext: str = "png") -> list[Path]:
     return [make_photo(folder / f"img{i:03d}.{ext}", seed * 1000 + i) for i in range(count)]
 

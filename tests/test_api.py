@@ -157,7 +157,7 @@ def test_an_older_snapshot_format_counts_as_absent(tmp_path, tiny_model_dir):
     assert snapshot.saved_generation(tmp_path / "index") is None
     reader = IndexReader.open(tmp_path / "index")
     assert not reader.from_snapshot and reader.counts() == (2, 2)
-    sizes = [f[1] for files in reader.files_by_hash(list(reader.files().values())).values() for f in files]
+    sizes = [f.size for files in reader.files_by_hash(list(reader.files().values())).values() for f in files]
     assert sorted(sizes) == sorted(p.stat().st_size for p in (tmp_path / "photos").iterdir())
     blipsearch("index", str(tmp_path / "photos"), "-q", index=tmp_path / "index")
     assert snapshot.saved_generation(tmp_path / "index") == meta["generation"] + 1

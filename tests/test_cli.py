@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,10 @@ def test_json_schema(library, family_model_dir):
     assert answer["query"] == QUERY and answer["model"] == str(family_model_dir)
     assert len(answer["results"]) == 4
     for row in answer["results"]:
-        assert set(row) == {"path", "score", "itc", "itm_prob"}
+        assert set(row) == {"path", "score", "itc", "itm_prob", "caption", "date", "date_source"}
         assert 0 <= row["itm_prob"] <= 1 and -1 <= row["itc"] <= 1
+        assert row["caption"] is None and row["date_source"] == "file"  # no --captions; PNGs without EXIF
+        assert datetime.fromisoformat(row["date"]).year >= 2026
     assert [r["score"] for r in answer["results"]] == sorted((r["score"] for r in answer["results"]), reverse=True)
     no_rerank = query_json(library, "--no-rerank")["results"]
     assert all(r["itm_prob"] is None and r["score"] == r["itc"] for r in no_rerank)
@@ -58,7 +61,7 @@ def test_paths_in_and_min_prob(library):
 
 def test_table_output_and_status(library, family_model_dir):
     lines = blipsearch("query", QUERY, "--top", "3", index=library / "index").stdout.splitlines()
-    assert lines[0].split() == ["#", "score", "match", "path"] and len(lines) == 4
+    assert lines[0].split() == ["#", "score", "match", "date", "path"] and len(lines) == 4
     assert lines[1].split()[0] == "1" and lines[1].split()[2].endswith("%")
     status = json.loads(blipsearch("status", "--json", index=library / "index").stdout)
     assert (status["files"], status["images"], status["model"]) == (9, 9, str(family_model_dir))
@@ -89,7 +92,7 @@ def test_copies_are_listed_once(tmp_path, tiny_model_dir):
     (["status"], "no index at"),
     (["query", QUERY, "--no-rerank", "--min-prob", "0.5"], "--min-prob needs the ITM re-rank"),
     (["query", "--image", "x.jpg", "--min-prob", "0.5"], "--image ranks by ITC similarity only"),
-    (["query"], "give either a query TEXT or --image PATH"),
+    (["query"], "give a query TEXT, --image PATH or --keyword WORDS"),
     (["index", "/no/such/folder"], "/no/such/folder: no such file or folder"),
 ])
 def test_errors_are_one_line(tmp_path, args, message):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from .. import DEFAULT_MODEL
+from .. import DEFAULT_CAPTIONER, DEFAULT_MODEL
+from ..errors import InvalidInputError
 from . import EXIT_SKIPPED, main
 from .options import device_option, index_location, index_option, load, model_option, precision_option
 
@@ -30,14 +31,22 @@ from .options import device_option, index_location, index_option, load, model_op
               help="Drop the index first: to switch models, or to repair a damaged index.")
 @click.option("--allow-empty", is_flag=True,
               help="Let a folder that is now empty remove its indexed files (kept by default: an unmounted drive).")
+@click.option("--captions/--no-captions", default=None,
+              help="Write a caption per image (for keyword and hybrid search); the index remembers the choice "
+                   "for later runs. Default: as the last run chose (off for a new index).")
+@click.option("--captioner", "captioner_name", metavar="HUB_ID|DIR", default=None,
+              help=f"BLIP captioning model (implies --captions). Default: the index's, else {DEFAULT_CAPTIONER}.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def index_command(folders, model_name, index_path, device, precision, batch_size, workers, exact_decode, rebuild,
-                  allow_empty, quiet):
+                  allow_empty, captions, captioner_name, quiet):
     """Embed every image under FOLDERS (recursively) into the index.
 
     Unchanged files are skipped, changed ones re-encoded, deleted ones removed, and moved or copied
     files reuse their stored features. Interrupting loses at most the batch in flight; run again to
     finish. Exit status 3 means done, with some files skipped (each named on stderr).
+
+    With --captions each image also gets a caption (once per content; images indexed before get theirs
+    on this run), and the date it was taken (EXIF, else the file's time) is kept for every file.
     """
     from blipsearch.indexer.pipeline import IndexOptions, index_folders
     from blipsearch.indexer.reader import IndexReader
@@ -47,11 +56,14 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
     location = index_location(index_path)
     resolve_roots(folders)  # a missing folder, a damaged or foreign index: all fail before the model loads
     model = load(model_to_write(location, model_name, rebuild) or DEFAULT_MODEL, device, precision)
+    if captions is False and captioner_name is not None:
+        raise InvalidInputError("--captioner names the model for --captions; drop one of --captioner and --no-captions")
     store = IndexWriter.open(location, model.info, rebuild=rebuild)
+    captioner = _captioner(store, captions, captioner_name, device, precision)
     options = IndexOptions(
         batch_size=batch_size or (64 if model.device.type != "cpu" else 16), workers=workers,
         progress=not quiet, reduced_decode=not exact_decode, allow_empty=allow_empty,
-        on_skip=lambda path, reason: _say(f"skipped {path}: {reason}"))
+        on_skip=lambda path, reason: _say(f"skipped {path}: {reason}"), captioner=captioner)
     started = time.perf_counter()
     try:
         summary = index_folders(folders, model, store, options)
@@ -60,11 +72,38 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
     seconds = time.perf_counter() - started
     rate = f" ({summary.indexed / seconds:.1f} images/s)" if summary.indexed else ""
     files, _ = IndexReader.open(location).counts()
+    for path, reason in summary.uncaptioned:
+        _say(f"no caption for {path}: {reason}")
+    captioned = f", captioned {summary.captioned}" if captioner is not None else ""
     _say(f"indexed {summary.indexed}, reused {summary.reused} (moved or copied), unchanged "
-         f"{summary.unchanged}, removed {summary.removed}, skipped {len(summary.skipped)} in {seconds:.1f} s"
-         f"{rate}; the index at {location} holds {files} files")
+         f"{summary.unchanged}, removed {summary.removed}, skipped {len(summary.skipped)}{captioned} in "
+         f"{seconds:.1f} s{rate}; the index at {location} holds {files} files")
     if summary.skipped:
         sys.exit(EXIT_SKIPPED)
+
+
+def _captioner(store, captions: bool | None, name: str | None, device: str, precision: str):
+    """The run's captioner (None: no captions), as asked, else as the index remembers; remembered for the
+    next run. Loaded only when the run has something to caption."""
+    from blipsearch.indexer.pipeline import CaptionerSource
+
+    recorded = store.manifest.run.captioner
+    if captions is False:
+        chosen = None
+    elif name is not None or captions:
+        chosen = name or recorded or DEFAULT_CAPTIONER
+    else:
+        chosen = recorded
+    store.manifest.run.captioner = chosen
+    if chosen is None:
+        return None
+
+    def load():
+        from ..models.captioner import load_captioner
+
+        return load_captioner(chosen, device=device, precision=precision)
+
+    return CaptionerSource(chosen, load)
 
 
 def _say(line: str) -> None:

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 # library field -> the flag that sets it
 FLAGS = {"top": "--top", "candidates": "--candidates", "min_prob": "--min-prob", "under": "--in", "image": "--image",
-         "weight": "a term's WEIGHT:"}
+         "weight": "a term's WEIGHT:", "keyword": "--keyword", "after": "--after", "before": "--before",
+         "sort": "--sort"}
 
 
 @main.command("query")
@@ -45,6 +46,16 @@ FLAGS = {"top": "--top", "candidates": "--candidates", "min_prob": "--min-prob",
               help="Drop results whose ITM match probability is below P.")
 @click.option("--in", "under", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Only results under DIR.")
+@click.option("--keyword", metavar="WORDS", default=None,
+              help="Only images whose caption or file path holds every one of WORDS; without TEXT, rank by them.")
+@click.option("--after", metavar="DATE", default=None,
+              help="Only photos taken (EXIF, else file time) on or after DATE: YYYY, YYYY-MM, YYYY-MM-DD[THH:MM].")
+@click.option("--before", metavar="DATE", default=None, help="Only photos taken before DATE (same forms).")
+@click.option("--sort", type=click.Choice(["score", "date"]), default="score", show_default=True,
+              help="Order of the results: best first, or the best --top newest first.")
+@click.option("--hybrid/--no-hybrid", default=None,
+              help="Fuse keyword hits of TEXT (captions, paths) with the vector recall. Default: where the index "
+                   "has captions.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @click.option("--paths", "as_paths", is_flag=True, help="Only paths, one per line, best first.")
 @click.option("-0", "--null", "null", is_flag=True,
@@ -54,7 +65,8 @@ FLAGS = {"top": "--top", "candidates": "--candidates", "min_prob": "--min-prob",
 @device_option
 @precision_option
 def query_command(text, image_path, add, subtract, add_image, subtract_image, top, candidates, no_rerank, min_prob,
-                  under, as_json, as_paths, null, model_name, index_path, device, precision):
+                  under, keyword, after, before, sort, hybrid, as_json, as_paths, null, model_name, index_path, device,
+                  precision):
     """Find the images that best match TEXT (or --image).
 
     Recall ranks every image by ITC similarity; the ITM head then re-ranks the best --candidates with
@@ -63,12 +75,18 @@ def query_command(text, image_path, add, subtract, add_image, subtract_image, to
     Composed queries, as rclip's: `query "a beach" --add sunset --subtract people --add-image PATH`. The
     ITC query is the normalised weighted sum of the terms' normalised embeddings; the re-rank adds each
     text term's weighted ITM match logit (subtracted terms subtract theirs) when a positive text term exists.
+
+    Where the index has captions (`index --captions`), TEXT also finds images by keyword (captions and file
+    paths), fused with the vector recall by reciprocal rank before the re-rank (--no-hybrid: vectors only).
     """
     from ..api import Index, folders
+    from ..dates import date_range
     from ..search import SearchOptions
 
-    if (text is None) == (image_path is None):
-        raise InvalidInputError("give either a query TEXT or --image PATH")
+    if text is not None and image_path is not None:
+        raise InvalidInputError("give either a query TEXT or --image PATH, not both")
+    if text is None and image_path is None and keyword is None:
+        raise InvalidInputError("give a query TEXT, --image PATH or --keyword WORDS")
     if image_path is not None and min_prob is not None:
         raise InvalidInputError("--min-prob filters on the ITM match probability of a text query; "
                                 "--image ranks by ITC similarity only")
@@ -77,12 +95,14 @@ def query_command(text, image_path, add, subtract, add_image, subtract_image, to
         raise InvalidInputError("--json and --paths (or --null) exclude each other")
     with flags():
         terms = _terms(text, image_path, add, subtract, add_image, subtract_image)
+        start, end = date_range(after, before)
         options = SearchOptions(top=top, candidates=candidates, rerank=not no_rerank, min_prob=min_prob,
-                                under=folders(under) if under is not None else None)
+                                under=folders(under) if under is not None else None, keyword=keyword, after=start,
+                                before=end, hybrid=hybrid, sort=sort)
         index = Index.open(index_location(index_path), model_name, device, precision,
                            with_vision=any(t.image is not None for t in terms))
         results = index.search(terms, options)
-    query = text if text is not None else str(image_path)
+    query = text if text is not None else str(image_path) if image_path is not None else keyword
     if as_paths:
         _print_paths(results, b"\0" if null else b"\n")
     elif as_json:
@@ -105,11 +125,16 @@ def flags() -> Iterator[None]:
 
 
 def _terms(text, image_path, add, subtract, add_image, subtract_image) -> list[Term]:
-    """The query's terms: the main one first, then the added and subtracted ones."""
+    """The query's terms: the main one first, then the added and subtracted ones (none: keywords alone)."""
     from ..api import Term, more_terms
 
+    more = more_terms(add, subtract, add_image, subtract_image)
+    if text is None and image_path is None:
+        if more:
+            raise InvalidInputError("--add and --subtract need a query TEXT or --image to add to")
+        return []
     main_term = Term(text=text) if text is not None else Term(image=image_path)
-    return [main_term, *more_terms(add, subtract, add_image, subtract_image)]
+    return [main_term, *more]
 
 
 def _print_paths(results: list[Result], end: bytes) -> None:
@@ -124,9 +149,11 @@ def _print_table(results: list[Result]) -> None:
     if not results:
         click.echo("no matching images", err=True)
         return
-    click.echo(f"{'#':>3}  {'score':>7}  {'match':>5}  path")
+    captions = any(r.caption for r in results)
+    click.echo(f"{'#':>3}  {'score':>7}  {'match':>5}  {'date':<10}  path" + ("  -- caption" if captions else ""))
     for rank, r in enumerate(results, 1):
         match = "    -" if r.itm_prob is None else f"{r.itm_prob:5.0%}"
         extra = f"  (+{len(r.copies)} copies)" if r.copies else ""
         name = printable(r.path).replace("\n", "\\n")  # one line per result
-        click.echo(f"{rank:>3}  {r.score:7.3f}  {match}  {name}{extra}")
+        caption = f"  -- {r.caption}" if r.caption else ""
+        click.echo(f"{rank:>3}  {r.score:7.3f}  {match}  {r.date_text[:10]}  {name}{extra}{caption}")

@@ -234,7 +234,7 @@ def read_state(name: str, directory: Path, info: ModelInfo, modules: tuple[str, 
 def _safetensors_state(directory: Path, name: str, modules: tuple[str, ...], spec: WeightsSpec,
                        dtypes: Mapping[str, Any]) -> dict[str, Any]:
     present = {key.split(".")[0] for key in safetensors_keys(directory, name)}
-    _refuse_missing(name, set(spec.required) - present, spec)
+    refuse_missing(name, set(spec.required) - present, spec)
     return read_tensors(directory, name, modules, dtypes)
 
 
@@ -246,11 +246,11 @@ def state_via_transformers(directory: Path, name: str, spec: WeightsSpec) -> dic
     model, loading = from_pretrained(directory, name, loader, output_loading_info=True)
     missing = {key.split(".")[0] for key in loading.get("missing_keys", ())}
     missing |= {key.split(".")[0] for key, *_ in loading.get("mismatched_keys", ())}
-    _refuse_missing(name, missing, spec)
+    refuse_missing(name, missing, spec)
     return model.state_dict()
 
 
-def _refuse_missing(name: str, missing: set[str], spec: WeightsSpec) -> None:
+def refuse_missing(name: str, missing: set[str], spec: WeightsSpec) -> None:
     """Refuse checkpoints whose retrieval modules would be left at random initialisation."""
     absent = sorted(missing & set(spec.required))
     if absent:

@@ -2,16 +2,18 @@
 
     GET  /                    the search page (page.html)
     GET  /api/search          text and composed queries: q, add, subtract, like, unlike, top, candidates,
-                              rerank, min_prob, under
+                              rerank, min_prob, under, keyword, after, before, sort, hybrid (`query`'s
+                              flags; q may be left out where keyword is given)
     POST /api/search/image    the request body is an image (at most MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS);
-                              the same parameters compose with it
+                              the same parameters compose with it, the filters too
     GET  /api/similar         images like the indexed file `path`
     GET  /api/status          `blipsearch status --json`
     GET  /api/thumbnail       a small JPEG of the indexed file `path`
     GET  /api/original        the indexed file `path` itself
     GET  /docs                the OpenAPI page
 
-Results have `query --json`'s schema, plus each file's `size` and `modified` date. Every bad request is a
+Results have `query --json`'s schema (caption and date included), plus each file's `size`, `modified`
+date and `camera`. Every bad request is a
 4xx with `{"error": "..."}`. Sync handlers run in Starlette's thread pool; the `Index` runs one query at a
 time (one model), and each query first picks up a generation an indexing run has finished meanwhile.
 """
@@ -36,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from blipsearch.indexer.images import check_header
 
 from ..api import FieldError, Index, NotIndexedError, Term, folders, more_terms
+from ..dates import date_range
 from ..errors import BlipsearchError, ImageLoadError, InvalidInputError, ModelMismatchError, StoreError
 from ..search import SearchOptions
 from .files import ServedFiles
@@ -70,18 +73,25 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
         return HTMLResponse(resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8"))
 
     @app.get("/api/search", summary="Images matching a text or a composed query")
-    def search(q: str, add: Texts = (), subtract: Texts = (), like: Texts = (), unlike: Texts = (),
+    def search(q: str | None = None, add: Texts = (), subtract: Texts = (), like: Texts = (), unlike: Texts = (),
                top: int = 10, candidates: int = 64, rerank: bool = True, min_prob: float | None = None,
-               under: str | None = None) -> dict:
-        terms = [Term(text=q), *_more(add, subtract, like, unlike, files)]
-        return _answer(index, q, terms, _options(top, candidates, rerank, min_prob, under))
+               under: str | None = None, keyword: str | None = None, after: str | None = None,
+               before: str | None = None, sort: str = "score", hybrid: bool | None = None) -> dict:
+        more = _more(add, subtract, like, unlike, files)
+        if q is None and (keyword is None or more):
+            raise FieldError("q", "is missing: give a query text (or keyword words alone)")
+        terms = [Term(text=q), *more] if q is not None else []
+        options = _options(top, candidates, rerank, min_prob, under, keyword, after, before, sort, hybrid)
+        return _answer(index, q if q is not None else keyword, terms, options)
 
     @app.post("/api/search/image", summary="Images like the uploaded image (the request body)")
     async def search_image(request: Request, add: Texts = (), subtract: Texts = (), top: int = 10,
-                           candidates: int = 64, rerank: bool = True, under: str | None = None) -> JSONResponse:
+                           candidates: int = 64, rerank: bool = True, under: str | None = None,
+                           keyword: str | None = None, after: str | None = None, before: str | None = None,
+                           sort: str = "score") -> JSONResponse:
         data = await _upload(request)
         terms = [Term(image=data), *_more(add, subtract, (), (), files)]
-        options = _options(top, candidates, rerank, None, under)
+        options = _options(top, candidates, rerank, None, under, keyword, after, before, sort)
         return JSONResponse(await run_in_threadpool(_answer, index, "(uploaded image)", terms, options))
 
     @app.get("/api/similar", summary="Images like an indexed image")
@@ -124,12 +134,16 @@ def _more(add, subtract, like, unlike, files: ServedFiles) -> list[Term]:
     return terms
 
 
-def _options(top: int, candidates: int, rerank: bool, min_prob: float | None, under: str | None) -> SearchOptions:
+def _options(top: int, candidates: int, rerank: bool, min_prob: float | None, under: str | None,
+             keyword: str | None = None, after: str | None = None, before: str | None = None, sort: str = "score",
+             hybrid: bool | None = None) -> SearchOptions:
     for name, value in (("top", top), ("candidates", candidates)):
         if not 1 <= value <= MAX_TOP:  # a bound of the server's; the rest is SearchOptions' to check
             raise FieldError(name, f"must lie between 1 and {MAX_TOP}")
+    start, end = date_range(after, before)
     return SearchOptions(top=top, candidates=candidates, rerank=rerank, min_prob=min_prob,
-                         under=folders(Path(under)) if under else None)
+                         under=folders(Path(under)) if under else None, keyword=keyword, after=start, before=end,
+                         sort=sort, hybrid=hybrid)
 
 
 def _answer(index: Index, query: str, terms: list[Term], options: SearchOptions) -> dict:
