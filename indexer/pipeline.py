@@ -23,7 +23,6 @@ the fact). A caption that fails is left out, never the image; the next run tries
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from blipsearch.retrieval.errors import ImageLoadError, InvalidInputError
+from blipsearch.retrieval.errors import BlipsearchError, ImageLoadError, InvalidInputError, ModelLoadError, first_line
 from blipsearch.retrieval.models.base import RetrievalModel
 
 from . import codec
@@ -151,14 +150,15 @@ def _remove_vanished(store: IndexWriter, stored: dict[str, FileRecord], files: l
 @dataclass
 class _Read:
     """What a worker made of one file: its content hash and metadata, the decoded image when that content is
-    new, and the captioner's pixels when its content needs a caption."""
+    new, and its bytes when its content needs a caption (the main thread decodes them for the captioner, which
+    it loads on first use: never within a read's time limit)."""
 
     stat: FileStat
     digest: str | None = None
     image: LoadedImage | None = None
     reason: str | None = None  # why the file was skipped
     meta: FileMeta | None = None
-    caption_pixels: np.ndarray | None = None
+    caption_data: bytes | None = None  # the file's bytes, kept where its content needs a caption
     caption_only: bool = False  # an unchanged file read for its content's caption alone
 
 
@@ -169,15 +169,14 @@ class _Run:
                  options: IndexOptions, summary: IndexSummary):
         self.store, self.model, self.stored, self.options, self.summary = store, model, stored, options, summary
         self._captioner: Captioner | None = None  # loaded by the first content that needs a caption
-        self._captioner_lock = threading.Lock()
         self.known = store.known_hashes()  # contents with stored features (grows as batches commit)
         self.named = {record.hash for record in stored.values()}  # contents some file row points to
         # contents that need a caption from this run's captioner (none without one)
         self.uncaptioned = _Uncaptioned(store.captioned(), options.captioner.name if options.captioner else None)
-        # new contents waiting for the encoder: image, files, captioner pixels
-        self.batch: dict[str, tuple[LoadedImage, list[_Read], np.ndarray | None]] = {}
+        # new contents waiting for the encoder: image, files, bytes for the captioner
+        self.batch: dict[str, tuple[LoadedImage, list[_Read], bytes | None]] = {}
         self.reused: list[FileRecord] = []  # files of known contents, written with the next commit
-        self.captions: dict[str, tuple[str, np.ndarray]] = {}  # stored contents to caption: path, pixels
+        self.captions: dict[str, _Waiting] = {}  # stored contents to caption
         self.batches = 0
 
     def process(self, changed: list[FileStat], recaption: list[FileStat] = ()) -> None:
@@ -216,26 +215,31 @@ class _Run:
                 read.reason = str(exc)
                 return read
         if digest in self.uncaptioned:
-            read.caption_pixels = self._caption_pixels(read, data)
+            read.caption_data = data
         return read
 
     @property
     def captioner(self) -> Captioner:
-        """The captioner, loaded on first use (by a worker thread, or the main one)."""
-        with self._captioner_lock:
-            if self._captioner is None:
+        """The captioner, loaded on first use, in the main thread."""
+        if self._captioner is None:
+            try:
                 self._captioner = self.options.captioner.load()
-            return self._captioner
+            except BlipsearchError:
+                raise
+            except Exception as exc:  # out of memory, a device error: still one line, and batches so far kept
+                raise ModelLoadError(f"cannot load the captioner {self.options.captioner.name}: "
+                                     f"{first_line(exc)}") from exc
+        return self._captioner
 
-    def _caption_pixels(self, read: _Read, data: bytes) -> np.ndarray | None:
+    def _caption_pixels(self, waiting: _Waiting) -> np.ndarray | None:
         """The picture at the captioner's input size: the encoder's pixels where the sizes agree."""
         pre = self.captioner.info.preprocessing
-        if read.image is not None and _same_input(pre, self.model.info.preprocessing):
-            return read.image.pixels
+        if waiting.image is not None and _same_input(pre, self.model.info.preprocessing):
+            return waiting.image.pixels
         try:
-            return load_image(read.stat.path, pre, reduced_decode=self.options.reduced_decode, data=data).pixels
+            return load_image(waiting.path, pre, reduced_decode=self.options.reduced_decode, data=waiting.data).pixels
         except ImageLoadError as exc:  # decoded for the encoder, yet not now: leave the caption out
-            self.summary.uncaptioned.append((read.stat.path, str(exc)))
+            self.summary.uncaptioned.append((waiting.path, str(exc)))
             return None
 
     @staticmethod
@@ -252,14 +256,14 @@ class _Run:
         elif digest in self.known:
             self._count_reuse(stat, digest)
             self.reused.append(_file_record(item))
-            if item.caption_pixels is not None and digest not in self.captions:
-                self.captions[digest] = (stat.path, item.caption_pixels)
+            if item.caption_data is not None and digest not in self.captions:
+                self.captions[digest] = _Waiting(stat.path, None, item.caption_data)
         elif digest in self.batch:  # an identical copy is already waiting: encode once
             self.batch[digest][1].append(item)
         elif item.image is None:  # known when read, and this run pruned nothing since: cannot happen
             raise AssertionError(f"{stat.path}: content neither stored nor decoded")
         else:
-            self.batch[digest] = (item.image, [item], item.caption_pixels)
+            self.batch[digest] = (item.image, [item], item.caption_data)
         if len(self.batch) >= self.options.batch_size or len(self.captions) >= self.options.batch_size:
             self._commit()
 
@@ -267,8 +271,8 @@ class _Run:
         """An unchanged file read for its stored content's caption: nothing else of it changes."""
         if item.reason is not None:
             self.summary.uncaptioned.append((item.stat.path, item.reason))
-        elif item.digest in self.known and item.caption_pixels is not None:
-            self.captions.setdefault(item.digest, (item.stat.path, item.caption_pixels))
+        elif item.digest in self.known and item.caption_data is not None:
+            self.captions.setdefault(item.digest, _Waiting(item.stat.path, None, item.caption_data))
         # else: the file changed since the scan; the next run indexes it
         self.progress.update(1)
 
@@ -281,7 +285,8 @@ class _Run:
             images = [self.batch[d][0] for d in digests]
             encoded = self.model.encode_images(self.model.pixel_values([image.pixels for image in images]))
             packed = codec.pack(encoded.features)
-            captions = self._caption({d: (self.batch[d][1][0].stat.path, self.batch[d][2]) for d in digests})
+            captions = self._caption({d: _Waiting(self.batch[d][1][0].stat.path, self.batch[d][0], self.batch[d][2])
+                                      for d in digests})
             label = self.options.captioner.name if self.options.captioner else None
             self.store.add_images([
                 ImageRecord(d, encoded.embeddings[i].numpy(), packed[i], images[i].width, images[i].height,
@@ -302,10 +307,11 @@ class _Run:
         if self.batches % COMPACT_EVERY == 0:
             self.store.compact()
 
-    def _caption(self, waiting: dict[str, tuple[str, np.ndarray | None]]) -> dict[str, str]:
-        """Captions of the contents (hash -> (a path, captioner pixels)) that have pixels; failures are
-        reported by path and left out."""
-        todo = [(d, path, pixels) for d, (path, pixels) in waiting.items() if pixels is not None]
+    def _caption(self, waiting: dict[str, _Waiting]) -> dict[str, str]:
+        """Captions of the contents that wait for one (those with bytes kept); failures are reported by path
+        and left out."""
+        todo = [(d, w.path, pixels) for d, w in waiting.items()
+                if w.data is not None and (pixels := self._caption_pixels(w)) is not None]
         if not todo:
             return {}
         texts = self.captioner.caption([pixels for _, _, pixels in todo])
@@ -331,10 +337,22 @@ class _Run:
         self.named.add(digest)
 
     def _skip(self, stat: FileStat, reason: str) -> None:
-        if stat.path in self.stored:
-            self.store.delete_files([stat.path])  # the stored older version of this path is stale now
+        old = self.stored.get(stat.path)
+        # the stored older version of this path is stale now; one of the same size and mtime (read again only
+        # for the metadata an older blipsearch did not keep) is not
+        if old is not None and (old.size, old.mtime_ns) != (stat.size, stat.mtime_ns):
+            self.store.delete_files([stat.path])
         _skip(stat.path, reason, self.options, self.summary)
         self.progress.update(1)
+
+
+@dataclass
+class _Waiting:
+    """A content waiting for its caption: one of its paths, the encoder's image if decoded, the file's bytes."""
+
+    path: str
+    image: LoadedImage | None
+    data: bytes | None
 
 
 def _file_record(read: _Read) -> FileRecord:

@@ -48,6 +48,7 @@ class IndexReader:
         self.view = view
         self.from_snapshot = from_snapshot  # False: built from the tables (a run is under way or was killed)
         self._features = FeatureSegments(path, manifest.identity.record_bytes)
+        self._allowed: tuple[Filters, np.ndarray | None] | None = None  # the last filters' rows
 
     @classmethod
     def open(cls, path: Path) -> IndexReader:
@@ -82,9 +83,9 @@ class IndexReader:
 
     def similarity(self, query: np.ndarray, hashes: Sequence[str]) -> dict[str, float]:
         """ITC cosine of the query with each of the given images (exact)."""
-        rows = np.unique(np.asarray([self.view.row_of(h) for h in hashes], np.int64))
-        found, scores = self.view.recall.search(query, len(rows), rows)
-        return {str(self.view.hashes[r]): float(s) for r, s in zip(found, scores, strict=True)}
+        rows = np.asarray([self.view.row_of(h) for h in hashes], np.int64)
+        scores = self.view.recall.scores(query, rows)
+        return {str(self.view.hashes[r]): float(s) for r, s in zip(rows, scores, strict=True)}
 
     @property
     def has_captions(self) -> bool:
@@ -101,6 +102,8 @@ class IndexReader:
         and every `--keyword` word in the row's caption or paths."""
         if where is None or where.empty:
             return None
+        if self._allowed is not None and self._allowed[0] is where:  # recall and keyword hits of one query
+            return self._allowed[1]
         view, rows = self.view, None
         if where.under is not None or where.after is not None or where.before is not None:
             passing = np.ones(len(view.paths), bool)
@@ -117,6 +120,7 @@ class IndexReader:
             except ValueError:
                 raise FieldError("keyword", "has no word to search for: give letters or digits") from None
             rows = with_words if rows is None else np.intersect1d(rows, with_words)
+        self._allowed = (where, rows)
         return rows
 
     def passes(self, file: FileInfo, where: Filters | None) -> bool:

@@ -102,6 +102,24 @@ class RecallIndex:
         order = np.argsort(-scores.ravel(), kind="stable")
         return _best_per_image(ids.ravel()[order], scores.ravel()[order], v, k)
 
+    def scores(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact ITC scores of the given image rows (best vector against the best query vector), in order.
+
+        Read straight from the stored vectors where the index keeps them (exact tier, the float16 copy of the
+        IVF-PQ tier); the IVF-Flat tier searches the subset instead."""
+        v, rows = self.vectors_per_image, np.asarray(rows, np.int64)
+        queries = np.ascontiguousarray(query.reshape(-1, query.shape[-1]), dtype=np.float32)  # (Q, D)
+        ids = (rows[:, None] * v + np.arange(v)[None, :]).ravel()
+        if self.exact_vectors is not None:
+            vectors = self.exact_vectors[ids].astype(np.float32)
+        elif self.exact:
+            vectors = self.index.reconstruct_batch(ids)
+        else:
+            found, scores = self.search(query, len(rows), rows)
+            by_row = dict(zip(found.tolist(), scores.tolist(), strict=True))
+            return np.asarray([by_row[r] for r in rows.tolist()], np.float32)
+        return (vectors @ queries.T).reshape(len(rows), -1).max(axis=1)
+
     def _rescore(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact cosines of the (Q, K) candidate vectors, read from the float16 copy (-inf where none)."""
         found = ids >= 0

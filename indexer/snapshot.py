@@ -66,8 +66,8 @@ class Snapshot:
     dates: np.ndarray  # (P,) int64 wall-clock seconds: EXIF date taken, else the modification time
     exif_dated: np.ndarray  # (P,) bool: `dates` came from EXIF
     cameras: list[str]  # (P,) "" where unknown
-    _keywords: KeywordIndex | None = None  # loaded or built on first use
-    _folder: Path | None = None  # where it was loaded from
+    _keywords: KeywordIndex | None = None  # as saved with this generation; else built on first use
+    _has_captions: bool | None = None
     _row_of: dict[str, int] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -99,15 +99,15 @@ class Snapshot:
 
     @property
     def has_captions(self) -> bool:
-        return any(self.captions)
+        if self._has_captions is None:
+            self._has_captions = any(self.captions)
+        return self._has_captions
 
     @property
     def keywords(self) -> KeywordIndex:
         """The keyword index over each row's caption and file paths."""
         if self._keywords is None:
-            saved = KeywordIndex.load(self._folder) if self._folder is not None else None
-            self._keywords = saved if saved is not None and len(saved) == len(self.hashes) else \
-                KeywordIndex.build(self.documents())
+            self._keywords = KeywordIndex.build(self.documents())
         return self._keywords
 
     def documents(self) -> list[str]:
@@ -155,13 +155,16 @@ class Snapshot:
             paths, cameras = (_texts(folder / f"{name}.bin", len(path_rows)) for name in ("paths", "cameras"))
             captions = _texts(folder / "captions.bin", len(hashes))
             recall = RecallIndex.load(folder)
+            keywords = KeywordIndex.load(folder)  # now, not on first use: a later run may swap the folder
         except Exception:  # missing, damaged or half-replaced: the tables can always answer instead
+            return None
+        if keywords is None or len(keywords) != len(hashes):
             return None
         if (recall is None or not len(paths) == len(path_rows) == len(sizes) == len(mtimes) == len(dates)
                 == len(exif) == len(cameras) or not len(hashes) == len(segments) == len(slots) == len(captions)):
             return None
         return cls(hashes, segments, slots, recall, captions, path_rows, paths, sizes, mtimes, dates, exif, cameras,
-                   _folder=folder)
+                   _keywords=keywords)
 
 
 def _texts(path: Path, count: int) -> list[str]:

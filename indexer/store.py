@@ -171,6 +171,14 @@ class IndexWriter:
     def known_hashes(self) -> set[str]:
         return set(self._known)
 
+    @_writes
+    def remember_captioner(self, name: str | None) -> None:
+        """The captioner later runs use by default (None: captions off), recorded at once: a run that is
+        killed still leaves the choice for the next."""
+        if self.manifest.run.captioner != name:
+            self.manifest.run.captioner = name
+            write_manifest(self.path, self.manifest)
+
     def captioned(self) -> dict[str, str]:
         """content hash -> the captioner that wrote its caption, for every content with one."""
         return dict(self._captioned)

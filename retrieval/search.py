@@ -1,8 +1,10 @@
 """The two-stage search: ITC recall of candidates, then ITM re-rank over their stored token features.
 
 Hybrid search (on by default where the index holds captions): the query's words also find images by
-keyword (BM25 over captions and paths); the vector and keyword lists are fused by reciprocal rank
-(`rrf`), and the best `candidates` of the fused list go to the ITM re-rank as before.
+keyword (BM25 over captions and paths). The ITM re-rank then orders the `candidates` of the vector recall
+together with the best keyword hits (a quarter as many again), each with its exact ITC cosine; no vector
+candidate is pushed out by keyword noise (words such as "a" or a folder name match many images). Without
+the re-rank, the union is ordered by reciprocal-rank fusion (`rrf`) of the two lists.
 
 The searcher knows nothing of folders or storage formats: it receives a `CandidateSource` (the index)
 and a `RetrievalModel`, so tests can pass fakes.
@@ -23,6 +25,7 @@ from .models.base import RetrievalModel, TextTokens
 
 RERANK_BATCH = 32  # candidates per ITM forward pass: bounds activation memory
 RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al. 2009; also Elasticsearch's and LanceDB's default)
+KEYWORD_SHARE = 4  # hybrid search adds up to candidates / KEYWORD_SHARE keyword hits to the vector candidates
 SORTS = ("score", "date")
 
 
@@ -96,21 +99,26 @@ class SearchOptions:
         if self.keyword is not None and not self.keyword.strip():
             raise FieldError("keyword", "is empty")
         if self.after is not None and self.before is not None and self.after >= self.before:
-            raise FieldError("before", "must come after the --after date")
+            raise FieldError("before", "must be later than after")
 
     @property
     def filters(self) -> Filters:
         return Filters(self.under, self.keyword, self.after, self.before)
 
 
-def rrf(*rankings: Sequence[str], k: int = RRF_K) -> list[str]:
-    """Reciprocal-rank fusion: keys by the sum over rankings of 1 / (k + rank), rank from 1; ties keep
-    the order of first appearance (the first ranking leads)."""
+def rrf_scores(*rankings: Sequence[str], k: int = RRF_K) -> dict[str, float]:
+    """Reciprocal-rank fusion: each key's sum over rankings of 1 / (k + rank), rank from 1, best first; ties
+    keep the order of first appearance (the first ranking leads)."""
     scores: dict[str, float] = {}
     for ranking in rankings:
         for rank, key in enumerate(ranking, 1):
             scores[key] = scores.get(key, 0.0) + 1.0 / (k + rank)
-    return sorted(scores, key=lambda key: -scores[key])
+    return dict(sorted(scores.items(), key=lambda item: -item[1]))
+
+
+def rrf(*rankings: Sequence[str], k: int = RRF_K) -> list[str]:
+    """The keys of `rrf_scores`, best first."""
+    return list(rrf_scores(*rankings, k=k))
 
 
 class Searcher:
@@ -138,9 +146,13 @@ class Searcher:
         logit). Without texts, or without re-rank, the recall order stands."""
         # --top beyond --candidates re-ranks more: the user asked for that many results
         depth = max(options.candidates, options.top)
-        recalled = self.source.recall(query, depth, options.filters)
+        where = options.filters
+        recalled = self.source.recall(query, depth, where)
         if words and (options.hybrid if options.hybrid is not None else self.source.has_captions):
-            recalled = self._fused(query, recalled, self.source.keyword_hits(words, depth, options.filters), depth)
+            keyword = self.source.keyword_hits(words, max(1, depth // KEYWORD_SHARE), where)
+            recalled, fused = self._with_keyword_hits(query, recalled, keyword)
+            if not options.rerank or not texts:
+                return [Hit(key, fused[key], itc, None) for key, itc in recalled[:options.top]]
         if not options.rerank or not texts:
             return [Hit(key, itc, itc, None) for key, itc in recalled[:options.top]]
         hits = self.rerank(texts, recalled)
@@ -155,15 +167,16 @@ class Searcher:
         vectors = self.model.encode_images(pixels).embeddings[0]  # (V, D)
         return self.search_vector(vectors.numpy(), [], options)
 
-    def _fused(self, query: np.ndarray, recalled: list[tuple[str, float]], keyword: list[tuple[str, float]],
-               depth: int) -> list[tuple[str, float]]:
-        """The best `depth` of the vector and keyword lists fused by reciprocal rank, with their ITC cosines."""
-        order = rrf([key for key, _ in recalled], [key for key, _ in keyword])[:depth]
+    def _with_keyword_hits(self, query: np.ndarray, recalled: list[tuple[str, float]],
+                           keyword: list[tuple[str, float]]) -> tuple[list[tuple[str, float]], dict[str, float]]:
+        """The vector candidates and the keyword hits, each with its ITC cosine, in reciprocal-rank-fused
+        order; and each one's fused score."""
+        scores = rrf_scores([key for key, _ in recalled], [key for key, _ in keyword])
         itc = dict(recalled)
-        missing = [key for key in order if key not in itc]
+        missing = [key for key, _ in keyword if key not in itc]
         if missing:
             itc.update(self.source.similarity(query, missing))
-        return [(key, itc[key]) for key in order]
+        return [(key, itc[key]) for key in scores], scores
 
     def rerank(self, texts: Sequence[tuple[float, TextTokens]], recalled: list[tuple[str, float]]) -> list[Hit]:
         """ITM of each (weight, text) over the stored features of the recalled images; best fused score first.

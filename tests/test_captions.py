@@ -10,7 +10,7 @@ import lancedb
 import numpy as np
 import pytest
 
-from blipsearch.indexer import snapshot
+from blipsearch.indexer import pipeline, snapshot
 from blipsearch.indexer.layout import FILES, IMAGES
 from blipsearch.indexer.metadata import local_wall_clock
 from blipsearch.indexer.pipeline import CaptionerSource, IndexOptions, index_folders
@@ -136,7 +136,7 @@ def test_dates_and_cameras_are_kept_per_file(tmp_path, tiny_model):
     assert files[str(plain)].date == local_wall_clock(plain.stat().st_mtime_ns)
 
 
-def test_tables_of_an_older_blipsearch_are_upgraded_without_encoding_again(tmp_path, tiny_model):
+def test_tables_of_an_older_blipsearch_are_upgraded_without_encoding_again(tmp_path, tiny_model, monkeypatch):
     """Tables without the caption and metadata columns, and a snapshot of format 2: the next run adds the
     columns, reads every file once more for its metadata, and encodes nothing."""
     exif_photo(tmp_path / "photos" / "dated.jpg", 1, "2019:05:04 10:11:12")
@@ -151,6 +151,19 @@ def test_tables_of_an_older_blipsearch_are_upgraded_without_encoding_again(tmp_p
     old = IndexReader.open(tmp_path / "index")  # queries read such tables until the next run
     assert not old.from_snapshot and old.counts() == (3, 3) and old.caption_count() == 0
 
+    unreadable = str(tmp_path / "photos" / "img000.png")  # an I/O error on the one re-read keeps its row
+    opener = pipeline.open_regular
+
+    def failing(path):
+        if path == unreadable:
+            raise OSError(5, "I/O error")
+        return opener(path)
+
+    monkeypatch.setattr(pipeline, "open_regular", failing)
+    summary, _ = run(tmp_path / "photos", tmp_path / "index", model)
+    assert [path for path, _ in summary.skipped] == [unreadable] and model.encoded == 3
+    assert unreadable in IndexReader.open(tmp_path / "index").files()
+    monkeypatch.setattr(pipeline, "open_regular", opener)
     summary, _ = run(tmp_path / "photos", tmp_path / "index", model)
     assert (model.encoded, summary.indexed, summary.unchanged) == (3, 0, 3)
     reader = IndexReader.open(tmp_path / "index")

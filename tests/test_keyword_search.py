@@ -163,17 +163,22 @@ def test_rrf_sums_reciprocal_ranks_and_keeps_first_appearance_on_ties():
     assert rrf(["x"], []) == ["x"]
 
 
-def test_hybrid_recall_brings_keyword_hits_into_the_candidates_with_their_itc():
+def test_hybrid_search_adds_keyword_hits_to_the_vector_candidates_with_their_itc():
     query = np.array([0.9, 0.8, 0.7, 0.6, 0.1, 0.0], np.float32)
-    source = FakeSource(keyword=["k5", "k4"])
+    source = FakeSource(keyword=["k5", "k4", "k3"])
     searcher = Searcher(model=None, source=source)
     vector_only = searcher.search_vector(query, [], SearchOptions(top=3, candidates=3, hybrid=False), words="x")
     assert [h.key for h in vector_only] == ["k0", "k1", "k2"]
-    fused = searcher.search_vector(query, [], SearchOptions(top=4, candidates=4), words="x")
-    # vector ranks k0..k3, keyword ranks k5, k4: k0 and k5 tie at 1/61 (vector first), then k1 and k4 at 1/62
-    assert [h.key for h in fused] == ["k0", "k5", "k1", "k4"]
-    assert [h.itc for h in fused] == pytest.approx([0.9, 0.0, 0.8, 0.1])
-    assert sorted(source.similarity_asked) == ["k4", "k5"]
+    # 8 candidates: the vector list keeps all 6 images, 2 keyword hits (8 // 4) are asked for
+    fused = searcher.search_vector(query, [], SearchOptions(top=6, candidates=8), words="x")
+    # no re-rank: reciprocal-rank order; k5 (1/66 + 1/61) and k4 (1/65 + 1/62) are in both lists, k0 (1/61) not
+    assert [h.key for h in fused][:4] == ["k5", "k4", "k0", "k1"]
+    assert [h.score for h in fused] == sorted((h.score for h in fused), reverse=True)
+    assert source.similarity_asked == []  # both hits were vector candidates already
+    small = searcher.search_vector(query, [], SearchOptions(top=5, candidates=4), words="x")
+    assert {h.key for h in small} == {"k0", "k1", "k2", "k3", "k5"}  # 4 vector candidates + 1 keyword hit
+    assert {h.key: h.itc for h in small}["k5"] == pytest.approx(0.0)
+    assert source.similarity_asked == ["k5"]
     assert [h.key for h in searcher.search_vector(query, [], SearchOptions(top=3), words=None)] == ["k0", "k1", "k2"]
 
 

@@ -159,3 +159,18 @@ def test_the_recall_index_is_chosen_by_size_and_the_pq_tier_rescores_exactly(tmp
     assert sum(found) / 200 >= 0.9
     subset = np.arange(3000, 3500)
     np.testing.assert_array_equal(loaded.search(vectors[3100, 0], 5, allowed=subset)[0][:1], [3100])
+
+
+def test_scores_of_given_rows_are_exact_in_every_tier():
+    """Hybrid search asks the ITC cosine of keyword hits by row: the same figure as brute force, in order."""
+    from blipsearch.indexer.recall import RecallIndex
+
+    rng = np.random.default_rng(8)
+    vectors = rng.normal(size=(3000, 2, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=-1, keepdims=True)
+    query = vectors[4, 1] + 0.1 * rng.normal(size=16).astype(np.float32)
+    rows = np.array([2999, 4, 17, 4])
+    truth = (vectors[rows] @ query).max(axis=1)
+    for index in (RecallIndex.build(vectors), RecallIndex.build(vectors, exact_limit=1000),
+                  RecallIndex.build(vectors, exact_limit=1000, flat_limit=2000)):
+        np.testing.assert_allclose(index.scores(query, rows), truth, atol=2e-3, err_msg=index.kind)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import click
 
 from .. import DEFAULT_CAPTIONER, DEFAULT_MODEL
-from ..errors import InvalidInputError
+from ..errors import BlipsearchError, InvalidInputError
 from . import EXIT_SKIPPED, main
 from .options import device_option, index_location, index_option, load, model_option, precision_option
 
@@ -58,8 +59,9 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
     model = load(model_to_write(location, model_name, rebuild) or DEFAULT_MODEL, device, precision)
     if captions is False and captioner_name is not None:
         raise InvalidInputError("--captioner names the model for --captions; drop one of --captioner and --no-captions")
+    recorded = _recorded_captioner(location)  # before a --rebuild drops the manifest
     store = IndexWriter.open(location, model.info, rebuild=rebuild)
-    captioner = _captioner(store, captions, captioner_name, device, precision)
+    captioner = _captioner(store, recorded, captions, captioner_name, device, precision)
     options = IndexOptions(
         batch_size=batch_size or (64 if model.device.type != "cpu" else 16), workers=workers,
         progress=not quiet, reduced_decode=not exact_decode, allow_empty=allow_empty,
@@ -82,19 +84,28 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
         sys.exit(EXIT_SKIPPED)
 
 
-def _captioner(store, captions: bool | None, name: str | None, device: str, precision: str):
+def _recorded_captioner(location: Path) -> str | None:
+    from blipsearch.indexer.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(location)
+    except BlipsearchError:
+        return None  # damaged: IndexWriter.open says so (or --rebuild repairs it)
+    return manifest.run.captioner if manifest is not None else None
+
+
+def _captioner(store, recorded: str | None, captions: bool | None, name: str | None, device: str, precision: str):
     """The run's captioner (None: no captions), as asked, else as the index remembers; remembered for the
-    next run. Loaded only when the run has something to caption."""
+    next run at once. Loaded only when the run has something to caption."""
     from blipsearch.indexer.pipeline import CaptionerSource
 
-    recorded = store.manifest.run.captioner
     if captions is False:
         chosen = None
     elif name is not None or captions:
-        chosen = name or recorded or DEFAULT_CAPTIONER
+        chosen = _captioner_name(name) if name is not None else recorded or DEFAULT_CAPTIONER
     else:
         chosen = recorded
-    store.manifest.run.captioner = chosen
+    store.remember_captioner(chosen)
     if chosen is None:
         return None
 
@@ -104,6 +115,18 @@ def _captioner(store, captions: bool | None, name: str | None, device: str, prec
         return load_captioner(chosen, device=device, precision=precision)
 
     return CaptionerSource(chosen, load)
+
+
+def _captioner_name(name: str) -> str:
+    """A local folder by its absolute path (a later run from elsewhere finds it, and one folder has one name);
+    a hub id as given."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise InvalidInputError(f"--captioner {name}: no such folder; name a captioner folder or a hub id "
+                                "such as Salesforce/blip-image-captioning-base")
+    return name
 
 
 def _say(line: str) -> None:

@@ -36,7 +36,8 @@ def _print_report(report: dict) -> None:
         ("index", report["index"]),
         ("model", f"{report['model']} ({report['family']}, revision {report['revision']})"),
         ("images", "unknown: the index is damaged" if files is None else f"{files} files, {images} distinct images"),
-        ("captions", f"{report['captions']} by {report['captioner']}" if report["captioner"] else
+        ("captions", "unknown: the index is damaged" if report["captions"] is None else
+         f"{report['captions']} by {report['captioner']}" if report["captioner"] else
          f"{report['captions']} (captioning is off)" if report["captions"] else "off (`index --captions` writes them)"),
         ("size", f"{_human(size)} on disk{per_image}"),
         ("updated", report["updated"] or "never"),
