@@ -56,7 +56,7 @@ def browser():
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The demo folder indexed with the demo model; the role ("own", "twin" or None) of each file."""
-    from test_training_loop import scenes
+    from benchmark_scripts import scenes
 
     root = tmp_path_factory.mktemp("browser")
     sc = scenes()

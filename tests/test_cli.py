@@ -161,7 +161,7 @@ def test_end_to_end_ranking_equals_the_papers_protocol(tmp_path, tiny_model_dir)
 def test_demo_model_answers_the_readme_query_with_the_scene_it_describes(tmp_path):
     """The README's main job, end to end: the committed demo model ranks the described scene first and
     the same scene with the colours swapped (its binding twin) below it."""
-    from test_training_loop import scenes
+    from benchmark_scripts import scenes
 
     sc = scenes()
     sc.write_demo_folder(tmp_path / "demo")

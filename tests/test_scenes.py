@@ -5,11 +5,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+from benchmark_scripts import scenes
 from PIL import Image
 
 from blipsearch.retrieval.annotations import load_annotations
-
-from test_training_loop import scenes
 
 SIZES = {"train": 12, "val": 4, "test": 16}
 

@@ -1,12 +1,11 @@
 """The loop on the tiny preset: configs, the loss falls, resume equals an uninterrupted run, export."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import scenes
 
 from blipsearch.retrieval.errors import InvalidInputError
 from blipsearch.training.config import load_config
@@ -14,14 +13,6 @@ from blipsearch.training.loop import run_steps, setup, train, wrap
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "training" / "configs" / "tiny.yaml"
-
-
-def scenes():
-    spec = importlib.util.spec_from_file_location("scenes", ROOT / "benchmarks" / "scenes.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["scenes"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")
