@@ -48,7 +48,7 @@ def binding(model, data: Path) -> tuple[int, int, int]:
     for caption, own, twin in pairs:
         text = model.encode_texts([caption])
         rows = torch.tensor([row[own], row[twin]])
-        itc = images.embeddings[rows, 0] @ text.embeddings[0]  # (2,)
+        itc = (images.embeddings[rows] @ text.embeddings[0]).amax(-1)  # (2,): best of the V vectors (BLIP-2: 32)
         fused = fuse(itc, model.itm_scores(text.tokens, images.features[rows]))
         itc_wins, fused_wins = itc_wins + int(itc[0] > itc[1]), fused_wins + int(fused[0] > fused[1])
     return len(pairs), itc_wins, fused_wins
@@ -61,7 +61,7 @@ def relation(model, data: Path) -> tuple[int, int, int]:
     itc_wins = fused_wins = 0
     for i, entry in enumerate(entries):
         texts = model.encode_texts([entry["caption"][0], entry["mirror_caption"]])
-        itc = texts.embeddings @ images.embeddings[i, 0]  # (2,)
+        itc = (texts.embeddings @ images.embeddings[i].T).amax(-1)  # (2,): best of the image's V vectors
         fused = fuse(itc, model.itm_scores(texts.tokens, images.features[i:i + 1].expand(2, -1, -1)))
         itc_wins, fused_wins = itc_wins + int(itc[0] > itc[1]), fused_wins + int(fused[0] > fused[1])
     return len(entries), itc_wins, fused_wins

@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from benchmark_scripts import scenes
+import pytest
+from benchmark_scripts import scenes, script
 from PIL import Image
 
 from blipsearch.retrieval.annotations import load_annotations
@@ -100,13 +101,9 @@ def _write(sc, root: Path) -> Path:
     return root
 
 
-def test_binding_benchmark_runs_on_the_demo_model(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("scenes_binding", Path(__file__).parents[1] / "benchmarks" /
-                                                  "scenes_binding.py")
-    binding = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(binding)
+@pytest.mark.parametrize("demo", ["demo_model", "blip2_demo_model"])
+def test_binding_benchmark_runs_on_the_demo_models(tmp_path, demo):
+    binding = script("scenes_binding")
     root = _write(scenes(), tmp_path)
     entries = {e["image"]: e for e in json.loads((root / "test.json").read_text())}
     pairs = binding.binding_pairs(root / "test.json")
@@ -115,7 +112,7 @@ def test_binding_benchmark_runs_on_the_demo_model(tmp_path):
         assert caption in entries[own]["caption"] and caption not in entries[twin]["caption"]
     from blipsearch.retrieval.models import load_model
 
-    model = load_model(str(Path(__file__).parents[1] / "training" / "demo_model"), device="cpu", precision="fp32")
+    model = load_model(str(Path(__file__).parents[1] / "training" / demo), device="cpu", precision="fp32")
     result = binding.evaluate(model, root)
     assert result["binding"]["cases"] == len(pairs) and result["relation"]["cases"] > 0
     assert all(0 <= r[k] <= 1 for r in result.values() for k in ("itc_accuracy", "reranked_accuracy"))
