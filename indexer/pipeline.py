@@ -84,7 +84,6 @@ class IndexOptions:
     captioner: CaptionerSource | None = None  # write captions (see the module docstring)
 
 
-
 def index_folders(roots: Sequence[str | Path], model: RetrievalModel, store: IndexWriter,
                   options: IndexOptions | None = None) -> IndexSummary:
     options = options or IndexOptions()
