@@ -32,18 +32,20 @@ eating looking lying flying jumping wearing carrying building sandcastle photo p
 close group couple family friends team game snowy sunny rainy night day morning evening""".split()
 
 
-def save_random_blip_base(directory: Path) -> Path:
-    """BLIP ViT-B/16 384 px + BERT-base retrieval model, random weights, with tokenizer and processor."""
+def save_random_blip_base(directory: Path, model_class: str = "BlipForImageTextRetrieval") -> Path:
+    """BLIP ViT-B/16 384 px + BERT-base retrieval model (or `BlipForConditionalGeneration`: the captioner),
+    random weights, with tokenizer and processor."""
     if (directory / "model.safetensors").exists():
         return directory
     import torch
-    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipImageProcessorPil, BlipProcessor
+    import transformers
+    from transformers import BlipConfig, BlipImageProcessorPil, BlipProcessor
 
     directory.mkdir(parents=True, exist_ok=True)
     config = BlipConfig()  # ViT-B/16 at 384 px, BERT-base text with 30524 tokens ([DEC] 30522, [ENC] 30523)
     tokenizer = word_tokenizer(config.text_config.vocab_size, ["[DEC]", "[ENC]"])
     torch.manual_seed(0)
-    BlipForImageTextRetrieval(config).save_pretrained(directory)
+    getattr(transformers, model_class)(config).save_pretrained(directory)
     side = config.vision_config.image_size
     images = BlipImageProcessorPil(size={"height": side, "width": side})
     BlipProcessor(images, tokenizer).save_pretrained(directory)  # as transformers 5 saves it: processor_config.json
