@@ -4,7 +4,7 @@ Hybrid search (on by default where the index holds captions): the query's words 
 keyword (BM25 over captions and paths). The ITM re-rank then orders the `candidates` of the vector recall
 together with the best keyword hits (a quarter as many again), each with its exact ITC cosine; no vector
 candidate is pushed out by keyword noise (words such as "a" or a folder name match many images). Without
-the re-rank, the union is ordered by reciprocal-rank fusion (`rrf`) of the two lists.
+the re-rank, the union is ordered by reciprocal-rank fusion (`rrf_scores`) of the two lists.
 
 The searcher knows nothing of folders or storage formats: it receives a `CandidateSource` (the index)
 and a `RetrievalModel`, so tests can pass fakes.
@@ -116,10 +116,6 @@ def rrf_scores(*rankings: Sequence[str], k: int = RRF_K) -> dict[str, float]:
     return dict(sorted(scores.items(), key=lambda item: -item[1]))
 
 
-def rrf(*rankings: Sequence[str], k: int = RRF_K) -> list[str]:
-    """The keys of `rrf_scores`, best first."""
-    return list(rrf_scores(*rankings, k=k))
-
 
 class Searcher:
     def __init__(self, model: RetrievalModel, source: CandidateSource):
@@ -148,13 +144,12 @@ class Searcher:
         depth = max(options.candidates, options.top)
         where = options.filters
         recalled = self.source.recall(query, depth, where)
+        fused = None  # hybrid search: each candidate's reciprocal-rank score
         if words and (options.hybrid if options.hybrid is not None else self.source.has_captions):
             keyword = self.source.keyword_hits(words, max(1, depth // KEYWORD_SHARE), where)
             recalled, fused = self._with_keyword_hits(query, recalled, keyword)
-            if not options.rerank or not texts:
-                return [Hit(key, fused[key], itc, None) for key, itc in recalled[:options.top]]
         if not options.rerank or not texts:
-            return [Hit(key, itc, itc, None) for key, itc in recalled[:options.top]]
+            return [Hit(key, itc if fused is None else fused[key], itc, None) for key, itc in recalled[:options.top]]
         hits = self.rerank(texts, recalled)
         if options.min_prob is not None:
             hits = [h for h in hits if h.itm_prob >= options.min_prob]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from blipsearch.retrieval.errors import InvalidInputError
-from blipsearch.retrieval.search import Filters, Searcher, SearchOptions, rrf
+from blipsearch.retrieval.search import Filters, Searcher, SearchOptions, rrf_scores
 
 from photos import exif_photo, make_folder
 from runner import blipsearch, one_line_error
@@ -158,9 +158,9 @@ class FakeSource:
 
 def test_rrf_sums_reciprocal_ranks_and_keeps_first_appearance_on_ties():
     # c: 1/63 + 1/61 = 0.032266 > b: 2/62 = 0.032258 > a: 1/61
-    assert rrf(["a", "b", "c"], ["c", "b"]) == ["c", "b", "a"]
-    assert rrf(["a", "b"], ["b", "a"]) == ["a", "b"]  # equal sums: the first ranking's order
-    assert rrf(["x"], []) == ["x"]
+    assert list(rrf_scores(["a", "b", "c"], ["c", "b"])) == ["c", "b", "a"]
+    assert list(rrf_scores(["a", "b"], ["b", "a"])) == ["a", "b"]  # equal sums: the first ranking's order
+    assert list(rrf_scores(["x"], [])) == ["x"]
 
 
 def test_hybrid_search_adds_keyword_hits_to_the_vector_candidates_with_their_itc():
