@@ -13,20 +13,34 @@ Slots come from the rows: a writer starts each segment one past the highest slot
 the file's last whole record where that is further: records a killed run or a pruned image left, which
 an older snapshot may still name), and before that `check` has made sure every segment is as long as its
 rows need. A file that was cut short or lost is therefore reported, never written over.
+
+On object storage (`ObjectSegments`) nothing can be appended to: every commit writes its records as a new
+segment object, named once and never written again; reads are ranged GETs, run in parallel.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from .location import Location, ObjectPrefix
+
 FOLDER = "features"
 
 
+def segments_at(location: Location, record_bytes: int) -> FeatureSegments | ObjectSegments:
+    if isinstance(location, ObjectPrefix):
+        return ObjectSegments(location, record_bytes)
+    return FeatureSegments(location.path, record_bytes)
+
+
 class FeatureSegments:
+    appendable = True  # a commit may add records to a segment that holds some already
+
     def __init__(self, index_path: Path, record_bytes: int):
         self.folder = index_path / FOLDER
         self.record_bytes = record_bytes
@@ -89,11 +103,89 @@ class FeatureSegments:
             raise ValueError(f"feature segment {self._path(segment)} has no record {slot}")
         return memoryview(data[slot * self.record_bytes:(slot + 1) * self.record_bytes])
 
+    def read_many(self, places: Sequence[tuple[int, int]]) -> list[memoryview]:
+        """The records at the given (segment, slot) places, in order."""
+        return [self.read(segment, slot) for segment, slot in places]
+
     def remove(self, segments: Sequence[int]) -> None:
         for segment in segments:
             self._maps.pop(segment, None)
             self._next.pop(segment, None)
             self._path(segment).unlink(missing_ok=True)
+
+
+class ObjectSegments:
+    """Feature segments as objects (features/NNNNNN.bin), each written once by one commit."""
+
+    appendable = False  # each commit writes a segment of its own
+
+    def __init__(self, location: ObjectPrefix, record_bytes: int):
+        self.location = location
+        self.record_bytes = record_bytes
+        self._sizes: dict[int, int] | None = None  # segment -> bytes, listed once
+
+    def _name(self, segment: int) -> str:
+        return f"{FOLDER}/{segment:06d}.bin"
+
+    @property
+    def sizes(self) -> dict[int, int]:
+        if self._sizes is None:
+            listed = self.location.listing(FOLDER + "/")
+            self._sizes = {int(name[len(FOLDER) + 1:-4]): size for name, size in listed.items()
+                           if name.endswith(".bin") and name[len(FOLDER) + 1:-4].isdigit()}
+        return self._sizes
+
+    def segments(self) -> list[int]:
+        return sorted(self.sizes)
+
+    def slots(self, segment: int) -> int:
+        return self.sizes.get(segment, 0) // self.record_bytes
+
+    def check(self, needed: Mapping[int, int]) -> str | None:
+        for segment, count in sorted(needed.items()):
+            name = f"{self.location}/{self._name(segment)}"
+            if segment not in self.sizes:
+                return f"feature segment {name} is missing ({count} stored images need it)"
+            if self.slots(segment) < count:
+                return f"feature segment {name} holds {self.slots(segment)} records, but its rows need {count}: " \
+                       "it was cut short"
+        return None
+
+    def start(self, needed: Mapping[int, int]) -> None:
+        pass  # nothing is appended to: every commit writes a new segment
+
+    def append(self, segment: int, records: Sequence[bytes]) -> list[int]:
+        """Write the records as the new segment `segment` (one PUT); returns their slots."""
+        for record in records:
+            if len(record) != self.record_bytes:
+                raise ValueError(f"feature record of {len(record)} bytes, expected {self.record_bytes}")
+        if segment in self.sizes:
+            raise ValueError(f"feature segment {segment} exists already; objects are written once")
+        data = b"".join(records)
+        self.location.write_bytes(self._name(segment), data)
+        self.sizes[segment] = len(data)
+        return list(range(len(records)))
+
+    def read(self, segment: int, slot: int) -> bytes:
+        try:
+            data = self.location.read_range(self._name(segment), slot * self.record_bytes, self.record_bytes)
+        except FileNotFoundError:
+            raise ValueError(f"feature segment {self.location}/{self._name(segment)} is missing") from None
+        if len(data) != self.record_bytes:
+            raise ValueError(f"feature segment {self.location}/{self._name(segment)} has no record {slot}")
+        return data
+
+    def read_many(self, places: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Ranged GETs, 16 at a time: a query's 64 candidates cost about four round trips."""
+        if len(places) <= 1:
+            return [self.read(segment, slot) for segment, slot in places]
+        with ThreadPoolExecutor(min(16, len(places))) as pool:
+            return list(pool.map(lambda place: self.read(*place), places))
+
+    def remove(self, segments: Sequence[int]) -> None:
+        for segment in segments:
+            self.location.remove(self._name(segment))
+            self.sizes.pop(segment, None)
 
 
 def needed_records(segments: np.ndarray, slots: np.ndarray) -> dict[int, int]:

@@ -1,4 +1,4 @@
-"""The names in an index folder, and which folders may be used as one.
+"""The names in an index (a folder or an object prefix, see location.py), and which may be used as one.
 
     manifest.json   what the index holds and the state of its runs (manifest.py)
     files.lance     one row per indexed file (store.py)
@@ -13,18 +13,16 @@ network file systems drop everywhere (`.DS_Store`, `Thumbs.db`, `.nfs*`, ...), w
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 from blipsearch.retrieval.errors import IndexDamagedError, IndexMissingError, InvalidInputError, first_line
 
 from . import snapshot
 from .features import FOLDER as FEATURES
-from .manifest import MANIFEST, Manifest, check_location, read_manifest, rebuild_hint, recorded_model
+from .location import LOCK, Location, location_of
+from .manifest import MANIFEST, Manifest, read_manifest, rebuild_hint, recorded_model
 
 FILES, IMAGES = "files", "images"
-LOCK = ".lock"
 DATA_NAMES = frozenset({f"{FILES}.lance", f"{IMAGES}.lance", FEATURES, snapshot.FOLDER})
 INDEX_NAMES = DATA_NAMES | {MANIFEST, MANIFEST + ".tmp", LOCK, snapshot.FOLDER + ".tmp", snapshot.FOLDER + ".old"}
 _JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".directory", ".localized"})
@@ -36,44 +34,33 @@ def is_junk(name: str) -> bool:
     return name in _JUNK_NAMES or name.startswith(_JUNK_PREFIXES)
 
 
-def check_folder(path: Path) -> None:
-    """Refuse a folder holding anything but an index (and junk): it is not ours to write into or delete."""
-    if path.is_file():
-        raise InvalidInputError(f"the index location {path} is a file, not a folder; choose another index folder")
-    try:
-        names = [p.name for p in path.iterdir()]
-    except (FileNotFoundError, NotADirectoryError):  # not there yet: creating it will say if it cannot be
-        return
-    except OSError as exc:
-        raise InvalidInputError(f"cannot read the index folder {path}: {exc.strerror or exc}") from exc
+def check_folder(path: Location | Path | str) -> None:
+    """Refuse a location holding anything but an index (and junk): it is not ours to write into or delete."""
+    names = location_of(path).names() or []
     if any(name not in INDEX_NAMES and not is_junk(name) for name in names):
         raise InvalidInputError(f"{path} holds files that are not a blipsearch index; "
                                 "choose another --index location")
 
 
-def disk_bytes(path: Path) -> int:
-    """Bytes of the files in the index folder; files a running writer deletes meanwhile count as 0."""
-    total = 0
-    for folder, _, names in os.walk(path):
-        for name in names:
-            with contextlib.suppress(OSError):
-                total += os.stat(os.path.join(folder, name)).st_size
-    return total
+def disk_bytes(path: Location | Path | str) -> int:
+    """Bytes of the files of the index."""
+    return location_of(path).size()
 
 
-def has_data(path: Path) -> bool:
-    return any((path / name).exists() for name in DATA_NAMES)
+def has_data(path: Location | Path | str) -> bool:
+    location = location_of(path)
+    return any(location.exists(name) for name in DATA_NAMES)
 
 
-def no_manifest(path: Path) -> IndexDamagedError:
+def no_manifest(path: Location) -> IndexDamagedError:
     """A folder with index data but no manifest: refused, never silently taken for a new index."""
     return IndexDamagedError(f"the index at {path} has lost its {MANIFEST} (its data is still there, but what "
                              f"it means is not); {rebuild_hint(recorded_model(path))}")
 
 
-def read_index_manifest(path: Path) -> Manifest:
+def read_index_manifest(path: Location | Path | str) -> Manifest:
     """The manifest of a usable index: raises where there is none, or where it says the index is damaged."""
-    check_location(path)
+    path = location_of(path)
     manifest = read_manifest(path)
     if manifest is None:
         if has_data(path):
@@ -84,6 +71,6 @@ def read_index_manifest(path: Path) -> Manifest:
     return manifest
 
 
-def damaged_table(path: Path, manifest: Manifest, exc: BaseException) -> IndexDamagedError:
+def damaged_table(path: Location, manifest: Manifest, exc: BaseException) -> IndexDamagedError:
     return IndexDamagedError(f"the index at {path} has a missing or damaged table ({first_line(exc)}); "
                              f"{manifest.hint()}")

@@ -18,17 +18,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from blipsearch.retrieval.errors import (
-    IndexDamagedError,
-    InvalidInputError,
-    ModelMismatchError,
-    StoreError,
-    first_line,
-    printable,
-)
+from blipsearch.retrieval.errors import IndexDamagedError, ModelMismatchError, StoreError, first_line
 from blipsearch.retrieval.models.base import ModelInfo
 
-from . import codec, durable
+from . import codec
+from .location import Location, location_of
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -41,15 +35,6 @@ def default_location() -> Path:
     import platformdirs
 
     return platformdirs.user_data_path("blipsearch") / "index"
-
-
-def check_location(path: Path) -> None:
-    """An index lives where its path can be named in UTF-8 (LanceDB and the manifest need that)."""
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidInputError(f"the index location {printable(str(path))} is not valid UTF-8; "
-                                "choose another index folder") from None
 
 
 def rebuild_hint(model_id: str | None) -> str:
@@ -152,11 +137,12 @@ class Manifest:
         return rebuild_hint(self.identity.model_id)
 
 
-def read_manifest(path: Path) -> Manifest | None:
+def read_manifest(path: Location | Path | str) -> Manifest | None:
     """The index's manifest, None where there is none; `IndexDamagedError` where it cannot be used."""
+    path = location_of(path)
     try:
-        data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except (FileNotFoundError, NotADirectoryError):  # no index there (or no folder at all)
+        data = json.loads(path.read_bytes(MANIFEST).decode("utf-8"))
+    except FileNotFoundError:  # no index there (or no folder at all)
         return None
     except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
         raise _unreadable(path, exc) from exc
@@ -176,24 +162,23 @@ def _unreadable(path: Path, exc: BaseException) -> IndexDamagedError:
                              f"{rebuild_hint(recorded_model(path))}")
 
 
-def recorded_model(path: Path) -> str | None:
+def recorded_model(path: Location | Path | str) -> str | None:
     """The index's model id, from its manifest or, where that is lost, from the snapshot's copy of it."""
     from .snapshot import snapshot_model
 
+    path = location_of(path)
     try:
-        return str(json.loads((path / MANIFEST).read_text(encoding="utf-8"))["model"]["id"])
+        return str(json.loads(path.read_bytes(MANIFEST).decode("utf-8"))["model"]["id"])
     except Exception:  # any damage: look for the copy
         return snapshot_model(path)
 
 
-def write_manifest(path: Path, manifest: Manifest) -> None:
+def write_manifest(path: Location | Path | str, manifest: Manifest) -> None:
     """Atomically and durably: a reader, or a machine after a power loss, sees the old manifest or the new one."""
-    tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2), encoding="utf-8")
-    durable.replace(tmp, path / MANIFEST)
+    location_of(path).write_bytes(MANIFEST, json.dumps(manifest.to_json(), indent=2).encode("utf-8"))
 
 
-def check_model(manifest: Manifest, info: ModelInfo, path: Path) -> None:
+def check_model(manifest: Manifest, info: ModelInfo, path: Location | Path) -> None:
     """Refuse vectors from another model, family, revision or preprocessing than the index holds."""
     stored, asked = manifest.identity, Identity.of(info)
     if stored != replace(asked, model_id=stored.model_id):  # the same files may be named two ways

@@ -18,8 +18,9 @@ import numpy as np
 from blipsearch.retrieval.errors import FieldError, IndexDamagedError, StoreError
 
 from . import codec, snapshot
-from .features import FeatureSegments, needed_records
+from .features import needed_records, segments_at
 from .layout import FILES, IMAGES, damaged_table, read_index_manifest
+from .location import Location, location_of
 from .manifest import Manifest
 from .scan import is_under
 
@@ -42,22 +43,27 @@ class FileInfo:
 
 
 class IndexReader:
-    def __init__(self, path: Path, manifest: Manifest, view: snapshot.Snapshot, from_snapshot: bool):
+    def __init__(self, path: Location, manifest: Manifest, view: snapshot.Snapshot, from_snapshot: bool):
         self.path = path
         self.manifest = manifest
         self.view = view
         self.from_snapshot = from_snapshot  # False: built from the tables (a run is under way or was killed)
-        self._features = FeatureSegments(path, manifest.identity.record_bytes)
+        self._features = segments_at(path, manifest.identity.record_bytes)
         self._allowed: tuple[Filters, np.ndarray | None] | None = None  # the last filters' rows
 
     @classmethod
-    def open(cls, path: Path) -> IndexReader:
-        """Raises `IndexMissingError` where there is no index, `IndexDamagedError` where it cannot be trusted."""
+    def open(cls, path: Location | Path | str) -> IndexReader:
+        """Raises `IndexMissingError` where there is no index, `IndexDamagedError` where it cannot be trusted.
+
+        A local index's feature segments are checked here; a remote one's only as candidates are read (one
+        listing of every segment object would cost a query more than its answer)."""
+        path = location_of(path)
         manifest = read_index_manifest(path)
         run = manifest.run
         view = None if run.writing else snapshot.Snapshot.load(path, run.generation)
         reader = cls(path, manifest, view or _from_tables(path, manifest), view is not None)
-        problem = reader._features.check(needed_records(reader.view.segments, reader.view.slots))
+        problem = None if path.remote else \
+            reader._features.check(needed_records(reader.view.segments, reader.view.slots))
         if problem:
             raise IndexDamagedError(f"the index at {path} is damaged: {problem}; {manifest.hint()}")
         return reader
@@ -132,16 +138,17 @@ class IndexReader:
     def token_features(self, hashes: Sequence[str]) -> np.ndarray:
         """(K, T, H) float32 features of the given images, in the given order."""
         identity = self.manifest.identity
-        maps = []
+        places = []
         for digest in hashes:
             row = self.view.row_of(digest)
             if row is None:
                 raise StoreError(f"image {digest} is not in the index at {self.path}")
-            try:
-                record = self._features.read(int(self.view.segments[row]), int(self.view.slots[row]))
-            except (OSError, ValueError) as exc:
-                raise StoreError(f"the index at {self.path} changed during the query ({exc}); run it again") from exc
-            maps.append(codec.unpack_record(record, identity.feature_tokens, identity.feature_dim))
+            places.append((int(self.view.segments[row]), int(self.view.slots[row])))
+        try:
+            records = self._features.read_many(places)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"the index at {self.path} changed during the query ({exc}); run it again") from exc
+        maps = [codec.unpack_record(record, identity.feature_tokens, identity.feature_dim) for record in records]
         return np.stack(maps) if maps else np.empty((0, identity.feature_tokens, identity.feature_dim), np.float32)
 
     def paths_by_hash(self, hashes: Sequence[str]) -> dict[str, list[str]]:
@@ -165,12 +172,12 @@ class IndexReader:
         return (self.view.captions[row] or None) if row is not None else None
 
 
-def _from_tables(path: Path, manifest: Manifest) -> snapshot.Snapshot:
+def _from_tables(path: Location, manifest: Manifest) -> snapshot.Snapshot:
     import lancedb
 
     log.info("index at %s is being written or was interrupted: reading its tables", path)
     try:
-        db = lancedb.connect(str(path))
+        db = lancedb.connect(path.lance_uri)
         return snapshot.from_tables(db.open_table(IMAGES), db.open_table(FILES), manifest.identity)
     except Exception as exc:  # LanceDB: ValueError (no table), OSError or RuntimeError (damaged files)
         raise damaged_table(path, manifest, exc) from exc

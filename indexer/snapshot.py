@@ -11,6 +11,9 @@
     snapshot/snapshot.json the format version, the manifest generation it mirrors, and the model id (a copy
                            that names the model in the rebuild hint should the manifest be lost)
 
+On object storage the files lie under snapshot/<generation>/ and snapshot/snapshot.json names the current
+one; a reader downloads a generation once into its cache folder (location.py).
+
 A snapshot of another format version counts as absent: readers read the tables, and the next indexing
 run (which finds no settled snapshot) rewrites it.
 
@@ -21,7 +24,6 @@ killed, readers build the same picture from the LanceDB tables instead (slower, 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,14 +31,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import durable
 from .keywords import KeywordIndex
+from .location import SNAPSHOT as FOLDER
+from .location import Location, location_of
 from .recall import RecallIndex
 
 if TYPE_CHECKING:
     from .manifest import Identity
 
-FOLDER = "snapshot"
 FORMAT = 3  # 2: sizes and modification times of the files; 3: captions, dates, cameras, keywords
 
 
@@ -117,35 +119,32 @@ class Snapshot:
             words[row].append(path)
         return [" ".join(w) for w in words]
 
-    def save(self, index_path: Path, generation: int, model_id: str) -> None:
-        """Write into a fresh folder, then swap it in: readers see the old snapshot or the new one."""
-        folder, tmp = index_path / FOLDER, index_path / (FOLDER + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        np.savez(tmp / "rows.npz", hashes=self.hashes.astype("S"), segments=self.segments, slots=self.slots)
-        np.save(tmp / "paths_rows.npy", self.path_rows)
-        np.savez(tmp / "files.npz", sizes=self.sizes, mtimes_ns=self.mtimes_ns, dates=self.dates,
+    def save(self, location: Location | Path | str, generation: int, model_id: str) -> None:
+        """Make this the snapshot readers find: they see the old snapshot or the new one (location.py)."""
+        location_of(location).publish_snapshot(lambda folder: self._write(folder, generation, model_id), generation)
+
+    def _write(self, folder: Path, generation: int, model_id: str) -> None:
+        np.savez(folder / "rows.npz", hashes=self.hashes.astype("S"), segments=self.segments, slots=self.slots)
+        np.save(folder / "paths_rows.npy", self.path_rows)
+        np.savez(folder / "files.npz", sizes=self.sizes, mtimes_ns=self.mtimes_ns, dates=self.dates,
                  exif_dated=self.exif_dated)
         for name, texts in (("paths", self.paths), ("cameras", self.cameras), ("captions", self.captions)):
-            (tmp / f"{name}.bin").write_bytes("\0".join(texts).encode("utf-8", "surrogateescape"))
-        self.recall.save(tmp)
-        KeywordIndex.build(self.documents()).save(tmp)
+            (folder / f"{name}.bin").write_bytes("\0".join(texts).encode("utf-8", "surrogateescape"))
+        self.recall.save(folder)
+        KeywordIndex.build(self.documents()).save(folder)
         meta = {"format": FORMAT, "generation": generation, "images": len(self.hashes), "files": len(self.paths),
                 "model": model_id}
-        (tmp / "snapshot.json").write_text(json.dumps(meta))
-        old = index_path / (FOLDER + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            folder.replace(old)
-        durable.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        (folder / "snapshot.json").write_text(json.dumps(meta))
 
     @classmethod
-    def load(cls, index_path: Path, generation: int) -> Snapshot | None:
+    def load(cls, location: Location | Path | str, generation: int) -> Snapshot | None:
         """The saved snapshot if it mirrors `generation`, else None."""
-        folder = index_path / FOLDER
+        location = location_of(location)
         try:
-            if saved_generation(index_path) != generation:
+            if saved_generation(location) != generation:
+                return None
+            folder = location.snapshot_folder()
+            if folder is None or json.loads((folder / "snapshot.json").read_text())["generation"] != generation:
                 return None
             with np.load(folder / "rows.npz") as rows:
                 hashes, segments, slots = rows["hashes"].astype(str), rows["segments"], rows["slots"]
@@ -173,23 +172,23 @@ def _texts(path: Path, count: int) -> list[str]:
     return text.split("\0") if text or count == 1 else []
 
 
-def _meta(index_path: Path) -> dict:
-    return json.loads((index_path / FOLDER / "snapshot.json").read_text())
+def _meta(location: Location | Path | str) -> dict:
+    return json.loads(location_of(location).read_bytes(f"{FOLDER}/snapshot.json"))
 
 
-def saved_generation(index_path: Path) -> int | None:
+def saved_generation(location: Location | Path | str) -> int | None:
     """The generation the saved snapshot mirrors; None where there is none (deleted, never written, or of
     another format version)."""
     try:
-        meta = _meta(index_path)
+        meta = _meta(location)
         return int(meta["generation"]) if meta.get("format") == FORMAT else None
     except Exception:
         return None
 
 
-def snapshot_model(index_path: Path) -> str | None:
+def snapshot_model(location: Location | Path | str) -> str | None:
     try:
-        return str(_meta(index_path)["model"])
+        return str(_meta(location)["model"])
     except Exception:
         return None
 

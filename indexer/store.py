@@ -11,9 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
 import re
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -24,23 +22,14 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
-from blipsearch.retrieval.errors import IndexDamagedError, IndexLockedError, InvalidInputError, StoreError, first_line
+from blipsearch.retrieval.errors import IndexDamagedError, InvalidInputError, StoreError, first_line
 from blipsearch.retrieval.models.base import ModelInfo
 
 from . import codec, snapshot
-from .features import FeatureSegments, needed_records
+from .features import FeatureSegments, ObjectSegments, needed_records, segments_at
 from .layout import FILES, IMAGES, INDEX_NAMES, LOCK, check_folder, damaged_table, has_data, read_index_manifest
-from .manifest import (
-    MANIFEST,
-    Identity,
-    Manifest,
-    check_location,
-    check_model,
-    now,
-    read_manifest,
-    recorded_model,
-    write_manifest,
-)
+from .location import Location, location_of
+from .manifest import MANIFEST, Identity, Manifest, check_model, now, read_manifest, recorded_model, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +50,7 @@ _WRITE_FAILURES = {
 
 
 @contextmanager
-def _store_errors(path: Path) -> Iterator[None]:
+def _store_errors(path: Location) -> Iterator[None]:
     """OS and LanceDB failures while writing an index become one `StoreError` line.
 
     What was committed before stays: a run that fails leaves the index as after its last whole batch.
@@ -116,10 +105,11 @@ class ImageRecord:
 class IndexWriter:
     """The one process that changes an index. Open with `IndexWriter.open`; `finish`, then `close`."""
 
-    def __init__(self, path: Path, manifest: Manifest, lock_fd: int, tables: _Tables, settled: bool = False):
+    def __init__(self, path: Location, manifest: Manifest, release: Callable[[], None], tables: _Tables,
+                 settled: bool = False):
         self.path = path
         self.manifest = manifest
-        self._lock_fd: int | None = lock_fd
+        self._release: Callable[[], None] | None = release  # of the lock
         self._changed = not settled  # a run after a killed one must rewrite the snapshot even if idle
         self.files, self.images = tables.files, tables.images
         self._stored_files, self._known = tables.file_records, tables.hashes  # as read (and checked) at open
@@ -128,20 +118,17 @@ class IndexWriter:
         self._segment = manifest.run.current_segment  # this run appends here
 
     @classmethod
-    def open(cls, path: Path, info: ModelInfo, rebuild: bool = False) -> IndexWriter:
+    def open(cls, path: Location | Path | str, info: ModelInfo, rebuild: bool = False) -> IndexWriter:
         """Create the index for `info` if absent; refuse an index of another model unless `rebuild`.
 
         Everything is checked before the run is flagged as under way (`writing`): a refused or failed
         open leaves a working index as it was.
         """
-        check_location(path)
+        path = location_of(path)
         check_folder(path)  # before anything is created in it, the lock included
         with _store_errors(path):
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(f"cannot create the index folder {path}: {exc.strerror or exc}") from exc
-            lock_fd = _lock(path)
+            path.create()
+            release = path.lock()
             try:
                 if rebuild:
                     _drop(path)  # also what repairs a damaged index
@@ -153,15 +140,15 @@ class IndexWriter:
                 settled = not manifest.run.writing and manifest.run.generation > 0 and \
                     snapshot.saved_generation(path) == manifest.run.generation
                 _start_run(path, manifest, tables)
-                return cls(path, manifest, lock_fd, tables, settled)
+                return cls(path, manifest, release, tables, settled)
             except BaseException:
-                os.close(lock_fd)
+                release()
                 raise
 
     def close(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._release is not None:
+            self._release()
+            self._release = None
 
     # ---- what is stored (as read at open) ---------------------------------------------------------
 
@@ -190,8 +177,8 @@ class IndexWriter:
         """Features first (durable), then the rows that name them, in one commit."""
         if not records:
             return
-        slots = self.features.append(self._segment, [r.features.record() for r in records])
-        self.images.add(self._images_table(records, slots))
+        segment, slots = self._append([r.features.record() for r in records])
+        self.images.add(self._images_table(records, segment, slots))
         self._known.update(r.hash for r in records)
         self._captioned.update((r.hash, r.captioner) for r in records if r.caption is not None)
         self._changed = True
@@ -282,23 +269,38 @@ class IndexWriter:
             run.current_segment, run.next_segment = self._segment, self._segment + 1
         for segment in sparse:
             for moving in _chunks(live.get(segment, []), 256):  # bounded memory: 256 records at a time
-                slots = self.features.append(self._segment, [bytes(self.features.read(segment, r["slot"]))
-                                                             for r in moving])
+                to, slots = self._append([bytes(b) for b in self.features.read_many(
+                    [(segment, r["slot"]) for r in moving])])
                 update = pa.table({"hash": [r["hash"] for r in moving],
-                                   "segment": pa.array([self._segment] * len(moving), pa.int32()),
+                                   "segment": pa.array([to] * len(moving), pa.int32()),
                                    "slot": pa.array(slots, pa.int64())})
                 self.images.merge_insert("hash").when_matched_update_all().execute(update)
         run.retired_segments = sparse  # deleted by the next run: queries may still read them
         write_manifest(self.path, self.manifest)  # at once: a run killed before `finish` ends still frees them
         log.info("retired %d sparse feature segment(s)", len(sparse))
 
-    def _images_table(self, records: Sequence[ImageRecord], slots: list[int]) -> pa.Table:
+    def _append(self, records: list[bytes]) -> tuple[int, list[int]]:
+        """Store feature records durably: (segment, slots). Segment files take records run after run; on
+        object storage each call writes a segment of its own."""
+        if not self.features.appendable:
+            run = self.manifest.run
+            self._segment, run.next_segment = run.next_segment, run.next_segment + 1
+            run.current_segment = self._segment
+        return self._segment, self.features.append(self._segment, records)
+
+    def reserve_segments(self, count: int) -> int:
+        """The first of `count` fresh segment ids, for writers outside this process (see cluster.py)."""
+        run = self.manifest.run
+        first, run.next_segment = run.next_segment, run.next_segment + count
+        return first
+
+    def _images_table(self, records: Sequence[ImageRecord], segment: int, slots: list[int]) -> pa.Table:
         width = _embedding_width(self.manifest.identity)
         flat = np.concatenate([r.embedding.astype(np.float32).ravel() for r in records])
         return pa.table({
             "hash": [r.hash for r in records],
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(flat), width),
-            "segment": pa.array([self._segment] * len(records), pa.int32()),
+            "segment": pa.array([segment] * len(records), pa.int32()),
             "slot": pa.array(slots, pa.int64()),
             "width": pa.array([r.width for r in records], pa.int32()),
             "height": pa.array([r.height for r in records], pa.int32()),
@@ -341,14 +343,14 @@ class _Tables:
 
     files: Any
     images: Any
-    features: FeatureSegments
+    features: FeatureSegments | ObjectSegments
     file_records: dict[str, FileRecord]
     hashes: set[str]
     captioned: dict[str, str]  # hash -> captioner, for the images with a caption
     needed: dict[int, int]  # segment -> records its rows need
 
     @classmethod
-    def read(cls, path: Path, manifest: Manifest, create: bool = False, upgrade: bool = False) -> _Tables:
+    def read(cls, path: Location, manifest: Manifest, create: bool = False, upgrade: bool = False) -> _Tables:
         """Raises `IndexDamagedError` where a table is missing or unreadable, or a segment is short or lost.
 
         `create`: tables that are both absent are created (an index whose creation was cut short).
@@ -356,8 +358,8 @@ class _Tables:
         """
         import lancedb
 
-        db = lancedb.connect(str(path))
-        if create and not any((path / f"{name}.lance").exists() for name in (FILES, IMAGES)):
+        db = lancedb.connect(path.lance_uri)
+        if create and not any(path.exists(f"{name}.lance") for name in (FILES, IMAGES)):
             db.create_table(FILES, schema=FILES_SCHEMA)
             db.create_table(IMAGES, schema=images_schema(_embedding_width(manifest.identity)))
         try:
@@ -371,7 +373,7 @@ class _Tables:
                                 if c in rows.schema.names])
         except Exception as exc:  # LanceDB: ValueError (no table), OSError or RuntimeError (damaged files)
             raise damaged_table(path, manifest, exc) from exc
-        features = FeatureSegments(path, manifest.identity.record_bytes)
+        features = segments_at(path, manifest.identity.record_bytes)
         needed = needed_records(rows.column("segment").to_numpy(), rows.column("slot").to_numpy())
         problem = features.check(needed)
         if problem:
@@ -393,10 +395,12 @@ def _add_missing_columns(table, schema: pa.Schema) -> None:
         table.add_columns(missing)
 
 
-def _start_run(path: Path, manifest: Manifest, tables: _Tables) -> None:
+def _start_run(path: Location, manifest: Manifest, tables: _Tables) -> None:
     """Delete segments retired by the last run, pick the segment to append to, flag the run as under way."""
     run, segments = manifest.run, tables.features
     segments.remove([s for s in run.retired_segments if s not in tables.needed])  # never a live one
+    # past every segment there is: a killed run may have written some its manifest never counted
+    run.next_segment = max([run.next_segment, *(s + 1 for s in segments.segments())])
     current = run.current_segment
     if current == 0 or segments.slots(current) * segments.record_bytes >= SEGMENT_BYTES:
         current = run.next_segment  # ids are never reused: old snapshots may name old ones
@@ -405,7 +409,7 @@ def _start_run(path: Path, manifest: Manifest, tables: _Tables) -> None:
     write_manifest(path, manifest)  # while `writing`, readers build their view from the tables
 
 
-def _drop(path: Path) -> None:
+def _drop(path: Location) -> None:
     """Delete everything of an index but the lock. The manifest is first marked damaged and goes last, so
     a drop that is cut short leaves an index that asks to be rebuilt, never one that looks healthy."""
     try:
@@ -416,33 +420,14 @@ def _drop(path: Path) -> None:
         manifest.run.damaged = "a --rebuild was interrupted"
         write_manifest(path, manifest)
     for name in sorted(INDEX_NAMES - {LOCK, MANIFEST}):
-        target = path / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink(missing_ok=True)
-    (path / MANIFEST).unlink(missing_ok=True)
+        path.remove(name)
+    path.remove(MANIFEST)
 
 
 def _btree():
     from lancedb.index import BTree
 
     return BTree()
-
-
-def _lock(path: Path) -> int:
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        import fcntl
-
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:
-        pass  # no advisory locks on this platform
-    except OSError as exc:
-        os.close(fd)
-        raise IndexLockedError(f"another blipsearch process is writing to the index at {path}; "
-                               "wait for it to finish") from exc
-    return fd
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
@@ -460,17 +445,17 @@ def _delete_in(table, column: str, values: Iterable[str]) -> None:
         table.delete(_in_list(column, chunk))
 
 
-def check_tables(path: Path, manifest: Manifest) -> None:
+def check_tables(path: Location | Path | str, manifest: Manifest) -> None:
     """Raise `IndexDamagedError` where a table or feature segment of the index is missing or damaged."""
-    _Tables.read(path, manifest)
+    _Tables.read(location_of(path), manifest)
 
 
-def model_to_write(path: Path, asked: str | None, rebuild: bool) -> str | None:
+def model_to_write(path: Location | Path | str, asked: str | None, rebuild: bool) -> str | None:
     """The model an indexing run into `path` should load: `asked`, else the index's own (None: a new index).
 
     Checks what can be checked before a model is loaded, so that a refused run costs no load.
     """
-    check_location(path)
+    path = location_of(path)
     check_folder(path)
     if rebuild:
         recorded = recorded_model(path)

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from .dates import format_date
 from .errors import FieldError, ImageLoadError, IndexDamagedError, InvalidInputError, printable
 from .models.base import RetrievalModel, TextTokens
 from .search import Filters, Hit, Searcher, SearchOptions
+
+if TYPE_CHECKING:
+    from blipsearch.indexer.location import Location
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +140,7 @@ class Index:
     time, while path look-ups, status and refreshes go on beside it (each works on the view it started with;
     a refresh swaps in a new view in one assignment)."""
 
-    def __init__(self, location: Path, model: RetrievalModel, reader):
+    def __init__(self, location: Location, model: RetrievalModel, reader):
         self.location = location
         self.model = model
         self._view = _View(reader)
@@ -144,18 +148,19 @@ class Index:
         self._refresh_lock = threading.Lock()  # one reopening at a time
 
     @classmethod
-    def open(cls, location: Path | None = None, model: str | None = None, device: str = "auto",
+    def open(cls, location: Location | Path | str | None = None, model: str | None = None, device: str = "auto",
              precision: str = "auto", with_vision: bool = True) -> Index:
         """Raises `IndexMissingError`, `IndexDamagedError`, `ModelLoadError` or `ModelMismatchError`.
 
         `with_vision=False` loads the text side only (quicker): such an index answers text terms only.
         """
+        from blipsearch.indexer.location import location_of
         from blipsearch.indexer.manifest import check_model, default_location
         from blipsearch.indexer.reader import IndexReader
 
         from .models import load_model
 
-        location = (location or default_location()).expanduser()
+        location = location_of(location or default_location())
         reader = IndexReader.open(location)
         loaded = load_model(model or reader.manifest.identity.model_id, device=device, precision=precision,
                             with_vision=with_vision)
@@ -310,7 +315,7 @@ def folders(path: Path) -> list[str]:
     return list(dict.fromkeys([os.path.abspath(path.expanduser()), str(resolved)]))
 
 
-def index_status(location: Path, reader=None) -> tuple[dict, IndexDamagedError | None]:
+def index_status(location: Location | Path | str, reader=None) -> tuple[dict, IndexDamagedError | None]:
     """What `blipsearch status` reports, and the damage found (if any). No model is loaded. With an open
     `reader`, its counts are reported and nothing is checked again."""
     from blipsearch.indexer.layout import disk_bytes, read_index_manifest

@@ -11,6 +11,7 @@ import subprocess
 
 import pytest
 
+from blipsearch.indexer import location as location_module
 from blipsearch.indexer import store as store_module
 from blipsearch.indexer.features import FeatureSegments
 from blipsearch.indexer.reader import IndexReader
@@ -94,7 +95,7 @@ def test_an_interrupted_rebuild_leaves_an_index_that_asks_to_be_rebuilt(library,
         if os.path.basename(path) == "images.lance":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(store_module.shutil, "rmtree", rmtree_then_ctrl_c)
+    monkeypatch.setattr(location_module.shutil, "rmtree", rmtree_then_ctrl_c)
     index(library, tiny_model_dir, "a", expect=130, extra=["--rebuild"])
     monkeypatch.undo()
     for result in (status(library, expect=1), query(library, expect=1), index(library, tiny_model_dir, "a", expect=1)):
@@ -149,7 +150,7 @@ def test_a_read_only_index_refuses_to_index_in_one_line_and_still_answers(librar
         return real_open(path, flags, *args, **kwargs)
 
     answer = query(library, "--json").stdout
-    monkeypatch.setattr(store_module.os, "open", read_only_open)
+    monkeypatch.setattr(location_module.os, "open", read_only_open)
     result = index(library, tiny_model_dir, "a", expect=1)
     monkeypatch.undo()
     one_line_error(result, "the file system is read-only; queries still work")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ..device import DEVICES, PRECISIONS
 
 index_option = click.option(
-    "--index", "index_path", type=click.Path(file_okay=False, path_type=Path), envvar="BLIPSEARCH_INDEX",
-    help="Index folder. Default: $BLIPSEARCH_INDEX, else the user data folder (see `blipsearch status`).")
+    "--index", "index_path", metavar="FOLDER|s3://BUCKET/PREFIX", envvar="BLIPSEARCH_INDEX",
+    help="Index folder, or a prefix in S3-compatible object storage. Default: $BLIPSEARCH_INDEX, else the user "
+         "data folder (see `blipsearch status`).")
 device_option = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                              help="auto picks cuda, then mps, then cpu.")
 precision_option = click.option(
@@ -22,10 +21,12 @@ def model_option(help_text: str):
     return click.option("--model", "model_name", metavar="HUB_ID|DIR", default=None, help=help_text)
 
 
-def index_location(index_path: Path | None) -> Path:
+def index_location(index_path: str | None):
+    """The `Location` of --index (a folder or s3://bucket/prefix)."""
+    from blipsearch.indexer.location import location_of
     from blipsearch.indexer.manifest import default_location
 
-    return (index_path or default_location()).expanduser()
+    return location_of(index_path or default_location())
 
 
 def load(model_name: str, device: str, precision: str, with_vision: bool = True):

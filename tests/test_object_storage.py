@@ -1,0 +1,97 @@
+"""An index on S3-compatible object storage (`--index s3://bucket/prefix`), against a local moto server."""
+
+import json
+
+import boto3
+import pytest
+
+from blipsearch.indexer import location as location_module
+from blipsearch.indexer.location import ObjectPrefix, cache_folder
+from blipsearch.indexer.reader import IndexReader
+from blipsearch.indexer.store import IndexWriter
+from photos import make_folder
+from runner import blipsearch, one_line_error
+
+QUERY = "a red dog on the beach"
+
+
+def ranked(index, *args):
+    out = blipsearch("query", QUERY, "--json", "--top", "9", "--candidates", "9", *args, index=index).stdout
+    return [(r["path"], round(r["score"], 5), r["itm_prob"]) for r in json.loads(out)["results"]]
+
+
+def keys(bucket: str, prefix: str = "") -> dict[str, int]:
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {item["Key"]: item["Size"] for page in pages for item in page.get("Contents", [])}
+
+
+@pytest.fixture
+def photos(tmp_path):
+    make_folder(tmp_path / "photos" / "a", 5, seed=1)
+    make_folder(tmp_path / "photos" / "b", 4, seed=2)
+    return tmp_path / "photos"
+
+
+def test_an_index_on_s3_answers_as_a_local_one(tmp_path, photos, s3_bucket, tiny_model_dir):
+    remote = f"s3://{s3_bucket}/indexes/photos"
+    for index in (tmp_path / "local", remote):
+        blipsearch("index", str(photos), "--model", str(tiny_model_dir), "-q", "--batch-size", "4", index=index)
+    assert ranked(remote) == ranked(tmp_path / "local")
+    stored = keys(s3_bucket, "indexes/photos/")
+    names = {k[len("indexes/photos/"):].split("/")[0] for k in stored}
+    assert names == {"manifest.json", "files.lance", "images.lance", "features", "snapshot"}  # the lock is gone
+    segments = sorted(k for k in stored if "/features/" in k)
+    assert len(segments) == 3  # 9 images in commits of 4: one object per commit
+    status = json.loads(blipsearch("status", "--json", index=remote).stdout)
+    assert (status["files"], status["images"], status["index"]) == (9, 9, remote)
+    assert status["bytes"] == sum(stored.values()) and status["damaged"] is None
+
+
+def test_runs_on_s3_are_incremental_and_queries_follow_them(tmp_path, photos, s3_bucket, tiny_model_dir):
+    remote = f"s3://{s3_bucket}/idx"
+    blipsearch("index", str(photos), "--model", str(tiny_model_dir), "-q", index=remote)
+    first = ranked(remote)
+    again = blipsearch("index", str(photos), "-q", index=remote)
+    assert "indexed 0, reused 0 (moved or copied), unchanged 9, removed 0" in again.stderr
+    assert ranked(remote) == first
+    (photos / "a" / "img000.png").unlink()
+    (photos / "b" / "img000.png").rename(photos / "b" / "moved.png")
+    make_folder(photos / "c", 1, seed=3)
+    changed = blipsearch("index", str(photos), "-q", index=remote)
+    assert "indexed 1, reused 1 (moved or copied), unchanged 7, removed 2" in changed.stderr
+    paths = {p for p, _, _ in ranked(remote)}
+    assert str(photos / "b" / "moved.png") in paths and str(photos / "c" / "img000.png") in paths
+    assert str(photos / "a" / "img000.png") not in paths
+    for index in (tmp_path / "local",):
+        blipsearch("index", str(photos), "--model", str(tiny_model_dir), "-q", index=index)
+    assert ranked(remote) == ranked(tmp_path / "local")
+    (photos / "a" / "img001.png").unlink()
+    blipsearch("index", str(photos), "-q", index=remote)  # a third generation
+    # the current snapshot and the one before it stay (a query may have started on that); older ones go
+    generations = {k.split("/")[2] for k in keys(s3_bucket, "idx/snapshot/") if k.count("/") == 3}
+    assert generations == {"2", "3"}
+    assert {p for p, _, _ in ranked(remote)} == {str(p) for p in photos.rglob("*.png")}
+    assert sorted(p.name for p in cache_folder(ObjectPrefix(remote)).iterdir()) == ["2", "3"]
+
+
+def test_a_second_writer_is_refused_until_the_lease_is_stale(s3_bucket, tiny_model, monkeypatch):
+    remote = f"s3://{s3_bucket}/idx"
+    first = IndexWriter.open(remote, tiny_model.info)
+    with pytest.raises(Exception, match="another blipsearch process .* is writing to the index at s3://"):
+        IndexWriter.open(remote, tiny_model.info)
+    monkeypatch.setattr(location_module, "LEASE_STALE_S", 0.0)  # as if the first writer had died long ago
+    second = IndexWriter.open(remote, tiny_model.info)
+    first.close()  # its lease was taken over: releasing deletes nothing of the second's
+    assert "idx/.lock" in keys(s3_bucket)
+    second.finish()
+    second.close()
+    assert "idx/.lock" not in keys(s3_bucket)
+    assert IndexReader.open(remote).counts() == (0, 0)
+
+
+def test_object_storage_errors_are_one_line(photos, s3_bucket, tiny_model_dir):
+    result = blipsearch("index", str(photos), "--model", str(tiny_model_dir), "-q", index="s3://no-such-bucket/x",
+                        expect=1)
+    one_line_error(result, "s3://no-such-bucket/x", "create the bucket")
+    one_line_error(blipsearch("query", QUERY, index=f"s3://{s3_bucket}/none", expect=1), "no index at s3://")
+    one_line_error(blipsearch("status", index="gs://bucket/x", expect=1), "gs://bucket/x", "s3://bucket/prefix")
