@@ -23,7 +23,7 @@ the fact). A caption that fails is left out, never the image; the next run tries
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +38,13 @@ from . import codec
 from .images import LoadedImage, check_header, failure_reason, load_image
 from .metadata import FileMeta, read_meta
 from .readahead import TooManyStuck, bounded_map
-from .scan import FileStat, is_under, open_regular, read_hashed, resolve_roots, scan
+from .scan import FileStat, ScanResult, is_under, open_regular, read_hashed, resolve_roots, scan
 from .store import FileRecord, ImageRecord, IndexWriter
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from blipsearch.retrieval.models.base import Preprocessing
     from blipsearch.retrieval.models.captioner import Captioner
 
 log = logging.getLogger(__name__)
@@ -88,30 +89,39 @@ def index_folders(roots: Sequence[str | Path], model: RetrievalModel, store: Ind
                   options: IndexOptions | None = None) -> IndexSummary:
     options = options or IndexOptions()
     summary = IndexSummary()
-    folders = resolve_roots(roots)
-    found = scan(folders)
-    for path, reason in found.skipped:
-        _skip(path, reason, options, summary)
-    stored = store.file_records()
-    kept = _empty_folders_with_files(folders, found, stored, options.allow_empty)
-    _remove_vanished(store, stored, found.files, [str(f) for f in folders], found.unreadable_dirs + kept, summary)
-    changed = [f for f in found.files if not _unchanged(stored.get(f.path), f)]
-    summary.unchanged = len(found.files) - len(changed)
+    found, changed = plan(roots, store, options, summary)
     recaption = []
     if options.captioner is not None:
-        recaption = _to_caption(found.files, changed, stored, store.captioned(), options.captioner.name)
-    _Run(store, model, stored, options, summary).process(changed, recaption)
+        recaption = _to_caption(found.files, changed, store.file_records(), store.captioned(),
+                                options.captioner.name)
+    _Run(store, model, store.file_records(), options, summary).process(changed, recaption)
     store.prune_images()
     store.finish()
     return summary
 
 
-def _empty_folders_with_files(folders: list[Path], found, stored: dict[str, FileRecord],
+def plan(roots: Sequence[str | Path], store: IndexWriter, options: IndexOptions,
+         summary: IndexSummary) -> tuple[ScanResult, list[FileStat]]:
+    """Scan the roots, remove the rows of vanished files, and return the scan and the files to read (new or
+    changed); skipped and unchanged files are counted in `summary`."""
+    folders = [str(f) for f in resolve_roots(roots)]
+    found = scan(folders)
+    for path, reason in found.skipped:
+        skip_file(path, reason, options, summary)
+    stored = store.file_records()
+    kept = _empty_folders_with_files(folders, found, stored, options.allow_empty)
+    _remove_vanished(store, stored, found.files, folders, found.unreadable_dirs + kept, summary)
+    changed = [f for f in found.files if not _unchanged(stored.get(f.path), f)]
+    summary.unchanged = len(found.files) - len(changed)
+    return found, changed
+
+
+def _empty_folders_with_files(folders: list[str], found, stored: dict[str, FileRecord],
                               allow_empty: bool) -> list[str]:
     """Folders that now look empty but had indexed files: an unmounted drive, most likely. Kept unless allowed."""
     if allow_empty:
         return []
-    empty = [str(f) for f in folders if not any(is_under(x.path, [str(f)]) for x in found.files)]
+    empty = [f for f in folders if not any(is_under(x.path, [f]) for x in found.files)]
     held = [f for f in empty if any(is_under(p, [f]) for p in stored)]
     for folder in held:
         log.warning("%s is empty, but the index holds files from it: kept (an unmounted drive?); "
@@ -194,26 +204,11 @@ class _Run:
             self._commit()
 
     def _read(self, work: tuple[FileStat, bool]) -> _Read:
-        """In a worker thread: read the file once, hash it and read its metadata; decode it only if its
-        content is new (for the encoder) or needs a caption (for the captioner)."""
+        """In a worker thread: `read_file`, keeping the bytes of a content that needs a caption."""
         stat, caption_only = work
-        try:
-            with open_regular(stat.path) as file:
-                check_header(file, stat.path)  # no image, or a decompression bomb: refused before reading it whole
-                data, digest = read_hashed(file)
-        except ImageLoadError as exc:
-            return _Read(stat, reason=str(exc), caption_only=caption_only)
-        except OSError as exc:
-            return _Read(stat, reason=failure_reason(stat.path, exc), caption_only=caption_only)
-        read = _Read(stat, digest, meta=read_meta(data, stat.mtime_ns), caption_only=caption_only)
-        if digest not in self.known:
-            try:
-                read.image = load_image(stat.path, self.model.info.preprocessing,
-                                        reduced_decode=self.options.reduced_decode, data=data)
-            except ImageLoadError as exc:
-                read.reason = str(exc)
-                return read
-        if digest in self.uncaptioned:
+        read, data = read_file(stat, self.known, self.model.info.preprocessing, self.options.reduced_decode)
+        read.caption_only = caption_only
+        if data is not None and read.digest in self.uncaptioned:
             read.caption_data = data
         return read
 
@@ -341,7 +336,7 @@ class _Run:
         # for the metadata an older blipsearch did not keep) is not
         if old is not None and (old.size, old.mtime_ns) != (stat.size, stat.mtime_ns):
             self.store.delete_files([stat.path])
-        _skip(stat.path, reason, self.options, self.summary)
+        skip_file(stat.path, reason, self.options, self.summary)
         self.progress.update(1)
 
 
@@ -352,6 +347,28 @@ class _Waiting:
     path: str
     image: LoadedImage | None
     data: bytes | None
+
+
+def read_file(stat: FileStat, known: Container[str], preprocessing: Preprocessing,
+              reduced_decode: bool) -> tuple[_Read, bytes | None]:
+    """Read a file once, hash it and read its metadata; decode it only if its content is not `known`.
+    Returns the read and the file's bytes (None where it failed)."""
+    try:
+        with open_regular(stat.path) as file:
+            check_header(file, stat.path)  # no image, or a decompression bomb: refused before reading it whole
+            data, digest = read_hashed(file)
+    except ImageLoadError as exc:
+        return _Read(stat, reason=str(exc)), None
+    except OSError as exc:
+        return _Read(stat, reason=failure_reason(stat.path, exc)), None
+    read = _Read(stat, digest, meta=read_meta(data, stat.mtime_ns))
+    if digest not in known:
+        try:
+            read.image = load_image(stat.path, preprocessing, reduced_decode=reduced_decode, data=data)
+        except ImageLoadError as exc:
+            read.reason = str(exc)
+            return read, None
+    return read, data
 
 
 def _file_record(read: _Read) -> FileRecord:
@@ -378,7 +395,7 @@ class _Uncaptioned:
         self.captioned.add(digest)
 
 
-def _skip(path: str, reason: str, options: IndexOptions, summary: IndexSummary) -> None:
+def skip_file(path: str, reason: str, options: IndexOptions, summary: IndexSummary) -> None:
     summary.skipped.append((path, reason))
     if options.on_skip:
         options.on_skip(path, reason)

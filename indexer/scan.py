@@ -19,6 +19,8 @@ from typing import BinaryIO
 
 from blipsearch.retrieval.errors import ImageLoadError, InvalidInputError, printable
 
+from . import objects
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -52,10 +54,14 @@ class ScanResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): found but not indexable
 
 
-def resolve_roots(roots: Iterable[str | Path]) -> list[Path]:
-    """Absolute folders (or single files); a missing one is an error, never 'everything was deleted'."""
+def resolve_roots(roots: Iterable[str | Path]) -> list[Path | str]:
+    """Absolute folders (or single files), and `s3://` prefixes as given (objects.py); a missing one is an error,
+    never 'everything was deleted'."""
     resolved = []
     for root in roots:
+        if objects.is_remote(str(root)):
+            resolved.append(objects.check_prefix(str(root)))
+            continue
         path = Path(root).expanduser()
         if not path.exists():
             raise InvalidInputError(f"{root}: no such file or folder")
@@ -63,16 +69,20 @@ def resolve_roots(roots: Iterable[str | Path]) -> list[Path]:
     return resolved
 
 
-def scan(roots: Iterable[Path], extensions: frozenset[str] | None = None) -> ScanResult:
+def scan(roots: Iterable[Path | str], extensions: frozenset[str] | None = None) -> ScanResult:
     """Every image file below `roots`, recursively, in sorted order; hidden files and folders are skipped.
 
-    Links to folders are followed, except one that leads back to a folder it is inside of (a loop).
+    Links to folders are followed, except one that leads back to a folder it is inside of (a loop). An
+    `s3://` root lists the objects below it.
     """
     extensions = extensions or supported_extensions()
     result = ScanResult()
     seen: set[str] = set()
     for root in roots:
-        for path in _walk(root, result.unreadable_dirs):
+        if objects.is_remote(str(root)):
+            _scan_prefix(str(root), extensions, seen, result)
+            continue
+        for path in _walk(Path(root), result.unreadable_dirs):
             if Path(path).suffix.lower() not in extensions or path in seen:
                 continue
             seen.add(path)
@@ -85,6 +95,17 @@ def scan(roots: Iterable[Path], extensions: frozenset[str] | None = None) -> Sca
                 result.files.append(FileStat(path, st.st_size if st else 0, st.st_mtime_ns if st else 0))
     result.files.sort(key=lambda f: f.path)
     return result
+
+
+def _scan_prefix(url: str, extensions: frozenset[str], seen: set[str], result: ScanResult) -> None:
+    for path, size, mtime_ns in objects.list_prefix(url):
+        if Path(path).suffix.lower() not in extensions or path in seen:
+            continue
+        seen.add(path)
+        if size > MAX_FILE_BYTES:
+            result.skipped.append((path, f"file too large ({_size(size)}; the limit is {_size(MAX_FILE_BYTES)})"))
+        else:
+            result.files.append(FileStat(path, size, mtime_ns))
 
 
 def _stat(path: str) -> os.stat_result | None:
@@ -112,8 +133,10 @@ def open_regular(path: str | Path) -> BinaryIO:
     """Open a regular file within the size limit for reading; else raise `ImageLoadError` with the reason.
 
     O_NONBLOCK: opening a FIFO swapped in since the scan returns at once instead of waiting for a writer;
-    the status of the open descriptor, not of the name, decides.
+    the status of the open descriptor, not of the name, decides. An `s3://` address opens the object.
     """
+    if objects.is_remote(str(path)):
+        return objects.open_object(str(path), MAX_FILE_BYTES)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         reason = file_problem(os.fstat(fd))

@@ -288,11 +288,42 @@ class IndexWriter:
             run.current_segment = self._segment
         return self._segment, self.features.append(self._segment, records)
 
-    def reserve_segments(self, count: int) -> int:
-        """The first of `count` fresh segment ids, for writers outside this process (see cluster.py)."""
+    # ---- writers outside this process (cluster.py) ---------------------------------------------------
+
+    def table_uri(self, name: str) -> str:
+        """Where the Lance dataset of a table (`files` or `images`) lies."""
+        return f"{self.path.lance_uri.rstrip('/')}/{name}.lance"
+
+    def segments_taken(self, below: int) -> None:
+        """Feature segment ids below `below` were used by other writers: this one goes on past them."""
         run = self.manifest.run
-        first, run.next_segment = run.next_segment, run.next_segment + count
-        return first
+        run.next_segment = max(run.next_segment, below)
+
+    @_writes
+    def external_commits(self) -> None:
+        """Other writers committed rows to the tables: read on from their versions."""
+        for table in (self.files, self.images):
+            table.checkout_latest()
+        rows = self.images.to_arrow().select(["hash", "segment", "slot"])
+        self._known = set(rows.column("hash").to_pylist())
+        self.features = segments_at(self.path, self.manifest.identity.record_bytes)  # sees their segments
+        self.features.start(needed_records(rows.column("segment").to_numpy(), rows.column("slot").to_numpy()))
+        self._changed = True
+
+    @_writes
+    def drop_duplicate_images(self) -> int:
+        """Keep one row per content hash (writers that ran in parallel may each have stored a copy of one new
+        content); returns how many rows went."""
+        rows = self.images.to_arrow().select(["hash", "segment", "slot"]).to_pylist()
+        seen, extra = set(), []
+        for row in rows:
+            if row["hash"] in seen:
+                extra.append(row)
+            seen.add(row["hash"])
+        for row in extra:
+            self.images.delete(f"{_in_list('hash', [row['hash']])} AND segment = {int(row['segment'])} "
+                               f"AND slot = {int(row['slot'])}")
+        return len(extra)
 
     def _images_table(self, records: Sequence[ImageRecord], segment: int, slots: list[int]) -> pa.Table:
         width = _embedding_width(self.manifest.identity)

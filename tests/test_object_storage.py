@@ -9,6 +9,8 @@ from blipsearch.indexer import location as location_module
 from blipsearch.indexer.location import ObjectPrefix, cache_folder
 from blipsearch.indexer.reader import IndexReader
 from blipsearch.indexer.store import IndexWriter
+from blipsearch.retrieval.errors import IndexLockedError
+
 from photos import make_folder
 from runner import blipsearch, one_line_error
 
@@ -77,7 +79,7 @@ def test_runs_on_s3_are_incremental_and_queries_follow_them(tmp_path, photos, s3
 def test_a_second_writer_is_refused_until_the_lease_is_stale(s3_bucket, tiny_model, monkeypatch):
     remote = f"s3://{s3_bucket}/idx"
     first = IndexWriter.open(remote, tiny_model.info)
-    with pytest.raises(Exception, match="another blipsearch process .* is writing to the index at s3://"):
+    with pytest.raises(IndexLockedError, match=r"another blipsearch process \(.*\) is writing to the index at s3:"):
         IndexWriter.open(remote, tiny_model.info)
     monkeypatch.setattr(location_module, "LEASE_STALE_S", 0.0)  # as if the first writer had died long ago
     second = IndexWriter.open(remote, tiny_model.info)

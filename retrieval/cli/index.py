@@ -16,7 +16,7 @@ from .options import device_option, index_location, index_option, load, model_op
 
 
 @main.command("index")
-@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("folders", nargs=-1, required=True)
 @model_option("Model to embed with (hub id or local directory). Default: the index's model, or "
               f"{DEFAULT_MODEL} for a new index.")
 @index_option
@@ -37,14 +37,20 @@ from .options import device_option, index_location, index_option, load, model_op
                    "for later runs. Default: as the last run chose (off for a new index).")
 @click.option("--captioner", "captioner_name", metavar="HUB_ID|DIR", default=None,
               help=f"BLIP captioning model (implies --captions). Default: the index's, else {DEFAULT_CAPTIONER}.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Read and encode on Ray Data: on the cluster at ADDRESS (auto, ray://HEAD:10001), else at "
+                   "$RAY_ADDRESS, else on a local Ray instance. Writes no captions.")
+@click.option("--ray-actors", type=click.IntRange(1), default=None,
+              help="Encoder actors for --ray (each loads the model once). Default: one per GPU, else one per 8 CPUs.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def index_command(folders, model_name, index_path, device, precision, batch_size, workers, exact_decode, rebuild,
-                  allow_empty, captions, captioner_name, quiet):
+                  allow_empty, captions, captioner_name, ray_address, ray_actors, quiet):
     """Embed every image under FOLDERS (recursively) into the index.
 
     Unchanged files are skipped, changed ones re-encoded, deleted ones removed, and moved or copied
     files reuse their stored features. Interrupting loses at most the batch in flight; run again to
-    finish. Exit status 3 means done, with some files skipped (each named on stderr).
+    finish. Exit status 3 means done, with some files skipped (each named on stderr). FOLDERS may be
+    s3://bucket/prefix addresses (AWS credentials and AWS_ENDPOINT_URL from the environment).
 
     With --captions each image also gets a caption (once per content; images indexed before get theirs
     on this run), and the date it was taken (EXIF, else the file's time) is kept for every file.
@@ -56,7 +62,9 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
 
     location = index_location(index_path)
     resolve_roots(folders)  # a missing folder, a damaged or foreign index: all fail before the model loads
-    model = load(model_to_write(location, model_name, rebuild) or DEFAULT_MODEL, device, precision)
+    _check_ray(ray_address, ray_actors, captions, captioner_name)
+    model_name = model_to_write(location, model_name, rebuild) or DEFAULT_MODEL
+    model = load(model_name, device, precision)
     if captions is False and captioner_name is not None:
         raise InvalidInputError("--captioner names the model for --captions; drop one of --captioner and --no-captions")
     recorded = _recorded_captioner(location)  # before a --rebuild drops the manifest
@@ -68,7 +76,14 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
         on_skip=lambda path, reason: _say(f"skipped {path}: {reason}"), captioner=captioner)
     started = time.perf_counter()
     try:
-        summary = index_folders(folders, model, store, options)
+        if ray_address is None:
+            summary = index_folders(folders, model, store, options)
+        else:
+            summary = _index_on_ray(folders, model_name, model, store, options, ray_address, ray_actors, batch_size,
+                                    device, precision)
+            if captioner is not None:
+                _say("captions are not written by --ray runs: run `blipsearch index` without --ray to caption "
+                     "the new images (nothing is encoded again)")
     finally:
         store.close()
     seconds = time.perf_counter() - started
@@ -84,7 +99,31 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
         sys.exit(EXIT_SKIPPED)
 
 
-def _recorded_captioner(location: Path) -> str | None:
+def _check_ray(address: str | None, actors: int | None, captions: bool | None, captioner: str | None) -> None:
+    if address is None:
+        if actors is not None:
+            raise InvalidInputError("--ray-actors is for --ray runs; add --ray or drop --ray-actors")
+        return
+    if captions or captioner is not None:
+        raise InvalidInputError("--ray runs write no captions: drop --captions/--captioner, and caption with a "
+                                "`blipsearch index --captions` run afterwards")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise InvalidInputError("--ray needs Ray Data: pip install 'blipsearch[ray]'") from None
+
+
+def _index_on_ray(folders, model_name: str, model, store, options, address: str, actors: int | None,
+                  batch_size: int | None, device: str, precision: str):
+    from blipsearch.indexer.cluster import RayOptions, index_on_ray
+
+    name = _absolute_name(model_name) if Path(model_name).expanduser().exists() else model_name
+    ray_options = RayOptions(address=address or None, model=name, device=device, precision=precision, actors=actors,
+                             batch_size=batch_size or 64, reduced_decode=options.reduced_decode)
+    return index_on_ray(folders, store, options, ray_options, model.info.preprocessing)
+
+
+def _recorded_captioner(location) -> str | None:
     from blipsearch.indexer.manifest import read_manifest
 
     try:
@@ -102,7 +141,7 @@ def _captioner(store, recorded: str | None, captions: bool | None, name: str | N
     if captions is False:
         chosen = None
     elif name is not None or captions:
-        chosen = _captioner_name(name) if name is not None else recorded or DEFAULT_CAPTIONER
+        chosen = _absolute_name(name) if name is not None else recorded or DEFAULT_CAPTIONER
     else:
         chosen = recorded
     store.remember_captioner(chosen)
@@ -117,7 +156,7 @@ def _captioner(store, recorded: str | None, captions: bool | None, name: str | N
     return CaptionerSource(chosen, load)
 
 
-def _captioner_name(name: str) -> str:
+def _absolute_name(name: str) -> str:
     """A local folder by its absolute path (a later run from elsewhere finds it, and one folder has one name);
     a hub id as given."""
     path = Path(name).expanduser()

@@ -1,0 +1,115 @@
+"""`blipsearch index --ray`: Ray Data on a local instance writes the index a single-process run writes."""
+
+import json
+import shutil
+from pathlib import Path
+
+import boto3
+import lance_ray
+import pytest
+import ray
+
+from photos import make_folder
+from runner import blipsearch, one_line_error
+
+QUERY = "a red dog on the beach"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray(s3_endpoint):
+    """One local instance for the module, started where the S3 server's settings are in the environment."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def answers(index) -> list[tuple[str, float, float]]:
+    """(file name under the photo root, score, ITM probability) of every indexed image, best first."""
+    out = blipsearch("query", QUERY, "--json", "--top", "20", "--candidates", "20", index=index).stdout
+    return [("/".join(Path(r["path"]).parts[-2:]), round(r["score"], 5), r["itm_prob"])
+            for r in json.loads(out)["results"]]
+
+
+def summary(result) -> str:
+    return result.stderr.strip().splitlines()[-1].split(" in ")[0]
+
+
+def index_both(photos, tmp_path, *extra, model=()):
+    """The same run single-process and on Ray; returns both summaries."""
+    single = blipsearch("index", str(photos), "-q", *model, *extra, index=tmp_path / "single")
+    on_ray = blipsearch("index", str(photos), "-q", "--ray", *model, *extra, index=tmp_path / "ray")
+    return summary(single), summary(on_ray)
+
+
+def test_ray_indexes_as_a_single_process_run_does(tmp_path, tiny_model_dir):
+    photos = tmp_path / "photos"
+    make_folder(photos / "a", 5, seed=1)
+    make_folder(photos / "b", 4, seed=2)
+    shutil.copy(photos / "a" / "img001.png", photos / "b" / "copy.png")  # one content, two files
+    single, on_ray = index_both(photos, tmp_path, model=("--model", str(tiny_model_dir)))
+    assert single == on_ray == "blipsearch: indexed 10, reused 0 (moved or copied), unchanged 0, removed 0, skipped 0"
+    assert answers(tmp_path / "ray") == answers(tmp_path / "single")
+    # a second run on Ray: moved, deleted, new and touched files, as the single-process path sees them
+    (photos / "a" / "img000.png").rename(photos / "b" / "moved.png")
+    (photos / "a" / "img002.png").unlink()
+    make_folder(photos / "c", 2, seed=3)
+    (photos / "c" / "broken.png").write_bytes(b"not a picture")
+    single, on_ray = _rerun(photos, tmp_path)
+    assert single == on_ray == "blipsearch: indexed 2, reused 1 (moved or copied), unchanged 8, removed 2, skipped 1"
+    assert answers(tmp_path / "ray") == answers(tmp_path / "single")
+    status = json.loads(blipsearch("status", "--json", index=tmp_path / "ray").stdout)
+    assert (status["files"], status["images"]) == (11, 10)
+
+
+def _rerun(photos, tmp_path):
+    single = blipsearch("index", str(photos), "-q", index=tmp_path / "single", expect=3)
+    on_ray = blipsearch("index", str(photos), "-q", "--ray", index=tmp_path / "ray", expect=3)
+    assert f"blipsearch: skipped {photos / 'c' / 'broken.png'}: " in on_ray.stderr
+    return summary(single), summary(on_ray)
+
+
+def test_a_driver_killed_between_commits_leaves_a_usable_index_that_the_next_run_completes(
+        tmp_path, tiny_model_dir, monkeypatch):
+    photos = tmp_path / "photos"
+    make_folder(photos, 6, seed=4)
+    blipsearch("index", str(photos), "-q", "--model", str(tiny_model_dir), index=tmp_path / "single")
+    write = lance_ray.write_lance
+
+    def killed_at_the_file_rows(ds, uri, **kwargs):
+        if uri.endswith("files.lance"):
+            raise KeyboardInterrupt
+        return write(ds, uri, **kwargs)
+
+    monkeypatch.setattr(lance_ray, "write_lance", killed_at_the_file_rows)
+    blipsearch("index", str(photos), "-q", "--ray", "--model", str(tiny_model_dir), index=tmp_path / "ray",
+               expect=130)
+    monkeypatch.undo()
+    assert answers(tmp_path / "ray") == []  # image rows are stored, no file names them yet: nothing to show
+    again = blipsearch("index", str(photos), "-q", "--ray", index=tmp_path / "ray")
+    assert summary(again) == "blipsearch: indexed 6, reused 0 (moved or copied), unchanged 0, removed 0, skipped 0"
+    assert answers(tmp_path / "ray") == answers(tmp_path / "single")
+
+
+def test_ray_reads_photos_from_s3_into_an_index_on_s3(tmp_path, s3_bucket, tiny_model_dir):
+    photos = tmp_path / "photos"
+    make_folder(photos / "trip", 5, seed=5)
+    client = boto3.client("s3")
+    for path in sorted(photos.rglob("*.png")):
+        client.upload_file(str(path), s3_bucket, f"library/{path.relative_to(photos)}")
+    client.put_object(Bucket=s3_bucket, Key="library/.hidden.png", Body=b"skipped: hidden")
+    remote = f"s3://{s3_bucket}/index"
+    blipsearch("index", f"s3://{s3_bucket}/library", "-q", "--ray", "--model", str(tiny_model_dir), index=remote)
+    blipsearch("index", str(photos), "-q", "--model", str(tiny_model_dir), index=tmp_path / "single")
+    assert answers(remote) == answers(tmp_path / "single")
+    paths = json.loads(blipsearch("query", QUERY, "--json", index=remote).stdout)["results"]
+    assert all(r["path"].startswith(f"s3://{s3_bucket}/library/trip/img00") for r in paths)
+    # and the single-process path reads the same objects
+    blipsearch("index", f"s3://{s3_bucket}/library", "-q", "--model", str(tiny_model_dir), index=tmp_path / "s3-single")
+    assert answers(tmp_path / "s3-single") == answers(remote)
+
+
+def test_ray_refuses_captions_in_one_line(tmp_path, tiny_model_dir):
+    make_folder(tmp_path / "photos", 1)
+    result = blipsearch("index", str(tmp_path / "photos"), "--ray", "--captions", "--model", str(tiny_model_dir),
+                        index=tmp_path / "index", expect=1)
+    one_line_error(result, "--ray runs write no captions")
