@@ -52,7 +52,6 @@ class RayOptions:
     actors: int | None = None  # encoder actors; None: one per GPU, else one per 8 CPUs (at least one)
     batch_size: int = 64  # images per encoder call, and per feature segment
     reduced_decode: bool = True
-    num_cpus: int | None = None  # for a local instance only (tests: 2)
 
 
 _INPUT = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("old_hash", pa.string())])
@@ -77,7 +76,7 @@ def _start_ray(ray_options: RayOptions, progress: bool) -> None:
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
         # the driver's object-storage settings travel with the job: its workers read and write the same places
         env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-        ray.init(address=ray_options.address, num_cpus=ray_options.num_cpus, log_to_driver=False,
+        ray.init(address=ray_options.address, log_to_driver=False,
                  include_dashboard=False, logging_level=logging.WARNING, runtime_env={"env_vars": env})
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
@@ -103,7 +102,10 @@ def _encode_changed(changed: list[FileStat], store: IndexWriter, options: IndexO
     actors = ray_options.actors or gpus or max(1, cpus // 8)
     per_actor = {"num_gpus": 1} if gpus else {"num_cpus": max(1, min(8, cpus // (actors + 1)))}
     ds = ray.data.from_arrow(rows).repartition(max(1, len(changed) // READ_BATCH))
-    ds = ds.map_batches(_read_batch, batch_format="pyarrow", batch_size=READ_BATCH, num_cpus=1,
+    # Resources given by a function: Ray Data fuses a map into the next when their resources are equal, and
+    # decoding must run in tasks beside the encoder actors, not inside them one after the other.
+    ds = ds.map_batches(_read_batch, batch_format="pyarrow", batch_size=READ_BATCH,
+                        ray_remote_args_fn=lambda: {"num_cpus": 1},
                         fn_kwargs={"known": known, "preprocessing": preprocessing,
                                    "reduced_decode": ray_options.reduced_decode})
     ds = ds.map_batches(_Encoder, batch_format="pyarrow", batch_size=ray_options.batch_size,

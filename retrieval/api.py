@@ -305,10 +305,13 @@ def _unit(vector: torch.Tensor) -> torch.Tensor:
     return vector / vector.norm().clamp_min(1e-12)
 
 
-def folders(path: Path) -> list[str]:
+def folders(path: Path | str) -> list[str]:
     """`Options.under` for one folder: its absolute path as given, and where its links lead (an index stores
     a root's real path, and the link paths of linked folders below it); raises `FieldError("under", ...)`
-    where there is no folder."""
+    where there is no folder. An `s3://bucket/prefix` stands for itself."""
+    if str(path).startswith("s3://"):
+        return [str(path).rstrip("/")]
+    path = Path(path)
     resolved = path.expanduser().resolve()
     if not resolved.is_dir():
         raise FieldError("under", f"{path}: no such folder")

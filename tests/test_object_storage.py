@@ -97,3 +97,18 @@ def test_object_storage_errors_are_one_line(photos, s3_bucket, tiny_model_dir):
     one_line_error(result, "s3://no-such-bucket/x", "create the bucket")
     one_line_error(blipsearch("query", QUERY, index=f"s3://{s3_bucket}/none", expect=1), "no index at s3://")
     one_line_error(blipsearch("status", index="gs://bucket/x", expect=1), "gs://bucket/x", "s3://bucket/prefix")
+
+
+def test_the_feature_store_benchmark_reads_back_what_it_wrote(tmp_path):
+    """benchmarks/bench_object_store.py on a few records (it checks every record it reads against what it wrote)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_object_store.py"
+    run = subprocess.run([sys.executable, str(script), "--records", "6", "--batch", "4", "--queries", "2",
+                          "--candidates", "3"], capture_output=True, text=True, timeout=120, cwd=script.parent)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout[:run.stdout.rindex("}") + 1])
+    assert report["store"] == "moto on localhost" and report["record_bytes"] == 446208
+    assert report["object_storage"]["write_mb_per_s"] > 0 and report["local_folder"]["query_read_p50_ms"] >= 0

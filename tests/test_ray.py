@@ -68,6 +68,20 @@ def _rerun(photos, tmp_path):
     return summary(single), summary(on_ray)
 
 
+def test_ray_indexes_the_demo_folder_as_a_single_process_run_does(tmp_path):
+    """The README's demo, on Ray: the demo folder (60 scenes) with the committed demo model."""
+    from benchmark_scripts import scenes
+
+    scenes().write_demo_folder(tmp_path / "demo")
+    demo_model = Path(__file__).parents[1] / "training" / "demo_model"
+    single, on_ray = index_both(tmp_path / "demo", tmp_path, model=("--model", str(demo_model)))
+    assert single == on_ray
+    for text in ("a large red circle left of a large blue square", "a small green triangle"):
+        got, expected = (json.loads(blipsearch("query", text, "--json", "--top", "60", index=tmp_path / name).stdout)
+                         for name in ("ray", "single"))
+        assert got["results"] == expected["results"] and len(got["results"]) == 60
+
+
 def test_a_driver_killed_between_commits_leaves_a_usable_index_that_the_next_run_completes(
         tmp_path, tiny_model_dir, monkeypatch):
     photos = tmp_path / "photos"
@@ -103,6 +117,11 @@ def test_ray_reads_photos_from_s3_into_an_index_on_s3(tmp_path, s3_bucket, tiny_
     assert answers(remote) == answers(tmp_path / "single")
     paths = json.loads(blipsearch("query", QUERY, "--json", index=remote).stdout)["results"]
     assert all(r["path"].startswith(f"s3://{s3_bucket}/library/trip/img00") for r in paths)
+    under = json.loads(blipsearch("query", QUERY, "--json", "--in", f"s3://{s3_bucket}/library/trip/",
+                                  index=remote).stdout)["results"]
+    assert under == paths
+    assert json.loads(blipsearch("query", QUERY, "--json", "--in", f"s3://{s3_bucket}/library/tri",
+                                 index=remote).stdout)["results"] == []
     # and the single-process path reads the same objects
     blipsearch("index", f"s3://{s3_bucket}/library", "-q", "--model", str(tiny_model_dir), index=tmp_path / "s3-single")
     assert answers(tmp_path / "s3-single") == answers(remote)

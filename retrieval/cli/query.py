@@ -44,8 +44,8 @@ FLAGS = {"top": "--top", "candidates": "--candidates", "min_prob": "--min-prob",
 @click.option("--no-rerank", is_flag=True, help="Rank by ITC cosine only (faster, less precise).")
 @click.option("--min-prob", type=click.FloatRange(0, 1), default=None,
               help="Drop results whose ITM match probability is below P.")
-@click.option("--in", "under", type=click.Path(path_type=Path), default=None, metavar="DIR",
-              help="Only results under DIR.")
+@click.option("--in", "under", default=None, metavar="DIR",
+              help="Only results under DIR (or an s3://bucket/prefix).")
 @click.option("--keyword", metavar="WORDS", default=None,
               help="Only images whose caption or file path holds every one of WORDS; without TEXT, rank by them.")
 @click.option("--after", metavar="DATE", default=None,

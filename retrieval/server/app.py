@@ -142,7 +142,7 @@ def _options(top: int, candidates: int, rerank: bool, min_prob: float | None, un
             raise FieldError(name, f"must lie between 1 and {MAX_TOP}")
     start, end = date_range(after, before)
     return SearchOptions(top=top, candidates=candidates, rerank=rerank, min_prob=min_prob,
-                         under=folders(Path(under)) if under else None, keyword=keyword, after=start, before=end,
+                         under=folders(under) if under else None, keyword=keyword, after=start, before=end,
                          sort=sort, hybrid=hybrid)
 
 
