@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from blipsearch.retrieval.errors import InvalidInputError, StoreError, first_line
+
 from . import codec
 from .features import segments_at
 from .location import location_of
@@ -64,7 +66,12 @@ def index_on_ray(roots: Sequence[str | Path], store: IndexWriter, options: Index
     _, changed = plan(roots, store, options, summary)
     if changed:
         _start_ray(ray_options, options.progress)
-        _encode_changed(changed, store, options, ray_options, preprocessing, summary)
+        try:
+            _encode_changed(changed, store, options, ray_options, preprocessing, summary)
+        except ray.exceptions.RayError as exc:  # a task or actor failed: the cause, in one line
+            cause = getattr(exc, "cause", None) or exc
+            raise StoreError(f"the Ray job failed ({first_line(cause)}); what it committed is kept, run again "
+                             "once the cause is fixed") from exc
     store.prune_images()
     store.finish()
     return summary
@@ -76,8 +83,13 @@ def _start_ray(ray_options: RayOptions, progress: bool) -> None:
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
         # the driver's object-storage settings travel with the job: its workers read and write the same places
         env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-        ray.init(address=ray_options.address, log_to_driver=False,
-                 include_dashboard=False, logging_level=logging.WARNING, runtime_env={"env_vars": env})
+        try:
+            ray.init(address=ray_options.address, log_to_driver=False, include_dashboard=False,
+                     logging_level=logging.WARNING, runtime_env={"env_vars": env})
+        except Exception as exc:  # no cluster at the address, a version mismatch, ...
+            where = f" at {ray_options.address}" if ray_options.address else ""
+            raise InvalidInputError(f"cannot start or reach Ray{where} ({first_line(exc)}); check --ray ADDRESS "
+                                    "or RAY_ADDRESS") from exc
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
     context.print_on_execution_start = False
@@ -110,36 +122,56 @@ def _encode_changed(changed: list[FileStat], store: IndexWriter, options: IndexO
                                    "reduced_decode": ray_options.reduced_decode})
     ds = ds.map_batches(_Encoder, batch_format="pyarrow", batch_size=ray_options.batch_size,
                         compute=ActorPoolStrategy(min_size=1, max_size=actors),
-                        fn_constructor_kwargs={"options": ray_options, "location": str(store.path),
+                        fn_constructor_kwargs={"options": ray_options, "location": _absolute(store.path),
                                                "record_bytes": identity.record_bytes, "ids": ids,
                                                "unnamed": unnamed},
                         **per_actor)
     out = ds.materialize()
     width = identity.embed_dim * identity.vectors_per_image
-    _count(out, options, summary)
+    skipped = _count(out, options, summary)
     store.segments_taken(ray.get(ids.next.remote()))
     images = out.map_batches(_image_rows, batch_format="pyarrow", fn_kwargs={"width": width})
-    if images.count():
-        lance_ray.write_lance(images, store.table_uri("images"), schema=images_schema(width), mode="append")
-    store.delete_files([f.path for f in changed if f.path in stored])  # their new rows follow at once
-    files = out.map_batches(_file_rows, batch_format="pyarrow")
-    if files.count():
-        lance_ray.write_lance(files, store.table_uri("files"), schema=FILES_SCHEMA, mode="append")
+    _write(images, store, "images", images_schema(width))
+    # as the single-process path: a file read again gets a new row; a skipped one keeps its row unless it changed
+    store.delete_files([f.path for f in changed if f.path in stored and (
+        f.path not in skipped or (stored[f.path].size, stored[f.path].mtime_ns) != (f.size, f.mtime_ns))])
+    _write(out.map_batches(_file_rows, batch_format="pyarrow"), store, "files", FILES_SCHEMA)
     store.external_commits()
     duplicates = store.drop_duplicate_images()
     if duplicates:
         log.info("%d identical new contents were encoded by more than one batch: extra rows dropped", duplicates)
 
 
-def _count(out, options: IndexOptions, summary: IndexSummary) -> None:
+def _absolute(location) -> str:
+    """The index as Ray workers, started in other folders or on other machines, find it."""
+    return location.url if location.remote else str(location.path.absolute())
+
+
+def _write(rows, store: IndexWriter, table: str, schema: pa.Schema) -> None:
+    """Rows as Lance fragments written by Ray tasks, committed to the table once."""
+    if not rows.count():
+        return
+    try:
+        lance_ray.write_lance(rows, store.table_uri(table), schema=schema, mode="append")
+    except Exception as exc:
+        cause = getattr(exc, "cause", None) or exc
+        raise StoreError(f"cannot write the {table} table of the index at {store.path} ({first_line(cause)}); "
+                         "run again (what was committed before is kept)") from exc
+
+
+def _count(out, options: IndexOptions, summary: IndexSummary) -> set[str]:
+    """Count the run's files into `summary`, report the skipped ones; returns their paths."""
     counts = {row["kind"]: row["count()"] for row in out.groupby("kind").count().take_all()}
     summary.indexed += counts.get("indexed", 0)
     summary.reused += counts.get("reused", 0)
     summary.unchanged += counts.get("touched", 0)
     skipped = out.map_batches(lambda t: t.filter(pc.equal(t["kind"], "skipped")).select(["path", "reason"]),
                               batch_format="pyarrow")
+    paths = set()
     for row in skipped.take_all():
         skip_file(row["path"], row["reason"], options, summary)
+        paths.add(row["path"])
+    return paths
 
 
 def _read_batch(batch: pa.Table, known, preprocessing, reduced_decode: bool) -> pa.Table:

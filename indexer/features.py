@@ -162,7 +162,7 @@ class ObjectSegments:
         if segment in self.sizes:
             raise ValueError(f"feature segment {segment} exists already; objects are written once")
         data = b"".join(records)
-        self.location.write_bytes(self._name(segment), data)
+        self.location.write_bytes(self._name(segment), data, create=True)  # never over another writer's
         self.sizes[segment] = len(data)
         return list(range(len(records)))
 

@@ -31,6 +31,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -136,7 +137,7 @@ class Folder(Location):
 
     @property
     def lance_uri(self) -> str:
-        return str(self.path)
+        return str(self.path.absolute())  # the same folder for processes started elsewhere (Ray workers)
 
     def read_bytes(self, name: str) -> bytes:
         try:
@@ -228,7 +229,7 @@ class ObjectPrefix(Location):
         self.url = "s3://" + bucket + ("/" + prefix.strip("/") if prefix.strip("/") else "")
         self.bucket, self.prefix = bucket, prefix.strip("/") + "/" if prefix.strip("/") else ""
         self._client = None
-        self._snapshot: tuple[int, Path] | None = None
+        self._lease: _Lease | None = None  # held while this process writes the index
 
     def __str__(self) -> str:
         return self.url
@@ -272,13 +273,23 @@ class ObjectPrefix(Location):
             except self.client.exceptions.NoSuchKey:
                 raise FileNotFoundError(f"{self.url}/{name}") from None
 
-    def write_bytes(self, name: str, data: bytes) -> None:
+    def write_bytes(self, name: str, data: bytes, create: bool = False) -> None:
+        """`create`: only where no object has the name (If-None-Match), else `StoreError`."""
+        self._check_lease()
         with self._errors(f"write {name}"):
-            self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data)
+            self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data,
+                                   **({"IfNoneMatch": "*"} if create else {}))
 
     def upload(self, name: str, source: Path) -> None:
+        self._check_lease()
         with self._errors(f"write {name}"):
             self.client.upload_file(str(source), self.bucket, self.key(name))
+
+    def _check_lease(self) -> None:
+        """A writer whose lease another writer took over (it stalled past LEASE_STALE_S) writes nothing more."""
+        if self._lease is not None and self._lease.lost:
+            raise StoreError(f"this run lost its lock on the index at {self} ({self._lease.lost}): another "
+                             "writer took over; nothing more is written, run again once it is done")
 
     def listing(self, folder: str = "") -> dict[str, int]:
         """name (relative to the index) -> size of every object below `folder`."""
@@ -322,7 +333,8 @@ class ObjectPrefix(Location):
             self.client.head_bucket(Bucket=self.bucket)
 
     def lock(self) -> Callable[[], None]:
-        return _Lease(self).acquire()
+        self._lease = _Lease(self)
+        return self._lease.acquire()
 
     def publish_snapshot(self, write: Callable[[Path], None], generation: int) -> None:
         """Upload the files under snapshot/<generation>/, then point snapshot/snapshot.json at them. Older
@@ -332,7 +344,9 @@ class ObjectPrefix(Location):
             files = sorted(Path(tmp).iterdir())
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(lambda f: self.upload(f"{SNAPSHOT}/{generation}/{f.name}", f), files))
-            self.write_bytes(f"{SNAPSHOT}/snapshot.json", (Path(tmp) / "snapshot.json").read_bytes())
+            # the token names this upload in readers' caches: a rebuilt index counts its generations from 1 again
+            pointer = {**json.loads((Path(tmp) / "snapshot.json").read_text()), "token": uuid.uuid4().hex}
+            self.write_bytes(f"{SNAPSHOT}/snapshot.json", json.dumps(pointer).encode())
         for name in {n.split("/")[1] for n in self.listing(SNAPSHOT + "/") if n.count("/") == 2}:
             if name.isdigit() and int(name) < generation - 1:
                 self.remove(f"{SNAPSHOT}/{name}")
@@ -340,28 +354,33 @@ class ObjectPrefix(Location):
     def snapshot_folder(self) -> Path | None:
         """The current generation's snapshot, downloaded once into the user's cache folder."""
         try:
-            generation = int(json.loads(self.read_bytes(f"{SNAPSHOT}/snapshot.json"))["generation"])
+            pointer = json.loads(self.read_bytes(f"{SNAPSHOT}/snapshot.json"))
+            generation, token = int(pointer["generation"]), str(pointer["token"])
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None
-        folder = cache_folder(self) / str(generation)
-        if not (folder / "snapshot.json").is_file():
+        folder = cache_folder(self) / f"{generation}-{token}"
+        if not folder.is_dir():  # folders appear whole (renamed into place), so one that is there is complete
             self._download(f"{SNAPSHOT}/{generation}/", folder)
         return folder
 
     def _download(self, prefix: str, folder: Path) -> None:
         names = [n for n in self.listing(prefix) if n.count("/") == 2]
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".download-") as tmp:
             def fetch(name: str) -> None:
                 (Path(tmp) / name.rsplit("/", 1)[1]).write_bytes(self.read_bytes(name))
 
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(fetch, names))
-            shutil.rmtree(folder, ignore_errors=True)
-            Path(tmp).rename(folder)
-            Path(tmp).mkdir()  # for TemporaryDirectory's clean-up
-        for old in folder.parent.iterdir():  # older generations of this index
-            if old.name.isdigit() and int(old.name) < int(folder.name) - 1:
+            try:
+                Path(tmp).rename(folder)
+                Path(tmp).mkdir()  # for TemporaryDirectory's clean-up
+            except OSError:  # another reader put the same generation in place first: keep theirs
+                pass
+        generation = int(folder.name.split("-")[0])
+        for old in folder.parent.iterdir():  # older generations of this index (and of any it was rebuilt from)
+            if old.name.split("-")[0].isdigit() and old.name != folder.name and \
+                    int(old.name.split("-")[0]) != generation - 1:
                 shutil.rmtree(old, ignore_errors=True)
 
 
@@ -397,24 +416,26 @@ def _s3_errors(location: ObjectPrefix, doing: str):
 class _Lease:
     """The writer's lock on an object prefix: an object created only where none exists (If-None-Match),
     renewed every LEASE_RENEW_S by a thread, deleted on release. A lease not renewed for LEASE_STALE_S (by the
-    server's clock) was left by a writer that died, and is taken over (If-Match on the stale one, so two
-    takers cannot both win)."""
+    server's clock) was left by a writer that died, and is taken over with If-Match on the ETag seen stale:
+    every put writes a fresh token, so a renewal in between changes the ETag and the take-over fails, and
+    of two takers only one wins. A writer that finds its lease taken over, or cannot renew it for
+    LEASE_STALE_S, is `lost` and writes nothing more (ObjectPrefix checks it before each write)."""
 
     def __init__(self, location: ObjectPrefix):
         self.location, self.client, self.key = location, location.client, location.key(LOCK)
         self.etag: str | None = None
+        self.lost: str | None = None  # why this writer no longer holds the lease
+        self.renewed = time.monotonic()  # last successful put
+        self.started = datetime.now(UTC).isoformat(timespec="seconds")
         self._stop = threading.Event()
-
-    def _body(self, started: str) -> bytes:
-        # the token makes each lease's ETag its own, which the conditional renewals and release rely on
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started,
-                           "token": uuid.uuid4().hex}).encode()
 
     def _put(self, condition: dict) -> bool:
         from botocore.exceptions import ClientError
 
+        body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": self.started,
+                           "token": uuid.uuid4().hex}).encode()  # a new ETag at every put
         try:
-            self.etag = self.client.put_object(Bucket=self.location.bucket, Key=self.key, Body=self.body,
+            self.etag = self.client.put_object(Bucket=self.location.bucket, Key=self.key, Body=body,
                                                **condition)["ETag"]
             return True
         except ClientError as exc:
@@ -423,7 +444,6 @@ class _Lease:
             raise
 
     def acquire(self) -> Callable[[], None]:
-        self.body = self._body(datetime.now(UTC).isoformat(timespec="seconds"))
         with self.location._errors("lock"):
             if not self._put({"IfNoneMatch": "*"}) and not self._take_over():
                 raise self._held()
@@ -432,9 +452,11 @@ class _Lease:
         return self.release
 
     def _take_over(self) -> bool:
+        from botocore.exceptions import ClientError
+
         try:
             head = self.client.head_object(Bucket=self.location.bucket, Key=self.key)
-        except Exception:  # released meanwhile
+        except ClientError:  # released meanwhile
             return self._put({"IfNoneMatch": "*"})
         server_now = parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
         if (server_now - head["LastModified"]).total_seconds() < LEASE_STALE_S:
@@ -454,15 +476,31 @@ class _Lease:
                                 f"{LEASE_STALE_S:g} s)")
 
     def _renew(self) -> None:
-        while not self._stop.wait(LEASE_RENEW_S):
-            try:
-                if not self._put({"IfMatch": self.etag}):
-                    log.error("the lock of %s was taken over by another writer", self.location)
-                    return
-            except Exception as exc:  # a network error: try again at the next tick
-                log.warning("cannot renew the lock of %s: %s", self.location, first_line(exc))
+        self.renewed = time.monotonic()
+        while not self._stop.wait(LEASE_RENEW_S) and self.renew():
+            pass
+
+    def renew(self) -> bool:
+        """One renewal; False once the lease is lost (taken over, or not renewed for LEASE_STALE_S)."""
+        try:
+            if not self._put({"IfMatch": self.etag}):
+                self.lost = "another writer took the lock over"
+                log.error("the lock of %s was taken over by another writer", self.location)
+                return False
+            self.renewed = time.monotonic()
+        except Exception as exc:  # a network error: try again at the next tick, until the lease is stale
+            log.warning("cannot renew the lock of %s: %s", self.location, first_line(exc))
+            if time.monotonic() - self.renewed >= LEASE_STALE_S:
+                self.lost = f"not renewed for {LEASE_STALE_S:g} s"
+                return False
+        return True
 
     def release(self) -> None:
         self._stop.set()
-        with contextlib.suppress(Exception):
+        if self.lost:
+            return  # not ours any more
+        try:
             self.client.delete_object(Bucket=self.location.bucket, Key=self.key, IfMatch=self.etag)
+        except Exception as exc:  # the next writer waits until the lease is stale
+            log.warning("cannot release the lock of %s (%s); the next run may wait up to %g s for it", self.location,
+                        first_line(exc), LEASE_STALE_S)

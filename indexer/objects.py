@@ -41,7 +41,7 @@ def check_prefix(url: str) -> str:
 
     try:
         info = _filesystem(bucket).get_file_info(f"{bucket}/{key}" if key else bucket)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # pyarrow: OSError from S3, ArrowInvalid (a ValueError) from the URI
         raise InvalidInputError(f"{url}: cannot be listed ({first_line(exc)}); check the address, "
                                 "AWS_ENDPOINT_URL and the credentials") from exc
     if info.type == fs.FileType.NotFound:
@@ -56,9 +56,13 @@ def list_prefix(url: str) -> list[tuple[str, int, int]]:
     bucket, key = _split(url)
     filesystem = _filesystem(bucket)
     base = f"{bucket}/{key}" if key else bucket
-    info = filesystem.get_file_info(base)
-    found = [info] if info.type == fs.FileType.File else \
-        filesystem.get_file_info(fs.FileSelector(base, recursive=True))
+    try:
+        info = filesystem.get_file_info(base)
+        found = [info] if info.type == fs.FileType.File else \
+            filesystem.get_file_info(fs.FileSelector(base, recursive=True))
+    except OSError as exc:
+        raise InvalidInputError(f"{url}: cannot be listed ({first_line(exc)}); check the credentials and run "
+                                "again") from exc
     out = []
     for item in found:
         below = item.path[len(base):].lstrip("/").split("/")

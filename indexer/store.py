@@ -140,7 +140,10 @@ class IndexWriter:
                 settled = not manifest.run.writing and manifest.run.generation > 0 and \
                     snapshot.saved_generation(path) == manifest.run.generation
                 _start_run(path, manifest, tables)
-                return cls(path, manifest, release, tables, settled)
+                writer = cls(path, manifest, release, tables, settled)
+                if tables.rows > len(tables.hashes):  # a `--ray` driver was killed before it removed them
+                    writer.drop_duplicate_images()
+                return writer
             except BaseException:
                 release()
                 raise
@@ -379,6 +382,7 @@ class _Tables:
     hashes: set[str]
     captioned: dict[str, str]  # hash -> captioner, for the images with a caption
     needed: dict[int, int]  # segment -> records its rows need
+    rows: int = 0  # image rows: more than `hashes` where writers in parallel stored one content twice
 
     @classmethod
     def read(cls, path: Location, manifest: Manifest, create: bool = False, upgrade: bool = False) -> _Tables:
@@ -414,7 +418,8 @@ class _Tables:
         if "caption" in rows.schema.names:
             captioned = {row["hash"]: row["captioner"] or "" for row in rows.select(["hash", "caption", "captioner"])
                          .to_pylist() if row["caption"] is not None}
-        return cls(files, images, features, records, set(rows.column("hash").to_pylist()), captioned, needed)
+        return cls(files, images, features, records, set(rows.column("hash").to_pylist()), captioned, needed,
+                   len(rows))
 
 
 def _add_missing_columns(table, schema: pa.Schema) -> None:

@@ -9,7 +9,7 @@ from blipsearch.indexer import location as location_module
 from blipsearch.indexer.location import ObjectPrefix, cache_folder
 from blipsearch.indexer.reader import IndexReader
 from blipsearch.indexer.store import IndexWriter
-from blipsearch.retrieval.errors import IndexLockedError
+from blipsearch.retrieval.errors import IndexLockedError, StoreError
 
 from photos import make_folder
 from runner import blipsearch, one_line_error
@@ -73,7 +73,7 @@ def test_runs_on_s3_are_incremental_and_queries_follow_them(tmp_path, photos, s3
     generations = {k.split("/")[2] for k in keys(s3_bucket, "idx/snapshot/") if k.count("/") == 3}
     assert generations == {"2", "3"}
     assert {p for p, _, _ in ranked(remote)} == {str(p) for p in photos.rglob("*.png")}
-    assert sorted(p.name for p in cache_folder(ObjectPrefix(remote)).iterdir()) == ["2", "3"]
+    assert sorted(p.name.split("-")[0] for p in cache_folder(ObjectPrefix(remote)).iterdir()) == ["2", "3"]
 
 
 def test_a_second_writer_is_refused_until_the_lease_is_stale(s3_bucket, tiny_model, monkeypatch):
@@ -83,7 +83,10 @@ def test_a_second_writer_is_refused_until_the_lease_is_stale(s3_bucket, tiny_mod
         IndexWriter.open(remote, tiny_model.info)
     monkeypatch.setattr(location_module, "LEASE_STALE_S", 0.0)  # as if the first writer had died long ago
     second = IndexWriter.open(remote, tiny_model.info)
-    first.close()  # its lease was taken over: releasing deletes nothing of the second's
+    assert first.path._lease.renew() is False  # the first writer's next renewal finds the lease gone ...
+    with pytest.raises(StoreError, match=r"lost its lock on the index at s3://.*another writer took the lock over"):
+        first.finish()  # ... and it writes nothing more
+    first.close()  # releasing deletes nothing of the second's
     assert "idx/.lock" in keys(s3_bucket)
     second.finish()
     second.close()
@@ -112,3 +115,13 @@ def test_the_feature_store_benchmark_reads_back_what_it_wrote(tmp_path):
     report = json.loads(run.stdout[:run.stdout.rindex("}") + 1])
     assert report["store"] == "moto on localhost" and report["record_bytes"] == 446208
     assert report["object_storage"]["write_mb_per_s"] > 0 and report["local_folder"]["query_read_p50_ms"] >= 0
+
+
+def test_a_rebuilt_index_is_never_answered_from_the_old_ones_cached_snapshot(tmp_path, s3_bucket, tiny_model_dir):
+    remote = f"s3://{s3_bucket}/idx"
+    make_folder(tmp_path / "old", 3, seed=1)
+    make_folder(tmp_path / "new", 2, seed=2)
+    blipsearch("index", str(tmp_path / "old"), "--model", str(tiny_model_dir), "-q", index=remote)
+    assert {p for p, _, _ in ranked(remote)} == {str(p) for p in (tmp_path / "old").iterdir()}  # generation 1, cached
+    blipsearch("index", str(tmp_path / "new"), "--rebuild", "-q", index=remote)  # generation 1 again
+    assert {p for p, _, _ in ranked(remote)} == {str(p) for p in (tmp_path / "new").iterdir()}

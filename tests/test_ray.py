@@ -86,6 +86,7 @@ def test_a_driver_killed_between_commits_leaves_a_usable_index_that_the_next_run
         tmp_path, tiny_model_dir, monkeypatch):
     photos = tmp_path / "photos"
     make_folder(photos, 6, seed=4)
+    shutil.copy(photos / "img000.png", photos / "zz-copy.png")  # the same content, in another encoder batch
     blipsearch("index", str(photos), "-q", "--model", str(tiny_model_dir), index=tmp_path / "single")
     write = lance_ray.write_lance
 
@@ -95,13 +96,16 @@ def test_a_driver_killed_between_commits_leaves_a_usable_index_that_the_next_run
         return write(ds, uri, **kwargs)
 
     monkeypatch.setattr(lance_ray, "write_lance", killed_at_the_file_rows)
-    blipsearch("index", str(photos), "-q", "--ray", "--model", str(tiny_model_dir), index=tmp_path / "ray",
-               expect=130)
+    blipsearch("index", str(photos), "-q", "--ray", "--batch-size", "2", "--model", str(tiny_model_dir),
+               index=tmp_path / "ray", expect=130)
     monkeypatch.undo()
     assert answers(tmp_path / "ray") == []  # image rows are stored, no file names them yet: nothing to show
     again = blipsearch("index", str(photos), "-q", "--ray", index=tmp_path / "ray")
-    assert summary(again) == "blipsearch: indexed 6, reused 0 (moved or copied), unchanged 0, removed 0, skipped 0"
+    assert summary(again) == "blipsearch: indexed 7, reused 0 (moved or copied), unchanged 0, removed 0, skipped 0"
     assert answers(tmp_path / "ray") == answers(tmp_path / "single")
+    # the copy was encoded twice by two batches of the killed run; the next writer kept one row per content
+    status = json.loads(blipsearch("status", "--json", index=tmp_path / "ray").stdout)
+    assert (status["files"], status["images"]) == (7, 6)
 
 
 def test_ray_reads_photos_from_s3_into_an_index_on_s3(tmp_path, s3_bucket, tiny_model_dir):
@@ -127,8 +131,14 @@ def test_ray_reads_photos_from_s3_into_an_index_on_s3(tmp_path, s3_bucket, tiny_
     assert answers(tmp_path / "s3-single") == answers(remote)
 
 
-def test_ray_refuses_captions_in_one_line(tmp_path, tiny_model_dir):
+def test_ray_errors_are_one_line(tmp_path, tiny_model_dir):
     make_folder(tmp_path / "photos", 1)
     result = blipsearch("index", str(tmp_path / "photos"), "--ray", "--captions", "--model", str(tiny_model_dir),
                         index=tmp_path / "index", expect=1)
     one_line_error(result, "--ray runs write no captions")
+    result = blipsearch("index", str(tmp_path / "photos"), "--ray-actors", "2", "--model", str(tiny_model_dir),
+                        index=tmp_path / "index", expect=1)
+    one_line_error(result, "--ray-actors is for --ray runs")
+    result = blipsearch("index", "s3://no-such-bucket-here/photos", "--ray", "--model", str(tiny_model_dir),
+                        index=tmp_path / "index", expect=1)
+    one_line_error(result, "s3://no-such-bucket-here/photos")

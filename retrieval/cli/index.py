@@ -108,9 +108,10 @@ def _check_ray(address: str | None, actors: int | None, captions: bool | None, c
         raise InvalidInputError("--ray runs write no captions: drop --captions/--captioner, and caption with a "
                                 "`blipsearch index --captions` run afterwards")
     try:
+        import lance_ray  # noqa: F401
         import ray  # noqa: F401
     except ImportError:
-        raise InvalidInputError("--ray needs Ray Data: pip install 'blipsearch[ray]'") from None
+        raise InvalidInputError("--ray needs Ray Data and lance-ray: pip install 'blipsearch[ray]'") from None
 
 
 def _index_on_ray(folders, model_name: str, model, store, options, address: str, actors: int | None,
