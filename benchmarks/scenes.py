@@ -103,6 +103,12 @@ def mirror_caption(scene: Scene) -> str:
     return f"a {b.name()} {scene.relation} a {a.name()}"
 
 
+def mirror_scene(scene: Scene) -> Scene:
+    """The first two things exchanged in place: the picture that the mirror caption describes."""
+    a, b = scene.things[0], scene.things[1]
+    return replace(scene, things=(replace(b, x=a.x, y=a.y), replace(a, x=b.x, y=b.y), *scene.things[2:]))
+
+
 def false_captions(scene: Scene, rng: random.Random) -> list[str]:
     """ITM caption negatives for a training scene: the mirror caption (two things) and the first caption
     of a binding twin (two or three things), without repeats; none for one thing."""
@@ -187,20 +193,56 @@ def split_scenes(split: str, count: int, seed: int) -> list[tuple[Scene, int | N
     return out
 
 
-def write_split(root: Path, split: str, count: int, seed: int, size: int) -> Path:
+def grouped_scenes(count: int, seed: int) -> list[tuple[Scene, int]]:
+    """(scene, group) for a training split in groups: each scene, then its mirror (two things) and its binding
+    twin (two or three things), so that a batch can hold the pictures that only word order and binding tell
+    apart."""
+    rng = random.Random(f"groups-{seed}")
+    out: list[tuple[Scene, int]] = []
+    group = 0
+    while len(out) < count:
+        scene = random_scene(rng)
+        members = [scene]
+        if len(scene.things) == 2:
+            members.append(mirror_scene(scene))
+        twin = binding_twin(scene, rng) if len(scene.things) > 1 else None
+        if twin is not None:
+            members.append(twin[0])
+        out += [(member, group) for member in members[:count - len(out)]]
+        group += 1
+    return out
+
+
+def _telling_captions(scene: Scene, others: list[Scene]) -> list[str]:
+    """The scene's captions that are false for the other members of its group: a batch holding the group
+    then has no caption true for two of its pictures. Out go the phrasings that another member shares (a
+    size-free caption when the twin swapped sizes) and those that name the things without their order ("a red
+    circle and a blue square" is true for the mirror too)."""
+    shared = {text for other in others for text in captions(other)}
+    unordered = {captions(scene)[-1]} if len(scene.things) > 1 else set()
+    return [text for text in captions(scene) if text not in shared and text not in unordered]
+
+
+def write_split(root: Path, split: str, count: int, seed: int, size: int, groups: bool = False) -> Path:
+    """`groups` (train only): the split of `grouped_scenes`; each entry names its group and caption slot as
+    `"group"`, so a trainer can batch a scene's captions with its mirror's and its twin's."""
     rng = random.Random(f"captions-{seed}-{split}")
     (root / "images" / split).mkdir(parents=True, exist_ok=True)
     entries = []
-    scenes = split_scenes(split, count, seed)
+    grouped = grouped_scenes(count, seed) if groups and split == "train" else None
+    scenes = [(scene, None, "") for scene, _ in grouped] if grouped else split_scenes(split, count, seed)
     for i, (scene, twin, swapped) in enumerate(scenes):
         rel = f"{split}/{i:06d}.png"
         render(scene, size).save(root / "images" / rel)
-        texts = captions(scene)
+        texts = captions(scene) if not grouped else _telling_captions(scene, [
+            other for other, group in grouped if group == grouped[i][1] and other != scene])
         if split == "train":
             picked = rng.sample(texts, min(CAPTIONS_PER_TRAIN_IMAGE, len(texts)))
             negatives = false_captions(scene, random.Random(f"negatives-{seed}-{split}-{i}"))
             extra = {"negative_captions": negatives} if negatives else {}
-            entries += [{"image": rel, "caption": text, "image_id": f"{split}_{i}", **extra} for text in picked]
+            for slot, text in enumerate(picked):
+                group = {"group": f"{grouped[i][1]}-{slot}"} if grouped else {}
+                entries.append({"image": rel, "caption": text, "image_id": f"{split}_{i}", **extra, **group})
             continue
         entry = {"image": rel, "caption": texts, "image_id": f"{split}_{i}"}
         if len(scene.things) == 2:  # tests whether a model reads the relation's direction
@@ -213,9 +255,10 @@ def write_split(root: Path, split: str, count: int, seed: int, size: int) -> Pat
     return path
 
 
-def write_dataset(root: Path, seed: int = 0, size: int = 128, sizes: dict[str, int] | None = None) -> None:
+def write_dataset(root: Path, seed: int = 0, size: int = 128, sizes: dict[str, int] | None = None,
+                  groups: bool = False) -> None:
     for split, count in (sizes or SPLIT_SIZES).items():
-        write_split(root, split, count, seed, size)
+        write_split(root, split, count, seed, size, groups)
 
 
 # The README's example query and its binding twin: both are in the demo folder.
@@ -249,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     data.add_argument("--size", type=int, default=128, help="image side in pixels")
     for split, count in SPLIT_SIZES.items():
         data.add_argument(f"--{split}", type=int, default=count, help=f"{split} images")
+    data.add_argument("--groups", action="store_true",
+                      help="train split in groups: each scene with its mirror and its binding twin")
     demo = sub.add_parser("demo-folder", help="a folder of pictures for `blipsearch index`")
     demo.add_argument("out", type=Path)
     demo.add_argument("--seed", type=int, default=7)
@@ -256,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--size", type=int, default=192)
     args = parser.parse_args(argv)
     if args.command == "dataset":
-        write_dataset(args.out, args.seed, args.size, {s: getattr(args, s) for s in SPLIT_SIZES})
+        write_dataset(args.out, args.seed, args.size, {s: getattr(args, s) for s in SPLIT_SIZES}, args.groups)
     else:
         write_demo_folder(args.out, args.count, args.seed, args.size)
 

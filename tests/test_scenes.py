@@ -125,3 +125,22 @@ def test_demo_folder_holds_the_readme_query_and_its_distractors(tmp_path):
     sc.write_demo_folder(tmp_path, count=10, seed=7, size=48)
     pictures = {np.asarray(Image.open(p)).tobytes() for p in tmp_path.glob("*.png")}
     assert all(np.asarray(sc.render(s, 48)).tobytes() in pictures for s in sc.SHOWCASE)
+
+
+def test_grouped_train_split_batches_a_scene_with_its_mirror_and_twin_and_no_caption_true_for_two(tmp_path):
+    sc = scenes()
+    sc.write_dataset(tmp_path, seed=0, size=48, sizes={"train": 30, "val": 0, "test": 0}, groups=True)
+    entries = json.loads((tmp_path / "train.json").read_text())
+    grouped = sc.grouped_scenes(30, 0)
+    by_image = {f"train/{i:06d}.png": (scene, group) for i, (scene, group) in enumerate(grouped)}
+    assert {e["image"] for e in entries} == set(by_image)
+    for entry in entries:
+        scene, group = by_image[entry["image"]]
+        assert entry["group"].split("-")[0] == str(group)
+        others = [s for s, g in grouped if g == group and s != scene]
+        assert entry["caption"] in sc.captions(scene)
+        assert all(entry["caption"] not in sc.captions(other) for other in others)
+    pairs = [(s, g) for s, g in grouped if len(s.things) == 2]
+    mirrored = [s for s, g in pairs if any(o == sc.mirror_scene(s) for o, h in grouped if h == g)]
+    assert mirrored  # a two-thing scene's group holds its mirror, whose first caption is the scene's mirror caption
+    assert all(sc.captions(sc.mirror_scene(s))[0] == sc.mirror_caption(s) for s in mirrored)

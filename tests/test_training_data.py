@@ -67,3 +67,27 @@ def test_augmentation_is_seeded_and_crop_keeps_the_size():
     b = augment(pixels, random.Random("0-1-7"), (0.5, 1.0), hflip=True)
     assert a.shape == pixels.shape and np.array_equal(a, b)
     assert np.array_equal(augment(pixels, random.Random(1)), pixels)  # defaults: no crop, no flip
+
+
+def test_group_batches_keep_each_group_together_and_stay_seeded_and_resumable():
+    groups = [f"g{i // 3}" for i in range(24)] + [None] * 8  # 8 groups of 3 samples, 8 samples of their own
+    sampler = EpochBatches(32, batch_size=6, seed=5, groups=groups)
+    batches = list(sampler)
+    assert len(batches) == 5 and all(len(b) == 6 for b in batches)  # 30 of 32: the incomplete batch is dropped
+    order = [i for b in batches for i in b]
+    for g in range(8):  # a group's samples are consecutive in the epoch's order
+        where = [order.index(i) for i in range(3 * g, 3 * g + 3) if i in order]
+        assert where == list(range(where[0], where[0] + len(where)))
+    assert list(EpochBatches(32, batch_size=6, seed=5, groups=groups)) == batches  # seeded
+    sampler.set_position(epoch=0, start=3)
+    assert list(sampler) == batches[3:]
+    sampler.set_position(epoch=1, start=0)
+    assert list(sampler) != batches
+
+
+def test_annotation_groups_reach_the_samples(tmp_path):
+    (tmp_path / "images").mkdir()
+    entries = [{"image": "x.png", "caption": "one", "group": "7-0"}, {"image": "x.png", "caption": "two"},
+               {"image": "y.png", "caption": "three", "group": "7-0"}]
+    (tmp_path / "a.json").write_text(json.dumps(entries))
+    assert [s.group for s in json_samples(tmp_path / "a.json")] == ["7-0", None, "7-0"]

@@ -93,6 +93,7 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop area range; (1, 1) turns it off
     hflip: bool = False  # horizontal flips swap "left" and "right", so they are off by default
     randaugment: bool = False  # BLIP's RandomAugment(2, 5) after crop and flip (training/randaugment.py)
+    group_batches: bool = False  # batch the pairs of one annotation "group" together (a scene, its mirror, its twin)
 
 
 @dataclass

@@ -44,20 +44,22 @@ class Sample:
     image_id: int  # the image's index: its captions share it
     sample_id: int  # index of the pair
     negative_captions: tuple[str, ...] = ()  # captions false for the image (ITM caption negatives)
+    group: str | None = None  # pairs of one group are batched together where `data.group_batches` asks it
 
 
 def json_samples(path: str | Path, images: str | Path | None = None, split: str = "train") -> list[Sample]:
     """Pairs from a LAVIS or Karpathy annotation file; image paths are relative to `images`
     (default: `images/` beside the file if it exists, else the file's folder). A LAVIS entry's optional
-    `"negative_captions": [...]` belong to every caption of its image."""
+    `"negative_captions": [...]` belong to every caption of its image; its optional `"group"` to its pair."""
     path = Path(path)
     root = Path(images) if images is not None else default_image_root(path)
     items = load_annotations(path, split)
-    negatives = negative_captions(path)
+    negatives, groups = negative_captions(path), pair_groups(path)
     pairs = [(root / item.image, caption) for item in items for caption in item.captions]
     false = [negatives.get(item.image, ()) for item in items for _ in item.captions]
-    return [replace(sample, negative_captions=neg) if neg else sample
-            for sample, neg in zip(_number(pairs), false, strict=True)]
+    group = [groups.get((item.image, caption)) for item in items for caption in item.captions]
+    return [replace(sample, negative_captions=neg, group=g) if neg or g else sample
+            for sample, neg, g in zip(_number(pairs), false, group, strict=True)]
 
 
 def negative_captions(path: Path) -> dict[str, tuple[str, ...]]:
@@ -71,6 +73,14 @@ def negative_captions(path: Path) -> dict[str, tuple[str, ...]]:
                                     "strings")
         by_image.setdefault(entry["image"], {}).update(dict.fromkeys(captions))
     return {image: tuple(captions) for image, captions in by_image.items() if captions}
+
+
+def pair_groups(path: Path) -> dict[tuple[str, str], str]:
+    """(image, caption) -> the `"group"` of its LAVIS entry, for entries that name one ({} for Karpathy)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    entries = data if isinstance(data, list) else []
+    return {(entry["image"], entry["caption"]): str(entry["group"]) for entry in entries
+            if isinstance(entry.get("caption"), str) and entry.get("group") is not None}
 
 
 def default_image_root(path: Path) -> Path:
@@ -182,11 +192,22 @@ class Collate:
 
 
 class EpochBatches(torch.utils.data.Sampler):
-    """This rank's batches of one epoch, from `start` on; global batches are consecutive permutation slices."""
+    """This rank's batches of one epoch, from `start` on; global batches are consecutive permutation slices.
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    With `groups` (one key per sample, None for a sample of its own) the permutation is of groups, each
+    group's samples kept together in their order: a scene, its mirror and its twin then mostly share a batch
+    (a group that straddles two batches is split between them)."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 groups: list[str | None] | None = None):
         self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world
         self.epoch, self.start = 0, 0
+        self.groups: list[list[int]] | None = None
+        if groups is not None:
+            members: dict[object, list[int]] = {}
+            for i, key in enumerate(groups):
+                members.setdefault(("group", key) if key is not None else ("sample", i), []).append(i)
+            self.groups = list(members.values())
         if self.batches_per_epoch == 0:
             raise InvalidInputError(f"{size} training pairs do not fill one global batch of {batch_size * world}")
 
@@ -201,7 +222,12 @@ class EpochBatches(torch.utils.data.Sampler):
         return self.batches_per_epoch - self.start
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        if self.groups is None:
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            order = torch.tensor([i for g in torch.randperm(len(self.groups), generator=generator).tolist()
+                                  for i in self.groups[g]])
         global_batch = self.batch_size * self.world
         for b in range(self.start, self.batches_per_epoch):
             first = b * global_batch + self.rank * self.batch_size

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from blipsearch.retrieval.device import cpu_has_fast_bf16, select_device
+from blipsearch.retrieval.errors import InvalidInputError
 
 from . import checkpoint, distributed
 from .checkpoint import TrainState
@@ -117,7 +118,11 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
     model.to(device)
     dataset = CaptionDataset(samples, preprocessing_of(model.config), cfg.data.crop_scale, cfg.data.hflip, cfg.seed,
                              cfg.data.randaugment)
-    sampler = EpochBatches(len(samples), cfg.data.batch_size, cfg.seed, world.rank, world.size)
+    groups = [sample.group for sample in samples] if cfg.data.group_batches else None
+    if groups is not None and not any(groups):
+        raise InvalidInputError(f"data.group_batches is set, but no entry of {cfg.data.train} names a \"group\"; "
+                                "make the data with `benchmarks/scenes.py dataset --groups`, or unset it")
+    sampler = EpochBatches(len(samples), cfg.data.batch_size, cfg.seed, world.rank, world.size, groups)
     # its own generator: starting an epoch's iterator must not draw from the global random state, which
     # the checkpoint restores for dropout (else a resumed run's masks would differ from an uninterrupted one's)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
