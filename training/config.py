@@ -33,12 +33,13 @@ PRESETS["vit-b-224"] = {**PRESETS["vit-b"], "image_size": 224}
 PRESETS["qformer-base"] = dict(text_width=768, text_layers=12, text_heads=12, text_mlp=3072, max_positions=512,
                                embed_dim=256)
 # The losses each family's objective computes (all weighted 1.0 unless objective.losses says otherwise)
-FAMILY_LOSSES: dict[str, tuple[str, ...]] = {"blip": ("itc", "itm", "lm"), "blip-2": ("itc", "itm", "itg")}
+FAMILY_LOSSES: dict[str, tuple[str, ...]] = {"blip": ("itc", "itm", "lm"), "blip-2": ("itc", "itm", "itg"),
+                                             "blip-2-lm": ("lm",)}
 
 
 @dataclass
 class ModelConfig:
-    family: str = "blip"  # which model + objective pair to build: blip | blip-2 (stage 1: Q-Former ITC, ITM, ITG)
+    family: str = "blip"  # model + objective: blip | blip-2 (stage 1: Q-Former ITC, ITM, ITG) | blip-2-lm (stage 2)
     preset: str | None = None  # fills the sizes below first, see PRESETS
     init_from: str | None = None  # a Hugging Face BLIP checkpoint (hub id or directory); sizes then come from it
     tokenizer: str | None = None  # tokenizer directory or hub id; None: a word-level vocabulary of the captions
@@ -63,6 +64,8 @@ class ModelConfig:
     num_query_tokens: int = 32  # learned queries: Q image vectors for ITC, Q outputs for ITM
     cross_attention_frequency: int = 2  # Q-Former layers 0, f, 2f, ... cross-attend the ViT tokens
     train_vision_norm: bool = False  # train the ViT's last LayerNorm (LAVIS's `ln_vision`, new in stage 1)
+    # BLIP-2 stage 2 (blip-2-lm): init_from is the stage-1 checkpoint (ViT, queries, Q-Former); the LM is frozen
+    language_model: str | None = None  # a decoder-only causal LM (hub id or directory, e.g. OPT) and its tokenizer
 
 
 @dataclass
@@ -187,6 +190,10 @@ def validate(config: TrainConfig) -> None:
         raise InvalidInputError(f"objective.losses must name some of {', '.join(losses)}; got {unknown or 'none'}")
     if family == "blip-2":
         validate_blip2(config.model)
+    elif family == "blip-2-lm":
+        if not (config.model.init_from and config.model.language_model):
+            raise InvalidInputError("model.family blip-2-lm (stage 2) needs model.init_from (a stage-1 BLIP-2 "
+                                    "checkpoint) and model.language_model (a causal LM)")
     elif config.model.vision_from or config.model.qformer_from:
         raise InvalidInputError("model.vision_from and model.qformer_from are for model.family blip-2")
     if not 0.0 <= config.model.text_dropout < 1.0:

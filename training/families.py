@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -29,10 +30,12 @@ from .tokenizer import special_ids
 
 @dataclass(frozen=True)
 class Family:
-    build: Callable[..., nn.Module]  # (cfg, tokenizer, hf config or None) -> model
-    read_checkpoint: Callable[[str], tuple]  # init_from -> (hf config, state dict, tokenizer)
-    load_weights: Callable[[nn.Module, dict], list[str]]  # (model, state dict) -> modules loaded
+    build: Callable[..., nn.Module] | None  # (cfg, tokenizer, hf config or None) -> model
+    read_checkpoint: Callable[[str], tuple] | None  # init_from -> (hf config, state dict, tokenizer)
+    load_weights: Callable[[nn.Module, dict], list[str]] | None  # (model, state dict) -> modules loaded
     export: Callable[..., list[Path]]  # (model, tokenizer, out folder, captioner: bool) -> folders written
+    # a family that starts from more than one checkpoint builds model and tokenizer itself: cfg -> (model, tokenizer)
+    prepare: Callable[[TrainConfig], tuple[nn.Module, Any]] | None = None
 
 
 def _build_blip(cfg: TrainConfig, tokenizer, config=None) -> nn.Module:
@@ -59,8 +62,38 @@ def _export_blip2(model, tokenizer, out: Path, captioner: bool = True) -> list[P
     return [export_blip2_retrieval(model, tokenizer, out / "retrieval")]
 
 
+def _prepare_blip2_lm(cfg: TrainConfig):
+    """Stage 2: the stage-1 checkpoint (`init_from`), the causal LM and its tokenizer (`language_model`)."""
+    import transformers
+
+    from .blip2_lm import add_image_token, build_blip2_lm
+    from .export import checkpoint_dir, load_pretrained
+
+    config, state, _ = read_hf_checkpoint(cfg.model.init_from, model_type="blip-2")
+    name = cfg.model.language_model
+    directory = checkpoint_dir(name)
+    language_model = load_pretrained(transformers.AutoModelForCausalLM, directory, name)
+    tokenizer = load_pretrained(transformers.AutoTokenizer, directory, name)
+    add_image_token(tokenizer, language_model)
+    model = build_blip2_lm(config, state, language_model)
+    model.prompt = lm_prompt(tokenizer, cfg.objective.caption_prompt)
+    return model, tokenizer
+
+
+def lm_prompt(tokenizer, prompt: str) -> tuple[int, ...]:
+    """The caption prompt's LM tokens, without special tokens (they follow [BOS])."""
+    return tuple(int(i) for i in tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else ()
+
+
+def _export_blip2_lm(model, tokenizer, out: Path, captioner: bool = True) -> list[Path]:
+    from .blip2_lm import export_blip2_lm
+
+    return [export_blip2_lm(model, tokenizer, out / "captioner", model.config.vision_config.image_size)]
+
+
 FAMILIES = {
     "blip": Family(_build_blip, partial(read_hf_checkpoint, model_type="blip"), load_hf_weights, _export_blip),
     "blip-2": Family(_build_blip2, partial(read_hf_checkpoint, model_type="blip-2"), load_blip2_weights,
                      _export_blip2),
+    "blip-2-lm": Family(None, None, None, _export_blip2_lm, prepare=_prepare_blip2_lm),
 }

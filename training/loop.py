@@ -66,6 +66,8 @@ def prepare_model(cfg: TrainConfig, captions: list[str], output: Path, is_main: 
     configured tokenizer (no tokenizer configured: a word-level vocabulary of `captions`, or the one saved
     in `output`)."""
     family = FAMILIES[cfg.model.family]
+    if family.prepare is not None:
+        return family.prepare(cfg)
     if cfg.model.init_from:
         config, state, tokenizer = family.read_checkpoint(cfg.model.init_from)
         model = family.build(cfg, tokenizer, config)
@@ -192,7 +194,7 @@ def log_window(run: Run, window: list[dict[str, torch.Tensor]], bar) -> dict:
                                                      run.sampler.batches_per_epoch, 4),
              **{n: round(float(v), 5) for n, v in zip(names, means, strict=True)},
              "loss": round(float(means.sum()), 5), "lr": run.scheduler.get_last_lr()[0],
-             "temp": round(run.model.temp.item(), 5)}
+             **({"temp": round(run.model.temp.item(), 5)} if hasattr(run.model, "temp") else {})}
     if run.world.is_main:
         with (run.output / "log.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")

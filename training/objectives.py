@@ -355,7 +355,26 @@ class Blip2Objective:
         return query_itc_loss(image_feats, text_feat, image_keys, text_keys, targets, model.temp)
 
 
-OBJECTIVES = {"blip": BlipObjective, "blip-2": Blip2Objective}
+# --- BLIP-2 stage 2 ----------------------------------------------------------------------------------
+
+class Blip2LMObjective:
+    """BLIP-2 stage 2 with a decoder-only LM (`blip2_lm.Blip2LMModel`): the LM's next-token loss on the caption,
+    read after the soft prompt of projected queries, [BOS] and the caption prompt (LAVIS `blip2_opt.py`: the
+    query and prompt positions are -100, as is padding)."""
+
+    def __init__(self, cfg: ObjectiveConfig):
+        self.cfg = cfg
+
+    def __call__(self, model, batch: Batch, progress: Progress) -> dict[str, torch.Tensor]:
+        input_ids, mask, labels = with_prompt(batch.input_ids, batch.attention_mask, model.prompt)
+        queries = model.config.num_query_tokens
+        logits = model.lm_logits(batch.pixel_values, input_ids, mask)[:, queries:]  # (B, L, V): text positions
+        world = distributed.current().size
+        count = distributed.all_reduce_sum((labels[:, 1:] != -100).sum()).float() / world
+        return weighted({"lm_loss": lm_loss(logits, labels, 0.0, count)}, loss_weights(self.cfg))
+
+
+OBJECTIVES = {"blip": BlipObjective, "blip-2": Blip2Objective, "blip-2-lm": Blip2LMObjective}
 
 
 def build_objective(family: str, cfg: ObjectiveConfig) -> Objective:

@@ -1,0 +1,135 @@
+"""BLIP-2 stage 2: queries, Q-Former and projection train on a frozen causal LM (OPT here); the export is a
+`Blip2ForConditionalGeneration` whose loss and `generate` equal the training model's."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from blipsearch.training.config import load_config
+from blipsearch.training.loop import prepare_model, run_steps, setup, wrap
+from blipsearch.training.objectives import Batch, Blip2LMObjective, Progress, with_prompt
+
+from test_training_loop import scenes
+from tiny import SPECIALS, save_tokenizer
+from tiny_blip2 import save_tiny_blip2
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a picture of"
+
+
+def save_tiny_opt(directory: Path) -> Path:
+    """A 2-layer OPT 16 wide over the tests' word tokenizer ([CLS] as BOS, [SEP] as EOS), random weights."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    _, vocab = save_tokenizer(directory, with_enc=False)
+    config = OPTConfig(vocab_size=vocab, hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
+                       word_embed_proj_dim=16, max_position_embeddings=64, init_std=0.2, dropout=0.1,
+                       bos_token_id=SPECIALS.index("[CLS]"), eos_token_id=SPECIALS.index("[SEP]"), pad_token_id=0)
+    torch.manual_seed(0)
+    OPTForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("stage2")
+    return save_tiny_blip2(root / "stage1", image_token=False), save_tiny_opt(root / "opt")
+
+
+def stage2_config(checkpoints, output: Path, *overrides: str):
+    stage1, lm = checkpoints
+    return load_config(ROOT / "training" / "configs" / "blip2-lm-tiny.yaml",
+                       [f"model.init_from={stage1}", f"model.language_model={lm}", f"output={output}",
+                        f"objective.caption_prompt={PROMPT}", "log_every=1", "threads=1", *overrides])
+
+
+def batch(tokenizer, captions: list[str], seed: int = 0) -> Batch:
+    tokens = tokenizer(captions, padding="longest", return_tensors="pt")
+    n = len(captions)
+    pixels = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return Batch(pixels, tokens["input_ids"], tokens["attention_mask"], torch.arange(n), torch.arange(n))
+
+
+@pytest.fixture
+def model(checkpoints, tmp_path):
+    return prepare_model(stage2_config(checkpoints, tmp_path), [], tmp_path, is_main=True)
+
+
+def test_only_queries_qformer_and_projection_train_and_the_lm_stays_bit_identical(model):
+    model, tokenizer = model
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"query_tokens", "qformer", "language_projection"}
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    assert not model.language_model.training and not model.vision_model.training  # no dropout in frozen parts
+    losses = Blip2LMObjective(load_config(None, []).objective)(
+        model, batch(tokenizer, ["a red dog on the beach", "a blue car"]), Progress(0, 0.0, 0))
+    losses["lm_loss"].backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        same = torch.equal(p, before[name])
+        assert same == name.startswith(("language_model.", "vision_model.")), name
+
+
+def test_the_loss_equals_transformers_on_the_export_and_generate_equals_greedy_decoding(model, tmp_path):
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from blipsearch.training.families import FAMILIES
+
+    model, tokenizer = model
+    model.eval()
+    data = batch(tokenizer, ["a red dog on the beach", "a blue car", "the sky"], seed=1)
+    ours = Blip2LMObjective(load_config(None, []).objective)(model, data, Progress(0, 0.0, 0))["lm_loss"]
+    out = FAMILIES["blip-2-lm"].export(model, tokenizer, tmp_path / "export")[0]
+    hf = Blip2ForConditionalGeneration.from_pretrained(out).eval()
+    processor = Blip2Processor.from_pretrained(out)
+    image = processor.tokenizer.convert_tokens_to_ids("<image>")
+    q = hf.config.num_query_tokens
+    assert processor.num_query_tokens == q == model.config.num_query_tokens and hf.config.image_token_index == image
+    # the sequence transformers builds: Q <image> placeholders, then [BOS] prompt caption
+    input_ids, mask, labels = with_prompt(data.input_ids, data.attention_mask, model.prompt)
+    placeholders = torch.full((len(input_ids), q), image)
+    hf_ids, hf_mask = torch.cat([placeholders, input_ids], 1), torch.cat([torch.ones_like(placeholders), mask], 1)
+    labels[:, 0] = -100  # [BOS] is never a target (it is given)
+    with torch.no_grad():  # (transformers 5.24's own `labels=` path fails on a non-contiguous view: its logits)
+        logits = hf(pixel_values=data.pixel_values, input_ids=hf_ids, attention_mask=hf_mask).logits[:, q:]
+    theirs = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                               ignore_index=-100)
+    assert float(theirs) == pytest.approx(float(ours), abs=1e-5)
+    # greedy decoding after [BOS] prompt, ours step by step without a cache, theirs through `generate`
+    start = tokenizer(PROMPT, return_tensors="pt")["input_ids"][:, :-1]  # [CLS] a picture of (no [SEP])
+    start = start.expand(3, -1)
+    expected = model.greedy(data.pixel_values, start, max_new_tokens=6)
+    generated = hf.generate(pixel_values=data.pixel_values, input_ids=torch.cat([placeholders, start], 1),
+                            max_new_tokens=6, min_new_tokens=6, do_sample=False, num_beams=1)
+    assert torch.equal(generated[:, -6:], expected)
+
+
+def test_a_stage2_run_through_the_loop_trains_and_exports(checkpoints, tmp_path):
+    root = tmp_path / "data"
+    scenes().write_dataset(root, seed=3, size=32, sizes={"train": 12})
+    cfg = stage2_config(checkpoints, tmp_path / "run", f"data.train={root / 'train.json'}", "optim.max_steps=6",
+                        "optim.lr=5e-3", "save_every=1000")
+    run = setup(cfg)
+    lm = {n: p.clone() for n, p in run.model.language_model.named_parameters()}
+    entries = run_steps(run, wrap(run))
+    assert [set(e) >= {"lm_loss", "loss"} for e in entries] == [True] * 6 and "temp" not in entries[0]
+    assert entries[-1]["lm_loss"] < entries[0]["lm_loss"]
+    assert all(torch.equal(p, lm[n]) for n, p in run.model.language_model.named_parameters())
+
+
+def test_a_resumed_stage2_run_gives_the_same_next_losses(checkpoints, tmp_path):
+    root = tmp_path / "data"
+    scenes().write_dataset(root, seed=4, size=32, sizes={"train": 12})
+    args = (f"data.train={root / 'train.json'}", "optim.max_steps=4", "save_every=2")  # Q-Former dropout on
+    straight = setup(stage2_config(checkpoints, tmp_path / "straight", *args))
+    uninterrupted = run_steps(straight, wrap(straight))
+    interrupted = stage2_config(checkpoints, tmp_path / "resumed", *args)
+    first = setup(interrupted)
+    run_steps(first, wrap(first), until=2)
+    resumed = setup(interrupted, resume="auto")
+    assert resumed.state.step == 2
+    for a, b in zip(uninterrupted[2:], run_steps(resumed, wrap(resumed)), strict=True):
+        assert a["step"] == b["step"] and a["lm_loss"] == pytest.approx(b["lm_loss"], abs=1e-6), (a, b)

@@ -1,0 +1,152 @@
+"""BLIP-2 stage 2 for training: the Q-Former's query outputs, projected to the width of a frozen language model,
+prefixed to its input as a soft prompt (LAVIS `blip2_opt.py`). Built from transformers' modules under the
+names of `Blip2ForConditionalGeneration`, so that export is a state-dict copy.
+
+    vision_model         Blip2VisionModel, frozen (vision.py)
+    query_tokens         (1, Q, H) learned queries
+    qformer              Blip2QFormerModel without text input: the queries cross-attend the image tokens
+    language_projection  Linear(H -> the LM's width)
+    language_model       a decoder-only causal LM (`AutoModelForCausalLM`, e.g. OPT), frozen, in eval mode
+
+The LM reads [Q projected queries] [BOS] prompt text, the sequence that transformers builds from Q `<image>`
+placeholders followed by the tokenised text (`Blip2Processor` with `num_query_tokens`), and predicts the text
+after the prompt. Only the queries, the Q-Former and the projection train.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .vision import frozen_vision_model, image_tokens
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"  # the placeholder transformers replaces with the projected queries
+
+
+class Blip2LMModel(nn.Module):
+    """BLIP-2 with a frozen decoder-only language model: `lm_logits` for the stage-2 LM loss, `greedy` for
+    decoding."""
+
+    def __init__(self, config, language_model: nn.Module, vision_state: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel
+
+        if not config.use_decoder_only_language_model:
+            raise ValueError("stage 2 here takes a decoder-only language model (an encoder-decoder LM is not built)")
+        q = config.qformer_config
+        self.config = config
+        self.vision_model = frozen_vision_model(config.vision_config, vision_state)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, q.hidden_size))
+        self.qformer = Blip2QFormerModel(q)
+        self.language_projection = nn.Linear(q.hidden_size, config.text_config.hidden_size)
+        self.language_model = language_model.requires_grad_(False).eval()
+        with torch.no_grad():
+            self.query_tokens.normal_(0.0, q.initializer_range)
+            self.language_projection.weight.normal_(0.0, q.initializer_range)
+            self.language_projection.bias.zero_()
+
+    def train(self, mode: bool = True) -> Blip2LMModel:
+        super().train(mode)
+        self.vision_model.eval()  # frozen parts never train: no dropout in them
+        self.language_model.eval()
+        return self
+
+    def soft_prompt(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, Q, H_lm): the projected query outputs."""
+        embeds = image_tokens(self.vision_model, pixel_values)
+        queries = self.query_tokens.expand(embeds.shape[0], -1, -1)
+        hidden = self.qformer(query_embeds=queries, encoder_hidden_states=embeds).last_hidden_state  # (B, Q, H)
+        return self.language_projection(hidden)
+
+    def lm_logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) LM tokens ([BOS] prompt text [PAD]...) -> (B, Q + L, vocab) next-token logits of the whole
+        sequence, the soft prompt first."""
+        prefix = self.soft_prompt(pixel_values)
+        text = self.language_model.get_input_embeddings()(input_ids)
+        embeds = torch.cat([prefix.to(text.dtype), text], dim=1)
+        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
+        return self.language_model(inputs_embeds=embeds, attention_mask=mask).logits.float()
+
+    @torch.no_grad()
+    def greedy(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding after [BOS] prompt (B, L, no padding): (B, max_new_tokens) tokens, each step a full
+        forward (no cache): the reference that an export's `generate` is tested against."""
+        out = input_ids
+        for _ in range(max_new_tokens):
+            logits = self.lm_logits(pixel_values, out, torch.ones_like(out))
+            out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return out[:, input_ids.shape[1]:]
+
+
+def stage2_config(stage1_config, language_model_config, num_query_tokens: int | None = None):
+    """The `Blip2Config` of stage 2: stage 1's ViT and Q-Former (without its text input), the LM's config."""
+    from transformers import Blip2Config
+
+    qformer = stage1_config.qformer_config.to_dict()
+    qformer["use_qformer_text_input"] = False
+    return Blip2Config(vision_config=stage1_config.vision_config.to_dict(), qformer_config=qformer,
+                       text_config=language_model_config.to_dict(),
+                       num_query_tokens=num_query_tokens or stage1_config.num_query_tokens)
+
+
+def build_blip2_lm(stage1_config, stage1_state: dict[str, torch.Tensor], language_model: nn.Module) -> Blip2LMModel:
+    """Stage 2 from a stage-1 checkpoint (`Blip2ForImageTextRetrieval` tensors: ViT, queries, Q-Former) and a
+    causal LM; the projection starts random."""
+    config = stage2_config(stage1_config, language_model.config)
+    vision = {k.removeprefix("vision_model."): v.float() for k, v in stage1_state.items()
+              if k.startswith("vision_model.")}
+    model = Blip2LMModel(config, language_model, vision or None)
+    ours = model.state_dict()
+    usable = {k: v for k, v in stage1_state.items()
+              if k.startswith(("query_tokens", "qformer.")) and k in ours and ours[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    log.info("stage 2: %d Q-Former tensors from stage 1; %.1fM trainable parameters on a frozen %.1fM-parameter LM",
+             len(usable), sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+             sum(p.numel() for p in language_model.parameters()) / 1e6)
+    return model
+
+
+def add_image_token(tokenizer, language_model: nn.Module) -> int:
+    """Give the LM's vocabulary the `<image>` placeholder (a row of its own) before training, so that the
+    softmax that training sees is the one the export computes. Returns its id."""
+    import transformers
+
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([transformers.AddedToken(IMAGE_TOKEN, normalized=False, special=True)],
+                             special_tokens=True)
+    if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
+        torch.manual_seed(0)  # the new row's values: the same on every rank and in every run
+        language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def export_blip2_lm(model: Blip2LMModel, tokenizer, out, image_size: int):
+    """`Blip2ForConditionalGeneration` + `Blip2Processor` (the LM's tokenizer, which holds `<image>`, and
+    `num_query_tokens`): transformers' `generate` reads the same sequence as training."""
+    import copy
+    from pathlib import Path
+
+    import transformers
+
+    from blipsearch.retrieval.models.preprocessing import BLIP_MEAN, BLIP_STD
+
+    out = Path(out)
+    config = copy.deepcopy(model.config)
+    config.text_config = copy.deepcopy(model.language_model.config)  # its vocabulary holds <image>
+    config.image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    hf = transformers.Blip2ForConditionalGeneration(config)
+    result = hf.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()}, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"export to Blip2ForConditionalGeneration does not map cleanly: missing "
+                           f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    hf.save_pretrained(out)
+    images = transformers.BlipImageProcessorPil(size={"height": image_size, "width": image_size},
+                                                image_mean=BLIP_MEAN, image_std=BLIP_STD)
+    transformers.Blip2Processor(images, tokenizer, num_query_tokens=config.num_query_tokens).save_pretrained(out)
+    log.info("exported Blip2ForConditionalGeneration to %s", out)
+    return out
