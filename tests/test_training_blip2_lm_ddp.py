@@ -1,0 +1,47 @@
+"""BLIP-2 stage 2 on two CPU processes (gloo, DDP), each with half of a global batch, computes the
+single-process loss and gradients of that batch: the LM loss is a mean over the tokens of both ranks."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from test_training_blip2_lm import save_tiny_opt, stage2_config
+
+from blipsearch.training.objectives import Blip2LMObjective
+
+from ddp import assert_same_as_single, ddp_steps, run_two_ranks, single_process
+from tiny_blip2 import save_tiny_blip2
+
+PATHS = "BLIPSEARCH_TEST_STAGE2"  # where the spawned ranks find the checkpoints
+
+
+def _model():
+    from blipsearch.training.loop import prepare_model
+
+    stage1, lm = os.environ[PATHS].split(os.pathsep)
+    cfg = stage2_config((Path(stage1), Path(lm)), Path(stage1).parent / "out")
+    torch.manual_seed(0)  # the projection starts random: the same on every rank
+    model, tokenizer = prepare_model(cfg, [], Path(stage1).parent, is_main=False)
+    return model.eval(), tokenizer, cfg  # eval: no Q-Former dropout, so ranks and the single process agree
+
+
+def _worker(rank: int, init_file: str, results):
+    _, out, dist = ddp_steps(rank, init_file, _model, Blip2LMObjective)
+    results[rank] = out
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def checkpoints(tmp_path, monkeypatch):
+    stage1, lm = save_tiny_blip2(tmp_path / "stage1", image_token=False), save_tiny_opt(tmp_path / "opt")
+    monkeypatch.setenv(PATHS, f"{stage1}{os.pathsep}{lm}")
+
+
+def test_two_processes_equal_one_process_on_the_global_batch(checkpoints, tmp_path):
+    model, single = single_process(_model, Blip2LMObjective)
+    results = run_two_ranks(_worker, tmp_path)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for rank in (0, 1):
+        assert_same_as_single(results[rank], single, {"lm_loss"})
+        assert results[rank][0][1].keys() == trainable  # queries, Q-Former, projection: no LM or ViT tensor
