@@ -1,5 +1,5 @@
-"""BLIP-2 stage 2: queries, Q-Former and projection train on a frozen causal LM (OPT here); the export is a
-`Blip2ForConditionalGeneration` whose loss and `generate` equal the training model's."""
+"""BLIP-2 stage 2: queries, Q-Former and projection train on a frozen LM (a decoder-only OPT, an encoder-decoder
+T5); the export is a `Blip2ForConditionalGeneration` whose loss and `generate` equal the training model's."""
 
 from pathlib import Path
 
@@ -31,10 +31,28 @@ def save_tiny_opt(directory: Path) -> Path:
     return directory
 
 
+def save_tiny_t5(directory: Path) -> Path:
+    """A 2+2-layer T5 16 wide over the same word tokenizer ([SEP] as EOS, [PAD] starts the decoder)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    _, vocab = save_tokenizer(directory, with_enc=False)
+    config = T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2,
+                      num_heads=2, dropout_rate=0.1, pad_token_id=0, eos_token_id=SPECIALS.index("[SEP]"),
+                      decoder_start_token_id=0)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("stage2")
     return save_tiny_blip2(root / "stage1", image_token=False), save_tiny_opt(root / "opt")
+
+
+@pytest.fixture(scope="module")
+def t5_checkpoints(checkpoints, tmp_path_factory) -> tuple[Path, Path]:
+    return checkpoints[0], save_tiny_t5(tmp_path_factory.mktemp("stage2-t5") / "t5")
 
 
 def stage2_config(checkpoints, output: Path, *overrides: str):
@@ -56,7 +74,14 @@ def model(checkpoints, tmp_path):
     return prepare_model(stage2_config(checkpoints, tmp_path), [], tmp_path, is_main=True)
 
 
-def test_only_queries_qformer_and_projection_train_and_the_lm_stays_bit_identical(model):
+@pytest.fixture(params=["opt", "t5"])
+def any_model(request, tmp_path):
+    checkpoints = request.getfixturevalue({"opt": "checkpoints", "t5": "t5_checkpoints"}[request.param])
+    return prepare_model(stage2_config(checkpoints, tmp_path), [], tmp_path, is_main=True)
+
+
+def test_only_queries_qformer_and_projection_train_and_the_lm_stays_bit_identical(any_model):
+    model = any_model
     model, tokenizer = model
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"query_tokens", "qformer", "language_projection"}
@@ -133,3 +158,34 @@ def test_a_resumed_stage2_run_gives_the_same_next_losses(checkpoints, tmp_path):
     assert resumed.state.step == 2
     for a, b in zip(uninterrupted[2:], run_steps(resumed, wrap(resumed)), strict=True):
         assert a["step"] == b["step"] and a["lm_loss"] == pytest.approx(b["lm_loss"], abs=1e-6), (a, b)
+
+
+def test_t5_prefix_lm_loss_and_generate_equal_the_export(t5_checkpoints, tmp_path):
+    from transformers import Blip2ForConditionalGeneration
+
+    from blipsearch.training.families import FAMILIES
+    from blipsearch.training.objectives import prefix_split
+
+    cfg = stage2_config(t5_checkpoints, tmp_path, "objective.caption_prompt=")  # no prompt: the prefix LM
+    model, tokenizer = prepare_model(cfg, [], tmp_path, is_main=True)
+    model.eval()
+    assert not model.config.use_decoder_only_language_model and model.prompt == ()
+    data = batch(tokenizer, ["a red dog on the beach", "a blue car", "the sky above the sea"], seed=2)
+    ours = Blip2LMObjective(cfg.objective)(model, data, Progress(0, 0.0, seed=7))["lm_loss"]
+    source, source_mask, labels = prefix_split(data.input_ids, data.attention_mask, (), 0, seed=7)
+    lengths = data.attention_mask.sum(1)
+    assert (source_mask.sum(1) + (labels != -100).sum(1)).tolist() == lengths.tolist()  # every token once
+    assert ((source_mask.sum(1) >= 1) & ((labels != -100).sum(1) >= 1)).all()  # both parts non-empty
+    out = FAMILIES["blip-2-lm"].export(model, tokenizer, tmp_path / "export")[0]
+    hf = Blip2ForConditionalGeneration.from_pretrained(out).eval()
+    q, image = hf.config.num_query_tokens, hf.config.image_token_index
+    placeholders = torch.full((3, q), image)
+    with torch.no_grad():
+        theirs = hf(pixel_values=data.pixel_values, input_ids=torch.cat([placeholders, source], 1),
+                    attention_mask=torch.cat([torch.ones_like(placeholders), source_mask], 1), labels=labels).loss
+    assert float(theirs) == pytest.approx(float(ours), abs=1e-5)
+    start = tokenizer(["a red dog"] * 3, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    expected = model.greedy(data.pixel_values, start, max_new_tokens=6)
+    generated = hf.generate(pixel_values=data.pixel_values, input_ids=torch.cat([placeholders, start], 1),
+                            max_new_tokens=6, min_new_tokens=6, do_sample=False, num_beams=1)
+    assert torch.equal(generated[:, 1:], expected)  # after the decoder's start token

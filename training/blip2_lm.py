@@ -1,16 +1,19 @@
 """BLIP-2 stage 2 for training: the Q-Former's query outputs, projected to the width of a frozen language model,
-prefixed to its input as a soft prompt (LAVIS `blip2_opt.py`). Built from transformers' modules under the
-names of `Blip2ForConditionalGeneration`, so that export is a state-dict copy.
+prefixed to its input as a soft prompt (LAVIS `blip2_opt.py`, `blip2_t5.py`). Built from transformers' modules
+under the names of `Blip2ForConditionalGeneration`, so that export is a state-dict copy.
 
     vision_model         Blip2VisionModel, frozen (vision.py)
     query_tokens         (1, Q, H) learned queries
     qformer              Blip2QFormerModel without text input: the queries cross-attend the image tokens
     language_projection  Linear(H -> the LM's width)
-    language_model       a decoder-only causal LM (`AutoModelForCausalLM`, e.g. OPT), frozen, in eval mode
+    language_model       the LM, frozen, in eval mode: decoder-only (`AutoModelForCausalLM`, e.g. OPT) or
+                         encoder-decoder (`AutoModelForSeq2SeqLM`, e.g. T5)
 
-The LM reads [Q projected queries] [BOS] prompt text, the sequence that transformers builds from Q `<image>`
-placeholders followed by the tokenised text (`Blip2Processor` with `num_query_tokens`), and predicts the text
-after the prompt. Only the queries, the Q-Former and the projection train.
+A decoder-only LM reads [Q projected queries] [BOS] prompt text, the sequence that transformers builds from Q
+`<image>` placeholders followed by the tokenised text (`Blip2Processor` with `num_query_tokens`), and predicts
+the text after the prompt. An encoder-decoder LM reads [queries] + the text's first part in its encoder and
+predicts the rest with its decoder (a prefix LM; see `objectives.Blip2LMObjective`). Only the queries, the
+Q-Former and the projection train.
 """
 
 from __future__ import annotations
@@ -35,8 +38,6 @@ class Blip2LMModel(nn.Module):
         super().__init__()
         from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel
 
-        if not config.use_decoder_only_language_model:
-            raise ValueError("stage 2 here takes a decoder-only language model (an encoder-decoder LM is not built)")
         q = config.qformer_config
         self.config = config
         self.vision_model = frozen_vision_model(config.vision_config, vision_state)
@@ -72,15 +73,41 @@ class Blip2LMModel(nn.Module):
         mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
         return self.language_model(inputs_embeds=embeds, attention_mask=mask).logits.float()
 
+    def seq2seq_logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       labels: torch.Tensor) -> torch.Tensor:
+        """Encoder-decoder LM: (B, L) encoder text after the soft prompt, (B, T) target tokens (-100 ignored) ->
+        (B, T, vocab) decoder logits (the decoder reads the targets shifted right, after its start token)."""
+        embeds, mask = self._encoder_inputs(pixel_values, input_ids, attention_mask)
+        return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels).logits.float()
+
+    def _encoder_inputs(self, pixel_values, input_ids, attention_mask):
+        prefix = self.soft_prompt(pixel_values)
+        text = self.language_model.get_input_embeddings()(input_ids)
+        return (torch.cat([prefix.to(text.dtype), text], dim=1),
+                torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1))
+
     @torch.no_grad()
     def greedy(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding after [BOS] prompt (B, L, no padding): (B, max_new_tokens) tokens, each step a full
-        forward (no cache): the reference that an export's `generate` is tested against."""
+        """Greedy decoding (B, max_new_tokens) after `input_ids` (B, L, no padding: [BOS] prompt for a
+        decoder-only LM, the encoder's text for an encoder-decoder one), each step a full forward without a
+        cache: the reference that an export's `generate` is tested against."""
+        if not self.config.use_decoder_only_language_model:
+            return self._greedy_seq2seq(pixel_values, input_ids, max_new_tokens)
         out = input_ids
         for _ in range(max_new_tokens):
             logits = self.lm_logits(pixel_values, out, torch.ones_like(out))
             out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         return out[:, input_ids.shape[1]:]
+
+    def _greedy_seq2seq(self, pixel_values, input_ids, max_new_tokens: int) -> torch.Tensor:
+        embeds, mask = self._encoder_inputs(pixel_values, input_ids, torch.ones_like(input_ids))
+        lm = self.language_model
+        encoded = lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
+        out = torch.full((len(input_ids), 1), lm.config.decoder_start_token_id, dtype=torch.long)
+        for _ in range(max_new_tokens):
+            logits = lm(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=out).logits
+            out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return out[:, 1:]
 
 
 def stage2_config(stage1_config, language_model_config, num_query_tokens: int | None = None):

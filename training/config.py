@@ -65,7 +65,7 @@ class ModelConfig:
     cross_attention_frequency: int = 2  # Q-Former layers 0, f, 2f, ... cross-attend the ViT tokens
     train_vision_norm: bool = False  # train the ViT's last LayerNorm (LAVIS's `ln_vision`, new in stage 1)
     # BLIP-2 stage 2 (blip-2-lm): init_from is the stage-1 checkpoint (ViT, queries, Q-Former); the LM is frozen
-    language_model: str | None = None  # a decoder-only causal LM (hub id or directory, e.g. OPT) and its tokenizer
+    language_model: str | None = None  # the LM and its tokenizer (hub id or directory): decoder-only (OPT) or T5
 
 
 @dataclass

@@ -63,7 +63,8 @@ def _export_blip2(model, tokenizer, out: Path, captioner: bool = True) -> list[P
 
 
 def _prepare_blip2_lm(cfg: TrainConfig):
-    """Stage 2: the stage-1 checkpoint (`init_from`), the causal LM and its tokenizer (`language_model`)."""
+    """Stage 2: the stage-1 checkpoint (`init_from`), the LM (decoder-only or encoder-decoder) and its tokenizer
+    (`language_model`)."""
     import transformers
 
     from .blip2_lm import add_image_token, build_blip2_lm
@@ -72,7 +73,9 @@ def _prepare_blip2_lm(cfg: TrainConfig):
     config, state, _ = read_hf_checkpoint(cfg.model.init_from, model_type="blip-2")
     name = cfg.model.language_model
     directory = checkpoint_dir(name)
-    language_model = load_pretrained(transformers.AutoModelForCausalLM, directory, name)
+    kind = load_pretrained(transformers.AutoConfig, directory, name)
+    loader = transformers.AutoModelForSeq2SeqLM if kind.is_encoder_decoder else transformers.AutoModelForCausalLM
+    language_model = load_pretrained(loader, directory, name)
     tokenizer = load_pretrained(transformers.AutoTokenizer, directory, name)
     add_image_token(tokenizer, language_model)
     model = build_blip2_lm(config, state, language_model)

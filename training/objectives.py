@@ -358,20 +358,55 @@ class Blip2Objective:
 # --- BLIP-2 stage 2 ----------------------------------------------------------------------------------
 
 class Blip2LMObjective:
-    """BLIP-2 stage 2 with a decoder-only LM (`blip2_lm.Blip2LMModel`): the LM's next-token loss on the caption,
-    read after the soft prompt of projected queries, [BOS] and the caption prompt (LAVIS `blip2_opt.py`: the
-    query and prompt positions are -100, as is padding)."""
+    """BLIP-2 stage 2 (`blip2_lm.Blip2LMModel`), the LM's loss on the caption after the soft prompt of projected
+    queries; padding and everything given as input are -100.
+
+    Decoder-only LM (LAVIS `blip2_opt.py`): [queries] [BOS] prompt caption, next-token loss on the caption.
+    Encoder-decoder LM (LAVIS `blip2_t5.py`): with a caption prompt, the encoder reads [queries] prompt and the
+    decoder predicts the caption; without one, a prefix LM as the BLIP-2 paper pre-trains T5: each caption is
+    cut at a random token (seeded by the step), the encoder reads [queries] + the first part, the decoder
+    predicts the rest."""
 
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg
 
     def __call__(self, model, batch: Batch, progress: Progress) -> dict[str, torch.Tensor]:
-        input_ids, mask, labels = with_prompt(batch.input_ids, batch.attention_mask, model.prompt)
-        queries = model.config.num_query_tokens
-        logits = model.lm_logits(batch.pixel_values, input_ids, mask)[:, queries:]  # (B, L, V): text positions
+        if model.config.use_decoder_only_language_model:
+            input_ids, mask, labels = with_prompt(batch.input_ids, batch.attention_mask, model.prompt)
+            queries = model.config.num_query_tokens
+            logits = model.lm_logits(batch.pixel_values, input_ids, mask)[:, queries:]  # (B, L, V): text positions
+            logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1; [BOS] is given
+        else:
+            input_ids, mask, labels = prefix_split(batch.input_ids, batch.attention_mask, model.prompt,
+                                                   model.config.text_config.pad_token_id, progress.seed)
+            logits = model.seq2seq_logits(batch.pixel_values, input_ids, mask, labels)  # (B, T, V)
         world = distributed.current().size
-        count = distributed.all_reduce_sum((labels[:, 1:] != -100).sum()).float() / world
-        return weighted({"lm_loss": lm_loss(logits, labels, 0.0, count)}, loss_weights(self.cfg))
+        count = distributed.all_reduce_sum((labels != -100).sum()).float() / world
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                                reduction="sum")
+        return weighted({"lm_loss": total / count}, loss_weights(self.cfg))
+
+
+def prefix_split(input_ids: torch.Tensor, mask: torch.Tensor, prompt: tuple[int, ...], pad: int,
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encoder text and decoder targets of an encoder-decoder LM from (B, L) tokenised captions: with a
+    `prompt`, the prompt and the whole caption; without, each caption cut after a random 1..n-1 of its n
+    tokens. Returns the encoder's (B, Le) ids and mask and the (B, T) targets (-100 on padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    sources, targets = [], []
+    for row, length in zip(input_ids, mask.sum(1).tolist(), strict=True):
+        tokens = row[:length].tolist()
+        cut = 0 if prompt or length < 2 else int(torch.randint(1, length, (1,), generator=generator))
+        sources.append(list(prompt) + tokens[:cut])
+        targets.append(tokens[cut:])
+    width = max(1, max(len(s) for s in sources))
+    source = torch.full((len(sources), width), pad, dtype=torch.long)
+    source_mask = torch.zeros_like(source)
+    target = torch.full((len(targets), max(len(t) for t in targets)), -100, dtype=torch.long)
+    for i, (s, t) in enumerate(zip(sources, targets, strict=True)):
+        source[i, :len(s)], source_mask[i, :len(s)], target[i, :len(t)] = torch.tensor(s, dtype=torch.long), 1, \
+            torch.tensor(t, dtype=torch.long)
+    return source.to(input_ids.device), source_mask.to(mask.device), target.to(input_ids.device)
 
 
 OBJECTIVES = {"blip": BlipObjective, "blip-2": Blip2Objective, "blip-2-lm": Blip2LMObjective}
