@@ -105,8 +105,12 @@ def test_a_retrieval_checkpoint_is_refused_in_one_line(tiny_model_dir, tmp_path)
         load_captioner(str(plain), device="cpu", precision="fp32")
     other = tmp_path / "blip2"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "blip-2"}))
-    with pytest.raises(ModelLoadError, match="of type 'blip-2', not a BLIP captioner"):
+    (other / "config.json").write_text(json.dumps({"model_type": "blip-2",
+                                                   "architectures": ["Blip2ForImageTextRetrieval"]}))
+    with pytest.raises(ModelLoadError, match="a Blip2ForImageTextRetrieval checkpoint, not a BLIP or BLIP-2 captioner"):
+        load_captioner(str(other), device="cpu")
+    (other / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    with pytest.raises(ModelLoadError, match="of type 'clip', not a BLIP or BLIP-2 captioner"):
         load_captioner(str(other), device="cpu")
 
 

@@ -189,3 +189,26 @@ def test_t5_prefix_lm_loss_and_generate_equal_the_export(t5_checkpoints, tmp_pat
     generated = hf.generate(pixel_values=data.pixel_values, input_ids=torch.cat([placeholders, start], 1),
                             max_new_tokens=6, min_new_tokens=6, do_sample=False, num_beams=1)
     assert torch.equal(generated[:, 1:], expected)  # after the decoder's start token
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_the_engine_captions_with_a_stage2_export_as_the_training_model_decodes(kind, request, tmp_path):
+    import numpy as np
+
+    from blipsearch.retrieval.models.captioner import load_captioner
+    from blipsearch.retrieval.models.preprocessing import normalise
+    from blipsearch.training.families import FAMILIES
+
+    checkpoints = request.getfixturevalue({"opt": "checkpoints", "t5": "t5_checkpoints"}[kind])
+    model, tokenizer = prepare_model(stage2_config(checkpoints, tmp_path), [], tmp_path, is_main=True)
+    model.eval()
+    out = FAMILIES["blip-2-lm"].export(model, tokenizer, tmp_path / "export")[0]
+    captioner = load_captioner(str(out), device="cpu", precision="fp32", num_beams=1, max_new_tokens=5,
+                               min_new_tokens=5)
+    assert captioner.info.prompt == PROMPT  # from the export's config
+    pixels = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(2)]
+    pre = captioner.info.preprocessing
+    values = normalise(torch.from_numpy(np.stack(pixels)), pre.mean, pre.std)
+    start = torch.tensor([([tokenizer.cls_token_id] if kind == "opt" else []) + list(model.prompt)] * 2)
+    expected = tokenizer.batch_decode(model.greedy(values, start, max_new_tokens=5), skip_special_tokens=True)
+    assert captioner.caption(pixels) == [" ".join(text.split()) for text in expected]

@@ -166,6 +166,7 @@ def export_blip2_lm(model: Blip2LMModel, tokenizer, out, image_size: int):
     config = copy.deepcopy(model.config)
     config.text_config = copy.deepcopy(model.language_model.config)  # its vocabulary holds <image>
     config.image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config.caption_prompt = tokenizer.decode(list(model.prompt), skip_special_tokens=True)  # "": none
     hf = transformers.Blip2ForConditionalGeneration(config)
     result = hf.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()}, strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -79,13 +79,17 @@ def _prepare_blip2_lm(cfg: TrainConfig):
     tokenizer = load_pretrained(transformers.AutoTokenizer, directory, name)
     add_image_token(tokenizer, language_model)
     model = build_blip2_lm(config, state, language_model)
-    model.prompt = lm_prompt(tokenizer, cfg.objective.caption_prompt)
+    model.prompt = lm_prompt(tokenizer, cfg.objective.caption_prompt, kind.is_encoder_decoder)
     return model, tokenizer
 
 
-def lm_prompt(tokenizer, prompt: str) -> tuple[int, ...]:
-    """The caption prompt's LM tokens, without special tokens (they follow [BOS])."""
-    return tuple(int(i) for i in tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else ()
+def lm_prompt(tokenizer, prompt: str, encoder_text: bool) -> tuple[int, ...]:
+    """The caption prompt's LM tokens: after [BOS] for a decoder-only LM (no special tokens of its own); the
+    encoder's whole text for an encoder-decoder one (with the tokenizer's special tokens, as LAVIS and
+    `Blip2Processor` encode it)."""
+    if not prompt:
+        return ()
+    return tuple(int(i) for i in tokenizer(prompt, add_special_tokens=encoder_text)["input_ids"])
 
 
 def _export_blip2_lm(model, tokenizer, out: Path, captioner: bool = True) -> list[Path]:

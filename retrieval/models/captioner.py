@@ -1,4 +1,6 @@
-"""One caption per image at index time, from a BLIP captioning checkpoint (`BlipForConditionalGeneration`).
+"""One caption per image at index time, from a BLIP captioning checkpoint (`BlipForConditionalGeneration`) or a
+BLIP-2 one (`Blip2ForConditionalGeneration`: a Q-Former feeding a language model, as `blipsearch train` exports
+after stage 2).
 
 Generation is transformers' own `generate` (beam search with a key/value cache); this module adds what the
 indexer needs around it: the checkpoint found and checked as retrieval checkpoints are (loading.py), the
@@ -12,6 +14,11 @@ given, so we give it `[DEC] prompt [SEP]`. The prompt is then cut off again: we 
 after it. The prompt comes from, in order: the `prompt` argument; the checkpoint's config.json
 `caption_prompt`, which `training/export.py` writes ("" for a captioner trained without one); else BLIP's
 "a picture of ", with which Salesforce's hub captioners were fine-tuned (their configs do not say).
+
+BLIP-2: the language model reads one `<image>` placeholder per query (replaced by the projected queries), then
+the prompt as its tokenizer encodes it (as `Blip2Processor` builds it); the prompt is the config's
+`caption_prompt`, else none (Salesforce's BLIP-2 captioners caption without one). A decoder-only LM's output
+repeats its input, which is cut; an encoder-decoder LM's is the caption alone.
 
 Decoding follows BLIP's caption evaluation (configs/caption_coco.yaml): beam search with 3 beams, lengths
 20 and 5. BLIP's lengths count the prompt; ours count new tokens only, so a prompt does not shorten the
@@ -42,6 +49,10 @@ log = logging.getLogger(__name__)
 BLIP_PROMPT = "a picture of "  # salesforce/BLIP blip_decoder(prompt=...), see the module docstring
 WEIGHTS = WeightsSpec("BlipForConditionalGeneration", ("vision_model", "text_decoder"),
                       f"it is not a BLIP captioning checkpoint; use e.g. {DEFAULT_CAPTIONER}")
+BLIP2_WEIGHTS = WeightsSpec("Blip2ForConditionalGeneration",
+                            ("vision_model", "qformer", "language_projection", "language_model"),
+                            "it is not a BLIP-2 captioning checkpoint")
+_FAMILIES = {"blip": (WEIGHTS, BLIP_PROMPT), "blip-2": (BLIP2_WEIGHTS, "")}  # model_type -> (weights, prompt)
 # what a failing `generate` raises (torch's errors, out of memory included, are RuntimeErrors)
 GENERATION_ERRORS = (RuntimeError, ValueError, IndexError)
 
@@ -67,7 +78,9 @@ class Captioner:
         self.device = device
         self.dtype = dtype
         self.decoding = decoding  # keyword arguments of `generate`
-        self.prompt_ids = _prompt_ids(tokenizer, model.config.text_config, info.prompt)  # (1, 1 + P + 1)
+        self.blip2 = model.config.model_type == "blip-2"
+        self.prompt_ids = _blip2_prompt_ids(tokenizer, model.config, info.prompt) if self.blip2 else \
+            _prompt_ids(tokenizer, model.config.text_config, info.prompt)  # (1, 1 + P + 1)
 
     @classmethod
     def load(cls, name: str, device: str | torch.device = "auto", precision: str = "auto", *, num_beams: int = 3,
@@ -79,19 +92,19 @@ class Captioner:
         checkpoint = resolve(name)
         directory = local_directory(checkpoint)
         config = read_config(directory, name)
-        _check_architecture(name, config)
+        weights, default_prompt = _FAMILIES[_check_architecture(name, config)]
         torch_device = device if isinstance(device, torch.device) else select_device(device)
         dtype = select_dtype(torch_device, precision)
-        model, loading = from_pretrained(directory, name, getattr(transformers, WEIGHTS.transformers_class),
+        model, loading = from_pretrained(directory, name, getattr(transformers, weights.transformers_class),
                                          dtype=dtype, output_loading_info=True)
         missing = {key.split(".")[0] for key in loading.get("missing_keys", ())}
         missing |= {key.split(".")[0] for key, *_ in loading.get("mismatched_keys", ())}
-        refuse_missing(name, missing, WEIGHTS)
+        refuse_missing(name, missing, weights)
         tokenizer = from_pretrained(directory, name, transformers.AutoTokenizer)
         info = CaptionerInfo(
             model_id=checkpoint.model_id, revision=revision(checkpoint, directory),
             preprocessing=read_preprocessing(directory, name, model.config.vision_config.image_size),
-            prompt=_prompt(name, config, prompt))
+            prompt=_prompt(name, config, prompt, default_prompt))
         return cls(model, tokenizer, info, torch_device, dtype, decoding)
 
     @torch.inference_mode()
@@ -119,8 +132,14 @@ class Captioner:
         values = normalise(torch.from_numpy(np.stack(pixels)), pre.mean, pre.std)  # (B, 3, H, W)
         prompt = self.prompt_ids.expand(len(pixels), -1).clone()  # generate writes into it: no shared rows
         out = self.model.generate(pixel_values=values.to(self.device, self.dtype), input_ids=prompt.to(self.device),
-                                  **self.decoding)  # (B, 1 + P + new): [DEC] prompt caption [SEP] [PAD]...
-        captions = self.tokenizer.batch_decode(out[:, self.prompt_ids.shape[1] - 1:], skip_special_tokens=True)
+                                  **self.decoding)  # BLIP: (B, 1 + P + new): [DEC] prompt caption [SEP] [PAD]...
+        if not self.blip2:
+            new = out[:, self.prompt_ids.shape[1] - 1:]
+        elif self.model.config.use_decoder_only_language_model:
+            new = out[:, self.prompt_ids.shape[1]:]  # after the placeholders and the prompt
+        else:
+            new = out  # an encoder-decoder LM's output is the decoder's: the caption alone
+        captions = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [" ".join(text.split()) for text in captions]
 
 
@@ -130,22 +149,23 @@ def load_captioner(name: str, device: str | torch.device = "auto", precision: st
     return Captioner.load(name, device, precision, **kwargs)
 
 
-def _check_architecture(name: str, config: dict) -> None:
-    """BLIP checkpoints of every head share one config type: `architectures` tells a captioner from the rest.
-
-    (A config without `architectures` is judged by its weights: `refuse_missing` after loading.)
+def _check_architecture(name: str, config: dict) -> str:
+    """BLIP (and BLIP-2) checkpoints of every head share one config type: `architectures` tells a captioner
+    from the rest. Returns the model type. (A config without `architectures` is judged by its weights:
+    `refuse_missing` after loading.)
     """
     model_type, architectures = config.get("model_type"), config.get("architectures") or []
-    if model_type == "blip" and (not architectures or WEIGHTS.transformers_class in architectures):
-        return
+    if model_type in _FAMILIES and (not architectures or _FAMILIES[model_type][0].transformers_class in architectures):
+        return model_type
     what = f"a {', '.join(architectures)} checkpoint" if architectures else f"of type {model_type!r}"
-    raise ModelLoadError(f"model {name} is {what}, not a BLIP captioner; pass a {WEIGHTS.transformers_class} "
-                         f"checkpoint such as {DEFAULT_CAPTIONER} or the captioner folder `blipsearch train` exports")
+    raise ModelLoadError(f"model {name} is {what}, not a BLIP or BLIP-2 captioner; pass a "
+                         f"{WEIGHTS.transformers_class} checkpoint such as {DEFAULT_CAPTIONER}, a "
+                         f"{BLIP2_WEIGHTS.transformers_class} one, or the captioner folder `blipsearch train` exports")
 
 
-def _prompt(name: str, config: dict, given: str | None) -> str:
-    """The argument, else the exported config's `caption_prompt`, else BLIP's."""
-    prompt = given if given is not None else config.get("caption_prompt", BLIP_PROMPT)
+def _prompt(name: str, config: dict, given: str | None, default: str = BLIP_PROMPT) -> str:
+    """The argument, else the exported config's `caption_prompt`, else the family's default."""
+    prompt = given if given is not None else config.get("caption_prompt", default)
     if not isinstance(prompt, str):
         raise ModelLoadError(f"model {name}: caption_prompt in its config.json is not a string; re-export it")
     return prompt
@@ -157,6 +177,22 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerBase, text_config: Any, prompt: st
     if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
         raise FieldError("prompt", f"{prompt!r} has words that the model's tokenizer does not know")
     return torch.tensor([[text_config.bos_token_id, *ids, text_config.sep_token_id]])
+
+
+def _blip2_prompt_ids(tokenizer: PreTrainedTokenizerBase, config: Any, prompt: str) -> torch.Tensor:
+    """(1, Q + P) one `<image>` per query, then the prompt: after the LM's BOS for a decoder-only LM, as its
+    tokenizer encodes it (special tokens included) for an encoder-decoder one, as `Blip2Processor` builds
+    both from OPT's and T5's tokenizers (and as stage-2 training reads them)."""
+    if config.image_token_index is None:
+        raise ModelLoadError("this BLIP-2 checkpoint has no image_token_index in its config; re-export it with "
+                             "`blipsearch train` or a recent transformers")
+    if config.use_decoder_only_language_model:
+        ids = [config.text_config.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+        raise FieldError("prompt", f"{prompt!r} has words that the model's tokenizer does not know")
+    return torch.tensor([[config.image_token_index] * config.num_query_tokens + ids])
 
 
 def _decoding(num_beams: int, max_new_tokens: int, min_new_tokens: int) -> dict[str, Any]:
