@@ -212,3 +212,44 @@ def test_the_engine_captions_with_a_stage2_export_as_the_training_model_decodes(
     start = torch.tensor([([tokenizer.cls_token_id] if kind == "opt" else []) + list(model.prompt)] * 2)
     expected = tokenizer.batch_decode(model.greedy(values, start, max_new_tokens=5), skip_special_tokens=True)
     assert captioner.caption(pixels) == [" ".join(text.split()) for text in expected]
+
+
+def test_instructblip_reads_the_instruction_in_the_qformer_and_equals_its_export(checkpoints, tmp_path):
+    from transformers import AutoTokenizer, InstructBlipForConditionalGeneration, OPTForCausalLM
+
+    from blipsearch.training.blip2_lm import add_image_token, build_blip2_lm, export_blip2_lm
+    from blipsearch.training.export import read_hf_checkpoint
+
+    stage1, opt = checkpoints
+    config, state, qformer_tokenizer = read_hf_checkpoint(str(stage1), model_type="blip-2")
+    lm, tokenizer = OPTForCausalLM.from_pretrained(opt), AutoTokenizer.from_pretrained(opt)
+    add_image_token(tokenizer, lm)
+    torch.manual_seed(0)
+    model = build_blip2_lm(config, state, lm, instruct=True).eval()
+    # the Q-Former's text embeddings and LayerNorm come from stage 1, under InstructBLIP's names
+    assert torch.equal(model.qformer.embeddings.word_embeddings.weight, state["embeddings.word_embeddings.weight"])
+    assert torch.equal(model.qformer.embeddings.layernorm.weight, state["qformer.layernorm.weight"])
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    asked = qformer_tokenizer(["what colour is the dog", "where is the car"], padding=True, return_tensors="pt")
+    instruction = (asked["input_ids"], asked["attention_mask"])
+    text = tokenizer(["what colour is the dog red", "where is the car on the beach"], padding=True,
+                     return_tensors="pt")
+    ours = model.lm_logits(pixels, text["input_ids"], text["attention_mask"], instruction)
+    other = model.lm_logits(pixels, text["input_ids"], text["attention_mask"],
+                            (asked["input_ids"].flip(0), asked["attention_mask"].flip(0)))
+    assert not torch.allclose(ours, other)  # what is asked changes what the queries read
+    out = export_blip2_lm(model, tokenizer, tmp_path / "export", 32, qformer_tokenizer)
+    hf = InstructBlipForConditionalGeneration.from_pretrained(out).eval()
+    q, image = hf.config.num_query_tokens, hf.config.image_token_index
+    placeholders = torch.full((2, q), image)
+    with torch.no_grad():
+        theirs = hf(pixel_values=pixels, qformer_input_ids=instruction[0], qformer_attention_mask=instruction[1],
+                    input_ids=torch.cat([placeholders, text["input_ids"]], 1),
+                    attention_mask=torch.cat([torch.ones_like(placeholders), text["attention_mask"]], 1)).logits
+    torch.testing.assert_close(theirs[:, q:].float(), ours[:, q:], atol=1e-5, rtol=1e-5)
+    start = tokenizer(["what is it"] * 2, return_tensors="pt")["input_ids"][:, :-1]  # [CLS] what is it
+    expected = model.greedy(pixels, start, max_new_tokens=5, instruction=instruction)
+    generated = hf.generate(pixel_values=pixels, qformer_input_ids=instruction[0],
+                            qformer_attention_mask=instruction[1], input_ids=torch.cat([placeholders, start], 1),
+                            max_new_tokens=5, min_new_tokens=5, do_sample=False, num_beams=1)
+    assert torch.equal(generated[:, -5:], expected)
