@@ -253,3 +253,54 @@ def test_instructblip_reads_the_instruction_in_the_qformer_and_equals_its_export
                             qformer_attention_mask=instruction[1], input_ids=torch.cat([placeholders, start], 1),
                             max_new_tokens=5, min_new_tokens=5, do_sample=False, num_beams=1)
     assert torch.equal(generated[:, -5:], expected)
+
+
+def test_an_instructblip_run_trains_on_instructions_and_answers_and_exports(checkpoints, tmp_path):
+    import json
+
+    from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    from blipsearch.training.families import FAMILIES
+
+    root = tmp_path / "data"
+    scenes().write_dataset(root, seed=5, size=32, sizes={"train": 12})
+    entries = json.loads((root / "train.json").read_text())
+    for i, entry in enumerate(entries):  # every other pair a question about its picture, the rest captions
+        if i % 2:
+            entry["instruction"] = "what is in the picture"
+    (root / "qa.json").write_text(json.dumps(entries))
+    cfg = stage2_config(checkpoints, tmp_path / "run", "model.family=instructblip", f"data.train={root / 'qa.json'}",
+                        "optim.max_steps=6", "optim.lr=5e-3", "save_every=1000")
+    run = setup(cfg)
+    batch = next(iter(run.loader))
+    assert batch.instruction_ids is not None and batch.prompt_ids is not None
+    eos = run.tokenizer.sep_token_id  # the tests' word tokenizer ends each answer with [SEP]
+    assert all(ids[mask.bool()][-1] == eos for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True))
+    lm = {n: p.clone() for n, p in run.model.language_model.named_parameters()}
+    entries = run_steps(run, wrap(run))
+    assert len(entries) == 6 and entries[-1]["lm_loss"] < entries[0]["lm_loss"]
+    assert all(torch.equal(p, lm[n]) for n, p in run.model.language_model.named_parameters())
+    out = FAMILIES["instructblip"].export(run.model, run.tokenizer, tmp_path / "export")[0]
+    assert isinstance(InstructBlipForConditionalGeneration.from_pretrained(out), InstructBlipForConditionalGeneration)
+    processor = InstructBlipProcessor.from_pretrained(out)
+    assert processor.num_query_tokens == 8 and processor.qformer_tokenizer is not None
+
+
+def test_instructions_answers_and_their_targets():
+    import random
+
+    from blipsearch.training.data import InstructionTemplates
+    from blipsearch.training.objectives import concat_prompt_answer, drop_trailing
+
+    templates = InstructionTemplates(("Describe it.",), ("Question: {} Answer:",))
+    assert templates.instruction("what colour is the circle", random.Random(0)) == \
+        "Question: what colour is the circle Answer:"
+    assert templates.instruction(None, random.Random(0)) == "Describe it."
+    prompt = torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]])  # [BOS] instruction [SEP] [PAD]
+    prompt_mask = (prompt != 0).long()
+    prompt, prompt_mask = drop_trailing(prompt, prompt_mask, end=3, bos=2)
+    answer, answer_mask = torch.tensor([[8, 9, 3], [10, 3, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    ids, mask, labels = concat_prompt_answer(prompt, prompt_mask, answer, answer_mask, pad=0)
+    assert ids.tolist() == [[2, 5, 6, 8, 9, 3], [2, 7, 10, 3, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
+    assert labels.tolist() == [[-100, -100, -100, 8, 9, 3], [-100, -100, 10, 3, -100, -100]]

@@ -34,12 +34,13 @@ PRESETS["qformer-base"] = dict(text_width=768, text_layers=12, text_heads=12, te
                                embed_dim=256)
 # The losses each family's objective computes (all weighted 1.0 unless objective.losses says otherwise)
 FAMILY_LOSSES: dict[str, tuple[str, ...]] = {"blip": ("itc", "itm", "lm"), "blip-2": ("itc", "itm", "itg"),
-                                             "blip-2-lm": ("lm",)}
+                                             "blip-2-lm": ("lm",), "instructblip": ("lm",)}
 
 
 @dataclass
 class ModelConfig:
-    family: str = "blip"  # model + objective: blip | blip-2 (stage 1: Q-Former ITC, ITM, ITG) | blip-2-lm (stage 2)
+    # model + objective: blip | blip-2 (stage 1: Q-Former ITC, ITM, ITG) | blip-2-lm (stage 2) | instructblip
+    family: str = "blip"
     preset: str | None = None  # fills the sizes below first, see PRESETS
     init_from: str | None = None  # a Hugging Face BLIP checkpoint (hub id or directory); sizes then come from it
     tokenizer: str | None = None  # tokenizer directory or hub id; None: a word-level vocabulary of the captions
@@ -64,7 +65,8 @@ class ModelConfig:
     num_query_tokens: int = 32  # learned queries: Q image vectors for ITC, Q outputs for ITM
     cross_attention_frequency: int = 2  # Q-Former layers 0, f, 2f, ... cross-attend the ViT tokens
     train_vision_norm: bool = False  # train the ViT's last LayerNorm (LAVIS's `ln_vision`, new in stage 1)
-    # BLIP-2 stage 2 (blip-2-lm): init_from is the stage-1 checkpoint (ViT, queries, Q-Former); the LM is frozen
+    # BLIP-2 stage 2 (blip-2-lm) and InstructBLIP (instructblip): init_from is the stage-1 checkpoint (ViT, queries,
+    # Q-Former and its tokenizer); the LM is frozen
     language_model: str | None = None  # the LM and its tokenizer (hub id or directory): decoder-only (OPT) or T5
 
 
@@ -97,6 +99,14 @@ class DataConfig:
     hflip: bool = False  # horizontal flips swap "left" and "right", so they are off by default
     randaugment: bool = False  # BLIP's RandomAugment(2, 5) after crop and flip (training/randaugment.py)
     group_batches: bool = False  # batch the pairs of one annotation "group" together (a scene, its mirror, its twin)
+    # InstructBLIP: an entry's "instruction" (a question) goes into one of question_templates ("{}" marks where);
+    # an entry without one (a caption) gets one of caption_instructions; drawn per sample and epoch
+    caption_instructions: tuple[str, ...] = ("A short image caption:", "A short image description:",
+                                             "Write a short description for the image.",
+                                             "Briefly describe the content of the image.")
+    question_templates: tuple[str, ...] = ("{}", "Question: {} Short answer:",
+                                           "Given the image, answer the following question with no more than "
+                                           "three words. {}")
 
 
 @dataclass
@@ -190,10 +200,14 @@ def validate(config: TrainConfig) -> None:
         raise InvalidInputError(f"objective.losses must name some of {', '.join(losses)}; got {unknown or 'none'}")
     if family == "blip-2":
         validate_blip2(config.model)
-    elif family == "blip-2-lm":
+    elif family in ("blip-2-lm", "instructblip"):
         if not (config.model.init_from and config.model.language_model):
-            raise InvalidInputError("model.family blip-2-lm (stage 2) needs model.init_from (a stage-1 BLIP-2 "
-                                    "checkpoint) and model.language_model (a causal LM)")
+            raise InvalidInputError(f"model.family {family} needs model.init_from (a stage-1 BLIP-2 checkpoint) "
+                                    "and model.language_model (a language model)")
+        if family == "instructblip" and not (config.data.caption_instructions and config.data.question_templates
+                                             and all("{}" in t for t in config.data.question_templates)):
+            raise InvalidInputError("data.caption_instructions and data.question_templates must be non-empty, and "
+                                    "every question template must hold {} where the question goes")
     elif config.model.vision_from or config.model.qformer_from:
         raise InvalidInputError("model.vision_from and model.qformer_from are for model.family blip-2")
     if not 0.0 <= config.model.text_dropout < 1.0:

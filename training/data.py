@@ -45,6 +45,7 @@ class Sample:
     sample_id: int  # index of the pair
     negative_captions: tuple[str, ...] = ()  # captions false for the image (ITM caption negatives)
     group: str | None = None  # pairs of one group are batched together where `data.group_batches` asks it
+    instruction: str | None = None  # InstructBLIP: the question the caption answers (None: a caption to describe)
 
 
 def json_samples(path: str | Path, images: str | Path | None = None, split: str = "train") -> list[Sample]:
@@ -54,12 +55,13 @@ def json_samples(path: str | Path, images: str | Path | None = None, split: str 
     path = Path(path)
     root = Path(images) if images is not None else default_image_root(path)
     items = load_annotations(path, split)
-    negatives, groups = negative_captions(path), pair_groups(path)
+    negatives, groups, asked = negative_captions(path), pair_field(path, "group"), pair_field(path, "instruction")
     pairs = [(root / item.image, caption) for item in items for caption in item.captions]
     false = [negatives.get(item.image, ()) for item in items for _ in item.captions]
     group = [groups.get((item.image, caption)) for item in items for caption in item.captions]
-    return [replace(sample, negative_captions=neg, group=g) if neg or g else sample
-            for sample, neg, g in zip(_number(pairs), false, group, strict=True)]
+    instruction = [asked.get((item.image, caption)) for item in items for caption in item.captions]
+    return [replace(sample, negative_captions=neg, group=g, instruction=i) if neg or g or i else sample
+            for sample, neg, g, i in zip(_number(pairs), false, group, instruction, strict=True)]
 
 
 def negative_captions(path: Path) -> dict[str, tuple[str, ...]]:
@@ -75,12 +77,13 @@ def negative_captions(path: Path) -> dict[str, tuple[str, ...]]:
     return {image: tuple(captions) for image, captions in by_image.items() if captions}
 
 
-def pair_groups(path: Path) -> dict[tuple[str, str], str]:
-    """(image, caption) -> the `"group"` of its LAVIS entry, for entries that name one ({} for Karpathy)."""
+def pair_field(path: Path, name: str) -> dict[tuple[str, str], str]:
+    """(image, caption) -> the field `name` of its LAVIS entry (`"group"`, `"instruction"`), for the entries
+    that have it ({} for Karpathy)."""
     data = json.loads(path.read_text(encoding="utf-8"))
     entries = data if isinstance(data, list) else []
-    return {(entry["image"], entry["caption"]): str(entry["group"]) for entry in entries
-            if isinstance(entry.get("caption"), str) and entry.get("group") is not None}
+    return {(entry["image"], entry["caption"]): str(entry[name]) for entry in entries
+            if isinstance(entry.get("caption"), str) and entry.get(name) is not None}
 
 
 def default_image_root(path: Path) -> Path:
@@ -118,9 +121,10 @@ class CaptionDataset(torch.utils.data.Dataset):
     """(image, caption) pairs as uint8 pixels at the model's input size; augmentation is seeded per sample."""
 
     def __init__(self, samples: list[Sample], pre: Preprocessing, crop_scale=(1.0, 1.0), hflip=False, seed=0,
-                 randaugment: bool = False):
+                 randaugment: bool = False, templates: InstructionTemplates | None = None):
         self.samples, self.pre = samples, pre
         self.crop_scale, self.hflip, self.randaugment, self.seed = tuple(crop_scale), hflip, randaugment, seed
+        self.templates = templates  # InstructBLIP: each sample gets an instruction
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -134,8 +138,24 @@ class CaptionDataset(torch.utils.data.Dataset):
         # a generator of its own, so that augmentation draws the same with or without negatives
         negatives = sample.negative_captions
         negative = random.Random(f"{self.seed}-{self.epoch}-{index}-negative").choice(negatives) if negatives else None
-        return {"pixels": torch.from_numpy(np.array(pixels)), "caption": sample.caption,
+        item = {"pixels": torch.from_numpy(np.array(pixels)), "caption": sample.caption,
                 "image_id": sample.image_id, "sample_id": sample.sample_id, "negative_caption": negative}
+        if self.templates is not None:
+            item["instruction"] = self.templates.instruction(
+                sample.instruction, random.Random(f"{self.seed}-{self.epoch}-{index}-instruction"))
+        return item
+
+
+@dataclass(frozen=True)
+class InstructionTemplates:
+    """InstructBLIP's instruction templates: a question is put into one of `questions` ("{}" marks where); a
+    sample without one (a caption) gets one of `captions`; the template is drawn per sample and epoch."""
+
+    captions: tuple[str, ...]
+    questions: tuple[str, ...]
+
+    def instruction(self, question: str | None, rng: random.Random) -> str:
+        return rng.choice(self.captions) if question is None else rng.choice(self.questions).format(question)
 
 
 def augment(pixels: np.ndarray, rng: random.Random, crop_scale=(1.0, 1.0), hflip: bool = False,
@@ -168,8 +188,9 @@ class Collate:
     """Tokenises captions and normalises pixels into a `Batch`; a sample's negative caption (the one
     `CaptionDataset` drew, seeded per sample and epoch) goes into the batch's negative fields."""
 
-    def __init__(self, tokenizer, max_tokens: int, mean=BLIP_MEAN, std=BLIP_STD):
+    def __init__(self, tokenizer, max_tokens: int, mean=BLIP_MEAN, std=BLIP_STD, qformer_tokenizer=None):
         self.tokenizer, self.max_tokens, self.mean, self.std = tokenizer, max_tokens, mean, std
+        self.qformer_tokenizer = qformer_tokenizer  # InstructBLIP: instructions go to the Q-Former too
 
     def __call__(self, items: list[dict]) -> Batch:
         pixels = normalise(torch.stack([item["pixels"] for item in items]), self.mean, self.std)  # (B, 3, H, W)
@@ -178,6 +199,8 @@ class Collate:
                       attention_mask=tokens["attention_mask"],
                       image_ids=torch.tensor([item["image_id"] for item in items], dtype=torch.long),
                       sample_ids=torch.tensor([item["sample_id"] for item in items], dtype=torch.long))
+        if self.qformer_tokenizer is not None:
+            self.instructions(batch, items)
         rows = [row for row, item in enumerate(items) if item.get("negative_caption")]
         if rows:
             negatives = self.tokenize([items[row]["negative_caption"] for row in rows])
@@ -185,6 +208,20 @@ class Collate:
             batch.negative_attention_mask = negatives["attention_mask"]
             batch.negative_rows = torch.tensor(rows, dtype=torch.long)
         return batch
+
+    def instructions(self, batch: Batch, items: list[dict]) -> None:
+        """InstructBLIP: the instruction for the Q-Former and for the LM (as its tokenizer encodes it), and the
+        answers as the LM continues them (its own tokens, then its end token)."""
+        asked = [item["instruction"] for item in items]
+        qformer = self.qformer_tokenizer(asked, padding="longest", truncation=True, max_length=self.max_tokens,
+                                         return_tensors="pt")
+        prompt = self.tokenize(asked)
+        end = self.tokenizer.eos_token or self.tokenizer.sep_token
+        answers = self.tokenizer([f"{item['caption']} {end}" for item in items], padding="longest", truncation=True,
+                                 max_length=self.max_tokens, add_special_tokens=False, return_tensors="pt")
+        batch.instruction_ids, batch.instruction_mask = qformer["input_ids"], qformer["attention_mask"]
+        batch.prompt_ids, batch.prompt_mask = prompt["input_ids"], prompt["attention_mask"]
+        batch.input_ids, batch.attention_mask = answers["input_ids"], answers["attention_mask"]
 
     def tokenize(self, captions: list[str]):
         return self.tokenizer(captions, padding="longest", truncation=True, max_length=self.max_tokens,

@@ -62,15 +62,15 @@ def _export_blip2(model, tokenizer, out: Path, captioner: bool = True) -> list[P
     return [export_blip2_retrieval(model, tokenizer, out / "retrieval")]
 
 
-def _prepare_blip2_lm(cfg: TrainConfig):
-    """Stage 2: the stage-1 checkpoint (`init_from`), the LM (decoder-only or encoder-decoder) and its tokenizer
-    (`language_model`)."""
+def _prepare_blip2_lm(cfg: TrainConfig, instruct: bool = False):
+    """Stage 2 (or InstructBLIP): the stage-1 checkpoint (`init_from`: ViT, queries, Q-Former and its tokenizer),
+    the LM (decoder-only or encoder-decoder) and its tokenizer (`language_model`)."""
     import transformers
 
     from .blip2_lm import add_image_token, build_blip2_lm
     from .export import checkpoint_dir, load_pretrained
 
-    config, state, _ = read_hf_checkpoint(cfg.model.init_from, model_type="blip-2")
+    config, state, qformer_tokenizer = read_hf_checkpoint(cfg.model.init_from, model_type="blip-2")
     name = cfg.model.language_model
     directory = checkpoint_dir(name)
     kind = load_pretrained(transformers.AutoConfig, directory, name)
@@ -78,8 +78,9 @@ def _prepare_blip2_lm(cfg: TrainConfig):
     language_model = load_pretrained(loader, directory, name)
     tokenizer = load_pretrained(transformers.AutoTokenizer, directory, name)
     add_image_token(tokenizer, language_model)
-    model = build_blip2_lm(config, state, language_model)
+    model = build_blip2_lm(config, state, language_model, instruct)
     model.prompt = lm_prompt(tokenizer, cfg.objective.caption_prompt, kind.is_encoder_decoder)
+    model.qformer_tokenizer = qformer_tokenizer if instruct else None  # the Collate's, for the instructions
     return model, tokenizer
 
 
@@ -95,7 +96,8 @@ def lm_prompt(tokenizer, prompt: str, encoder_text: bool) -> tuple[int, ...]:
 def _export_blip2_lm(model, tokenizer, out: Path, captioner: bool = True) -> list[Path]:
     from .blip2_lm import export_blip2_lm
 
-    return [export_blip2_lm(model, tokenizer, out / "captioner", model.config.vision_config.image_size)]
+    return [export_blip2_lm(model, tokenizer, out / "captioner", model.config.vision_config.image_size,
+                            model.qformer_tokenizer)]
 
 
 FAMILIES = {
@@ -103,4 +105,5 @@ FAMILIES = {
     "blip-2": Family(_build_blip2, partial(read_hf_checkpoint, model_type="blip-2"), load_blip2_weights,
                      _export_blip2),
     "blip-2-lm": Family(None, None, None, _export_blip2_lm, prepare=_prepare_blip2_lm),
+    "instructblip": Family(None, None, None, _export_blip2_lm, prepare=partial(_prepare_blip2_lm, instruct=True)),
 }

@@ -23,7 +23,7 @@ from blipsearch.retrieval.errors import InvalidInputError
 from . import checkpoint, distributed
 from .checkpoint import TrainState
 from .config import TrainConfig
-from .data import CaptionDataset, Collate, EpochBatches, load_samples
+from .data import CaptionDataset, Collate, EpochBatches, InstructionTemplates, load_samples
 from .export import preprocessing_of
 from .families import FAMILIES
 from .objectives import Progress, build_objective
@@ -118,8 +118,11 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
     texts = [s.caption for s in samples] + [n for s in samples for n in s.negative_captions]  # the vocabulary
     model, tokenizer = prepare_model(cfg, texts, output, world.is_main)
     model.to(device)
+    qformer_tokenizer = getattr(model, "qformer_tokenizer", None)  # InstructBLIP: each sample gets an instruction
+    templates = InstructionTemplates(tuple(cfg.data.caption_instructions), tuple(cfg.data.question_templates)) \
+        if qformer_tokenizer is not None else None
     dataset = CaptionDataset(samples, preprocessing_of(model.config), cfg.data.crop_scale, cfg.data.hflip, cfg.seed,
-                             cfg.data.randaugment)
+                             cfg.data.randaugment, templates)
     groups = [sample.group for sample in samples] if cfg.data.group_batches else None
     if groups is not None and not any(groups):
         raise InvalidInputError(f"data.group_batches is set, but no entry of {cfg.data.train} names a \"group\"; "
@@ -128,7 +131,8 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
     # its own generator: starting an epoch's iterator must not draw from the global random state, which
     # the checkpoint restores for dropout (else a resumed run's masks would differ from an uninterrupted one's)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
-                                         collate_fn=Collate(tokenizer, cfg.model.max_text_tokens),
+                                         collate_fn=Collate(tokenizer, cfg.model.max_text_tokens,
+                                                            qformer_tokenizer=qformer_tokenizer),
                                          generator=torch.Generator().manual_seed(cfg.seed))
     opt = cfg.optim
     total = opt.max_steps or math.ceil(opt.epochs * sampler.batches_per_epoch / opt.grad_accum)

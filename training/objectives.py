@@ -33,7 +33,7 @@ the single-process gradient (see `distributed`); logged values are averaged over
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
@@ -56,11 +56,16 @@ class Batch:
     negative_input_ids: torch.Tensor | None = None  # (N, Ln)
     negative_attention_mask: torch.Tensor | None = None  # (N, Ln)
     negative_rows: torch.Tensor | None = None  # (N,) int64: the row of the image each one is false for
+    # InstructBLIP (None otherwise): the instruction for the Q-Former and, as the LM reads it first, for the LM;
+    # `input_ids` then holds the answers (LM tokens, no [BOS], ending with the LM's end token)
+    instruction_ids: torch.Tensor | None = None  # (B, Li) Q-Former tokens
+    instruction_mask: torch.Tensor | None = None
+    prompt_ids: torch.Tensor | None = None  # (B, Lp) LM tokens: [BOS] instruction
+    prompt_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in
-                       (self.pixel_values, self.input_ids, self.attention_mask, self.image_ids, self.sample_ids,
-                        self.negative_input_ids, self.negative_attention_mask, self.negative_rows)))
+        return Batch(**{f.name: None if getattr(self, f.name) is None else
+                        getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
 
 
 @dataclass(frozen=True)
@@ -409,7 +414,67 @@ def prefix_split(input_ids: torch.Tensor, mask: torch.Tensor, prompt: tuple[int,
     return source.to(input_ids.device), source_mask.to(mask.device), target.to(input_ids.device)
 
 
-OBJECTIVES = {"blip": BlipObjective, "blip-2": Blip2Objective, "blip-2-lm": Blip2LMObjective}
+class InstructBlipObjective:
+    """InstructBLIP (LAVIS `blip2_vicuna_instruct.py`, `blip2_t5_instruct.py`): the Q-Former reads the
+    instruction beside its queries; a decoder-only LM reads [queries] [BOS] instruction answer and is trained
+    on the answer; an encoder-decoder LM reads [queries] instruction in its encoder and predicts the answer."""
+
+    def __init__(self, cfg: ObjectiveConfig):
+        self.cfg = cfg
+
+    def __call__(self, model, batch: Batch, progress: Progress) -> dict[str, torch.Tensor]:
+        instruction = (batch.instruction_ids, batch.instruction_mask)
+        answers = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+        if model.config.use_decoder_only_language_model:
+            text = model.config.text_config
+            prompt, prompt_mask = drop_trailing(batch.prompt_ids, batch.prompt_mask, text.eos_token_id,
+                                                text.bos_token_id)
+            input_ids, mask, labels = concat_prompt_answer(prompt, prompt_mask, batch.input_ids, batch.attention_mask,
+                                                           text.pad_token_id)
+            queries = model.config.num_query_tokens
+            logits = model.lm_logits(batch.pixel_values, input_ids, mask, instruction)[:, queries:]
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        else:
+            labels = answers
+            logits = model.seq2seq_logits(batch.pixel_values, batch.prompt_ids, batch.prompt_mask, labels, instruction)
+        world = distributed.current().size
+        count = distributed.all_reduce_sum((labels != -100).sum()).float() / world
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                                reduction="sum")
+        return weighted({"lm_loss": total / count}, loss_weights(self.cfg))
+
+
+def drop_trailing(ids: torch.Tensor, mask: torch.Tensor, end: int | None, bos: int | None):
+    """Without the end token a tokenizer may append to the instruction (BERT's [SEP]; OPT's appends none,
+    and its end token is its BOS): the answer follows the instruction."""
+    if end is None or end == bos:
+        return ids, mask
+    rows, last = torch.arange(len(ids), device=ids.device), mask.sum(1) - 1
+    drop = ids[rows, last] == end
+    mask = mask.clone()
+    mask[rows[drop], last[drop]] = 0
+    return ids, mask
+
+
+def concat_prompt_answer(prompt: torch.Tensor, prompt_mask: torch.Tensor, answer: torch.Tensor,
+                         answer_mask: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's prompt tokens, then its answer tokens, padding after both (LAVIS `concat_text_input_output`);
+    labels are the answer tokens, -100 elsewhere."""
+    rows = []
+    for p, pm, a, am in zip(prompt, prompt_mask, answer, answer_mask, strict=True):
+        head, tail = p[pm.bool()], a[am.bool()]
+        rows.append((torch.cat([head, tail]), torch.cat([torch.full_like(head, -100), tail])))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad, dtype=prompt.dtype, device=prompt.device)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (row, target) in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)], labels[i, :len(row)] = row, 1, target
+    return ids, mask, labels
+
+
+OBJECTIVES = {"blip": BlipObjective, "blip-2": Blip2Objective, "blip-2-lm": Blip2LMObjective,
+              "instructblip": InstructBlipObjective}
 
 
 def build_objective(family: str, cfg: ObjectiveConfig) -> Objective:
