@@ -265,13 +265,15 @@ def test_an_instructblip_run_trains_on_instructions_and_answers_and_exports(chec
     root = tmp_path / "data"
     scenes().write_dataset(root, seed=5, size=32, sizes={"train": 12})
     entries = json.loads((root / "train.json").read_text())
-    for i, entry in enumerate(entries):  # every other pair a question about its picture, the rest captions
-        if i % 2:
-            entry["instruction"] = "what is in the picture"
-    (root / "qa.json").write_text(json.dumps(entries))
-    cfg = stage2_config(checkpoints, tmp_path / "run", "model.family=instructblip", f"data.train={root / 'qa.json'}",
+    questions = [{**entry, "instruction": "what is in the picture"} for entry in entries[1::2]]
+    (root / "qa.json").write_text(json.dumps(questions))
+    (root / "captions.json").write_text(json.dumps(entries[::2]))
+    # two datasets, mixed by the square root of their sizes: each batch comes from one of them
+    mixture = f"data.mixture={{{root / 'qa.json'}: null, {root / 'captions.json'}: null}}"
+    cfg = stage2_config(checkpoints, tmp_path / "run", "model.family=instructblip", "data.train=", mixture,
                         "optim.max_steps=6", "optim.lr=5e-3", "save_every=1000")
     run = setup(cfg)
+    assert type(run.sampler).__name__ == "MixtureBatches" and run.sampler.sizes == [len(questions), len(entries[::2])]
     batch = next(iter(run.loader))
     assert batch.instruction_ids is not None and batch.prompt_ids is not None
     eos = run.tokenizer.sep_token_id  # the tests' word tokenizer ends each answer with [SEP]

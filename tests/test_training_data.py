@@ -91,3 +91,30 @@ def test_annotation_groups_reach_the_samples(tmp_path):
                {"image": "y.png", "caption": "three", "group": "7-0"}]
     (tmp_path / "a.json").write_text(json.dumps(entries))
     assert [s.group for s in json_samples(tmp_path / "a.json")] == ["7-0", None, "7-0"]
+
+
+def test_a_mixture_draws_each_batch_from_one_dataset_by_the_square_root_of_its_size(tmp_path):
+    from blipsearch.training.data import MixtureBatches, load_mixture
+
+    (tmp_path / "images").mkdir()
+    for name, count in (("big", 400), ("small", 100)):
+        entries = [{"image": f"{name}{i}.png", "caption": f"{name} {i}"} for i in range(count)]
+        (tmp_path / f"{name}.json").write_text(json.dumps(entries))
+    sources = {str(tmp_path / "big.json"): None, str(tmp_path / "small.json"): None}
+    samples, sizes, weights = load_mixture(sources)
+    assert sizes == [400, 100] and weights == [20.0, 10.0]
+    assert [s.sample_id for s in samples] == list(range(500)) and len({s.image_id for s in samples}) == 500
+    sampler = MixtureBatches(sizes, weights, batch_size=4, seed=1)
+    batches = list(sampler)
+    assert len(batches) == 125
+    from_big = [all(i < 400 for i in b) for b in batches]
+    assert all(all(i >= 400 for i in b) for b, big in zip(batches, from_big, strict=True) if not big)  # one dataset
+    assert abs(sum(from_big) / len(batches) - 2 / 3) < 0.1  # sqrt(400) : sqrt(100) = 2 : 1
+    sampler.set_position(epoch=0, start=100)
+    assert list(sampler) == batches[100:]  # resumed: the same draws
+    even = list(MixtureBatches(sizes, [1.0, 1.0], batch_size=4, seed=1))  # weights given
+    assert abs(sum(all(i < 400 for i in b) for b in even) / len(even) - 0.5) < 0.1
+    ranks = [list(MixtureBatches(sizes, weights, batch_size=2, seed=1, rank=r, world=2)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks, strict=True)] == batches  # ranks split each global batch
+    with pytest.raises(InvalidInputError, match="fewer than one global batch"):
+        MixtureBatches([400, 3], weights, batch_size=4, seed=1)

@@ -43,8 +43,9 @@ def train_command(config: str | None, overrides: tuple[str, ...], output: str | 
 
     _show_training_logs()
     cfg = load_config(config, [*overrides, *([f"output={output}"] if output else [])])
-    if not cfg.data.train:
-        raise BlipsearchError("no training data: set data.train in CONFIG or pass --set data.train=FILE_OR_FOLDER")
+    if not cfg.data.train and not cfg.data.mixture:
+        raise BlipsearchError("no training data: set data.train (or data.mixture) in CONFIG or pass "
+                              "--set data.train=FILE_OR_FOLDER")
     try:
         path = train(cfg, resume=resume)
         is_main = distributed.current().is_main

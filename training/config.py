@@ -91,6 +91,9 @@ class ObjectiveConfig:
 @dataclass
 class DataConfig:
     train: str = ""  # annotation JSON (LAVIS or Karpathy form) or a folder of images with .txt captions beside
+    # several datasets instead of `train`: source -> sampling weight (null: the square root of its size); each
+    # batch comes from one of them (InstructBLIP's mixture)
+    mixture: dict[str, float | None] = field(default_factory=dict)
     images: str | None = None  # folder that JSON image paths are relative to (default: the JSON's folder/images)
     split: str = "train"  # split to read from a Karpathy file
     batch_size: int = 32  # per process; the global batch is batch_size x processes
@@ -210,6 +213,12 @@ def validate(config: TrainConfig) -> None:
                                     "every question template must hold {} where the question goes")
     elif config.model.vision_from or config.model.qformer_from:
         raise InvalidInputError("model.vision_from and model.qformer_from are for model.family blip-2")
+    data = config.data
+    if data.mixture and (data.train or data.group_batches):
+        raise InvalidInputError("data.mixture replaces data.train (and cannot group batches); set one of them")
+    if any(w is not None and (not isinstance(w, int | float) or w <= 0) for w in data.mixture.values()):
+        raise InvalidInputError("data.mixture weights must be positive numbers, or null for the square root of "
+                                "the dataset's size")
     if not 0.0 <= config.model.text_dropout < 1.0:
         raise InvalidInputError("model.text_dropout must be in [0, 1)")
     if config.objective.caption_negatives < 0 or (config.objective.caption_negatives > 0

@@ -117,6 +117,21 @@ def load_samples(source: str | Path, images: str | Path | None = None, split: st
     return folder_samples(source) if source.is_dir() else json_samples(source, images, split)
 
 
+def load_mixture(sources: dict[str, float | None], images: str | Path | None = None,
+                 split: str = "train") -> tuple[list[Sample], list[int], list[float]]:
+    """Several datasets as one list of samples (image and sample ids made unique), their sizes, and their
+    sampling weights: as given, else the square root of the dataset's size (InstructBLIP's mixture)."""
+    samples, sizes, weights = [], [], []
+    for source, weight in sources.items():
+        part = load_samples(source, images, split)
+        images_before = 1 + max((s.image_id for s in samples), default=-1)
+        samples += [replace(s, image_id=s.image_id + images_before, sample_id=len(samples) + i)
+                    for i, s in enumerate(part)]
+        sizes.append(len(part))
+        weights.append(float(weight) if weight is not None else len(part) ** 0.5)
+    return samples, sizes, weights
+
+
 class CaptionDataset(torch.utils.data.Dataset):
     """(image, caption) pairs as uint8 pixels at the model's input size; augmentation is seeded per sample."""
 
@@ -269,3 +284,35 @@ class EpochBatches(torch.utils.data.Sampler):
         for b in range(self.start, self.batches_per_epoch):
             first = b * global_batch + self.rank * self.batch_size
             yield order[first:first + self.batch_size].tolist()
+
+
+class MixtureBatches(EpochBatches):
+    """Batches of a mixture of datasets (LAVIS `MultiIterLoader`): each global batch comes from one dataset,
+    drawn with probability proportional to its weight; each dataset is read in its own seeded order, again
+    from the start when used up. `sizes` count the consecutive samples of each dataset (`load_mixture`).
+    An epoch is as many batches as the datasets' pairs fill; the draws repeat exactly on resume."""
+
+    def __init__(self, sizes: list[int], weights: list[float], batch_size: int, seed: int, rank: int = 0,
+                 world: int = 1):
+        super().__init__(sum(sizes), batch_size, seed, rank, world)
+        small = [i for i, n in enumerate(sizes) if n < batch_size * world]
+        if small:
+            raise InvalidInputError(f"dataset {small[0] + 1} of the mixture has {sizes[small[0]]} pairs, fewer than "
+                                    f"one global batch of {batch_size * world}")
+        self.sizes, self.weights = sizes, torch.tensor(weights, dtype=torch.float64)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        offsets = np.cumsum([0, *self.sizes[:-1]]).tolist()
+        orders = [torch.randperm(n, generator=generator).tolist() for n in self.sizes]
+        cursors = [0] * len(self.sizes)
+        global_batch = self.batch_size * self.world
+        for b in range(self.batches_per_epoch):
+            d = int(torch.multinomial(self.weights, 1, generator=generator))
+            if cursors[d] + global_batch > self.sizes[d]:  # used up: the same order again
+                cursors[d] = 0
+            rows = orders[d][cursors[d]:cursors[d] + global_batch]
+            cursors[d] += global_batch
+            if b >= self.start:
+                first = self.rank * self.batch_size
+                yield [offsets[d] + i for i in rows[first:first + self.batch_size]]

@@ -23,7 +23,15 @@ from blipsearch.retrieval.errors import InvalidInputError
 from . import checkpoint, distributed
 from .checkpoint import TrainState
 from .config import TrainConfig
-from .data import CaptionDataset, Collate, EpochBatches, InstructionTemplates, load_samples
+from .data import (
+    CaptionDataset,
+    Collate,
+    EpochBatches,
+    InstructionTemplates,
+    MixtureBatches,
+    load_mixture,
+    load_samples,
+)
 from .export import preprocessing_of
 from .families import FAMILIES
 from .objectives import Progress, build_objective
@@ -114,7 +122,10 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
     output.mkdir(parents=True, exist_ok=True)
     resume_path = checkpoint.resolve_resume(resume, output)
     torch.manual_seed(cfg.seed)  # the same initial weights and queues on every rank
-    samples = load_samples(cfg.data.train, cfg.data.images, cfg.data.split)
+    if cfg.data.mixture:
+        samples, sizes, weights = load_mixture(cfg.data.mixture, cfg.data.images, cfg.data.split)
+    else:
+        samples = load_samples(cfg.data.train, cfg.data.images, cfg.data.split)
     texts = [s.caption for s in samples] + [n for s in samples for n in s.negative_captions]  # the vocabulary
     model, tokenizer = prepare_model(cfg, texts, output, world.is_main)
     model.to(device)
@@ -127,7 +138,10 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
     if groups is not None and not any(groups):
         raise InvalidInputError(f"data.group_batches is set, but no entry of {cfg.data.train} names a \"group\"; "
                                 "make the data with `benchmarks/scenes.py dataset --groups`, or unset it")
-    sampler = EpochBatches(len(samples), cfg.data.batch_size, cfg.seed, world.rank, world.size, groups)
+    if cfg.data.mixture:
+        sampler = MixtureBatches(sizes, weights, cfg.data.batch_size, cfg.seed, world.rank, world.size)
+    else:
+        sampler = EpochBatches(len(samples), cfg.data.batch_size, cfg.seed, world.rank, world.size, groups)
     # its own generator: starting an epoch's iterator must not draw from the global random state, which
     # the checkpoint restores for dropout (else a resumed run's masks would differ from an uninterrupted one's)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
