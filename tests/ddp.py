@@ -39,9 +39,17 @@ def single_process(build: Callable, objective: Callable):
 
 def half(batch: Batch, rank: int) -> Batch:
     rows = slice(rank * 3, rank * 3 + 3)
-    keep = int(batch.attention_mask[rows].sum(1).max())  # each rank pads to its own longest caption
-    return Batch(batch.pixel_values[rows], batch.input_ids[rows, :keep], batch.attention_mask[rows, :keep],
-                 batch.image_ids[rows], batch.sample_ids[rows])
+
+    def cut(ids, mask):  # each rank pads to its own longest text
+        keep = int(mask[rows].sum(1).max())
+        return ids[rows, :keep], mask[rows, :keep]
+
+    out = Batch(batch.pixel_values[rows], *cut(batch.input_ids, batch.attention_mask), batch.image_ids[rows],
+                batch.sample_ids[rows])
+    if batch.instruction_ids is not None:  # InstructBLIP's instructions, for the Q-Former and the LM
+        out.instruction_ids, out.instruction_mask = cut(batch.instruction_ids, batch.instruction_mask)
+        out.prompt_ids, out.prompt_mask = cut(batch.prompt_ids, batch.prompt_mask)
+    return out
 
 
 def steps(module, model, batches, world_mean) -> list[tuple[dict, dict]]:
