@@ -6,11 +6,14 @@ left of a red square"). A bag-of-words embedding (ITC) cannot tell twins apart; 
 can, so the twins are where re-ranking should win.
 
     python benchmarks/scenes.py dataset OUT --seed 0        # OUT/{train,val,test}.json + OUT/images/
+    python benchmarks/scenes.py dataset OUT --questions     # also questions with their answers (InstructBLIP)
     python benchmarks/scenes.py demo-folder OUT --seed 7    # a folder of pictures to index and search
 
 The JSON files use the LAVIS form that `load_annotations` and `blipsearch train` read: training entries
 carry one caption each (and `negative_captions`, false for the picture: the mirror caption, a binding
-twin's caption), val/test entries a list. Output is identical for identical arguments.
+twin's caption), val/test entries a list. With `--questions`, training entries also hold question/answer
+pairs (`"instruction"`: the question, `"caption"`: the answer) and val/test entries a `"questions"` list of
+{question, answer, type}. Output is identical for identical arguments.
 """
 
 from __future__ import annotations
@@ -145,10 +148,30 @@ def captions(scene: Scene) -> list[str]:
             f"three shapes : a {a.name()} , a {b.name()} and a {c.name()}"]
 
 
+def questions(scene: Scene) -> list[tuple[str, str, str]]:
+    """(question, answer, type) that the picture answers: the colour of each shape the scene holds once
+    ("colour"), what is on a side of a shape ("relation", two things), and how many shapes there are
+    ("count")."""
+    shapes = [t.shape for t in scene.things]
+    out = [(f"what colour is the {t.shape} ?", t.colour, "colour") for t in scene.things if shapes.count(t.shape) == 1]
+    if len(scene.things) == 2:
+        a, b = scene.things
+        if shapes.count(b.shape) == 1:
+            out.append((f"what is {scene.relation} the {b.shape} ?", a.name(False), "relation"))
+        if shapes.count(a.shape) == 1:
+            out.append((f"what is {INVERSE[scene.relation]} the {a.shape} ?", b.name(False), "relation"))
+    out.append(("how many shapes are there ?", NUMBERS[len(scene.things)], "count"))
+    return out
+
+
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+
+
 def vocabulary() -> list[str]:
-    """Every word a caption can contain, sorted: the demo tokenizer's vocabulary."""
+    """Every word a caption, a question or an answer can contain, sorted: the demo tokenizer's vocabulary."""
     words = {"a", "on", "plain", "background", "picture", "of", "one", "single", "there", "is", "and",
-             "three", "shapes", ":", ",", "from", "to", "left", "right", "top", "bottom", "above", "below"}
+             "three", "shapes", ":", ",", "from", "to", "left", "right", "top", "bottom", "above", "below",
+             "what", "colour", "the", "how", "many", "are", "two", "?"}
     words.update(SHAPES, COLOURS, SIZES)
     return sorted(words)
 
@@ -223,9 +246,11 @@ def _telling_captions(scene: Scene, others: list[Scene]) -> list[str]:
     return [text for text in captions(scene) if text not in shared and text not in unordered]
 
 
-def write_split(root: Path, split: str, count: int, seed: int, size: int, groups: bool = False) -> Path:
+def write_split(root: Path, split: str, count: int, seed: int, size: int, groups: bool = False,
+                with_questions: bool = False) -> Path:
     """`groups` (train only): the split of `grouped_scenes`; each entry names its group and caption slot as
-    `"group"`, so a trainer can batch a scene's captions with its mirror's and its twin's."""
+    `"group"`, so a trainer can batch a scene's captions with its mirror's and its twin's. `with_questions`:
+    question/answer pairs too (see the module docstring)."""
     rng = random.Random(f"captions-{seed}-{split}")
     (root / "images" / split).mkdir(parents=True, exist_ok=True)
     entries = []
@@ -243,12 +268,17 @@ def write_split(root: Path, split: str, count: int, seed: int, size: int, groups
             for slot, text in enumerate(picked):
                 group = {"group": f"{grouped[i][1]}-{slot}"} if grouped else {}
                 entries.append({"image": rel, "caption": text, "image_id": f"{split}_{i}", **extra, **group})
+            if with_questions:
+                entries += [{"image": rel, "caption": answer, "instruction": question, "image_id": f"{split}_{i}"}
+                            for question, answer, _ in questions(scene)]
             continue
         entry = {"image": rel, "caption": texts, "image_id": f"{split}_{i}"}
         if len(scene.things) == 2:  # tests whether a model reads the relation's direction
             entry["mirror_caption"] = mirror_caption(scene)
         if twin is not None:
             entry.update(twin=f"{split}/{twin:06d}.png", swapped=swapped)
+        if with_questions:
+            entry["questions"] = [{"question": q, "answer": a, "type": t} for q, a, t in questions(scene)]
         entries.append(entry)
     path = root / f"{split}.json"
     path.write_text(json.dumps(entries, indent=0) + "\n", encoding="utf-8")
@@ -256,9 +286,9 @@ def write_split(root: Path, split: str, count: int, seed: int, size: int, groups
 
 
 def write_dataset(root: Path, seed: int = 0, size: int = 128, sizes: dict[str, int] | None = None,
-                  groups: bool = False) -> None:
+                  groups: bool = False, with_questions: bool = False) -> None:
     for split, count in (sizes or SPLIT_SIZES).items():
-        write_split(root, split, count, seed, size, groups)
+        write_split(root, split, count, seed, size, groups, with_questions)
 
 
 # The README's example query and its binding twin: both are in the demo folder.
@@ -294,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         data.add_argument(f"--{split}", type=int, default=count, help=f"{split} images")
     data.add_argument("--groups", action="store_true",
                       help="train split in groups: each scene with its mirror and its binding twin")
+    data.add_argument("--questions", action="store_true", help="question/answer pairs too (for InstructBLIP)")
     demo = sub.add_parser("demo-folder", help="a folder of pictures for `blipsearch index`")
     demo.add_argument("out", type=Path)
     demo.add_argument("--seed", type=int, default=7)
@@ -301,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--size", type=int, default=192)
     args = parser.parse_args(argv)
     if args.command == "dataset":
-        write_dataset(args.out, args.seed, args.size, {s: getattr(args, s) for s in SPLIT_SIZES}, args.groups)
+        write_dataset(args.out, args.seed, args.size, {s: getattr(args, s) for s in SPLIT_SIZES}, args.groups,
+                      args.questions)
     else:
         write_demo_folder(args.out, args.count, args.seed, args.size)
 

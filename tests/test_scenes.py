@@ -144,3 +144,35 @@ def test_grouped_train_split_batches_a_scene_with_its_mirror_and_twin_and_no_cap
     mirrored = [s for s, g in pairs if any(o == sc.mirror_scene(s) for o, h in grouped if h == g)]
     assert mirrored  # a two-thing scene's group holds its mirror, whose first caption is the scene's mirror caption
     assert all(sc.captions(sc.mirror_scene(s))[0] == sc.mirror_caption(s) for s in mirrored)
+
+
+def test_questions_are_answered_by_what_is_drawn(tmp_path):
+    import random
+
+    sc = scenes()
+    rng, kinds = random.Random(0), set()
+    for _ in range(300):
+        scene = sc.random_scene(rng)
+        by_shape = {t.shape: t for t in scene.things}
+        for question, answer, kind in sc.questions(scene):
+            kinds.add(kind)
+            words = question.split()
+            assert set(words) | set(answer.split()) <= set(sc.vocabulary())
+            if kind == "colour":
+                assert answer == by_shape[words[-2]].colour
+            elif kind == "count":
+                assert answer == {1: "one", 2: "two", 3: "three"}[len(scene.things)]
+            else:  # "what is left of the square ?": the answer's thing lies on that side, by the drawing
+                other = by_shape[words[-2]]
+                thing = next(t for t in scene.things if t.name(False) == answer)
+                side = " ".join(words[2:-3])
+                dx, dy = thing.x - other.x, thing.y - other.y
+                holds = {"left of": dx < 0, "right of": dx > 0, "above": dy < 0, "below": dy > 0}[side]
+                assert holds, (question, answer)
+    assert kinds == {"colour", "relation", "count"}
+    sc.write_dataset(tmp_path, seed=0, size=32, sizes={"train": 6, "val": 0, "test": 4}, with_questions=True)
+    train = json.loads((tmp_path / "train.json").read_text())
+    asked = [e for e in train if "instruction" in e]
+    assert asked and all(e["caption"] and e["instruction"].endswith("?") for e in asked)
+    test = json.loads((tmp_path / "test.json").read_text())
+    assert all(e["questions"] and {"question", "answer", "type"} == set(e["questions"][0]) for e in test)
