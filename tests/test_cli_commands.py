@@ -11,7 +11,8 @@ from blipsearch.retrieval.cli import main
 def test_all_commands_are_listed_and_the_training_ones_resolve():
     result = CliRunner().invoke(main, ["--help"])
     listed = {line.split()[0] for line in result.output.split("Commands:")[1].splitlines() if line.strip()}
-    assert listed == {"capfilt", "eval", "export", "index", "query", "serve", "status", "train"}
+    assert listed == {"capfilt", "eval", "export", "index", "query", "serve", "status", "train", "train-lm"}
+    assert "ANNOTATIONS" in CliRunner().invoke(main, ["train-lm", "--help"]).output
     assert "CONFIG" in CliRunner().invoke(main, ["train", "--help"]).output
 
 

@@ -314,3 +314,32 @@ def test_instructions_answers_and_their_targets():
     assert ids.tolist() == [[2, 5, 6, 8, 9, 3], [2, 7, 10, 3, 0, 0]]
     assert mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
     assert labels.tolist() == [[-100, -100, -100, 8, 9, 3], [-100, -100, 10, 3, -100, -100]]
+
+
+def test_blipsearch_train_lm_pretrains_a_language_model_that_stage2_takes(checkpoints, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from blipsearch.retrieval.cli import main
+
+    root = tmp_path / "data"
+    scenes().write_dataset(root, seed=6, size=32, sizes={"train": 20}, with_questions=True)
+    result = CliRunner().invoke(main, ["train-lm", str(root / "train.json"), str(tmp_path / "lm"), "--steps", "80",
+                                       "--hidden", "32"])
+    assert result.exit_code == 0, result.output
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "lm")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "lm")
+    entries = json.loads((root / "train.json").read_text())
+    text = next(f"{e['instruction']} {e['caption']}" for e in entries if "instruction" in e)
+    tokens = tokenizer([text], return_tensors="pt")
+    assert tokenizer.unk_token_id not in tokens["input_ids"][0].tolist()  # every word of its data is known
+    with torch.no_grad():  # it learnt its data: well below the uniform guess over its vocabulary
+        loss = lm(**tokens, labels=tokens["input_ids"]).loss
+    assert float(loss) < 0.6 * float(torch.log(torch.tensor(len(tokenizer))))
+    # and stage 2 takes it as its frozen language model
+    cfg = stage2_config((checkpoints[0], tmp_path / "lm"), tmp_path / "run", f"data.train={root / 'train.json'}",
+                        "optim.max_steps=2", "objective.caption_prompt=")
+    run = setup(cfg)
+    assert len(run_steps(run, wrap(run))) == 2

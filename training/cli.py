@@ -1,4 +1,4 @@
-"""Click commands of the training package: `train`, `capfilt`, `export`.
+"""Click commands of the training package: `train`, `capfilt`, `export`, `train-lm`.
 
 They attach to `blipsearch` (the engine's CLI) and also run as `python -m blipsearch.training ...`, which
 is what `torchrun` starts: `torchrun --nproc_per_node 2 -m blipsearch.training train CONFIG`.
@@ -99,7 +99,26 @@ def export_command(checkpoint: str, out: str, captioner: bool) -> None:
         click.echo(str(Path(path)))
 
 
-COMMANDS = (train_command, capfilt_command, export_command)
+@click.command("train-lm")
+@click.argument("annotations", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--steps", type=click.IntRange(1), default=1500, show_default=True)
+@click.option("--hidden", type=click.IntRange(8), default=128, show_default=True, help="Width of the model.")
+@click.option("--layers", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_lm_command(annotations: str, out: str, steps: int, hidden: int, layers: int, seed: int) -> None:
+    """Pre-train a small language model (an OPT over the words of ANNOTATIONS' captions and question/answer
+    texts) for offline BLIP-2 stage 2 and InstructBLIP runs: their `model.language_model`."""
+    from .text_lm import TextLMConfig, pretrain_lm, texts_of
+
+    _show_training_logs()
+    heads = 4 if hidden % 4 == 0 else 1
+    path = pretrain_lm(texts_of(annotations), out, TextLMConfig(hidden=hidden, layers=layers, heads=heads,
+                                                                ffn=4 * hidden, steps=steps, seed=seed))
+    click.echo(str(path))
+
+
+COMMANDS = (train_command, capfilt_command, export_command, train_lm_command)
 
 
 class _Group(click.Group):

@@ -27,7 +27,8 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as for a process the closed pipe ended
 
 
 # Commands of the optional training package, imported only when named (module, attribute).
-TRAINING_COMMANDS = {name: ("blipsearch.training.cli", f"{name}_command") for name in ("train", "capfilt", "export")}
+TRAINING_COMMANDS = {name: ("blipsearch.training.cli", f"{name.replace('-', '_')}_command")
+                     for name in ("train", "capfilt", "export", "train-lm")}
 
 
 class Group(click.Group):
