@@ -343,3 +343,17 @@ def test_blipsearch_train_lm_pretrains_a_language_model_that_stage2_takes(checkp
                         "optim.max_steps=2", "objective.caption_prompt=")
     run = setup(cfg)
     assert len(run_steps(run, wrap(run))) == 2
+
+
+def test_instructblip_gives_the_qformer_the_instruction_words_a_word_level_stage1_lacks(checkpoints, tmp_path):
+    from blipsearch.training.loop import prepare_model
+
+    cfg = stage2_config(checkpoints, tmp_path, "model.family=instructblip", "data.question_templates=['Q {}']",
+                        "data.caption_instructions=[describe zebra]")
+    model, _ = prepare_model(cfg, ["what colour is the dog ?", "a red dog"], tmp_path, is_main=True)
+    qformer_tokenizer = model.qformer_tokenizer
+    ids = qformer_tokenizer("what colour is the zebra dog q describe")["input_ids"]
+    assert qformer_tokenizer.unk_token_id not in ids  # "colour", "zebra", "q", "describe" were added
+    rows = model.qformer.embeddings.word_embeddings
+    assert rows.num_embeddings == len(qformer_tokenizer) == model.config.qformer_config.vocab_size
+    assert rows.weight.requires_grad  # the new rows train with the Q-Former

@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .blip2 import build_blip2_model
@@ -34,8 +35,9 @@ class Family:
     read_checkpoint: Callable[[str], tuple] | None  # init_from -> (hf config, state dict, tokenizer)
     load_weights: Callable[[nn.Module, dict], list[str]] | None  # (model, state dict) -> modules loaded
     export: Callable[..., list[Path]]  # (model, tokenizer, out folder, captioner: bool) -> folders written
-    # a family that starts from more than one checkpoint builds model and tokenizer itself: cfg -> (model, tokenizer)
-    prepare: Callable[[TrainConfig], tuple[nn.Module, Any]] | None = None
+    # a family that starts from more than one checkpoint builds model and tokenizer itself:
+    # (cfg, the training texts) -> (model, tokenizer)
+    prepare: Callable[[TrainConfig, list[str]], tuple[nn.Module, Any]] | None = None
 
 
 def _build_blip(cfg: TrainConfig, tokenizer, config=None) -> nn.Module:
@@ -62,7 +64,7 @@ def _export_blip2(model, tokenizer, out: Path, captioner: bool = True) -> list[P
     return [export_blip2_retrieval(model, tokenizer, out / "retrieval")]
 
 
-def _prepare_blip2_lm(cfg: TrainConfig, instruct: bool = False):
+def _prepare_blip2_lm(cfg: TrainConfig, texts: list[str] = (), instruct: bool = False):
     """Stage 2 (or InstructBLIP): the stage-1 checkpoint (`init_from`: ViT, queries, Q-Former and its tokenizer),
     the LM (decoder-only or encoder-decoder) and its tokenizer (`language_model`)."""
     import transformers
@@ -81,7 +83,33 @@ def _prepare_blip2_lm(cfg: TrainConfig, instruct: bool = False):
     model = build_blip2_lm(config, state, language_model, instruct)
     model.prompt = lm_prompt(tokenizer, cfg.objective.caption_prompt, kind.is_encoder_decoder)
     model.qformer_tokenizer = qformer_tokenizer if instruct else None  # the Collate's, for the instructions
+    if instruct:
+        templates = [*cfg.data.caption_instructions, *(t.replace("{}", " ") for t in cfg.data.question_templates)]
+        add_qformer_words(model, qformer_tokenizer, [*texts, *templates])
     return model, tokenizer
+
+
+def add_qformer_words(model, tokenizer, texts: list[str]) -> list[str]:
+    """Words of the training texts (instructions, templates) that the stage-1 Q-Former's tokenizer lacks, as new
+    tokens with new embedding rows (trained; initialised as BERT's): a word-level stage-1 vocabulary knows only
+    its captions' words. A subword tokenizer (BERT's) lacks none. Returns the words added."""
+    from .tokenizer import words_of
+
+    known = tokenizer.get_vocab()
+    if not texts or any(t.startswith("##") for t in known):  # a subword vocabulary spells any word
+        return []
+    new = [w for w in words_of(texts) if w not in known and tokenizer.tokenize(w) == [tokenizer.unk_token]]
+    if new:
+        tokenizer.add_tokens(new)
+        embeddings = model.qformer.embeddings.word_embeddings
+        std = model.config.qformer_config.initializer_range  # (the tokenizer may hold tokens past the rows)
+        rows = torch.empty(len(tokenizer) - embeddings.num_embeddings, embeddings.embedding_dim).normal_(0.0, std)
+        grown = nn.Embedding(len(tokenizer), embeddings.embedding_dim, padding_idx=embeddings.padding_idx)
+        with torch.no_grad():
+            grown.weight.copy_(torch.cat([embeddings.weight, rows]))
+        model.qformer.embeddings.word_embeddings = grown
+        model.config.qformer_config.vocab_size = len(tokenizer)
+    return new
 
 
 def lm_prompt(tokenizer, prompt: str, encoder_text: bool) -> tuple[int, ...]:

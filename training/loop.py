@@ -75,7 +75,7 @@ def prepare_model(cfg: TrainConfig, captions: list[str], output: Path, is_main: 
     in `output`)."""
     family = FAMILIES[cfg.model.family]
     if family.prepare is not None:
-        return family.prepare(cfg)
+        return family.prepare(cfg, captions)
     if cfg.model.init_from:
         config, state, tokenizer = family.read_checkpoint(cfg.model.init_from)
         model = family.build(cfg, tokenizer, config)
@@ -127,6 +127,7 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
     else:
         samples = load_samples(cfg.data.train, cfg.data.images, cfg.data.split)
     texts = [s.caption for s in samples] + [n for s in samples for n in s.negative_captions]  # the vocabulary
+    texts += [s.instruction for s in samples if s.instruction]  # InstructBLIP's questions
     model, tokenizer = prepare_model(cfg, texts, output, world.is_main)
     model.to(device)
     qformer_tokenizer = getattr(model, "qformer_tokenizer", None)  # InstructBLIP: each sample gets an instruction
