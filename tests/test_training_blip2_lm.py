@@ -300,15 +300,14 @@ def test_instructions_answers_and_their_targets():
     import random
 
     from blipsearch.training.data import InstructionTemplates
-    from blipsearch.training.objectives import concat_prompt_answer, drop_trailing
+    from blipsearch.training.objectives import concat_prompt_answer
 
     templates = InstructionTemplates(("Describe it.",), ("Question: {} Answer:",))
     assert templates.instruction("what colour is the circle", random.Random(0)) == \
         "Question: what colour is the circle Answer:"
     assert templates.instruction(None, random.Random(0)) == "Describe it."
-    prompt = torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]])  # [BOS] instruction [SEP] [PAD]
+    prompt = torch.tensor([[2, 5, 6], [2, 7, 0]])  # [BOS] instruction [PAD]
     prompt_mask = (prompt != 0).long()
-    prompt, prompt_mask = drop_trailing(prompt, prompt_mask, end=3, bos=2)
     answer, answer_mask = torch.tensor([[8, 9, 3], [10, 3, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
     ids, mask, labels = concat_prompt_answer(prompt, prompt_mask, answer, answer_mask, pad=0)
     assert ids.tolist() == [[2, 5, 6, 8, 9, 3], [2, 7, 10, 3, 0, 0]]

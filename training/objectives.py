@@ -425,12 +425,10 @@ class InstructBlipObjective:
     def __call__(self, model, batch: Batch, progress: Progress) -> dict[str, torch.Tensor]:
         instruction = (batch.instruction_ids, batch.instruction_mask)
         answers = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-        if model.config.use_decoder_only_language_model:
-            text = model.config.text_config
-            prompt, prompt_mask = drop_trailing(batch.prompt_ids, batch.prompt_mask, text.eos_token_id,
-                                                text.bos_token_id)
-            input_ids, mask, labels = concat_prompt_answer(prompt, prompt_mask, batch.input_ids, batch.attention_mask,
-                                                           text.pad_token_id)
+        if model.config.use_decoder_only_language_model:  # the instruction as the LM's tokenizer encodes it (and
+            # as InstructBlipProcessor does), then the answer
+            input_ids, mask, labels = concat_prompt_answer(batch.prompt_ids, batch.prompt_mask, batch.input_ids,
+                                                           batch.attention_mask, model.config.text_config.pad_token_id)
             queries = model.config.num_query_tokens
             logits = model.lm_logits(batch.pixel_values, input_ids, mask, instruction)[:, queries:]
             logits, labels = logits[:, :-1], labels[:, 1:]
@@ -442,18 +440,6 @@ class InstructBlipObjective:
         total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
                                 reduction="sum")
         return weighted({"lm_loss": total / count}, loss_weights(self.cfg))
-
-
-def drop_trailing(ids: torch.Tensor, mask: torch.Tensor, end: int | None, bos: int | None):
-    """Without the end token a tokenizer may append to the instruction (BERT's [SEP]; OPT's appends none,
-    and its end token is its BOS): the answer follows the instruction."""
-    if end is None or end == bos:
-        return ids, mask
-    rows, last = torch.arange(len(ids), device=ids.device), mask.sum(1) - 1
-    drop = ids[rows, last] == end
-    mask = mask.clone()
-    mask[rows[drop], last[drop]] = 0
-    return ids, mask
 
 
 def concat_prompt_answer(prompt: torch.Tensor, prompt_mask: torch.Tensor, answer: torch.Tensor,
