@@ -294,6 +294,13 @@ def test_an_instructblip_run_trains_on_instructions_and_answers_and_exports(chec
     assert isinstance(InstructBlipForConditionalGeneration.from_pretrained(out), InstructBlipForConditionalGeneration)
     processor = InstructBlipProcessor.from_pretrained(out)
     assert processor.num_query_tokens == 8 and processor.qformer_tokenizer is not None
+    # the QA benchmark answers the test questions through transformers' processor and generate
+    from benchmark_scripts import script
+
+    scenes().write_dataset(root, seed=5, size=32, sizes={"test": 3}, with_questions=True)
+    report = script("scenes_qa").main(["--data", str(root), "--model", str(out), "--max-new-tokens", "2"])
+    assert report["all"]["questions"] == sum(len(e["questions"]) for e in json.loads((root / "test.json").read_text()))
+    assert 0.0 <= report["all"]["exact_match"] <= 1.0 and "count" in report
 
 
 def test_instructions_answers_and_their_targets():
@@ -356,3 +363,12 @@ def test_instructblip_gives_the_qformer_the_instruction_words_a_word_level_stage
     rows = model.qformer.embeddings.word_embeddings
     assert rows.num_embeddings == len(qformer_tokenizer) == model.config.qformer_config.vocab_size
     assert rows.weight.requires_grad  # the new rows train with the Q-Former
+
+
+def test_qa_scores_exact_match_per_question_type():
+    from benchmark_scripts import script
+
+    report = script("scenes_qa").score(["red", " two ", "blue circle", "Red"], ["red", "two", "red circle", "red"],
+                                       ["colour", "count", "relation", "colour"])
+    assert report == {"all": {"questions": 4, "exact_match": 0.75}, "colour": {"questions": 2, "exact_match": 1.0},
+                      "count": {"questions": 1, "exact_match": 1.0}, "relation": {"questions": 1, "exact_match": 0.0}}
