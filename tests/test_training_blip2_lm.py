@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from resume import assert_resume_is_exact
 
 from blipsearch.training.config import load_config
 from blipsearch.training.loop import prepare_model, run_steps, setup, wrap
@@ -157,15 +158,7 @@ def test_a_resumed_stage2_run_gives_the_same_next_losses(family, checkpoints, tm
                                                      for i, e in enumerate(entries)]))
     args = (f"model.family={family}", f"data.train={root / 'train.json'}", "optim.max_steps=4",
             "save_every=2")  # Q-Former dropout on
-    straight = setup(stage2_config(checkpoints, tmp_path / "straight", *args))
-    uninterrupted = run_steps(straight, wrap(straight))
-    interrupted = stage2_config(checkpoints, tmp_path / "resumed", *args)
-    first = setup(interrupted)
-    run_steps(first, wrap(first), until=2)
-    resumed = setup(interrupted, resume="auto")
-    assert resumed.state.step == 2
-    for a, b in zip(uninterrupted[2:], run_steps(resumed, wrap(resumed)), strict=True):
-        assert a["step"] == b["step"] and a["lm_loss"] == pytest.approx(b["lm_loss"], abs=1e-6), (a, b)
+    assert_resume_is_exact(lambda name: stage2_config(checkpoints, tmp_path / name, *args), ("lm_loss",))
 
 
 def test_t5_prefix_lm_loss_and_generate_equal_the_export(t5_checkpoints, tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from resume import assert_resume_is_exact
 
 from blipsearch.training.config import load_config
 from blipsearch.training.loop import run_steps, setup, wrap
@@ -43,17 +44,8 @@ def test_tiny_run_loss_falls_on_a_blip_vit(data, tmp_path, tiny_model_dir):
 
 def test_resume_gives_the_same_next_losses(data, tmp_path):
     args = ("optim.max_steps=4", "save_every=2")  # dropout on (0.1): its random state must resume too
-    straight = setup(tiny_config(data, tmp_path / "straight", *args))
-    uninterrupted = run_steps(straight, wrap(straight))
-    interrupted = tiny_config(data, tmp_path / "resumed", *args)
-    first = setup(interrupted)
-    run_steps(first, wrap(first), until=2)
-    resumed = setup(interrupted, resume="auto")
-    assert resumed.state.step == 2
-    for a, b in zip(uninterrupted[2:], run_steps(resumed, wrap(resumed)), strict=True):
-        assert a["step"] == b["step"]
-        for name in ("itc_loss", "itm_loss", "itg_loss"):
-            assert a[name] == pytest.approx(b[name], abs=1e-6), (a, b)
+    assert_resume_is_exact(lambda name: tiny_config(data, tmp_path / name, *args),
+                           ("itc_loss", "itm_loss", "itg_loss"))
 
 
 def test_blipsearch_train_exports_a_model_the_engine_loads(data, tmp_path, tiny_blip2_dir):
