@@ -365,3 +365,29 @@ def test_qa_scores_exact_match_per_question_type():
                                        ["colour", "count", "relation", "colour"])
     assert report == {"all": {"questions": 4, "exact_match": 0.75}, "colour": {"questions": 2, "exact_match": 1.0},
                       "count": {"questions": 1, "exact_match": 1.0}, "relation": {"questions": 1, "exact_match": 0.0}}
+
+
+def test_the_engine_captions_with_an_instructblip_export_as_transformers_generates(checkpoints, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    from blipsearch.retrieval.models.captioner import load_captioner
+    from blipsearch.training.families import FAMILIES
+
+    cfg = stage2_config(checkpoints, tmp_path, "model.family=instructblip", "data.caption_instructions=[a picture]")
+    model, tokenizer = prepare_model(cfg, ["what is the dog ?"], tmp_path, is_main=True)
+    out = FAMILIES["instructblip"].export(model.eval(), tokenizer, tmp_path / "export")[0]
+    captioner = load_captioner(str(out), device="cpu", precision="fp32", num_beams=1, max_new_tokens=4,
+                               min_new_tokens=4)
+    assert captioner.info.prompt == "a picture"  # the run's first captioning instruction
+    pixels = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(2)]
+    hf = InstructBlipForConditionalGeneration.from_pretrained(out)
+    processor = InstructBlipProcessor.from_pretrained(out)
+    expected = []
+    for image in pixels:  # transformers' own processor and generate, one image at a time
+        inputs = processor(images=Image.fromarray(image), text="a picture", return_tensors="pt")
+        out_ids = hf.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        new = out_ids[:, inputs["input_ids"].shape[1]:]
+        expected.append(" ".join(processor.tokenizer.decode(new[0], skip_special_tokens=True).split()))
+    assert captioner.caption(pixels) == expected

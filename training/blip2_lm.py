@@ -217,7 +217,8 @@ def export_blip2_lm(model: Blip2LMModel, tokenizer, out, image_size: int, qforme
     config = copy.deepcopy(model.config)
     config.text_config = copy.deepcopy(model.language_model.config)  # its vocabulary holds <image>
     config.image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    config.caption_prompt = tokenizer.decode(list(getattr(model, "prompt", ())), skip_special_tokens=True)
+    config.caption_prompt = getattr(model, "caption_instruction", None) if instruct else \
+        tokenizer.decode(list(getattr(model, "prompt", ())), skip_special_tokens=True)
     hf = (transformers.InstructBlipForConditionalGeneration if instruct else
           transformers.Blip2ForConditionalGeneration)(config)
     result = hf.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()}, strict=False)

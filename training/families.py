@@ -86,6 +86,7 @@ def _prepare_blip2_lm(cfg: TrainConfig, texts: list[str] = (), instruct: bool = 
     if instruct:
         templates = [*cfg.data.caption_instructions, *(t.replace("{}", " ") for t in cfg.data.question_templates)]
         add_qformer_words(model, qformer_tokenizer, [*texts, *templates])
+        model.caption_instruction = cfg.data.caption_instructions[0]  # the export's captioning instruction
     return model, tokenizer
 
 

@@ -15,10 +15,12 @@ after it. The prompt comes from, in order: the `prompt` argument; the checkpoint
 `caption_prompt`, which `training/export.py` writes ("" for a captioner trained without one); else BLIP's
 "a picture of ", with which Salesforce's hub captioners were fine-tuned (their configs do not say).
 
-BLIP-2: the language model reads one `<image>` placeholder per query (replaced by the projected queries), then
-the prompt as its tokenizer encodes it (as `Blip2Processor` builds it); the prompt is the config's
-`caption_prompt`, else none (Salesforce's BLIP-2 captioners caption without one). A decoder-only LM's output
-repeats its input, which is cut; an encoder-decoder LM's is the caption alone.
+BLIP-2 and InstructBLIP: the language model reads one `<image>` placeholder per query (replaced by the
+projected queries), then the prompt as its tokenizer encodes it (as `Blip2Processor` builds it); the prompt is
+the config's `caption_prompt`, else none (Salesforce's BLIP-2 captioners caption without one). InstructBLIP's
+Q-Former reads the prompt too, as its instruction ("A short image caption:" by default, one of
+InstructBLIP's). A decoder-only LM's output repeats its input, which is cut; an encoder-decoder LM's is the
+caption alone.
 
 Decoding follows BLIP's caption evaluation (configs/caption_coco.yaml): beam search with 3 beams, lengths
 20 and 5. BLIP's lengths count the prompt; ours count new tokens only, so a prompt does not shorten the
@@ -52,7 +54,11 @@ WEIGHTS = WeightsSpec("BlipForConditionalGeneration", ("vision_model", "text_dec
 BLIP2_WEIGHTS = WeightsSpec("Blip2ForConditionalGeneration",
                             ("vision_model", "qformer", "language_projection", "language_model"),
                             "it is not a BLIP-2 captioning checkpoint")
-_FAMILIES = {"blip": (WEIGHTS, BLIP_PROMPT), "blip-2": (BLIP2_WEIGHTS, "")}  # model_type -> (weights, prompt)
+INSTRUCTBLIP_WEIGHTS = WeightsSpec("InstructBlipForConditionalGeneration", BLIP2_WEIGHTS.required,
+                                   "it is not an InstructBLIP checkpoint")
+# model_type -> (weights, default prompt: for InstructBLIP the instruction, which its Q-Former reads too)
+_FAMILIES = {"blip": (WEIGHTS, BLIP_PROMPT), "blip-2": (BLIP2_WEIGHTS, ""),
+             "instructblip": (INSTRUCTBLIP_WEIGHTS, "A short image caption:")}
 # what a failing `generate` raises (torch's errors, out of memory included, are RuntimeErrors)
 GENERATION_ERRORS = (RuntimeError, ValueError, IndexError)
 
@@ -71,16 +77,19 @@ class Captioner:
     """A BLIP captioning checkpoint on one device and dtype, with its tokenizer and decoding settings."""
 
     def __init__(self, model: BlipForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, info: CaptionerInfo,
-                 device: torch.device, dtype: torch.dtype, decoding: dict[str, Any]):
+                 device: torch.device, dtype: torch.dtype, decoding: dict[str, Any], qformer_tokenizer=None):
         self.model = model.to(device=device, dtype=dtype).eval()
         self.tokenizer = tokenizer
         self.info = info
         self.device = device
         self.dtype = dtype
         self.decoding = decoding  # keyword arguments of `generate`
-        self.blip2 = model.config.model_type == "blip-2"
+        self.blip2 = model.config.model_type in ("blip-2", "instructblip")  # a Q-Former and a language model
         self.prompt_ids = _blip2_prompt_ids(tokenizer, model.config, info.prompt) if self.blip2 else \
             _prompt_ids(tokenizer, model.config.text_config, info.prompt)  # (1, 1 + P + 1)
+        # InstructBLIP: the Q-Former reads the instruction (the prompt) too
+        self.qformer_inputs = {} if qformer_tokenizer is None else \
+            {k: v for k, v in qformer_tokenizer(info.prompt, return_tensors="pt").items() if k != "token_type_ids"}
 
     @classmethod
     def load(cls, name: str, device: str | torch.device = "auto", precision: str = "auto", *, num_beams: int = 3,
@@ -101,11 +110,14 @@ class Captioner:
         missing |= {key.split(".")[0] for key, *_ in loading.get("mismatched_keys", ())}
         refuse_missing(name, missing, weights)
         tokenizer = from_pretrained(directory, name, transformers.AutoTokenizer)
+        qformer_tokenizer = None
+        if weights is INSTRUCTBLIP_WEIGHTS:
+            qformer_tokenizer = from_pretrained(directory, name, transformers.InstructBlipProcessor).qformer_tokenizer
         info = CaptionerInfo(
             model_id=checkpoint.model_id, revision=revision(checkpoint, directory),
             preprocessing=read_preprocessing(directory, name, model.config.vision_config.image_size),
             prompt=_prompt(name, config, prompt, default_prompt))
-        return cls(model, tokenizer, info, torch_device, dtype, decoding)
+        return cls(model, tokenizer, info, torch_device, dtype, decoding, qformer_tokenizer)
 
     @torch.inference_mode()
     def caption(self, pixels: list[np.ndarray]) -> list[str | None]:
@@ -131,8 +143,10 @@ class Captioner:
         pre = self.info.preprocessing
         values = normalise(torch.from_numpy(np.stack(pixels)), pre.mean, pre.std)  # (B, 3, H, W)
         prompt = self.prompt_ids.expand(len(pixels), -1).clone()  # generate writes into it: no shared rows
+        extra = {k: v.expand(len(pixels), -1).to(self.device) for k, v in self.qformer_inputs.items()}
+        extra = {"qformer_input_ids" if k == "input_ids" else "qformer_attention_mask": v for k, v in extra.items()}
         out = self.model.generate(pixel_values=values.to(self.device, self.dtype), input_ids=prompt.to(self.device),
-                                  **self.decoding)  # BLIP: (B, 1 + P + new): [DEC] prompt caption [SEP] [PAD]...
+                                  **extra, **self.decoding)  # BLIP: (B, 1 + P + new): [DEC] prompt caption [SEP]...
         if not self.blip2:
             new = out[:, self.prompt_ids.shape[1] - 1:]
         elif self.model.config.use_decoder_only_language_model:
@@ -160,7 +174,8 @@ def _check_architecture(name: str, config: dict) -> str:
     what = f"a {', '.join(architectures)} checkpoint" if architectures else f"of type {model_type!r}"
     raise ModelLoadError(f"model {name} is {what}, not a BLIP or BLIP-2 captioner; pass a "
                          f"{WEIGHTS.transformers_class} checkpoint such as {DEFAULT_CAPTIONER}, a "
-                         f"{BLIP2_WEIGHTS.transformers_class} one, or the captioner folder `blipsearch train` exports")
+                         f"{BLIP2_WEIGHTS.transformers_class} or {INSTRUCTBLIP_WEIGHTS.transformers_class} one, or "
+                         "the captioner folder `blipsearch train` exports")
 
 
 def _prompt(name: str, config: dict, given: str | None, default: str = BLIP_PROMPT) -> str:
@@ -180,15 +195,15 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerBase, text_config: Any, prompt: st
 
 
 def _blip2_prompt_ids(tokenizer: PreTrainedTokenizerBase, config: Any, prompt: str) -> torch.Tensor:
-    """(1, Q + P) one `<image>` per query, then the prompt: after the LM's BOS for a decoder-only LM, as its
-    tokenizer encodes it (special tokens included) for an encoder-decoder one, as `Blip2Processor` builds
-    both from OPT's and T5's tokenizers (and as stage-2 training reads them)."""
+    """(1, Q + P) one `<image>` per query, then the prompt: after the LM's BOS for BLIP-2 with a decoder-only
+    LM, else as the tokenizer encodes it (special tokens included), as `Blip2Processor` and
+    `InstructBlipProcessor` build them from OPT's and T5's tokenizers (and as training reads them)."""
     if config.image_token_index is None:
         raise ModelLoadError("this BLIP-2 checkpoint has no image_token_index in its config; re-export it with "
                              "`blipsearch train` or a recent transformers")
-    if config.use_decoder_only_language_model:
+    if config.use_decoder_only_language_model and config.model_type == "blip-2":
         ids = [config.text_config.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
-    else:
+    else:  # an encoder's text, or InstructBLIP's instruction: as the tokenizer encodes it
         ids = tokenizer(prompt)["input_ids"]
     if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
         raise FieldError("prompt", f"{prompt!r} has words that the model's tokenizer does not know")
