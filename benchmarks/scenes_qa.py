@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             for qa in entry["questions"]:
                 inputs = processor(images=image, text=qa["question"], return_tensors="pt")
                 out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, num_beams=1)
-                new = out[:, inputs["input_ids"].shape[1]:]
+                # a decoder-only LM's output repeats its input; an encoder-decoder LM's is the answer alone
+                new = out[:, inputs["input_ids"].shape[1]:] if model.config.use_decoder_only_language_model else out
                 predicted.append(processor.tokenizer.decode(new[0], skip_special_tokens=True))
                 answers.append(qa["answer"])
                 kinds.append(qa["type"])

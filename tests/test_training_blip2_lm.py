@@ -272,7 +272,7 @@ def test_an_instructblip_run_trains_on_instructions_and_answers_and_exports(chec
     # two datasets, mixed by the square root of their sizes: each batch comes from one of them
     mixture = f"data.mixture={{{root / 'qa.json'}: null, {root / 'captions.json'}: null}}"
     cfg = stage2_config(checkpoints, tmp_path / "run", "model.family=instructblip", "data.train=", mixture,
-                        "optim.max_steps=6", "optim.lr=5e-3", "save_every=1000")
+                        "optim.max_steps=6", "optim.lr=5e-3", "save_every=6")
     run = setup(cfg)
     assert type(run.sampler).__name__ == "MixtureBatches" and run.sampler.sizes == [len(questions), len(entries[::2])]
     batch = next(iter(run.loader))
@@ -287,6 +287,12 @@ def test_an_instructblip_run_trains_on_instructions_and_answers_and_exports(chec
     assert isinstance(InstructBlipForConditionalGeneration.from_pretrained(out), InstructBlipForConditionalGeneration)
     processor = InstructBlipProcessor.from_pretrained(out)
     assert processor.num_query_tokens == 8 and processor.qformer_tokenizer is not None
+    # an export of the run's checkpoint finds the Q-Former's grown vocabulary in the run folder
+    from blipsearch.training.loop import export_checkpoint
+
+    again = export_checkpoint(run.output / "checkpoint-last.pt", tmp_path / "again")[0]
+    assert InstructBlipProcessor.from_pretrained(again).qformer_tokenizer.get_vocab() == \
+        processor.qformer_tokenizer.get_vocab()
     # the QA benchmark answers the test questions through transformers' processor and generate
     from benchmark_scripts import script
 
@@ -353,6 +359,7 @@ def test_instructblip_gives_the_qformer_the_instruction_words_a_word_level_stage
     qformer_tokenizer = model.qformer_tokenizer
     ids = qformer_tokenizer("what colour is the zebra dog q describe")["input_ids"]
     assert qformer_tokenizer.unk_token_id not in ids  # "colour", "zebra", "q", "describe" were added
+    assert qformer_tokenizer.tokenize("the zebras") == ["the", "[UNK]"]  # whole words: "zebra" is no prefix
     rows = model.qformer.embeddings.word_embeddings
     assert rows.num_embeddings == len(qformer_tokenizer) == model.config.qformer_config.vocab_size
     assert rows.weight.requires_grad  # the new rows train with the Q-Former
@@ -391,3 +398,30 @@ def test_the_engine_captions_with_an_instructblip_export_as_transformers_generat
         new = out_ids[:, inputs["input_ids"].shape[1]:]
         expected.append(" ".join(processor.tokenizer.decode(new[0], skip_special_tokens=True).split()))
     assert captioner.caption(pixels) == expected
+
+
+def test_captions_end_with_the_lm_end_token_where_the_tokenizer_appends_none():
+    from blipsearch.training.objectives import with_end
+
+    ids = torch.tensor([[2, 5, 6, 0], [2, 7, 3, 0], [2, 8, 9, 4]])  # [BOS] words [PAD]; row 1 ends with 3 already
+    mask = (ids != 0).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    ids, mask, labels = with_end(ids, mask, labels, end=3, pad=0)
+    assert ids.tolist() == [[2, 5, 6, 3, 0], [2, 7, 3, 0, 0], [2, 8, 9, 4, 3]]
+    assert mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert labels.tolist() == [[2, 5, 6, 3, -100], [2, 7, 3, -100, -100], [2, 8, 9, 4, 3]]
+
+
+def test_one_image_may_hold_the_same_answer_to_two_questions(tmp_path):
+    import json
+
+    from blipsearch.training.data import json_samples
+
+    (tmp_path / "images").mkdir()
+    entries = [{"image": "x.png", "caption": "red", "instruction": "what colour is the circle ?"},
+               {"image": "x.png", "caption": "a red circle"},
+               {"image": "x.png", "caption": "red", "instruction": "what colour is the square ?"}]
+    (tmp_path / "qa.json").write_text(json.dumps(entries))
+    samples = json_samples(tmp_path / "qa.json")
+    assert sorted((s.caption, s.instruction) for s in samples) == [
+        ("a red circle", None), ("red", "what colour is the circle ?"), ("red", "what colour is the square ?")]

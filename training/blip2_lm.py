@@ -196,8 +196,9 @@ def add_image_token(tokenizer, language_model: nn.Module) -> int:
         tokenizer.add_tokens([transformers.AddedToken(IMAGE_TOKEN, normalized=False, special=True)],
                              special_tokens=True)
     if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
-        torch.manual_seed(0)  # the new row's values: the same on every rank and in every run
-        language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.random.fork_rng():  # the new row: the same on every rank and in every run; the run's seed
+            torch.manual_seed(0)       # governs everything else
+            language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 

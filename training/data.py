@@ -58,8 +58,8 @@ def json_samples(path: str | Path, images: str | Path | None = None, split: str 
     negatives, groups, asked = negative_captions(path), pair_field(path, "group"), pair_field(path, "instruction")
     pairs = [(root / item.image, caption) for item in items for caption in item.captions]
     false = [negatives.get(item.image, ()) for item in items for _ in item.captions]
-    group = [groups.get((item.image, caption)) for item in items for caption in item.captions]
-    instruction = [asked.get((item.image, caption)) for item in items for caption in item.captions]
+    group = [_next(groups, (item.image, caption)) for item in items for caption in item.captions]
+    instruction = [_next(asked, (item.image, caption)) for item in items for caption in item.captions]
     return [replace(sample, negative_captions=neg, group=g, instruction=i) if neg or g or i else sample
             for sample, neg, g, i in zip(_number(pairs), false, group, instruction, strict=True)]
 
@@ -77,13 +77,22 @@ def negative_captions(path: Path) -> dict[str, tuple[str, ...]]:
     return {image: tuple(captions) for image, captions in by_image.items() if captions}
 
 
-def pair_field(path: Path, name: str) -> dict[tuple[str, str], str]:
-    """(image, caption) -> the field `name` of its LAVIS entry (`"group"`, `"instruction"`), for the entries
-    that have it ({} for Karpathy)."""
+def pair_field(path: Path, name: str) -> dict[tuple[str, str], list[str | None]]:
+    """(image, caption) -> the field `name` (`"group"`, `"instruction"`) of each LAVIS entry with that image
+    and caption, in file order ({} for Karpathy): one image may hold the same answer to two questions."""
     data = json.loads(path.read_text(encoding="utf-8"))
-    entries = data if isinstance(data, list) else []
-    return {(entry["image"], entry["caption"]): str(entry[name]) for entry in entries
-            if isinstance(entry.get("caption"), str) and entry.get(name) is not None}
+    out: dict[tuple[str, str], list[str | None]] = {}
+    for entry in data if isinstance(data, list) else []:
+        if isinstance(entry.get("caption"), str):
+            value = entry.get(name)
+            out.setdefault((entry["image"], entry["caption"]), []).append(None if value is None else str(value))
+    return out
+
+
+def _next(values: dict[tuple[str, str], list[str | None]], key: tuple[str, str]) -> str | None:
+    """The next entry's value for this (image, caption), as the pairs come in file order."""
+    queue = values.get(key)
+    return queue.pop(0) if queue else None
 
 
 def default_image_root(path: Path) -> Path:
@@ -232,7 +241,7 @@ class Collate:
                                          return_tensors="pt")
         prompt = self.tokenize(asked)
         end = self.tokenizer.eos_token or self.tokenizer.sep_token
-        answers = self.tokenizer([f"{item['caption']} {end}" for item in items], padding="longest", truncation=True,
+        answers = self.tokenizer([f"{item['caption']}{end}" for item in items], padding="longest", truncation=True,
                                  max_length=self.max_tokens, add_special_tokens=False, return_tensors="pt")
         batch.instruction_ids, batch.instruction_mask = qformer["input_ids"], qformer["attention_mask"]
         batch.prompt_ids, batch.prompt_mask = prompt["input_ids"], prompt["attention_mask"]

@@ -36,8 +36,8 @@ class Family:
     load_weights: Callable[[nn.Module, dict], list[str]] | None  # (model, state dict) -> modules loaded
     export: Callable[..., list[Path]]  # (model, tokenizer, out folder, captioner: bool) -> folders written
     # a family that starts from more than one checkpoint builds model and tokenizer itself:
-    # (cfg, the training texts) -> (model, tokenizer)
-    prepare: Callable[[TrainConfig, list[str]], tuple[nn.Module, Any]] | None = None
+    # (cfg, the training texts (none when exporting), the run folder, is_main) -> (model, tokenizer)
+    prepare: Callable[[TrainConfig, list[str], Path, bool], tuple[nn.Module, Any]] | None = None
 
 
 def _build_blip(cfg: TrainConfig, tokenizer, config=None) -> nn.Module:
@@ -64,7 +64,8 @@ def _export_blip2(model, tokenizer, out: Path, captioner: bool = True) -> list[P
     return [export_blip2_retrieval(model, tokenizer, out / "retrieval")]
 
 
-def _prepare_blip2_lm(cfg: TrainConfig, texts: list[str] = (), instruct: bool = False):
+def _prepare_blip2_lm(cfg: TrainConfig, texts: list[str] = (), output: Path | None = None, is_main: bool = True,
+                      instruct: bool = False):
     """Stage 2 (or InstructBLIP): the stage-1 checkpoint (`init_from`: ViT, queries, Q-Former and its tokenizer),
     the LM (decoder-only or encoder-decoder) and its tokenizer (`language_model`)."""
     import transformers
@@ -84,10 +85,26 @@ def _prepare_blip2_lm(cfg: TrainConfig, texts: list[str] = (), instruct: bool = 
     model.prompt = lm_prompt(tokenizer, cfg.objective.caption_prompt, kind.is_encoder_decoder)
     model.qformer_tokenizer = qformer_tokenizer if instruct else None  # the Collate's, for the instructions
     if instruct:
-        templates = [*cfg.data.caption_instructions, *(t.replace("{}", " ") for t in cfg.data.question_templates)]
-        add_qformer_words(model, qformer_tokenizer, [*texts, *templates])
+        model.qformer_tokenizer = _instruction_vocabulary(cfg, model, qformer_tokenizer, texts, output, is_main)
         model.caption_instruction = cfg.data.caption_instructions[0]  # the export's captioning instruction
     return model, tokenizer
+
+
+def _instruction_vocabulary(cfg: TrainConfig, model, tokenizer, texts: list[str], output: Path | None, is_main: bool):
+    """The Q-Former's tokenizer with the words of the run's instructions and templates (saved in the run folder,
+    where an export of its checkpoint, which has no training texts, finds it again)."""
+    from transformers import AutoTokenizer
+
+    saved = Path(output) / "qformer_tokenizer" if output is not None else None
+    if not texts and saved is not None and saved.is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(saved)
+        grow_qformer_rows(model, len(tokenizer))
+        return tokenizer
+    templates = [*cfg.data.caption_instructions, *(t.replace("{}", " ") for t in cfg.data.question_templates)]
+    add_qformer_words(model, tokenizer, [*texts, *templates])
+    if saved is not None and is_main:
+        tokenizer.save_pretrained(saved)
+    return tokenizer
 
 
 def add_qformer_words(model, tokenizer, texts: list[str]) -> list[str]:
@@ -101,16 +118,26 @@ def add_qformer_words(model, tokenizer, texts: list[str]) -> list[str]:
         return []
     new = [w for w in words_of(texts) if w not in known and tokenizer.tokenize(w) == [tokenizer.unk_token]]
     if new:
-        tokenizer.add_tokens(new)
-        embeddings = model.qformer.embeddings.word_embeddings
-        std = model.config.qformer_config.initializer_range  # (the tokenizer may hold tokens past the rows)
-        rows = torch.empty(len(tokenizer) - embeddings.num_embeddings, embeddings.embedding_dim).normal_(0.0, std)
-        grown = nn.Embedding(len(tokenizer), embeddings.embedding_dim, padding_idx=embeddings.padding_idx)
-        with torch.no_grad():
-            grown.weight.copy_(torch.cat([embeddings.weight, rows]))
-        model.qformer.embeddings.word_embeddings = grown
-        model.config.qformer_config.vocab_size = len(tokenizer)
+        from transformers import AddedToken
+
+        # whole words only: an added "the" must not split "there"
+        tokenizer.add_tokens([AddedToken(w, single_word=True, normalized=True) for w in new])
+        grow_qformer_rows(model, len(tokenizer))
     return new
+
+
+def grow_qformer_rows(model, rows: int) -> None:
+    """The Q-Former's word embeddings with `rows` rows: the new ones drawn as BERT initialises them."""
+    embeddings = model.qformer.embeddings.word_embeddings
+    if rows <= embeddings.num_embeddings:
+        return
+    std = model.config.qformer_config.initializer_range
+    extra = torch.empty(rows - embeddings.num_embeddings, embeddings.embedding_dim).normal_(0.0, std)
+    grown = nn.Embedding(rows, embeddings.embedding_dim, padding_idx=embeddings.padding_idx)
+    with torch.no_grad():
+        grown.weight.copy_(torch.cat([embeddings.weight, extra]))
+    model.qformer.embeddings.word_embeddings = grown
+    model.config.qformer_config.vocab_size = rows
 
 
 def lm_prompt(tokenizer, prompt: str, encoder_text: bool) -> tuple[int, ...]:

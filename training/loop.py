@@ -75,7 +75,7 @@ def prepare_model(cfg: TrainConfig, captions: list[str], output: Path, is_main: 
     in `output`)."""
     family = FAMILIES[cfg.model.family]
     if family.prepare is not None:
-        return family.prepare(cfg, captions)
+        return family.prepare(cfg, captions, output, is_main)
     if cfg.model.init_from:
         config, state, tokenizer = family.read_checkpoint(cfg.model.init_from)
         model = family.build(cfg, tokenizer, config)

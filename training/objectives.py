@@ -378,6 +378,8 @@ class Blip2LMObjective:
     def __call__(self, model, batch: Batch, progress: Progress) -> dict[str, torch.Tensor]:
         if model.config.use_decoder_only_language_model:
             input_ids, mask, labels = with_prompt(batch.input_ids, batch.attention_mask, model.prompt)
+            input_ids, mask, labels = with_end(input_ids, mask, labels, model.config.text_config.eos_token_id,
+                                               model.config.text_config.pad_token_id)
             queries = model.config.num_query_tokens
             logits = model.lm_logits(batch.pixel_values, input_ids, mask)[:, queries:]  # (B, L, V): text positions
             logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1; [BOS] is given
@@ -390,6 +392,25 @@ class Blip2LMObjective:
         total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
                                 reduction="sum")
         return weighted({"lm_loss": total / count}, loss_weights(self.cfg))
+
+
+def with_end(input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, end: int | None,
+             pad: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LM's end token after each caption that does not end with it (OPT's tokenizer appends none; BERT's
+    appends [SEP]): a captioner learns where to stop (LAVIS appends "\\n" for OPT)."""
+    if end is None:
+        return input_ids, mask, labels
+    lengths = mask.sum(1)
+    rows = torch.arange(len(input_ids), device=input_ids.device)
+    missing = input_ids[rows, lengths - 1] != end
+    if not missing.any():
+        return input_ids, mask, labels
+    widen = (0, 1)
+    input_ids = F.pad(input_ids, widen, value=pad if pad is not None else end)
+    mask, labels = F.pad(mask, widen, value=0), F.pad(labels, widen, value=-100)
+    at = lengths[missing]
+    input_ids[rows[missing], at], mask[rows[missing], at], labels[rows[missing], at] = end, 1, end
+    return input_ids, mask, labels
 
 
 def prefix_split(input_ids: torch.Tensor, mask: torch.Tensor, prompt: tuple[int, ...], pad: int,
