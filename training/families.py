@@ -83,7 +83,7 @@ def _prepare_blip2_lm(cfg: TrainConfig, texts: list[str] = (), output: Path | No
     add_image_token(tokenizer, language_model)
     model = build_blip2_lm(config, state, language_model, instruct)
     model.prompt = lm_prompt(tokenizer, cfg.objective.caption_prompt, kind.is_encoder_decoder)
-    model.qformer_tokenizer = qformer_tokenizer if instruct else None  # the Collate's, for the instructions
+    model.qformer_tokenizer = None  # InstructBLIP: the Collate's, for the instructions
     if instruct:
         model.qformer_tokenizer = _instruction_vocabulary(cfg, model, qformer_tokenizer, texts, output, is_main)
         model.caption_instruction = cfg.data.caption_instructions[0]  # the export's captioning instruction
