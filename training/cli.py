@@ -31,11 +31,12 @@ def _show_training_logs() -> None:
 @click.option("--resume", metavar="auto|CHECKPOINT",
               help="Continue a run: 'auto' takes OUTPUT/checkpoint-last.pt when there is one.")
 def train_command(config: str | None, overrides: tuple[str, ...], output: str | None, resume: str | None) -> None:
-    """Train or fine-tune BLIP, or BLIP-2 stage 1 (model.family: blip-2), from a YAML/JSON CONFIG (see
-    training/configs/).
+    """Train or fine-tune BLIP, BLIP-2 stage 1 (model.family: blip-2), BLIP-2 stage 2 (blip-2-lm) or
+    InstructBLIP (instructblip) from a YAML/JSON CONFIG (see training/configs/).
 
     Writes checkpoints and log.jsonl to the run folder, then the exported Hugging Face models to
-    OUTPUT/retrieval (for `blipsearch index --model`) and, for BLIP with a decoder, OUTPUT/captioner.
+    OUTPUT/retrieval (for `blipsearch index --model`) and, for BLIP with a decoder, stage 2 and InstructBLIP,
+    OUTPUT/captioner (for `blipsearch index --captions --captioner`).
     """
     from . import distributed
     from .config import load_config
