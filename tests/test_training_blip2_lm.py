@@ -173,7 +173,7 @@ def test_t5_prefix_lm_loss_and_generate_equal_the_export(t5_checkpoints, tmp_pat
     assert not model.config.use_decoder_only_language_model and model.prompt == ()
     data = batch(tokenizer, ["a red dog on the beach", "a blue car", "the sky above the sea"], seed=2)
     ours = Blip2LMObjective(cfg.objective)(model, data, Progress(0, 0.0, seed=7))["lm_loss"]
-    source, source_mask, labels = prefix_split(data.input_ids, data.attention_mask, (), 0, seed=7)
+    source, source_mask, labels = prefix_split(data.input_ids, data.attention_mask, (), 0, 7, data.sample_ids)
     lengths = data.attention_mask.sum(1)
     assert (source_mask.sum(1) + (labels != -100).sum(1)).tolist() == lengths.tolist()  # every token once
     assert ((source_mask.sum(1) >= 1) & ((labels != -100).sum(1) >= 1)).all()  # both parts non-empty

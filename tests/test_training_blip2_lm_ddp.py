@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training_blip2_lm import save_tiny_opt, stage2_config
+from test_training_blip2_lm import save_tiny_opt, save_tiny_t5, stage2_config
 
 from blipsearch.training.objectives import Blip2LMObjective, InstructBlipObjective
 
@@ -62,6 +62,30 @@ def _instruct_worker(rank: int, init_file: str, results):
 def checkpoints(tmp_path, monkeypatch):
     stage1, lm = save_tiny_blip2(tmp_path / "stage1", image_token=False), save_tiny_opt(tmp_path / "opt")
     monkeypatch.setenv(PATHS, f"{stage1}{os.pathsep}{lm}")
+
+
+@pytest.fixture
+def t5_checkpoints(tmp_path, monkeypatch):
+    stage1, lm = save_tiny_blip2(tmp_path / "stage1", image_token=False), save_tiny_t5(tmp_path / "t5")
+    monkeypatch.setenv(PATHS, f"{stage1}{os.pathsep}{lm}")
+
+
+def _t5_prefix_lm():
+    return _model("objective.caption_prompt=")  # no prompt: each caption cut at a random token
+
+
+def _t5_worker(rank: int, init_file: str, results):
+    _, out, dist = ddp_steps(rank, init_file, _t5_prefix_lm, Blip2LMObjective)
+    results[rank] = out
+    dist.destroy_process_group()
+
+
+def test_t5_prefix_lm_two_processes_equal_one_process(t5_checkpoints, tmp_path):
+    """The random cut of each caption follows the sample, not its row on a rank."""
+    _, single = single_process(_t5_prefix_lm, Blip2LMObjective)
+    results = run_two_ranks(_t5_worker, tmp_path)
+    for rank in (0, 1):
+        assert_same_as_single(results[rank], single, {"lm_loss"})
 
 
 def test_two_processes_equal_one_process_on_the_global_batch(checkpoints, tmp_path):

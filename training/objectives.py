@@ -385,7 +385,8 @@ class Blip2LMObjective:
             logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1; [BOS] is given
         else:
             input_ids, mask, labels = prefix_split(batch.input_ids, batch.attention_mask, model.prompt,
-                                                   model.config.text_config.pad_token_id, progress.seed)
+                                                   model.config.text_config.pad_token_id, progress.seed,
+                                                   batch.sample_ids)
             logits = model.seq2seq_logits(batch.pixel_values, input_ids, mask, labels)  # (B, T, V)
         world = distributed.current().size
         count = distributed.all_reduce_sum((labels != -100).sum()).float() / world
@@ -413,15 +414,16 @@ def with_end(input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, 
     return input_ids, mask, labels
 
 
-def prefix_split(input_ids: torch.Tensor, mask: torch.Tensor, prompt: tuple[int, ...], pad: int,
-                 seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def prefix_split(input_ids: torch.Tensor, mask: torch.Tensor, prompt: tuple[int, ...], pad: int, seed: int,
+                 sample_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encoder text and decoder targets of an encoder-decoder LM from (B, L) tokenised captions: with a
     `prompt`, the prompt and the whole caption; without, each caption cut after a random 1..n-1 of its n
-    tokens. Returns the encoder's (B, Le) ids and mask and the (B, T) targets (-100 on padding)."""
-    generator = torch.Generator().manual_seed(seed)
+    tokens, drawn from (seed, sample id): the same cut however the batch is split across ranks. Returns the
+    encoder's (B, Le) ids and mask and the (B, T) targets (-100 on padding)."""
     sources, targets = [], []
-    for row, length in zip(input_ids, mask.sum(1).tolist(), strict=True):
+    for row, length, sample in zip(input_ids, mask.sum(1).tolist(), sample_ids.tolist(), strict=True):
         tokens = row[:length].tolist()
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + sample)
         cut = 0 if prompt or length < 2 else int(torch.randint(1, length, (1,), generator=generator))
         sources.append(list(prompt) + tokens[:cut])
         targets.append(tokens[cut:])
