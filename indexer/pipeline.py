@@ -90,11 +90,11 @@ def index_folders(roots: Sequence[str | Path], model: RetrievalModel, store: Ind
     options = options or IndexOptions()
     summary = IndexSummary()
     found, changed = plan(roots, store, options, summary)
+    stored = store.file_records()  # as read at open: `plan`'s deletions do not change it
     recaption = []
     if options.captioner is not None:
-        recaption = _to_caption(found.files, changed, store.file_records(), store.captioned(),
-                                options.captioner.name)
-    _Run(store, model, store.file_records(), options, summary).process(changed, recaption)
+        recaption = _to_caption(found.files, changed, stored, store.captioned(), options.captioner.name)
+    _Run(store, model, stored, options, summary).process(changed, recaption)
     store.prune_images()
     store.finish()
     return summary

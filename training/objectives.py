@@ -388,11 +388,17 @@ class Blip2LMObjective:
                                                    model.config.text_config.pad_token_id, progress.seed,
                                                    batch.sample_ids)
             logits = model.seq2seq_logits(batch.pixel_values, input_ids, mask, labels)  # (B, T, V)
-        world = distributed.current().size
-        count = distributed.all_reduce_sum((labels != -100).sum()).float() / world
-        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                                reduction="sum")
-        return weighted({"lm_loss": total / count}, loss_weights(self.cfg))
+        return weighted({"lm_loss": world_token_loss(logits, labels)}, loss_weights(self.cfg))
+
+
+def world_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of (B, T, V) logits against the (B, T) targets they predict (-100 ignored), summed over this
+    rank's tokens and divided by the global token count / world size: the mean over ranks is the global token
+    mean, whatever each rank holds."""
+    count = distributed.all_reduce_sum((labels != -100).sum()).float() / distributed.current().size
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    return total / count
 
 
 def with_end(input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, end: int | None,
@@ -458,11 +464,7 @@ class InstructBlipObjective:
         else:
             labels = answers
             logits = model.seq2seq_logits(batch.pixel_values, batch.prompt_ids, batch.prompt_mask, labels, instruction)
-        world = distributed.current().size
-        count = distributed.all_reduce_sum((labels != -100).sum()).float() / world
-        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                                reduction="sum")
-        return weighted({"lm_loss": total / count}, loss_weights(self.cfg))
+        return weighted({"lm_loss": world_token_loss(logits, labels)}, loss_weights(self.cfg))
 
 
 def concat_prompt_answer(prompt: torch.Tensor, prompt_mask: torch.Tensor, answer: torch.Tensor,
