@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Embedding, LayerNorm, Linear, load_weights
+from .layers import Embedding, LayerNorm, Linear, linear_gelu, load_weights
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class _Layer(nn.Module):
         h = self.attention.self_attention(h, mask, first_only)
         if image is not None:
             h = self.crossattention.folded_cross_attention(h, image)
-        ffn = self.output.dense(F.gelu(self.intermediate.dense(h)))
+        ffn = self.output.dense(linear_gelu(h, self.intermediate.dense))
         return self.output.LayerNorm(ffn + h)
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LayerNorm, Linear, PatchEmbedding, load_weights
+from .layers import LayerNorm, Linear, PatchEmbedding, linear_gelu, load_weights
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class _Layer(nn.Module):
         qkv = self.self_attn.qkv(self.layer_norm1(h)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         context = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, nh, T, hs)
         h = h + self.self_attn.projection(context.transpose(1, 2).reshape(b, t, d))
-        return h + self.mlp.fc2(F.gelu(self.mlp.fc1(self.layer_norm2(h))))
+        return h + self.mlp.fc2(linear_gelu(self.layer_norm2(h), self.mlp.fc1))
 
 
 class VisionTransformer(nn.Module):

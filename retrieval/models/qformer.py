@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blip_text import Attention, TextTowerConfig
-from .layers import Embedding, LayerNorm, Linear, load_weights
+from .layers import Embedding, LayerNorm, Linear, linear_gelu, load_weights
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def _feed_forward(c: QFormerConfig) -> tuple[nn.Module, nn.Module]:
 
 
 def _apply_feed_forward(intermediate: nn.Module, output: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return output.LayerNorm(output.dense(F.gelu(intermediate.dense(h))) + h)
+    return output.LayerNorm(output.dense(linear_gelu(h, intermediate.dense)) + h)
 
 
 class _Layer(nn.Module):
