@@ -7,13 +7,17 @@ The index holds synthetic stored features (random vectors and int8 feature maps 
 random weights (speed does not depend on weight values). Prints, for the same 32 candidates:
   - warm: p50/p95 latency of `Index.search` (the library API) in a process that has the model loaded;
   - baseline: transformers' `BlipForImageTextRetrieval(input_ids, pixel_values, use_itm_head=True)`;
-  - cold: a fresh `blipsearch query` process, from start to printed answer.
+  - itm: the ITM pass alone (32 stored feature maps, one query), p50/p95, and the fraction of this
+    machine's bf16 matmul peak (measured in the same run) that the FLOPs it executes reach;
+  - cold: a fresh `blipsearch query` process, from start to printed answer, with this model and with the
+    committed demo model over the README's 60-picture demo folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +26,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import DEFAULT_WORKDIR, build_synthetic_index, print_json, run_measured, save_random_blip_base
+from common import (
+    DEFAULT_WORKDIR,
+    build_synthetic_index,
+    matmul_peak_gflops,
+    print_json,
+    run_measured,
+    save_random_blip_base,
+)
 
 QUERIES = [
     "a dog on a beach", "two children building a sandcastle near the sea", "a red car parked on a city street",
@@ -61,6 +72,51 @@ def warm_latencies(model_dir: Path, index: Path, queries: list[str]) -> dict:
             "mean_ms": 1000 * total / len(times), "dtype": str(model.dtype).replace("torch.", ""),
             "share_recall": stages["recall"] / total, "share_feature_fetch": stages["features"] / total,
             "share_text_encode_and_itm": 1 - (stages["recall"] + stages["features"]) / total}
+
+
+def itm_gflops(config, text_tokens: int, image_tokens: int, candidates: int) -> float:
+    """FLOPs (multiply-adds x 2) of the text tower's ITM pass as it runs (`blip_text.BlipTextTower`): every
+    layer's self-attention keys/values over all L tokens; queries, cross-attention and feed-forward over L
+    rows, the last layer over [ENC] alone; the cross-attention folded (queries move into image space, no
+    image K/V). `config` is a `TextTowerConfig`."""
+    h, hv, t, n = config.hidden_size, config.image_hidden_size, image_tokens, text_tokens
+    def per_row(keys: int) -> float:
+        self_attention = 2 * h * h * 2 + 2 * 2 * keys * h  # query + output projections, scores + mixing
+        cross = 2 * h * h * 2 + 2 * h * hv * 2 + 2 * 2 * config.num_heads * t * hv  # q, o; fold in/out; scores, mix
+        return self_attention + cross + 2 * 2 * h * config.intermediate_size
+    keys_values = config.num_layers * n * 2 * h * h * 2
+    rows = (config.num_layers - 1) * n * per_row(n) + per_row(n)
+    return candidates * (keys_values + rows) / 1e9
+
+
+def itm_latencies(model_dir: Path, queries: list[str], repeats: int = 3) -> dict:
+    """The ITM pass alone: each query against 32 stored feature maps (random int8 values, as stored),
+    bf16; p50/p95 over queries of the median of `repeats`, and GFLOP/s against the same-run bf16 peak."""
+    import torch
+
+    from blipsearch.retrieval.models import load_model
+
+    model = load_model(str(model_dir), "cpu", "bf16", with_vision=False)
+    stored = torch.randint(-127, 128, (CANDIDATES, 577, 768), dtype=torch.int8,
+                           generator=torch.Generator().manual_seed(0))
+    features = (stored.float() * 0.05).to(model.dtype)  # what the reader hands the model
+    peak = matmul_peak_gflops("bf16")
+    times, flops = [], []
+    with torch.inference_mode():
+        for query in queries:
+            tokens = model.tokenize([query])
+            model.itm_scores(tokens, features)  # first touch of this length's kernels
+            runs = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model.itm_scores(tokens, features)
+                runs.append(time.perf_counter() - start)
+            times.append(statistics.median(runs))
+            flops.append(itm_gflops(model.text.config, int(tokens.attention_mask.sum()), 577, CANDIDATES))
+    rates = [f / s for f, s in zip(flops, times, strict=True)]
+    return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * float(np.percentile(times, 95)),
+            "gflop_per_pass_median": statistics.median(flops), "gflops_per_s_median": statistics.median(rates),
+            "bf16_peak_gflops": peak, "fraction_of_peak": statistics.median(rates) / peak}
 
 
 class _Timed:
@@ -149,11 +205,26 @@ def _median_ms(run, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def cold_latencies(model_dir: Path, index: Path, runs: int) -> dict:
-    command = [sys.executable, "-m", "blipsearch.retrieval.cli", "query", QUERIES[0], "--index", str(index),
+def cold_latencies(model_dir: Path, index: Path, runs: int, query: str = QUERIES[0]) -> dict:
+    command = [sys.executable, "-m", "blipsearch.retrieval.cli", "query", query, "--index", str(index),
                "--candidates", str(CANDIDATES), "--model", str(model_dir)]
     seconds = [run_measured(command)["seconds"] for _ in range(runs)]
     return {"median_s": statistics.median(seconds), "runs_s": seconds}
+
+
+def demo_index(workdir: Path) -> Path:
+    """The README's demo: 60 scene pictures indexed with the committed demo model (made once)."""
+    photos, index = workdir / "demo-photos", workdir / "demo-index"
+    if not (index / "complete").exists():
+        scenes = str(Path(__file__).parent / "scenes.py")
+        subprocess.run([sys.executable, scenes, "demo-folder", str(photos)], check=True)
+        subprocess.run([sys.executable, "-m", "blipsearch.retrieval.cli", "index", str(photos), "--model",
+                        str(DEMO_MODEL), "--index", str(index), "--rebuild", "-q"], check=True)
+        (index / "complete").touch()
+    return index
+
+
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "training" / "demo_model"
 
 
 def main() -> None:
@@ -169,15 +240,21 @@ def main() -> None:
     index = build_synthetic_index(args.workdir / f"query-index-{args.images}", model, args.images)
     warm = warm_latencies(model, index, QUERIES)
     baseline = baseline_latencies(model, QUERIES[:args.baseline_queries])
+    itm = itm_latencies(model, QUERIES)
     cold = cold_latencies(model, index, args.cold_runs)
-    report = {"images": args.images, "candidates": CANDIDATES, "warm": warm, "baseline_transformers": baseline,
-              "speedup_p50": baseline["p50_ms"] / warm["p50_ms"], "cold": cold}
+    cold["demo_median_s"] = cold_latencies(DEMO_MODEL, demo_index(args.workdir), args.cold_runs,
+                                           "a red circle left of a blue square")["median_s"]
+    cold["bf16_peak_gflops"] = matmul_peak_gflops("bf16")
+    report = {"images": args.images, "candidates": CANDIDATES, "warm": warm, "itm": itm,
+              "baseline_transformers": baseline, "speedup_p50": baseline["p50_ms"] / warm["p50_ms"], "cold": cold}
     if args.levers:
         report["itm_levers_ms"] = itm_levers(model)
     print_json(report)
     print(f"\nquery with ITM re-rank of {CANDIDATES} over {args.images} images: warm p50 {warm['p50_ms']:.0f} ms, "
           f"p95 {warm['p95_ms']:.0f} ms; transformers {baseline['p50_ms']:.0f} ms -> "
-          f"{report['speedup_p50']:.0f}x; cold process {cold['median_s']:.2f} s")
+          f"{report['speedup_p50']:.0f}x; ITM pass p50 {itm['p50_ms']:.0f} ms, p95 {itm['p95_ms']:.0f} ms, "
+          f"{itm['fraction_of_peak']:.0%} of the bf16 peak ({itm['bf16_peak_gflops']:.0f} GFLOP/s in this run); "
+          f"cold process {cold['median_s']:.2f} s (demo model {cold['demo_median_s']:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -61,3 +61,26 @@ def test_one_image_against_many_texts_equals_repeating_it(pair, tiny_model):
         shared = tower.itm_logits(tokens.input_ids, tokens.attention_mask, image)
         repeated = tower.itm_logits(tokens.input_ids, tokens.attention_mask, image.expand(3, -1, -1))
     torch.testing.assert_close(shared, repeated, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("words", ["a dog", "two children building a sandcastle near the sea"])
+def test_the_query_benchmarks_itm_flop_count_equals_the_flops_torch_counts(tiny_model_dir, monkeypatch, words):
+    """benchmarks/bench_query.py turns ITM time into a fraction of the bf16 peak with `itm_gflops`; the
+    count must be what the text tower executes (torch's FlopCounterMode, gelu unfused and attention through
+    the math backend so that it sees every matmul; neither it nor the formula counts softmax or layer norms)."""
+    from benchmark_scripts import script
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from blipsearch.retrieval.models import layers, load_model
+
+    monkeypatch.setattr(layers, "_fused_linear_available", lambda: False)
+    model = load_model(str(tiny_model_dir), "cpu", "fp32", with_vision=False)
+    tokens = model.tokenize([words])
+    features = torch.randn(5, 17, model.text.config.image_hidden_size)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model.itm_scores(tokens, features)
+    expected = script("bench_query").itm_gflops(model.text.config, int(tokens.attention_mask.sum()), 17, 5) * 1e9
+    head = 5 * 2 * model.text.config.hidden_size * 2  # the ITM head, left out of the formula
+    assert counter.get_total_flops() == pytest.approx(expected + head, rel=1e-9)
