@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..errors import InvalidInputError, printable
-from . import main
+from . import finished_read_only, main
 from .options import device_option, index_location, index_option, model_option, precision_option
 
 if TYPE_CHECKING:
@@ -111,6 +111,7 @@ def query_command(text, image_path, add, subtract, add_image, subtract_image, to
         click.echo(json.dumps(answer, ensure_ascii=False))  # valid UTF-8 for any name
     else:
         _print_table(results)
+    finished_read_only()
 
 
 @contextmanager
