@@ -277,3 +277,16 @@ def test_weights_are_read_as_stored_cast_by_prefix_and_not_left_mapped(tiny_mode
     for key, tensor in ours.items():
         want = expected[key].to(torch.bfloat16) if key.startswith("vision_model.") else expected[key]
         assert tensor.dtype == want.dtype and torch.equal(tensor, want), key
+
+
+def test_weights_cast_as_they_are_read_equal_the_stored_tensors_cast_afterwards(tiny_model_dir):
+    """Tensors that get cast are read through one reused staging buffer; each must still be its own."""
+    from blipsearch.retrieval.models.loading import read_tensors
+
+    prefixes = ("text_encoder", "vision_model")
+    stored = read_tensors(tiny_model_dir, "tiny", prefixes)
+    cast = read_tensors(tiny_model_dir, "tiny", prefixes, {"text_encoder": torch.bfloat16})
+    assert stored.keys() == cast.keys() and len({t.numel() for t in stored.values()}) > 3  # sizes vary
+    for key, tensor in stored.items():
+        expected = tensor.bfloat16() if key.startswith("text_encoder") else tensor
+        assert cast[key].dtype == expected.dtype and torch.equal(cast[key], expected), key

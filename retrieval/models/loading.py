@@ -285,6 +285,7 @@ def _read_safetensors_data(path: Path, name: str, keys: list[str], dtypes: Mappi
     import torch
 
     tensors = {}
+    staging = torch.empty(0, dtype=torch.uint8)  # reused for tensors that get cast: fresh pages cost page faults
     try:
         with path.open("rb") as f:
             header_size = int.from_bytes(f.read(8), "little")
@@ -292,20 +293,27 @@ def _read_safetensors_data(path: Path, name: str, keys: list[str], dtypes: Mappi
             for key in keys:
                 entry = header[key]
                 begin, end = entry["data_offsets"]  # relative to the end of the header
-                raw = torch.empty(end - begin, dtype=torch.uint8)
+                stored = getattr(torch, _SAFETENSORS_DTYPES[entry["dtype"]])
+                cast = _target_dtype(key, dtypes) not in (None, stored)
+                if cast and staging.numel() < end - begin:
+                    staging = torch.empty(end - begin, dtype=torch.uint8)
+                raw = staging[:end - begin] if cast else torch.empty(end - begin, dtype=torch.uint8)
                 f.seek(8 + header_size + begin)
                 if f.readinto(raw.numpy()) != end - begin:
                     raise OSError(f"tensor {key} is cut short")
-                tensor = raw.view(getattr(torch, _SAFETENSORS_DTYPES[entry["dtype"]])).reshape(entry["shape"])
-                tensors[key] = _cast(key, tensor, dtypes)
+                tensors[key] = _cast(key, raw.view(stored).reshape(entry["shape"]), dtypes)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:  # RuntimeError: sizes that do not fit the dtype
         raise ModelLoadError(f"cannot read the weights file {path} of model {name} ({first_line(exc)}); "
                              f"{DAMAGED_HINT}") from exc
     return tensors
 
 
+def _target_dtype(key: str, dtypes: Mapping[str, Any]) -> Any:
+    return next((d for prefix, d in dtypes.items() if key.startswith(prefix)), None)
+
+
 def _cast(key: str, tensor: Any, dtypes: Mapping[str, Any]) -> Any:
-    dtype = next((d for prefix, d in dtypes.items() if key.startswith(prefix)), None)
+    dtype = _target_dtype(key, dtypes)
     return tensor if dtype is None else tensor.to(dtype)
 
 
