@@ -32,17 +32,27 @@ eating looking lying flying jumping wearing carrying building sandcastle photo p
 close group couple family friends team game snowy sunny rainy night day morning evening""".split()
 
 
+BERT_BASE_HEADS = 12  # text heads of Salesforce/blip-itm-base-coco and blip-image-captioning-base
+
+
 def save_random_blip_base(directory: Path, model_class: str = "BlipForImageTextRetrieval") -> Path:
     """BLIP ViT-B/16 384 px + BERT-base retrieval model (or `BlipForConditionalGeneration`: the captioner),
     random weights, with tokenizer and processor."""
-    if (directory / "model.safetensors").exists():
+    config_file = directory / "config.json"
+    if (directory / "model.safetensors").exists() and \
+            json.loads(config_file.read_text())["text_config"].get("num_attention_heads") == BERT_BASE_HEADS:
         return directory
+    import shutil
+
     import torch
     import transformers
     from transformers import BlipConfig, BlipImageProcessorPil, BlipProcessor
 
+    shutil.rmtree(directory, ignore_errors=True)  # a model made before the heads were set: make it again
     directory.mkdir(parents=True, exist_ok=True)
-    config = BlipConfig()  # ViT-B/16 at 384 px, BERT-base text with 30524 tokens ([DEC] 30522, [ENC] 30523)
+    # ViT-B/16 at 384 px, BERT-base text with 30524 tokens ([DEC] 30522, [ENC] 30523); BlipTextConfig's default
+    # of 8 heads is not the released checkpoints' 12, and the ITM's cost depends on it
+    config = BlipConfig(text_config={"num_attention_heads": BERT_BASE_HEADS})
     tokenizer = word_tokenizer(config.text_config.vocab_size, ["[DEC]", "[ENC]"])
     torch.manual_seed(0)
     getattr(transformers, model_class)(config).save_pretrained(directory)
