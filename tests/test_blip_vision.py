@@ -40,3 +40,25 @@ def test_fused_linear_gelu_equals_the_plain_fp32_computation(monkeypatch):
         out = layers.linear_gelu(x.bfloat16(), bf16)
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.double(), expected, atol=0.05, rtol=0.02)  # bf16 inputs: ~3 digits
+
+
+def test_fused_bf16_attention_equals_the_plain_fp32_computation():
+    """`layers.attention` in bf16 on CPU (oneDNN Graph's fused kernel from the third call of a shape on, after
+    TorchScript has profiled it) against softmax(q k^T / sqrt(d)) v in float64, at an uneven token count."""
+    from blipsearch.retrieval.models import layers
+
+    if torch.backends.mkldnn.is_available() and hasattr(torch.jit, "enable_onednn_fusion"):
+        assert layers._onednn_graph_attention(32) is not None  # the fast path exists on this torch
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 37, 32, generator=generator) for _ in range(3))
+    q = q * 3  # peaked attention: each output leans on a few positions
+    q, k, v = (t.bfloat16().float() for t in (q, k, v))  # the inputs' own rounding is not the kernel's error
+    scores = q.double() @ k.double().transpose(-1, -2) / 32 ** 0.5
+    expected = scores.softmax(-1) @ v.double()
+    with torch.inference_mode():
+        outputs = [layers.attention(q.bfloat16(), k.bfloat16(), v.bfloat16()) for _ in range(4)]
+    for out in outputs:  # the profiled calls and the fused ones
+        assert out.dtype == torch.bfloat16 and out.shape == expected.shape
+        torch.testing.assert_close(out.double(), expected, atol=0.01, rtol=0.01)  # fp32 inside, bf16 out
+    assert (expected.abs() > 0.3).float().mean() > 0.3  # outputs of size, not a near-zero average of v
+    torch.testing.assert_close(layers.attention(q, k, v).double(), expected, atol=1e-5, rtol=1e-5)  # fp32: SDPA

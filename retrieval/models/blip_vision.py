@@ -3,8 +3,9 @@
 
 Parameter names mirror transformers' `BlipForImageTextRetrieval` (`vision_model.*`, `vision_proj.*`), so
 a checkpoint's tensors load as they are. The computation is transformers' `BlipVisionModel` with its
-eager attention (a materialised T x T score matrix per head) replaced by
-`F.scaled_dot_product_attention`, which runs a fused kernel; tests/test_blip_vision.py compares the two.
+eager attention (a materialised T x T score matrix per head) replaced by a fused kernel (`layers.attention`:
+oneDNN Graph's in bf16 on CPU, else `F.scaled_dot_product_attention`) and the MLP's gelu applied inside its
+first linear layer; tests/test_blip_vision.py compares them with transformers and with fp32.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LayerNorm, Linear, PatchEmbedding, linear_gelu, load_weights
+from .layers import LayerNorm, Linear, PatchEmbedding, attention, linear_gelu, load_weights
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class _Layer(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         b, t, d = h.shape
         qkv = self.self_attn.qkv(self.layer_norm1(h)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        context = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, nh, T, hs)
+        context = attention(qkv[0], qkv[1], qkv[2])  # (B, nh, T, hs)
         h = h + self.self_attn.projection(context.transpose(1, 2).reshape(b, t, d))
         return h + self.mlp.fc2(linear_gelu(self.layer_norm2(h), self.mlp.fc1))
 

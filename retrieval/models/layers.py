@@ -7,6 +7,11 @@ names and shapes match torch's layers, so checkpoints load as they are.
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +43,49 @@ def linear_gelu(x: torch.Tensor, linear: Linear) -> torch.Tensor:
 
 def _fused_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, heads, T, d), every position valid (a ViT's self-attention).
+
+    bf16 on CPU runs through oneDNN Graph's fused attention: TorchScript hands the matmul-scale-softmax-matmul
+    pattern to oneDNN, which keeps each block of scores in cache. It computes in fp32 inside (inputs widened,
+    output rounded to bf16 once), so it is at least as exact as torch's bf16 flash kernel and still faster:
+    577 tokens of 64-wide heads, batch 16, 101 ms against 126-150 ms for `F.scaled_dot_product_attention` on a
+    2-core AVX512-BF16 CPU (bf16 scores inside would take ~60 ms, with 3-5x the flash kernel's error).
+    Elsewhere, or where torch cannot build it, the flash kernel."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+        fused = _onednn_graph_attention(q.shape[-1])
+        if fused is not None:
+            return fused(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class _ScaledAttention(nn.Module):
+    def __init__(self, head_size: int):
+        super().__init__()
+        self.scale = 1.0 / math.sqrt(head_size)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale
+        return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+
+
+@functools.cache
+def _onednn_graph_attention(head_size: int):
+    """The traced, frozen `_ScaledAttention` with oneDNN Graph fusion on; None where torch lacks it. The
+    first two calls of each input shape run unfused while TorchScript profiles them."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.jit, "enable_onednn_fusion")):
+        return None
+    try:
+        torch.jit.enable_onednn_fusion(True)  # process-wide; only this module's TorchScript runs here
+        example = torch.zeros(1, 1, 8, head_size, dtype=torch.bfloat16)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated; SDPA stays the fallback
+            return torch.jit.freeze(torch.jit.trace(_ScaledAttention(head_size).eval(), (example,) * 3))
+    except Exception as exc:  # any failure to build it only costs speed
+        logging.getLogger(__name__).debug("oneDNN Graph attention unavailable (%s); using SDPA", exc)
+        return None
 
 
 class LayerNorm(nn.Module):
