@@ -214,13 +214,17 @@ def cold_latencies(model_dir: Path, index: Path, runs: int, query: str = QUERIES
 
 def demo_index(workdir: Path) -> Path:
     """The README's demo: 60 scene pictures indexed with the committed demo model (made once)."""
+    from blipsearch.retrieval.models import load_model
+
     photos, index = workdir / "demo-photos", workdir / "demo-index"
-    if not (index / "complete").exists():
+    revision = load_model(str(DEMO_MODEL), "cpu", "fp32", with_vision=False).info.revision
+    complete = index / "complete"  # holds the revision of the demo model it was made with
+    if not complete.exists() or complete.read_text() != revision:
         scenes = str(Path(__file__).parent / "scenes.py")
         subprocess.run([sys.executable, scenes, "demo-folder", str(photos)], check=True)
         subprocess.run([sys.executable, "-m", "blipsearch.retrieval.cli", "index", str(photos), "--model",
                         str(DEMO_MODEL), "--index", str(index), "--rebuild", "-q"], check=True)
-        (index / "complete").touch()
+        complete.write_text(revision)
     return index
 
 

@@ -200,15 +200,17 @@ def save_random_blip2(directory: Path) -> Path:
 def build_synthetic_index(directory: Path, model_dir: Path, images: int, batch: int = 250) -> Path:
     """An index of `images` synthetic images for `model_dir`'s shapes: random normalised ITC vectors
     (V, D) per image (V = 1 for BLIP, 32 for BLIP-2) and random int8 feature maps (T, H) (577 x 768 for
-    BLIP ViT-B/16 at 384 px, 257 x 1408 for BLIP-2 ViT-g at 224 px). Made once; `complete` marks it done.
+    BLIP ViT-B/16 at 384 px, 257 x 1408 for BLIP-2 ViT-g at 224 px). Made once per model revision, which
+    `complete` records.
 """
     from blipsearch.indexer import codec
     from blipsearch.indexer.store import FileRecord, ImageRecord, IndexWriter
     from blipsearch.retrieval.models import load_model
 
-    if (directory / "complete").exists():
-        return directory
     info = load_model(str(model_dir), "cpu", "fp32", with_vision=False).info
+    complete = directory / "complete"  # holds the revision of the model it was made for
+    if complete.exists() and complete.read_text() == info.revision:
+        return directory
     store = IndexWriter.open(directory, info, rebuild=True)
     rng = np.random.default_rng(0)
     t, h = info.feature_tokens, info.feature_dim
@@ -225,7 +227,7 @@ def build_synthetic_index(directory: Path, model_dir: Path, images: int, batch: 
         print(f"\rbuilding the synthetic index: {start + count}/{images}", end="", file=sys.stderr)
     store.finish()
     store.close()
-    (directory / "complete").touch()
+    complete.write_text(info.revision)
     print(file=sys.stderr)
     return directory
 
