@@ -220,6 +220,7 @@ def demo_index(workdir: Path) -> Path:
     revision = load_model(str(DEMO_MODEL), "cpu", "fp32", with_vision=False).info.revision
     complete = index / "complete"  # holds the revision of the demo model it was made with
     if not complete.exists() or complete.read_text() != revision:
+        complete.unlink(missing_ok=True)  # a rebuild refuses a folder with files it does not know
         scenes = str(Path(__file__).parent / "scenes.py")
         subprocess.run([sys.executable, scenes, "demo-folder", str(photos)], check=True)
         subprocess.run([sys.executable, "-m", "blipsearch.retrieval.cli", "index", str(photos), "--model",

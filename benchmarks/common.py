@@ -211,6 +211,7 @@ def build_synthetic_index(directory: Path, model_dir: Path, images: int, batch: 
     complete = directory / "complete"  # holds the revision of the model it was made for
     if complete.exists() and complete.read_text() == info.revision:
         return directory
+    complete.unlink(missing_ok=True)  # a rebuild refuses a folder with files it does not know
     store = IndexWriter.open(directory, info, rebuild=True)
     rng = np.random.default_rng(0)
     t, h = info.feature_tokens, info.feature_dim
