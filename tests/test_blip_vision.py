@@ -43,8 +43,8 @@ def test_fused_linear_gelu_equals_the_plain_fp32_computation(monkeypatch):
 
 
 def test_fused_bf16_attention_equals_the_plain_fp32_computation():
-    """`layers.attention` in bf16 on CPU (oneDNN Graph's fused kernel from the third call of a shape on, after
-    TorchScript has profiled it) against softmax(q k^T / sqrt(d)) v in float64, at an uneven token count."""
+    """`layers.attention` in bf16 on CPU (oneDNN Graph's fused kernel) against softmax(q k^T / sqrt(d)) v in
+    float64, at an uneven token count; every call and every batch gives the same bits for the same rows."""
     from blipsearch.retrieval.models import layers
 
     if torch.backends.mkldnn.is_available() and hasattr(torch.jit, "enable_onednn_fusion"):
@@ -57,8 +57,24 @@ def test_fused_bf16_attention_equals_the_plain_fp32_computation():
     expected = scores.softmax(-1) @ v.double()
     with torch.inference_mode():
         outputs = [layers.attention(q.bfloat16(), k.bfloat16(), v.bfloat16()) for _ in range(4)]
-    for out in outputs:  # the profiled calls and the fused ones
+    for out in outputs:
         assert out.dtype == torch.bfloat16 and out.shape == expected.shape
         torch.testing.assert_close(out.double(), expected, atol=0.01, rtol=0.01)  # fp32 inside, bf16 out
+        assert torch.equal(out, outputs[0])  # the first call too: TorchScript's profiling run is not returned
+    with torch.inference_mode():  # a row's result does not depend on the batch it came in, over many batch sizes
+        qb, kb, vb = (torch.randn(24, 4, 37, 32, generator=generator).bfloat16() for _ in range(3))
+        whole = layers.attention(qb, kb, vb)
+        differ = [n for n in range(1, 24) if not torch.equal(layers.attention(qb[:n], kb[:n], vb[:n]), whole[:n])]
+    assert differ == []
     assert (expected.abs() > 0.3).float().mean() > 0.3  # outputs of size, not a near-zero average of v
     torch.testing.assert_close(layers.attention(q, k, v).double(), expected, atol=1e-5, rtol=1e-5)  # fp32: SDPA
+
+
+def test_cpus_with_amx_keep_the_flash_kernel(monkeypatch):
+    from blipsearch.retrieval.models import layers
+
+    monkeypatch.setattr(layers, "_has_amx", lambda: True)
+    q, k, v = (torch.randn(2, 3, 19, 16, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(3))
+    with torch.inference_mode():
+        for _ in range(3):
+            assert torch.equal(layers.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))

@@ -76,7 +76,7 @@ _read_only_done = False  # set by a read-only command that finished: see `run`
 
 
 def finished_read_only() -> None:
-    """Called at the end of a read-only command (query, status): nothing is left to write, so `run` may
+    """Called at the end of a read-only command (`query`): nothing is left to write, so `run` may
     end the process without the interpreter's teardown."""
     global _read_only_done
     _read_only_done = True

@@ -53,12 +53,43 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     output rounded to bf16 once), so it is at least as exact as torch's bf16 flash kernel and still faster:
     577 tokens of 64-wide heads, batch 16, 101 ms against 126-150 ms for `F.scaled_dot_product_attention` on a
     2-core AVX512-BF16 CPU (bf16 scores inside would take ~60 ms, with 3-5x the flash kernel's error).
-    Elsewhere, or where torch cannot build it, the flash kernel."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-        fused = _onednn_graph_attention(q.shape[-1])
+    CPUs with AMX keep the flash kernel: it runs its bf16 matmuls on AMX tiles, which fp32 inside cannot
+    use, and the fused path has not been measured there. Elsewhere, or where torch cannot build it, the
+    flash kernel too."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not torch.is_grad_enabled() and not _has_amx():
+        fused = _fused_attention_for(q, k, v)
         if fused is not None:
             return fused(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
+
+
+_LAYOUTS: dict[tuple, torch.jit.ScriptModule] = {}  # input layout -> the traced module profiled for it
+# TorchScript specialises a traced graph for a bounded number of input layouts (its fusion strategy: 2 static
+# + 10 dynamic); past that it runs the graph unfused, so a module serves at most this many layouts
+_LAYOUTS_PER_MODULE = 8
+
+
+def _fused_attention_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The fused module for these inputs' layout, profiled for it; None where torch cannot build one.
+
+    TorchScript runs the first call of each layout unfused while it profiles it, and that result differs
+    from the fused kernel's in the last bf16 bit: an image's features would then depend on the batch it came
+    in. So that call is made here and dropped, and every layout gets a module that still fuses it."""
+    layout = tuple((tuple(t.shape), t.stride()) for t in (q, k, v))
+    module = _LAYOUTS.get(layout)
+    if module is None:
+        module = _onednn_graph_attention(q.shape[-1], len(_LAYOUTS) // _LAYOUTS_PER_MODULE)
+        if module is None:
+            return None
+        module(q, k, v)
+        _LAYOUTS[layout] = module
+    return module
+
+
+@functools.cache
+def _has_amx() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x; absent means unknown
+    return bool(probe()) if probe is not None else False
 
 
 class _ScaledAttention(nn.Module):
@@ -72,9 +103,9 @@ class _ScaledAttention(nn.Module):
 
 
 @functools.cache
-def _onednn_graph_attention(head_size: int):
-    """The traced, frozen `_ScaledAttention` with oneDNN Graph fusion on; None where torch lacks it. The
-    first two calls of each input shape run unfused while TorchScript profiles them."""
+def _onednn_graph_attention(head_size: int, generation: int = 0):
+    """A traced, frozen `_ScaledAttention` with oneDNN Graph fusion on (one per `generation`: see
+    `_LAYOUTS_PER_MODULE`); None where torch lacks it."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.jit, "enable_onednn_fusion")):
         return None
     try:
