@@ -24,7 +24,8 @@ WORDS = ("red", "green", "blue", "circle", "square", "dog", "cat", "beach", "tre
 
 
 def save_random_blip_base(directory: Path) -> Path:
-    """A random BLIP with blip-itm-base-coco's shapes (transformers' BlipConfig defaults), saved by path."""
+    """A random BLIP with blip-itm-base-coco's shapes (transformers' BlipConfig defaults, but 12 text heads as
+    the released checkpoints have: BlipTextConfig's default is 8), saved by path."""
     import torch
     import transformers
 
@@ -32,7 +33,8 @@ def save_random_blip_base(directory: Path) -> Path:
     from tiny import save_processor, save_tokenizer  # the word-level test tokenizer: its vocabulary size is moot
 
     tokenizer, _ = save_tokenizer(directory)
-    config = transformers.BlipConfig(text_config={"bos_token_id": tokenizer.convert_tokens_to_ids("[DEC]")})
+    config = transformers.BlipConfig(text_config={"bos_token_id": tokenizer.convert_tokens_to_ids("[DEC]"),
+                                                  "num_attention_heads": 12})
     torch.manual_seed(0)
     transformers.BlipForImageTextRetrieval(config).eval().save_pretrained(directory)
     save_processor(directory, tokenizer, config.vision_config.image_size)

@@ -22,7 +22,8 @@ def test_features_and_embeddings_equal_transformers(tiny_model_dir):
 
 
 def test_fused_linear_gelu_equals_the_plain_fp32_computation(monkeypatch):
-    """The one-call oneDNN linear+gelu (CPU) against gelu(linear(x)) in float64; the two-call fallback too."""
+    """The one-call oneDNN linear+gelu (bf16 on CPU) against gelu(linear(x)) in float64; the two-call path that
+    fp32, autocast and CPUs without it take, too (under autocast: the same dtype as the plain calls give)."""
     from blipsearch.retrieval.models import layers
 
     generator = torch.Generator().manual_seed(0)
@@ -32,14 +33,20 @@ def test_fused_linear_gelu_equals_the_plain_fp32_computation(monkeypatch):
     x = torch.randn(2, 7, 48, generator=generator)
     expected = F.gelu(F.linear(x.double(), linear.weight.double(), linear.bias.double()))
     assert (expected < 0).any() and (expected > 1).any()  # both of gelu's regimes are exercised
-    for fused in (True, False):
+    bf16 = layers.Linear(48, 96).to(torch.bfloat16)
+    bf16.weight.data, bf16.bias.data = linear.weight.data.bfloat16(), linear.bias.data.bfloat16()
+    paths = [False, True] if layers._fused_linear_available() else [False]  # the fused one where this CPU has it
+    for fused in paths:
         monkeypatch.setattr(layers, "_fused_linear_available", lambda fused=fused: fused)
-        torch.testing.assert_close(layers.linear_gelu(x, linear).double(), expected, atol=1e-5, rtol=1e-5)
-        bf16 = layers.Linear(48, 96).to(torch.bfloat16)
-        bf16.weight.data, bf16.bias.data = linear.weight.data.bfloat16(), linear.bias.data.bfloat16()
-        out = layers.linear_gelu(x.bfloat16(), bf16)
+        with torch.no_grad():
+            torch.testing.assert_close(layers.linear_gelu(x, linear).double(), expected, atol=1e-5, rtol=1e-5)
+            out = layers.linear_gelu(x.bfloat16(), bf16)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                mixed, plain = layers.linear_gelu(x, linear), F.gelu(F.linear(x, linear.weight, linear.bias))
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.double(), expected, atol=0.05, rtol=0.02)  # bf16 inputs: ~3 digits
+        assert mixed.dtype == plain.dtype == torch.bfloat16  # autocast's bf16, not an fp32 oneDNN call
+        torch.testing.assert_close(mixed, plain)
 
 
 def test_fused_bf16_attention_equals_the_plain_fp32_computation():
@@ -47,8 +54,10 @@ def test_fused_bf16_attention_equals_the_plain_fp32_computation():
     float64, at an uneven token count; every call and every batch gives the same bits for the same rows."""
     from blipsearch.retrieval.models import layers
 
-    if torch.backends.mkldnn.is_available() and hasattr(torch.jit, "enable_onednn_fusion"):
-        assert layers._onednn_graph_attention(32) is not None  # the fast path exists on this torch
+    fusing = torch.backends.mkldnn.is_available() and hasattr(torch.jit, "enable_onednn_fusion") \
+        and not layers._has_amx()
+    if fusing:
+        assert layers._onednn_graph_attention(32, 0) is not None  # the fast path exists on this torch
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 4, 37, 32, generator=generator) for _ in range(3))
     q = q * 3  # peaked attention: each output leans on a few positions
@@ -57,6 +66,8 @@ def test_fused_bf16_attention_equals_the_plain_fp32_computation():
     expected = scores.softmax(-1) @ v.double()
     with torch.inference_mode():
         outputs = [layers.attention(q.bfloat16(), k.bfloat16(), v.bfloat16()) for _ in range(4)]
+    if fusing:  # oneDNN Graph did take the pattern: the speed comes from this
+        assert "oneDNNFusionGroup" in str(torch.jit.last_executed_optimized_graph())
     for out in outputs:
         assert out.dtype == torch.bfloat16 and out.shape == expected.shape
         torch.testing.assert_close(out.double(), expected, atol=0.01, rtol=0.01)  # fp32 inside, bf16 out

@@ -39,6 +39,7 @@ def test_a_finished_query_skips_the_teardown_and_everything_else_exits_normally(
 
     flushed = []
     monkeypatch.setattr(os, "_exit", fake_exit)
+    monkeypatch.setattr(cli.logging, "shutdown", lambda: None)  # pytest's own log handlers stay open
     monkeypatch.setattr(sys.stdout, "flush", lambda: flushed.append(True))
 
     def read_only(**_):

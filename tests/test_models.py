@@ -287,6 +287,7 @@ def test_weights_cast_as_they_are_read_equal_the_stored_tensors_cast_afterwards(
     stored = read_tensors(tiny_model_dir, "tiny", prefixes)
     cast = read_tensors(tiny_model_dir, "tiny", prefixes, {"text_encoder": torch.bfloat16})
     assert stored.keys() == cast.keys() and len({t.numel() for t in stored.values()}) > 3  # sizes vary
+    assert {t.dtype for k, t in stored.items() if k.startswith("text_encoder")} == {torch.float32}  # so they get cast
     for key, tensor in stored.items():
         expected = tensor.bfloat16() if key.startswith("text_encoder") else tensor
         assert cast[key].dtype == expected.dtype and torch.equal(cast[key], expected), key

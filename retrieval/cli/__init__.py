@@ -13,6 +13,7 @@ messages and exit codes:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -86,9 +87,11 @@ def run() -> None:
     """The `blipsearch` executable: `main`, and after a read-only command an exit as soon as stdout and
     stderr are flushed. The interpreter's teardown (the finalizers of torch, FAISS and LanceDB objects and
     thread pools) took 0.4 s after a demo query had printed its answer at 1.27 s; the shell waited for it.
-    Any other command, and every error, exits the ordinary way."""
+    Any other command, and a query that failed before its end, exits the ordinary way."""
     import os
 
+    global _read_only_done
+    _read_only_done = False
     try:
         main(prog_name="blipsearch")
         code = 0
@@ -101,13 +104,13 @@ def run() -> None:
     except BrokenPipeError:  # the reader went away after the last write
         code = EXIT_BROKEN_PIPE
     logging.shutdown()
-    sys.stderr.flush()
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
     os._exit(code or 0)
 
 
 def _silence_stdout() -> None:
     """Point stdout at /dev/null, so that flushing it at exit raises no second BrokenPipeError."""
-    import contextlib
     import os
 
     with contextlib.suppress(OSError, ValueError):  # no real file descriptor (an embedding, a test runner)

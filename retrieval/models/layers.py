@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 import warnings
 
 import torch
@@ -32,17 +33,23 @@ class Linear(nn.Module):
 
 
 def linear_gelu(x: torch.Tensor, linear: Linear) -> torch.Tensor:
-    """gelu(linear(x)) (exact, erf) in one oneDNN call on CPU: the activation is applied to the float
+    """gelu(linear(x)) (exact, erf) in one oneDNN call for bf16 on CPU: the activation is applied to the float
     accumulator before the output is rounded and never makes a separate pass over memory (a ViT-B layer's
-    3072-wide activation at batch 16: 162 -> 133 ms on a 2-core AVX512-BF16 CPU). Elsewhere, or where torch
-    lacks the oneDNN op, the two plain calls."""
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _fused_linear_available():
+    3072-wide activation at batch 16: 162 -> 133 ms on a 2-core AVX512-BF16 CPU). Elsewhere (other dtypes,
+    autocast, autograd, CPUs without bf16 units or torch without the op) the two plain calls."""
+    if (x.device.type == "cpu" and x.dtype == torch.bfloat16 == linear.weight.dtype and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and _fused_linear_available()):
         return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "gelu", [], "none")
     return F.gelu(F.linear(x, linear.weight, linear.bias))
 
 
+@functools.cache
 def _fused_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """The oneDNN op exists and this CPU has bf16 units (where it was measured); autocast and autograd do
+    not know the op, so those callers keep the plain calls."""
+    mkldnn = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_linear_pointwise")
+            and hasattr(mkldnn, "_is_mkldnn_bf16_supported") and bool(mkldnn._is_mkldnn_bf16_supported()))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -63,7 +70,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return F.scaled_dot_product_attention(q, k, v)
 
 
-_LAYOUTS: dict[tuple, torch.jit.ScriptModule] = {}  # input layout -> the traced module profiled for it
+_LAYOUTS: dict[tuple, torch.jit.ScriptModule | None] = {}  # input layout -> the module profiled for it (None: SDPA)
+_LAYOUTS_LOCK = threading.Lock()
 # TorchScript specialises a traced graph for a bounded number of input layouts (its fusion strategy: 2 static
 # + 10 dynamic); past that it runs the graph unfused, so a module serves at most this many layouts
 _LAYOUTS_PER_MODULE = 8
@@ -76,14 +84,25 @@ def _fused_attention_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     from the fused kernel's in the last bf16 bit: an image's features would then depend on the batch it came
     in. So that call is made here and dropped, and every layout gets a module that still fuses it."""
     layout = tuple((tuple(t.shape), t.stride()) for t in (q, k, v))
-    module = _LAYOUTS.get(layout)
-    if module is None:
-        module = _onednn_graph_attention(q.shape[-1], len(_LAYOUTS) // _LAYOUTS_PER_MODULE)
-        if module is None:
-            return None
-        module(q, k, v)
-        _LAYOUTS[layout] = module
-    return module
+    if layout in _LAYOUTS:
+        return _LAYOUTS[layout]
+    with _LAYOUTS_LOCK:  # one profiling run per layout, and no two layouts profiled on one module at once
+        if layout not in _LAYOUTS:
+            module = _onednn_graph_attention(q.shape[-1], _generation(q.shape[-1]))
+            try:
+                if module is not None:
+                    module(q, k, v)  # the unfused profiling run (it holds fp32 scores: B x heads x T x T)
+            except Exception as exc:  # oneDNN refused this layout: the flash kernel serves it
+                logging.getLogger(__name__).debug("fused attention failed for %s (%s); using SDPA", layout, exc)
+                module = None
+            _LAYOUTS[layout] = module
+    return _LAYOUTS[layout]
+
+
+def _generation(head_size: int) -> int:
+    """Which module of this head size takes a new layout: each serves `_LAYOUTS_PER_MODULE` at most."""
+    served = sum(1 for layout, module in _LAYOUTS.items() if module is not None and layout[0][0][-1] == head_size)
+    return served // _LAYOUTS_PER_MODULE
 
 
 @functools.cache
