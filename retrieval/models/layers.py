@@ -57,7 +57,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
     bf16 on CPU runs through oneDNN Graph's fused attention: TorchScript hands the matmul-scale-softmax-matmul
     pattern to oneDNN, which keeps each block of scores in cache. It computes in fp32 inside (inputs widened,
-    output rounded to bf16 once), so it is at least as exact as torch's bf16 flash kernel and still faster:
+    output rounded to bf16 once), so it is as exact as torch's bf16 flash kernel or more (max error against
+    float64 on random inputs: 0.0019 against the flash kernel's 0.0050; on peaked attention 0.0078 against
+    0.0095) and still faster:
     577 tokens of 64-wide heads, batch 16, 101 ms against 126-150 ms for `F.scaled_dot_product_attention` on a
     2-core AVX512-BF16 CPU (bf16 scores inside would take ~60 ms, with 3-5x the flash kernel's error).
     CPUs with AMX keep the flash kernel: it runs its bf16 matmuls on AMX tiles, which fp32 inside cannot
