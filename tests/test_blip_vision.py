@@ -70,7 +70,8 @@ def test_fused_bf16_attention_equals_the_plain_fp32_computation():
         assert "oneDNNFusionGroup" in str(torch.jit.last_executed_optimized_graph())
     for out in outputs:
         assert out.dtype == torch.bfloat16 and out.shape == expected.shape
-        torch.testing.assert_close(out.double(), expected, atol=0.01, rtol=0.01)  # fp32 inside, bf16 out
+        tolerance = 0.01 if fusing else 0.02  # fp32 inside, bf16 out; else the flash kernel's bf16 scores
+        torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=0.01)
         assert torch.equal(out, outputs[0])  # the first call too: TorchScript's profiling run is not returned
     with torch.inference_mode():  # a row's result does not depend on the batch it came in, over many batch sizes
         qb, kb, vb = (torch.randn(24, 4, 37, 32, generator=generator).bfloat16() for _ in range(3))
