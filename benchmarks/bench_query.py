@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import (
     DEFAULT_WORKDIR,
     build_synthetic_index,
+    made_for,
+    mark_made,
     matmul_peak_gflops,
     print_json,
     run_measured,
@@ -219,15 +221,13 @@ def demo_index(workdir: Path) -> Path:
 
     photos, index = workdir / "demo-photos", workdir / "demo-index"
     revision = load_model(str(DEMO_MODEL), "cpu", "fp32", with_vision=False).info.revision + " captioned"
-    complete = index / "complete"  # holds the revision of the demo model it was made with
-    if not complete.exists() or complete.read_text() != revision:
-        complete.unlink(missing_ok=True)  # a rebuild refuses a folder with files it does not know
+    if not made_for(index, revision):
         scenes = str(Path(__file__).parent / "scenes.py")
         subprocess.run([sys.executable, scenes, "demo-folder", str(photos)], check=True)
         subprocess.run([sys.executable, "-m", "blipsearch.retrieval.cli", "index", str(photos), "--model",
                         str(DEMO_MODEL), "--captioner", str(DEMO_CAPTIONER), "--index", str(index), "--rebuild", "-q"],
                        check=True)
-        complete.write_text(revision)
+        mark_made(index, revision)
     return index
 
 

@@ -197,6 +197,21 @@ def save_random_blip2(directory: Path) -> Path:
     return directory
 
 
+def made_for(index: Path, revision: str) -> bool:
+    """Whether the benchmark index at `index` was completed for a model of this revision. If not, its
+    completion marker goes: a rebuild refuses a folder holding files it does not know."""
+    marker = index / "complete"
+    if marker.exists() and marker.read_text() == revision:
+        return True
+    marker.unlink(missing_ok=True)
+    return False
+
+
+def mark_made(index: Path, revision: str) -> None:
+    """Record that the index at `index` is complete, for a model of this revision (see `made_for`)."""
+    (index / "complete").write_text(revision)
+
+
 def build_synthetic_index(directory: Path, model_dir: Path, images: int, batch: int = 250) -> Path:
     """An index of `images` synthetic images for `model_dir`'s shapes: random normalised ITC vectors
     (V, D) per image (V = 1 for BLIP, 32 for BLIP-2) and random int8 feature maps (T, H) (577 x 768 for
@@ -208,10 +223,8 @@ def build_synthetic_index(directory: Path, model_dir: Path, images: int, batch: 
     from blipsearch.retrieval.models import load_model
 
     info = load_model(str(model_dir), "cpu", "fp32", with_vision=False).info
-    complete = directory / "complete"  # holds the revision of the model it was made for
-    if complete.exists() and complete.read_text() == info.revision:
+    if made_for(directory, info.revision):
         return directory
-    complete.unlink(missing_ok=True)  # a rebuild refuses a folder with files it does not know
     store = IndexWriter.open(directory, info, rebuild=True)
     rng = np.random.default_rng(0)
     t, h = info.feature_tokens, info.feature_dim
@@ -228,7 +241,7 @@ def build_synthetic_index(directory: Path, model_dir: Path, images: int, batch: 
         print(f"\rbuilding the synthetic index: {start + count}/{images}", end="", file=sys.stderr)
     store.finish()
     store.close()
-    complete.write_text(info.revision)
+    mark_made(directory, info.revision)
     print(file=sys.stderr)
     return directory
 
