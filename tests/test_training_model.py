@@ -137,3 +137,43 @@ def test_text_dropout_follows_blip_and_the_pretraining_preset_follows_its_recipe
     cfg = load_config(preset, [])
     assert cfg.objective.alpha_ramp_epochs == 2.0  # pretrain.py: alpha ramps over the first 2 epochs
     assert tuple(cfg.data.crop_scale) == (0.2, 1.0) and cfg.data.randaugment and cfg.data.hflip
+
+
+def mae_sincos(grid: int, width: int):
+    """MAE's `get_2d_sincos_pos_embed(width, grid, cls_token=True)`, written after its numpy code."""
+    import numpy as np
+
+    def one_d(dim, pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    mesh = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))  # (w, h)
+    codes = np.concatenate([one_d(width // 2, mesh[0]), one_d(width // 2, mesh[1])], axis=1)
+    return np.concatenate([np.zeros([1, width]), codes], axis=0)
+
+
+def test_sincos_position_init_gives_mae_codes_to_the_vit_and_its_momentum_copy():
+    from blipsearch.training.model import sincos_positions
+
+    torch.testing.assert_close(sincos_positions(4, 32), torch.from_numpy(mae_sincos(4, 32)).float())
+    model, _, _ = tiny(["model.vision_position_init=sincos"])  # 32 px / patch 8: a 4 x 4 grid, width 32
+    codes = sincos_positions(4, 32)[None]
+    torch.testing.assert_close(model.vision_model.embeddings.position_embedding.detach(), codes)
+    torch.testing.assert_close(model.vision_model_m.embeddings.position_embedding, codes)
+    assert model.vision_model.embeddings.position_embedding.requires_grad  # a start, learned afterwards
+    # patches one column apart differ in the column codes only; [CLS] gets none
+    assert torch.equal(codes[0, 0], torch.zeros(32))
+    assert torch.equal(codes[0, 1, 16:], codes[0, 2, 16:]) and not torch.equal(codes[0, 1, :16], codes[0, 2, :16])
+    random_start, _, _ = tiny()
+    assert float(random_start.vision_model.embeddings.position_embedding.detach().std()) < 0.05
+
+
+@pytest.mark.parametrize("overrides", [["model.vision_position_init=learned"],
+                                       ["model.vision_position_init=sincos", "model.family=blip-2"],
+                                       ["model.vision_position_init=sincos", "model.init_from=some/checkpoint"]])
+def test_sincos_position_init_is_refused_where_no_vit_is_trained_from_scratch(overrides):
+    from blipsearch.retrieval.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="vision_position_init"):
+        load_config(None, overrides)

@@ -58,6 +58,9 @@ class ModelConfig:
     embed_dim: int = 256  # ITC embedding size (vision_proj / text_proj output)
     max_text_tokens: int = 35  # captions are cut to this many tokens, as in BLIP's retrieval evaluation
     text_dropout: float = 0.1  # hidden and attention dropout of the text side (BLIP's med_config; the Q-Former's)
+    # a ViT trained from scratch starts its (learned) position embedding at: "random" (transformers' default,
+    # std 0.02 here) or "sincos" (2-D sine-cosine codes of each patch's column and row, as MAE's): see model.py
+    vision_position_init: str = "random"
     # BLIP-2 only. The text_* sizes above describe the Q-Former (a BERT); vision_* a random ViT when no
     # checkpoint gives one (tests). The ViT is frozen: the Q-Former learns to read it.
     vision_from: str | None = None  # BLIP or BLIP-2 checkpoint whose ViT is the frozen image encoder
@@ -219,6 +222,11 @@ def validate(config: TrainConfig) -> None:
     if any(w is not None and (not isinstance(w, int | float) or w <= 0) for w in data.mixture.values()):
         raise InvalidInputError("data.mixture weights must be positive numbers, or null for the square root of "
                                 "the dataset's size")
+    if config.model.vision_position_init not in ("random", "sincos"):
+        raise InvalidInputError("model.vision_position_init must be 'random' or 'sincos'")
+    if config.model.vision_position_init != "random" and (family != "blip" or config.model.init_from):
+        raise InvalidInputError("model.vision_position_init is for a BLIP ViT trained from scratch (family blip, "
+                                "no model.init_from); a loaded or frozen ViT keeps its own position embedding")
     if not 0.0 <= config.model.text_dropout < 1.0:
         raise InvalidInputError("model.text_dropout must be in [0, 1)")
     if config.objective.caption_negatives < 0 or (config.objective.caption_negatives > 0
