@@ -112,16 +112,26 @@ def mirror_scene(scene: Scene) -> Scene:
     return replace(scene, things=(replace(b, x=a.x, y=a.y), replace(a, x=b.x, y=b.y), *scene.things[2:]))
 
 
-def false_captions(scene: Scene, rng: random.Random) -> list[str]:
-    """ITM caption negatives for a training scene: the mirror caption (two things) and the first caption
-    of a binding twin (two or three things), without repeats; none for one thing."""
+def false_captions(scene: Scene, rng: random.Random, caption: str | None = None) -> list[str]:
+    """ITM caption negatives for a training scene, without repeats; none for one thing.
+
+    With `caption` (one of `captions(scene)`): that caption with its first two things exchanged (the same
+    phrasing of the mirror scene) and with one attribute swapped between them (of the binding twin), each
+    kept only where it is false for the picture. The negative then differs from its caption in nothing but
+    the order or the binding, so ITM can only lower the negative's score by reading those (with another
+    phrasing as the negative, the format alone gives a cue). Without: the mirror caption (two things) and
+    the twin's first caption."""
     if len(scene.things) < 2:
         return []
-    out = [mirror_caption(scene)] if len(scene.things) == 2 else []
     twin = binding_twin(scene, rng)
-    if twin is not None:
-        out.append(captions(twin[0])[0])
-    return list(dict.fromkeys(out))
+    if caption is None:
+        out = [mirror_caption(scene)] if len(scene.things) == 2 else []
+        return list(dict.fromkeys(out + ([captions(twin[0])[0]] if twin is not None else [])))
+    phrasings = captions(scene)
+    slot, true = phrasings.index(caption), set(phrasings)
+    ordered = slot != len(phrasings) - 1  # the last phrasing names the things without their order
+    versions = ([mirror_scene(scene)] if ordered else []) + ([twin[0]] if twin is not None else [])
+    return list(dict.fromkeys(text for text in (captions(v)[slot] for v in versions) if text not in true))
 
 
 # --- captions ---------------------------------------------------------------------------------------
@@ -263,9 +273,9 @@ def write_split(root: Path, split: str, count: int, seed: int, size: int, groups
             other for other, group in grouped if group == grouped[i][1] and other != scene])
         if split == "train":
             picked = rng.sample(texts, min(CAPTIONS_PER_TRAIN_IMAGE, len(texts)))
-            negatives = false_captions(scene, random.Random(f"negatives-{seed}-{split}-{i}"))
-            extra = {"negative_captions": negatives} if negatives else {}
             for slot, text in enumerate(picked):
+                negatives = false_captions(scene, random.Random(f"negatives-{seed}-{split}-{i}"), text)
+                extra = {"negative_captions": negatives} if negatives else {}
                 group = {"group": f"{grouped[i][1]}-{slot}"} if grouped else {}
                 entries.append({"image": rel, "caption": text, "image_id": f"{split}_{i}", **extra, **group})
             if with_questions:

@@ -172,6 +172,25 @@ def test_scenes_mirror_caption_is_a_negative_of_two_thing_scenes():
     assert len(negatives) == 2 and not set(negatives) & set(sc.captions(scene))
 
 
+def test_scenes_caption_negatives_keep_the_phrasing_of_their_caption():
+    """Per caption: the same words with the things exchanged, or with an attribute swapped between them, so
+    that nothing but order or binding tells a negative from its caption; never a caption true for the picture."""
+    sc = scenes()
+    scene = sc.Scene((sc.Thing("circle", "red", "large", 0.25, 0.5), sc.Thing("square", "blue", "small", 0.75, 0.5)),
+                     "left of")
+    negatives = sc.false_captions(scene, random.Random(0), "there is a large red circle left of a small blue square")
+    assert negatives[0] == "there is a small blue square left of a large red circle"
+    assert len(negatives) == 2 and negatives[1].startswith("there is a ")
+    assert sorted(negatives[1].split()) == sorted(negatives[0].split())  # the twin's: same words, other binding
+    # "a large red circle and a small blue square" is true of the mirror too: only the twin's version is false
+    unordered = sc.false_captions(scene, random.Random(0), "a large red circle and a small blue square")
+    assert len(unordered) == 1 and unordered[0] not in sc.captions(scene)
+    for caption in sc.captions(scene):
+        assert not set(sc.false_captions(scene, random.Random(0), caption)) & set(sc.captions(scene))
+    one = sc.Scene((sc.Thing("circle", "red", "large", 0.5, 0.5),))
+    assert sc.false_captions(one, random.Random(0), sc.captions(one)[0]) == []
+
+
 @pytest.mark.parametrize("family", ["blip", "blip-2"])
 def test_tiny_run_with_negatives_is_finite(scene_data, tmp_path, family):
     extra = ["model.family=blip-2", "model.num_query_tokens=4", "objective.losses={itc: 1.0, itm: 1.0, itg: 1.0}"] \
