@@ -10,8 +10,8 @@ can, so the twins are where re-ranking should win.
     python benchmarks/scenes.py demo-folder OUT --seed 7    # a folder of pictures to index and search
 
 The JSON files use the LAVIS form that `load_annotations` and `blipsearch train` read: training entries
-carry one caption each (and `negative_captions`, false for the picture: the mirror caption, a binding
-twin's caption), val/test entries a list. With `--questions`, training entries also hold question/answer
+carry one caption each (and `negative_captions`, false for the picture: the same caption with its things
+exchanged, and with an attribute swapped between them), val/test entries a list. With `--questions`, training entries also hold question/answer
 pairs (`"instruction"`: the question, `"caption"`: the answer) and val/test entries a `"questions"` list of
 {question, answer, type}. Output is identical for identical arguments.
 """
