@@ -11,9 +11,10 @@ can, so the twins are where re-ranking should win.
 
 The JSON files use the LAVIS form that `load_annotations` and `blipsearch train` read: training entries
 carry one caption each (and `negative_captions`, false for the picture: the same caption with its things
-exchanged, and with an attribute swapped between them), val/test entries a list. With `--questions`, training entries also hold question/answer
-pairs (`"instruction"`: the question, `"caption"`: the answer) and val/test entries a `"questions"` list of
-{question, answer, type}. Output is identical for identical arguments.
+exchanged, and with an attribute swapped between them), val/test entries a list. With `--questions`,
+training entries also hold question/answer pairs (`"instruction"`: the question, `"caption"`: the answer)
+and val/test entries a `"questions"` list of {question, answer, type}. Output is identical for identical
+arguments.
 """
 
 from __future__ import annotations
@@ -257,10 +258,12 @@ def _telling_captions(scene: Scene, others: list[Scene]) -> list[str]:
 
 
 def write_split(root: Path, split: str, count: int, seed: int, size: int, groups: bool = False,
-                with_questions: bool = False) -> Path:
+                with_questions: bool = False, scene_negatives: bool = False) -> Path:
     """`groups` (train only): the split of `grouped_scenes`; each entry names its group and caption slot as
     `"group"`, so a trainer can batch a scene's captions with its mirror's and its twin's. `with_questions`:
-    question/answer pairs too (see the module docstring)."""
+    question/answer pairs too (see the module docstring). `scene_negatives`: the same negatives for every
+    caption of a scene (the mirror caption, the twin's first caption), as the generator wrote them before
+    negatives followed each caption's phrasing; the demo model's first stage was trained on those."""
     rng = random.Random(f"captions-{seed}-{split}")
     (root / "images" / split).mkdir(parents=True, exist_ok=True)
     entries = []
@@ -274,7 +277,8 @@ def write_split(root: Path, split: str, count: int, seed: int, size: int, groups
         if split == "train":
             picked = rng.sample(texts, min(CAPTIONS_PER_TRAIN_IMAGE, len(texts)))
             for slot, text in enumerate(picked):
-                negatives = false_captions(scene, random.Random(f"negatives-{seed}-{split}-{i}"), text)
+                negatives = false_captions(scene, random.Random(f"negatives-{seed}-{split}-{i}"),
+                                           None if scene_negatives else text)
                 extra = {"negative_captions": negatives} if negatives else {}
                 group = {"group": f"{grouped[i][1]}-{slot}"} if grouped else {}
                 entries.append({"image": rel, "caption": text, "image_id": f"{split}_{i}", **extra, **group})
@@ -296,9 +300,9 @@ def write_split(root: Path, split: str, count: int, seed: int, size: int, groups
 
 
 def write_dataset(root: Path, seed: int = 0, size: int = 128, sizes: dict[str, int] | None = None,
-                  groups: bool = False, with_questions: bool = False) -> None:
+                  groups: bool = False, with_questions: bool = False, scene_negatives: bool = False) -> None:
     for split, count in (sizes or SPLIT_SIZES).items():
-        write_split(root, split, count, seed, size, groups, with_questions)
+        write_split(root, split, count, seed, size, groups, with_questions, scene_negatives)
 
 
 # The README's example query and its binding twin: both are in the demo folder.
@@ -335,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     data.add_argument("--groups", action="store_true",
                       help="train split in groups: each scene with its mirror and its binding twin")
     data.add_argument("--questions", action="store_true", help="question/answer pairs too (for InstructBLIP)")
+    data.add_argument("--scene-negatives", action="store_true",
+                      help="the same caption negatives for every caption of a scene (the demo model's stage 1)")
     demo = sub.add_parser("demo-folder", help="a folder of pictures for `blipsearch index`")
     demo.add_argument("out", type=Path)
     demo.add_argument("--seed", type=int, default=7)
@@ -343,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "dataset":
         write_dataset(args.out, args.seed, args.size, {s: getattr(args, s) for s in SPLIT_SIZES}, args.groups,
-                      args.questions)
+                      args.questions, args.scene_negatives)
     else:
         write_demo_folder(args.out, args.count, args.seed, args.size)
 

@@ -191,6 +191,20 @@ def test_scenes_caption_negatives_keep_the_phrasing_of_their_caption():
     assert sc.false_captions(one, random.Random(0), sc.captions(one)[0]) == []
 
 
+def test_scene_negatives_give_every_caption_of_a_scene_the_same_negatives(tmp_path):
+    sc = scenes()
+    per_caption, per_scene = (json.loads(sc.write_split(tmp_path / name, "train", 12, 0, 32,
+                                                        scene_negatives=name == "scene").read_text())
+                              for name in ("caption", "scene"))
+    by_image = {}
+    for entry in per_scene:
+        by_image.setdefault(entry["image"], set()).add(tuple(entry.get("negative_captions", ())))
+    assert all(len(negatives) == 1 for negatives in by_image.values())
+    assert [e["caption"] for e in per_caption] == [e["caption"] for e in per_scene]  # only the negatives differ
+    pairs = zip(per_caption, per_scene, strict=True)
+    assert any(a.get("negative_captions") != b.get("negative_captions") for a, b in pairs)
+
+
 @pytest.mark.parametrize("family", ["blip", "blip-2"])
 def test_tiny_run_with_negatives_is_finite(scene_data, tmp_path, family):
     extra = ["model.family=blip-2", "model.num_query_tokens=4", "objective.losses={itc: 1.0, itm: 1.0, itg: 1.0}"] \
