@@ -306,9 +306,10 @@ def write_dataset(root: Path, seed: int = 0, size: int = 128, sizes: dict[str, i
 
 
 # The README's example query and its binding twin: both are in the demo folder.
-SHOWCASE = (
+SHOWCASE = (  # the README's query, its binding twin (colours swapped) and its mirror (places swapped)
     Scene((Thing("circle", "red", "large", 0.25, 0.5), Thing("square", "blue", "large", 0.75, 0.48)), "left of"),
     Scene((Thing("circle", "blue", "large", 0.25, 0.5), Thing("square", "red", "large", 0.75, 0.48)), "left of"),
+    Scene((Thing("square", "blue", "large", 0.25, 0.5), Thing("circle", "red", "large", 0.75, 0.48)), "left of"),
 )
 
 

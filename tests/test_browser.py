@@ -55,14 +55,14 @@ def browser():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The demo folder indexed with the demo model; the role ("own", "twin" or None) of each file."""
+    """The demo folder indexed with the demo model; the role ("own", "twin", "mirror" or None) of each file."""
     from benchmark_scripts import scenes
 
     root = tmp_path_factory.mktemp("browser")
     sc = scenes()
     sc.write_demo_folder(root / "demo")
-    own, twin = (np.asarray(sc.render(scene, 192)).tobytes() for scene in sc.SHOWCASE)
-    rendered = {own: "own", twin: "twin"}
+    own, twin, mirror = (np.asarray(sc.render(scene, 192)).tobytes() for scene in sc.SHOWCASE)
+    rendered = {own: "own", twin: "twin", mirror: "mirror"}
     roles = {str(p): rendered.get(np.asarray(Image.open(p)).tobytes()) for p in (root / "demo").glob("*.png")}
     blipsearch("index", str(root / "demo"), "--model", str(DEMO_MODEL), "-q", index=root / "index")
     return root, roles

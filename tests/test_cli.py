@@ -159,20 +159,21 @@ def test_end_to_end_ranking_equals_the_papers_protocol(tmp_path, tiny_model_dir)
 
 
 def test_demo_model_answers_the_readme_query_with_the_scene_it_describes(tmp_path):
-    """The README's main job, end to end: the committed demo model ranks the described scene first and
-    the same scene with the colours swapped (its binding twin) below it."""
+    """The README's main job, end to end: the committed demo model ranks the described scene first, and
+    below it the same scene with the colours swapped (its binding twin) and with the places swapped (its
+    mirror, which only the relation's direction tells apart)."""
     from benchmark_scripts import scenes
 
     sc = scenes()
     sc.write_demo_folder(tmp_path / "demo")
-    own, twin = (np.asarray(sc.render(scene, 192)).tobytes() for scene in sc.SHOWCASE)
-    rendered = {own: "own", twin: "twin"}
+    own, twin, mirror = (np.asarray(sc.render(scene, 192)).tobytes() for scene in sc.SHOWCASE)
+    rendered = {own: "own", twin: "twin", mirror: "mirror"}
     role = {str(p): rendered.get(np.asarray(Image.open(p)).tobytes()) for p in (tmp_path / "demo").glob("*.png")}
     demo_model = Path(__file__).parents[1] / "training" / "demo_model"
     blipsearch("index", str(tmp_path / "demo"), "--model", str(demo_model), "-q", index=tmp_path / "index")
     answer = query_json_at(tmp_path / "index", "a large red circle left of a large blue square", "--top", "60")
     ranked = [role[r["path"]] for r in answer["results"]]
-    assert ranked[0] == "own" and ranked.index("twin") > 0
+    assert ranked[0] == "own" and ranked.index("twin") > 0 and ranked.index("mirror") > 0
     assert answer["results"][0]["itm_prob"] > 0.5
 
 

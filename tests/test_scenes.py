@@ -122,6 +122,8 @@ def test_demo_folder_holds_the_readme_query_and_its_distractors(tmp_path):
     sc = scenes()
     assert "a red circle left of a blue square" in sc.captions(sc.SHOWCASE[0])
     assert "a blue circle left of a red square" in sc.captions(sc.SHOWCASE[1])
+    assert "a blue square left of a red circle" in sc.captions(sc.SHOWCASE[2])  # the same things, places swapped
+    assert "a red circle left of a blue square" not in sc.captions(sc.SHOWCASE[2])
     sc.write_demo_folder(tmp_path, count=10, seed=7, size=48)
     pictures = {np.asarray(Image.open(p)).tobytes() for p in tmp_path.glob("*.png")}
     assert all(np.asarray(sc.render(s, 48)).tobytes() in pictures for s in sc.SHOWCASE)
