@@ -116,12 +116,12 @@ def mirror_scene(scene: Scene) -> Scene:
 def false_captions(scene: Scene, rng: random.Random, caption: str | None = None) -> list[str]:
     """ITM caption negatives for a training scene, without repeats; none for one thing.
 
-    With `caption` (one of `captions(scene)`): that caption with its first two things exchanged (the same
-    phrasing of the mirror scene) and with one attribute swapped between them (of the binding twin), each
-    kept only where it is false for the picture. The negative then differs from its caption in nothing but
-    the order or the binding, so ITM can only lower the negative's score by reading those (with another
-    phrasing as the negative, the format alone gives a cue). Without: the mirror caption (two things) and
-    the twin's first caption."""
+    With `caption` (one of `captions(scene)`): the same phrasing of the mirror scene (its first two things
+    exchanged) and of the binding twin (one attribute swapped between them), each kept only where it is
+    false for the picture. A scene's entries then hold the mirror and twin of every phrasing, where before
+    they held the first phrasing's only, which the other phrasings of the true caption told apart by their
+    format. (`blipsearch train` pools an image's negatives and draws one per sample.) Without: the mirror
+    caption (two things) and the twin's first caption."""
     if len(scene.things) < 2:
         return []
     twin = binding_twin(scene, rng)
@@ -132,6 +132,8 @@ def false_captions(scene: Scene, rng: random.Random, caption: str | None = None)
     slot, true = phrasings.index(caption), set(phrasings)
     ordered = slot != len(phrasings) - 1  # the last phrasing names the things without their order
     versions = ([mirror_scene(scene)] if ordered else []) + ([twin[0]] if twin is not None else [])
+    if not ordered:  # a twin whose swap only exchanged two things is the same set of things: true, unordered
+        versions = [v for v in versions if sorted(t.name() for t in v.things) != sorted(t.name() for t in scene.things)]
     return list(dict.fromkeys(text for text in (captions(v)[slot] for v in versions) if text not in true))
 
 
@@ -305,8 +307,9 @@ def write_dataset(root: Path, seed: int = 0, size: int = 128, sizes: dict[str, i
         write_split(root, split, count, seed, size, groups, with_questions, scene_negatives)
 
 
-# The README's example query and its binding twin: both are in the demo folder.
-SHOWCASE = (  # the README's query, its binding twin (colours swapped) and its mirror (places swapped)
+# The README's example query, its binding twin (colours swapped) and its mirror (places swapped): all three
+# are in the demo folder.
+SHOWCASE = (
     Scene((Thing("circle", "red", "large", 0.25, 0.5), Thing("square", "blue", "large", 0.75, 0.48)), "left of"),
     Scene((Thing("circle", "blue", "large", 0.25, 0.5), Thing("square", "red", "large", 0.75, 0.48)), "left of"),
     Scene((Thing("square", "blue", "large", 0.25, 0.5), Thing("circle", "red", "large", 0.75, 0.48)), "left of"),

@@ -187,6 +187,13 @@ def test_scenes_caption_negatives_keep_the_phrasing_of_their_caption():
     assert len(unordered) == 1 and unordered[0] not in sc.captions(scene)
     for caption in sc.captions(scene):
         assert not set(sc.false_captions(scene, random.Random(0), caption)) & set(sc.captions(scene))
+    # two things that differ in colour only: swapping the colour exchanges them, which the unordered phrasing
+    # cannot tell; it gets no negative at all
+    alike = sc.Scene((sc.Thing("circle", "red", "large", 0.25, 0.5), sc.Thing("circle", "blue", "large", 0.75, 0.5)),
+                     "left of")
+    assert sc.false_captions(alike, random.Random(0), "a large red circle and a large blue circle") == []
+    assert sc.false_captions(alike, random.Random(0), "a large red circle left of a large blue circle") == [
+        "a large blue circle left of a large red circle"]  # mirror and twin are the same picture here
     one = sc.Scene((sc.Thing("circle", "red", "large", 0.5, 0.5),))
     assert sc.false_captions(one, random.Random(0), sc.captions(one)[0]) == []
 
