@@ -175,6 +175,8 @@ def test_demo_model_answers_the_readme_query_with_the_scene_it_describes(tmp_pat
     ranked = [role[r["path"]] for r in answer["results"]]
     assert ranked[0] == "own" and ranked.index("twin") > 0 and ranked.index("mirror") > 0
     assert answer["results"][0]["itm_prob"] > 0.5
+    # the ITM head calls the twin and the mirror non-matches: binding and the relation's direction are read
+    assert all(r["itm_prob"] < 0.5 for r in answer["results"] if role[r["path"]] in ("twin", "mirror"))
 
 
 def query_json_at(index, text, *args):

@@ -186,9 +186,9 @@ def build_model(cfg: ModelConfig, objective: ObjectiveConfig, ids: SpecialIds, c
 
     `cfg.vision_position_init == "sincos"` starts the ViT's learned position embedding at 2-D sine-cosine codes.
     With transformers' small random init the ViT's tokens carry almost no position, and a model trained from
-    scratch on ITC, ITM and LM never learns where a thing is (a probe on the first demo model's tokens told
-    left from right 57% of the time, and "on the left" from "on the right" stayed at chance in training); with
-    the codes the same training learns it within a few hundred steps."""
+    scratch on ITC, ITM and LM never learns where a thing is (a linear probe on the first demo model's patch
+    tokens explained none of the patch's column, R² -0.27); from the codes the same training had R² 0.97
+    after 1000 steps, and its captioning loss then learned the direction of a relation."""
     config = config if config is not None else blip_config(cfg, ids)
     model = BlipPretrainModel(config, ids, objective, with_decoder="lm" in objective.losses)
     if cfg.vision_position_init == "sincos":
