@@ -130,7 +130,7 @@ def false_captions(scene: Scene, rng: random.Random, caption: str | None = None)
         return list(dict.fromkeys(out + ([captions(twin[0])[0]] if twin is not None else [])))
     phrasings = captions(scene)
     slot, true = phrasings.index(caption), set(phrasings)
-    ordered = slot != len(phrasings) - 1  # the last phrasing names the things without their order
+    ordered = caption != unordered_caption(scene)
     versions = ([mirror_scene(scene)] if ordered else []) + ([twin[0]] if twin is not None else [])
     if not ordered:  # a twin whose swap only exchanged two things is the same set of things: true, unordered
         versions = [v for v in versions if sorted(t.name() for t in v.things) != sorted(t.name() for t in scene.things)]
@@ -159,6 +159,12 @@ def captions(scene: Scene) -> list[str]:
             f"a {c.name()} {INVERSE[r]} a {b.name()} {INVERSE[r]} a {a.name()}",
             f"a {a.name(False)} {r} a {b.name(False)} {r} a {c.name(False)}",
             f"three shapes : a {a.name()} , a {b.name()} and a {c.name()}"]
+
+
+def unordered_caption(scene: Scene) -> str | None:
+    """The phrasing that names two or three things without their order (the last of `captions`), true for
+    the mirror scene too; None for one thing."""
+    return captions(scene)[-1] if len(scene.things) > 1 else None
 
 
 def questions(scene: Scene) -> list[tuple[str, str, str]]:
@@ -255,8 +261,7 @@ def _telling_captions(scene: Scene, others: list[Scene]) -> list[str]:
     size-free caption when the twin swapped sizes) and those that name the things without their order ("a red
     circle and a blue square" is true for the mirror too)."""
     shared = {text for other in others for text in captions(other)}
-    unordered = {captions(scene)[-1]} if len(scene.things) > 1 else set()
-    return [text for text in captions(scene) if text not in shared and text not in unordered]
+    return [text for text in captions(scene) if text not in shared and text != unordered_caption(scene)]
 
 
 def write_split(root: Path, split: str, count: int, seed: int, size: int, groups: bool = False,
