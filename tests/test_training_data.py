@@ -93,6 +93,26 @@ def test_annotation_groups_reach_the_samples(tmp_path):
     assert [s.group for s in json_samples(tmp_path / "a.json")] == ["7-0", None, "7-0"]
 
 
+def test_several_training_files_read_as_one_dataset_keep_ids_and_groups_apart(tmp_path):
+    from blipsearch.training.config import load_config
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "a.json").write_text(json.dumps([{"image": "x.png", "caption": "one", "group": "0-0"},
+                                                 {"image": "y.png", "caption": "two", "group": "0-0"}]))
+    (tmp_path / "b.json").write_text(json.dumps([{"image": "x.png", "caption": "three", "group": "0-0"},
+                                                 {"image": "x.png", "caption": "four"}]))
+    cfg = load_config(None, [f"data.train=[{tmp_path / 'a.json'}, {tmp_path / 'b.json'}]"])
+    samples = load_samples(cfg.data.train)
+    assert [s.caption for s in samples] == ["one", "two", "three", "four"]
+    assert [s.sample_id for s in samples] == [0, 1, 2, 3]
+    assert [s.image_id for s in samples] == [0, 1, 0, 0]  # x.png is one image, whichever file names it
+    assert [s.group for s in samples] == ["0/0-0", "0/0-0", "1/0-0", None]
+    assert [s.image for s in samples[1:3]] == [tmp_path / "images" / "y.png", tmp_path / "images" / "x.png"]
+    assert load_samples((str(tmp_path / "b.json"),)) == load_samples(tmp_path / "b.json")  # one: unchanged
+    with pytest.raises(InvalidInputError, match="list of paths"):
+        load_config(None, ["data.train=[a.json, 3]"])
+
+
 def test_a_mixture_draws_each_batch_from_one_dataset_by_the_square_root_of_its_size(tmp_path):
     from blipsearch.training.data import MixtureBatches, load_mixture
 

@@ -93,7 +93,9 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""  # annotation JSON (LAVIS or Karpathy form) or a folder of images with .txt captions beside
+    # annotation JSON (LAVIS or Karpathy form) or a folder of images with .txt captions beside, or a list of
+    # such sources read as one dataset (their pairs shuffled together; groups stay within their own source)
+    train: str | tuple[str, ...] = ""
     # several datasets instead of `train`: source -> sampling weight (null: the square root of its size); each
     # batch comes from one of them (InstructBLIP's mixture)
     mixture: dict[str, float | None] = field(default_factory=dict)
@@ -217,6 +219,8 @@ def validate(config: TrainConfig) -> None:
     elif config.model.vision_from or config.model.qformer_from:
         raise InvalidInputError("model.vision_from and model.qformer_from are for model.family blip-2")
     data = config.data
+    if not isinstance(data.train, str) and not all(isinstance(one, str) and one for one in data.train):
+        raise InvalidInputError("data.train must be a path, or a list of paths read as one dataset")
     if data.mixture and (data.train or data.group_batches):
         raise InvalidInputError("data.mixture replaces data.train (and cannot group batches); set one of them")
     if any(w is not None and (not isinstance(w, int | float) or w <= 0) for w in data.mixture.values()):

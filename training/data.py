@@ -119,26 +119,42 @@ def _number(pairs: list[tuple[Path, str]]) -> list[Sample]:
             for i, (image, caption) in enumerate(pairs)]
 
 
-def load_samples(source: str | Path, images: str | Path | None = None, split: str = "train") -> list[Sample]:
+def load_samples(source: str | Path | tuple[str, ...], images: str | Path | None = None,
+                 split: str = "train") -> list[Sample]:
+    """Pairs of one source, or of several read as one dataset: their samples in the order given, one image id
+    per image file (a file two sources name is one image), and each group kept within its own source (two
+    files may both name group "0-0")."""
+    if isinstance(source, tuple | list):
+        parts = [load_samples(one, images, split) for one in source]
+        if len(parts) == 1:
+            return parts[0]
+        samples = _concatenate([[replace(s, group=None if s.group is None else f"{k}/{s.group}") for s in part]
+                                for k, part in enumerate(parts)])
+        image_ids: dict[Path, int] = {}
+        return [replace(s, image_id=image_ids.setdefault(s.image, len(image_ids))) for s in samples]
     source = Path(source)
     if not source.exists():
         raise InvalidInputError(f"training data {source} does not exist")
     return folder_samples(source) if source.is_dir() else json_samples(source, images, split)
 
 
+def _concatenate(parts: list[list[Sample]]) -> list[Sample]:
+    """The parts' samples as one list; image and sample ids shifted so that no two parts share one."""
+    samples: list[Sample] = []
+    for part in parts:
+        images_before = 1 + max((s.image_id for s in samples), default=-1)
+        samples += [replace(s, image_id=s.image_id + images_before, sample_id=len(samples) + i)
+                    for i, s in enumerate(part)]
+    return samples
+
+
 def load_mixture(sources: dict[str, float | None], images: str | Path | None = None,
                  split: str = "train") -> tuple[list[Sample], list[int], list[float]]:
     """Several datasets as one list of samples (image and sample ids made unique), their sizes, and their
     sampling weights: as given, else the square root of the dataset's size (InstructBLIP's mixture)."""
-    samples, sizes, weights = [], [], []
-    for source, weight in sources.items():
-        part = load_samples(source, images, split)
-        images_before = 1 + max((s.image_id for s in samples), default=-1)
-        samples += [replace(s, image_id=s.image_id + images_before, sample_id=len(samples) + i)
-                    for i, s in enumerate(part)]
-        sizes.append(len(part))
-        weights.append(float(weight) if weight is not None else len(part) ** 0.5)
-    return samples, sizes, weights
+    parts = [load_samples(source, images, split) for source in sources]
+    weights = [float(w) if w is not None else len(part) ** 0.5 for part, w in zip(parts, sources.values(), strict=True)]
+    return _concatenate(parts), [len(part) for part in parts], weights
 
 
 class CaptionDataset(torch.utils.data.Dataset):
