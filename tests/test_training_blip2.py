@@ -380,6 +380,43 @@ def test_qformer_starts_from_bert_with_random_cross_attention(tmp_path):
     torch.testing.assert_close(model.lm_head.decoder.bias[:vocab], bert.cls.predictions.bias)
 
 
+def test_qformer_starts_from_a_blip_text_encoder_with_its_cross_attention(tiny_model_dir):
+    """A BLIP checkpoint as qformer_from: the text-only pass is BLIP's unimodal text encoder and projection
+    (the same ITC text vectors, words matched by token though the two vocabularies number them apart)."""
+    import transformers
+
+    from blipsearch.training.tokenizer import load_tokenizer
+
+    blip = transformers.BlipForImageTextRetrieval.from_pretrained(tiny_model_dir).eval()
+    theirs = load_tokenizer(str(tiny_model_dir))
+    captions = [*CAPTIONS, "a purple cube"]  # words the BLIP vocabulary lacks keep random rows
+    start = [f"model.vision_from={tiny_model_dir}"]
+    random, _, _ = tiny_blip2(start, captions=captions)
+    model, ours, _ = tiny_blip2([*start, f"model.qformer_from={tiny_model_dir}"], captions=captions)
+    model.eval()
+    assert ours.convert_tokens_to_ids("circle") != theirs.convert_tokens_to_ids("circle")
+    text, ref = (tok(CAPTIONS, padding="longest", return_tensors="pt") for tok in (ours, theirs))
+    with torch.no_grad():
+        got = model.encode_text(text["input_ids"], text["attention_mask"])
+        hidden = blip.text_encoder(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(got, F.normalize(blip.text_proj(hidden[:, 0]), dim=-1), atol=1e-5, rtol=1e-5)
+    words = model.embeddings.word_embeddings.weight
+    for token in ("purple", "cube"):
+        i = ours.convert_tokens_to_ids(token)
+        torch.testing.assert_close(words[i], random.embeddings.word_embeddings.weight[i])
+    their_words = blip.text_encoder.embeddings.word_embeddings.weight
+    for token in ("[DEC]", "square"):
+        torch.testing.assert_close(words[ours.convert_tokens_to_ids(token)],
+                                   their_words[theirs.convert_tokens_to_ids(token)])
+    ours_layer, their_layer = model.qformer.encoder.layer[0], blip.text_encoder.encoder.layer[0]
+    torch.testing.assert_close(ours_layer.crossattention.attention.key.weight,
+                               their_layer.crossattention.self.key.weight)
+    torch.testing.assert_close(ours_layer.crossattention.output.dense.bias,
+                               their_layer.crossattention.output.dense.bias)
+    torch.testing.assert_close(ours_layer.intermediate_query.dense.weight, their_layer.intermediate.dense.weight)
+    torch.testing.assert_close(model.itm_head.weight, random.itm_head.weight)  # BLIP's reads [ENC]: not taken
+
+
 def test_init_from_a_blip2_retrieval_checkpoint(tiny_blip2_dir, tmp_path):
     from safetensors.torch import load_file
 

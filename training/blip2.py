@@ -185,39 +185,94 @@ def bert_to_qformer(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
         key = key.removeprefix("bert.")
-        if key.startswith("embeddings.LayerNorm."):
-            out["qformer.layernorm." + key.split(".")[-1]] = value
-        elif key.startswith(("embeddings.word_embeddings.", "embeddings.position_embeddings.")):
-            out[key] = value
-        elif key.startswith("encoder.layer."):
-            out["qformer." + key.replace(".attention.self.", ".attention.attention.")] = value
-        elif key.startswith("cls.predictions.transform."):
+        if key.startswith("cls.predictions.transform."):
             out["lm_head." + key.removeprefix("cls.predictions.")] = value
         elif key == "cls.predictions.bias":
             out["lm_head.decoder.bias"] = value
+        else:
+            out.update(_bert_module(key, value))
     return out
 
 
-def load_bert(model: Blip2PretrainModel, name: str) -> list[str]:
-    """Initialise the Q-Former from a BERT checkpoint, then copy the text feed-forward blocks to the queries'.
-    Rows of tokens BERT lacks ([DEC], [ENC]) keep their random initialisation."""
+def blip_text_to_qformer(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A BLIP retrieval checkpoint's text side under our names: its text encoder as `bert_to_qformer` maps
+    BERT, and besides its cross-attention (trained to read that checkpoint's ViT tokens) and its ITC text
+    projection. Its ITM head is left out: BLIP's reads the [ENC] token, ours the average of the queries."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("text_encoder."):
+            out.update(_bert_module(key.removeprefix("text_encoder."), value))
+        elif key.startswith("text_proj."):
+            out["text_projection." + key.removeprefix("text_proj.")] = value
+    return out
+
+
+def _bert_module(key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One tensor of a BERT encoder (`embeddings.*`, `encoder.layer.*`) under the Q-Former's name; {} else."""
+    if key.startswith("embeddings.LayerNorm."):
+        return {"qformer.layernorm." + key.split(".")[-1]: value}
+    if key.startswith(("embeddings.word_embeddings.", "embeddings.position_embeddings.")):
+        return {key: value}
+    if key.startswith("encoder.layer."):
+        key = key.replace(".attention.self.", ".attention.attention.")
+        return {"qformer." + key.replace(".crossattention.self.", ".crossattention.attention."): value}
+    return {}
+
+
+def load_bert(model: Blip2PretrainModel, name: str, tokenizer=None) -> list[str]:
+    """Initialise the Q-Former from a BERT checkpoint (LAVIS: bert-base-uncased) or from a BLIP retrieval
+    checkpoint's text encoder (`blip_text_to_qformer`), then copy the text feed-forward blocks to the queries'.
+    Word rows follow the tokens: with `tokenizer` and a BLIP checkpoint (whose folder holds its tokenizer)
+    each of our tokens takes the row of the same token there; BERT's rows are taken by position, as its
+    vocabulary comes first in ours. Tokens the source lacks (BERT's [DEC] and [ENC], new words) keep
+    their random rows."""
+    import json
+
     import transformers
 
-    bert = load_pretrained(transformers.BertForMaskedLM, checkpoint_dir(name), name)
+    directory = checkpoint_dir(name)
+    try:
+        model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        model_type = None
+    if model_type == "blip":
+        source = load_pretrained(transformers.BlipForImageTextRetrieval, directory, name)
+        mapped = blip_text_to_qformer(source.state_dict())
+        if tokenizer is not None:
+            from .tokenizer import load_tokenizer
+
+            mapped["embeddings.word_embeddings.weight"] = _rows_by_token(
+                mapped["embeddings.word_embeddings.weight"], load_tokenizer(str(directory)).get_vocab(),
+                tokenizer.get_vocab(), model.embeddings.word_embeddings.weight.detach())
+    else:
+        mapped = bert_to_qformer(load_pretrained(transformers.BertForMaskedLM, directory, name).state_dict())
     ours, usable = model.state_dict(), {}
-    for key, value in bert_to_qformer(bert.state_dict()).items():
+    for key, value in mapped.items():
         target = ours.get(key)
         if target is None or value.shape[1:] != target.shape[1:] or value.shape[0] > target.shape[0]:
             continue
         usable[key] = torch.cat([value, target[value.shape[0]:]]) if value.ndim else value
     model.load_state_dict(usable, strict=False)
     model.copy_text_ffn_to_queries()
-    log.info("Q-Former initialised from %s: %d tensors (cross-attention starts random)", name, len(usable))
+    crossed = any(".crossattention." in key for key in usable)
+    log.info("Q-Former initialised from %s: %d tensors (cross-attention %s)", name, len(usable),
+             "included" if crossed else "starts random")
     return sorted(usable)
 
 
+def _rows_by_token(theirs: torch.Tensor, their_vocab: dict[str, int], our_vocab: dict[str, int],
+                   ours: torch.Tensor) -> torch.Tensor:
+    """Our word embedding with each token's row taken from theirs where they have the token."""
+    out = ours.clone()
+    for token, i in our_vocab.items():
+        j = their_vocab.get(token)
+        if j is not None and i < out.shape[0] and j < theirs.shape[0]:
+            out[i] = theirs[j]
+    return out
+
+
 def build_blip2_model(cfg: ModelConfig, temperature: float, with_lm_head: bool, ids: SpecialIds,
-                      config=None) -> Blip2PretrainModel:
+                      config=None, tokenizer=None) -> Blip2PretrainModel:
     """A Q-Former with random (or BERT) weights on the frozen ViT of `cfg.vision_from` (None: a random ViT);
     `config` (a Blip2Config, from `init_from`) wins over `cfg`'s sizes when given."""
     state = None
@@ -231,7 +286,7 @@ def build_blip2_model(cfg: ModelConfig, temperature: float, with_lm_head: bool, 
     config.qformer_config.use_qformer_text_input = True  # the text passes need the text feed-forward blocks
     model = Blip2PretrainModel(config, ids, temperature, with_lm_head, cfg.train_vision_norm, state)
     if cfg.qformer_from:
-        load_bert(model, cfg.qformer_from)
+        load_bert(model, cfg.qformer_from, tokenizer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.vision_model.parameters() if not p.requires_grad)
     log.info("BLIP-2: Q-Former with %.1fM trainable parameters on a frozen %.1fM-parameter ViT",

@@ -64,7 +64,9 @@ class ModelConfig:
     # BLIP-2 only. The text_* sizes above describe the Q-Former (a BERT); vision_* a random ViT when no
     # checkpoint gives one (tests). The ViT is frozen: the Q-Former learns to read it.
     vision_from: str | None = None  # BLIP or BLIP-2 checkpoint whose ViT is the frozen image encoder
-    qformer_from: str | None = None  # BERT checkpoint for the Q-Former's BERT weights (LAVIS: bert-base-uncased)
+    # the Q-Former's start: a BERT checkpoint (LAVIS: bert-base-uncased), or a BLIP retrieval checkpoint whose
+    # text encoder brings its cross-attention and ITC text projection too (e.g. the one `vision_from` names)
+    qformer_from: str | None = None
     num_query_tokens: int = 32  # learned queries: Q image vectors for ITC, Q outputs for ITM
     cross_attention_frequency: int = 2  # Q-Former layers 0, f, 2f, ... cross-attend the ViT tokens
     train_vision_norm: bool = False  # train the ViT's last LayerNorm (LAVIS's `ln_vision`, new in stage 1)

@@ -56,7 +56,7 @@ def _export_blip(model, tokenizer, out: Path, captioner: bool = True) -> list[Pa
 def _build_blip2(cfg: TrainConfig, tokenizer, config=None) -> nn.Module:
     vocab = config.qformer_config.vocab_size if config is not None else None
     return build_blip2_model(cfg.model, cfg.objective.temperature, "itg" in cfg.objective.losses,
-                             special_ids(tokenizer, vocab), config=config)
+                             special_ids(tokenizer, vocab), config=config, tokenizer=tokenizer)
 
 
 def _export_blip2(model, tokenizer, out: Path, captioner: bool = True) -> list[Path]:
