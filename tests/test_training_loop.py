@@ -93,6 +93,21 @@ def test_train_writes_log_checkpoint_and_hugging_face_exports(scene_data, tmp_pa
                                retrieval.text_encoder.encoder.layer[0].crossattention.self.key.weight)
 
 
+def test_a_frozen_vit_stays_as_loaded_while_the_text_side_trains(scene_data, tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(scene_data, tmp_path / "ft", f"model.init_from={tiny_model_dir}", "model.freeze_vision=true",
+                      "optim.max_steps=3", "optim.lr=1e-2", "objective.losses={itc: 1.0, itm: 1.0}")
+    run = setup(cfg)
+    run_steps(run, wrap(run))
+    start, ours = load_file(tiny_model_dir / "model.safetensors"), run.model.state_dict()
+    vision = [k for k in start if k.startswith("vision_model.")]
+    assert vision and all(torch.equal(ours[k], start[k]) for k in vision)
+    assert not torch.equal(ours["text_proj.weight"], start["text_proj.weight"])  # the rest trained
+    with pytest.raises(InvalidInputError, match="freeze_vision"):
+        load_config(TINY, ["model.freeze_vision=true"])  # a random ViT would stay random
+
+
 def test_gradient_accumulation_matches_the_loss_scale(scene_data, tmp_path):
     cfg = tiny_config(scene_data, tmp_path / "acc", "optim.max_steps=1", "optim.grad_accum=2", "save_every=1000")
     run = setup(cfg)

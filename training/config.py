@@ -61,6 +61,9 @@ class ModelConfig:
     # a ViT trained from scratch starts its (learned) position embedding at: "random" (transformers' default,
     # std 0.02 here) or "sincos" (2-D sine-cosine codes of each patch's column and row, as MAE's): see model.py
     vision_position_init: str = "random"
+    # BLIP: keep the ViT as `init_from` has it (no gradient, bit-identical in the export), e.g. so that a BLIP-2
+    # model trained on that ViT (`vision_from`) still reads the same tokens
+    freeze_vision: bool = False
     # BLIP-2 only. The text_* sizes above describe the Q-Former (a BERT); vision_* a random ViT when no
     # checkpoint gives one (tests). The ViT is frozen: the Q-Former learns to read it.
     vision_from: str | None = None  # BLIP or BLIP-2 checkpoint whose ViT is the frozen image encoder
@@ -233,6 +236,9 @@ def validate(config: TrainConfig) -> None:
     if config.model.vision_position_init != "random" and (family != "blip" or config.model.init_from):
         raise InvalidInputError("model.vision_position_init is for a BLIP ViT trained from scratch (family blip, "
                                 "no model.init_from); a loaded or frozen ViT keeps its own position embedding")
+    if config.model.freeze_vision and (family != "blip" or not config.model.init_from):
+        raise InvalidInputError("model.freeze_vision is for a BLIP model fine-tuned from model.init_from (a BLIP-2 "
+                                "image encoder is always frozen)")
     if not 0.0 <= config.model.text_dropout < 1.0:
         raise InvalidInputError("model.text_dropout must be in [0, 1)")
     if config.objective.caption_negatives < 0 or (config.objective.caption_negatives > 0
