@@ -158,10 +158,11 @@ def test_end_to_end_ranking_equals_the_papers_protocol(tmp_path, tiny_model_dir)
         assert row["score"] == pytest.approx(expected[row["path"]], abs=0.02)
 
 
-def test_demo_model_answers_the_readme_query_with_the_scene_it_describes(tmp_path):
-    """The README's main job, end to end: the committed demo model ranks the described scene first, and
-    below it the same scene with the colours swapped (its binding twin) and with the places swapped (its
-    mirror, which only the relation's direction tells apart)."""
+@pytest.mark.parametrize("demo", ["demo_model", "blip2_demo_model"])
+def test_demo_model_answers_the_readme_query_with_the_scene_it_describes(tmp_path, demo):
+    """The README's main job, end to end: each committed demo model (BLIP, BLIP-2) ranks the described scene
+    first, and below it the same scene with the colours swapped (its binding twin) and with the places
+    swapped (its mirror, which only the relation's direction tells apart)."""
     from benchmark_scripts import scenes
 
     sc = scenes()
@@ -169,7 +170,7 @@ def test_demo_model_answers_the_readme_query_with_the_scene_it_describes(tmp_pat
     own, twin, mirror = (np.asarray(sc.render(scene, 192)).tobytes() for scene in sc.SHOWCASE)
     rendered = {own: "own", twin: "twin", mirror: "mirror"}
     role = {str(p): rendered.get(np.asarray(Image.open(p)).tobytes()) for p in (tmp_path / "demo").glob("*.png")}
-    demo_model = Path(__file__).parents[1] / "training" / "demo_model"
+    demo_model = Path(__file__).parents[1] / "training" / demo
     blipsearch("index", str(tmp_path / "demo"), "--model", str(demo_model), "-q", index=tmp_path / "index")
     answer = query_json_at(tmp_path / "index", "a large red circle left of a large blue square", "--top", "60")
     ranked = [role[r["path"]] for r in answer["results"]]
