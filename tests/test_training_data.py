@@ -111,6 +111,9 @@ def test_several_training_files_read_as_one_dataset_keep_ids_and_groups_apart(tm
     assert load_samples((str(tmp_path / "b.json"),)) == load_samples(tmp_path / "b.json")  # one: unchanged
     with pytest.raises(InvalidInputError, match="list of paths"):
         load_config(None, ["data.train=[a.json, 3]"])
+    with pytest.raises(InvalidInputError, match="list of paths"):
+        load_config(None, ["data.train=7"])
+    assert not load_config(None, ["data.train="]).data.train  # unset: a mixture may take its place
 
 
 def test_a_mixture_draws_each_batch_from_one_dataset_by_the_square_root_of_its_size(tmp_path):
