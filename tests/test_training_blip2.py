@@ -417,6 +417,18 @@ def test_qformer_starts_from_a_blip_text_encoder_with_its_cross_attention(tiny_m
     torch.testing.assert_close(model.itm_head.weight, random.itm_head.weight)  # BLIP's reads [ENC]: not taken
 
 
+def test_qformer_from_refuses_checkpoints_without_a_text_encoder_to_start_from(tiny_blip2_dir, tmp_path):
+    from blipsearch.retrieval.errors import ModelLoadError
+
+    from tiny import save_tiny_blip
+
+    captioner = save_tiny_blip(tmp_path / "captioner", model_class="BlipForConditionalGeneration")
+    with pytest.raises(ModelLoadError, match="not a BLIP retrieval checkpoint"):
+        tiny_blip2([f"model.qformer_from={captioner}"])  # its text encoder would load as random weights
+    with pytest.raises(ModelLoadError, match="blip-2 checkpoint"):
+        tiny_blip2([f"model.qformer_from={tiny_blip2_dir}"])
+
+
 def test_init_from_a_blip2_retrieval_checkpoint(tiny_blip2_dir, tmp_path):
     from safetensors.torch import load_file
 

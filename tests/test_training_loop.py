@@ -106,6 +106,8 @@ def test_a_frozen_vit_stays_as_loaded_while_the_text_side_trains(scene_data, tmp
     assert not torch.equal(ours["text_proj.weight"], start["text_proj.weight"])  # the rest trained
     with pytest.raises(InvalidInputError, match="freeze_vision"):
         load_config(TINY, ["model.freeze_vision=true"])  # a random ViT would stay random
+    with pytest.raises(InvalidInputError, match="freeze_vision"):
+        load_config(None, ["model.family=blip-2", "model.freeze_vision=true", f"model.init_from={tiny_model_dir}"])
 
 
 def test_gradient_accumulation_matches_the_loss_scale(scene_data, tmp_path):

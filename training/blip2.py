@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blipsearch.retrieval.errors import ModelLoadError
+
 from .config import ModelConfig
 from .export import checkpoint_dir, load_pretrained
 from .tokenizer import SpecialIds
@@ -232,26 +234,39 @@ def load_bert(model: Blip2PretrainModel, name: str, tokenizer=None) -> list[str]
 
     directory = checkpoint_dir(name)
     try:
-        model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
+        checkpoint = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        model_type = None
+        checkpoint = {}  # BertForMaskedLM's loading below says what is missing
+    model_type = checkpoint.get("model_type")
     if model_type == "blip":
+        if "BlipForImageTextRetrieval" not in checkpoint.get("architectures", []):
+            raise ModelLoadError(f"model.qformer_from {name} is not a BLIP retrieval checkpoint "
+                                 f"({', '.join(checkpoint.get('architectures', [])) or 'no architecture named'}): "
+                                 "only a retrieval checkpoint has the text encoder the Q-Former starts from")
+        if tokenizer is None:
+            raise ModelLoadError("a BLIP checkpoint as model.qformer_from needs our tokenizer to match word rows")
+        from .tokenizer import load_tokenizer
+
         source = load_pretrained(transformers.BlipForImageTextRetrieval, directory, name)
         mapped = blip_text_to_qformer(source.state_dict())
-        if tokenizer is not None:
-            from .tokenizer import load_tokenizer
-
-            mapped["embeddings.word_embeddings.weight"] = _rows_by_token(
-                mapped["embeddings.word_embeddings.weight"], load_tokenizer(str(directory)).get_vocab(),
-                tokenizer.get_vocab(), model.embeddings.word_embeddings.weight.detach())
-    else:
+        mapped["embeddings.word_embeddings.weight"] = _rows_by_token(
+            mapped["embeddings.word_embeddings.weight"], load_tokenizer(str(directory)).get_vocab(),
+            tokenizer.get_vocab(), model.embeddings.word_embeddings.weight.detach())
+    elif model_type in ("bert", None):
         mapped = bert_to_qformer(load_pretrained(transformers.BertForMaskedLM, directory, name).state_dict())
-    ours, usable = model.state_dict(), {}
+    else:
+        raise ModelLoadError(f"model.qformer_from {name} is a {model_type} checkpoint; give a BERT checkpoint or "
+                             "a BLIP retrieval checkpoint")
+    ours, usable, skipped = model.state_dict(), {}, []
     for key, value in mapped.items():
         target = ours.get(key)
         if target is None or value.shape[1:] != target.shape[1:] or value.shape[0] > target.shape[0]:
+            skipped.append(key)
             continue
         usable[key] = torch.cat([value, target[value.shape[0]:]]) if value.ndim else value
+    if skipped:
+        log.warning("model.qformer_from %s: %d tensors of other shapes or without a place here stay random: %s",
+                    name, len(skipped), ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
     model.load_state_dict(usable, strict=False)
     model.copy_text_ffn_to_queries()
     crossed = any(".crossattention." in key for key in usable)

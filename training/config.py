@@ -224,7 +224,7 @@ def validate(config: TrainConfig) -> None:
     elif config.model.vision_from or config.model.qformer_from:
         raise InvalidInputError("model.vision_from and model.qformer_from are for model.family blip-2")
     data = config.data
-    if data.train and not isinstance(data.train, str) and not (
+    if data.train is not None and not isinstance(data.train, str) and not (
             isinstance(data.train, tuple) and all(isinstance(one, str) and one for one in data.train)):
         raise InvalidInputError("data.train must be a path, or a list of paths read as one dataset")
     if data.mixture and (data.train or data.group_batches):

@@ -122,8 +122,8 @@ def _number(pairs: list[tuple[Path, str]]) -> list[Sample]:
 def load_samples(source: str | Path | tuple[str, ...], images: str | Path | None = None,
                  split: str = "train") -> list[Sample]:
     """Pairs of one source, or of several read as one dataset: their samples in the order given, one image id
-    per image file (a file two sources name is one image), and each group kept within its own source (two
-    files may both name group "0-0")."""
+    per image file (a file two sources name is one image, however its path is spelled), and each group kept
+    within its own source (two files may both name group "0-0"). `images` applies to every JSON source."""
     if isinstance(source, tuple | list):
         parts = [load_samples(one, images, split) for one in source]
         if len(parts) == 1:
@@ -131,7 +131,7 @@ def load_samples(source: str | Path | tuple[str, ...], images: str | Path | None
         samples = _concatenate([[replace(s, group=None if s.group is None else f"{k}/{s.group}") for s in part]
                                 for k, part in enumerate(parts)])
         image_ids: dict[Path, int] = {}
-        return [replace(s, image_id=image_ids.setdefault(s.image, len(image_ids))) for s in samples]
+        return [replace(s, image_id=image_ids.setdefault(s.image.resolve(), len(image_ids))) for s in samples]
     source = Path(source)
     if not source.exists():
         raise InvalidInputError(f"training data {source} does not exist")

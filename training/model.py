@@ -198,7 +198,7 @@ def build_model(cfg: ModelConfig, objective: ObjectiveConfig, ids: SpecialIds, c
             embeddings.position_embedding.copy_(sincos_positions(grid, config.vision_config.hidden_size)[None])
         model.sync_momentum()
     if cfg.freeze_vision:
-        model.vision_model.requires_grad_(False)  # out of the optimizer; its momentum copy then stays equal
+        model.vision_model.requires_grad_(False)  # out of the optimizer; its momentum copy blends equal weights
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("BLIP with %.1fM trainable parameters (decoder: %s)", count / 1e6, model.text_decoder is not None)
     return model
