@@ -228,15 +228,12 @@ def load_bert(model: Blip2PretrainModel, name: str, tokenizer=None) -> list[str]
     each of our tokens takes the row of the same token there; BERT's rows are taken by position, as its
     vocabulary comes first in ours. Tokens the source lacks (BERT's [DEC] and [ENC], new words) keep
     their random rows."""
-    import json
-
     import transformers
 
+    from blipsearch.retrieval.models.loading import read_config
+
     directory = checkpoint_dir(name)
-    try:
-        checkpoint = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        checkpoint = {}  # BertForMaskedLM's loading below says what is missing
+    checkpoint = read_config(directory, name)
     model_type = checkpoint.get("model_type")
     if model_type == "blip":
         if "BlipForImageTextRetrieval" not in checkpoint.get("architectures", []):

@@ -128,10 +128,10 @@ def load_samples(source: str | Path | tuple[str, ...], images: str | Path | None
         parts = [load_samples(one, images, split) for one in source]
         if len(parts) == 1:
             return parts[0]
-        samples = _concatenate([[replace(s, group=None if s.group is None else f"{k}/{s.group}") for s in part]
-                                for k, part in enumerate(parts)])
         image_ids: dict[Path, int] = {}
-        return [replace(s, image_id=image_ids.setdefault(s.image.resolve(), len(image_ids))) for s in samples]
+        return [replace(s, sample_id=i, image_id=image_ids.setdefault(s.image.resolve(), len(image_ids)),
+                        group=None if s.group is None else f"{k}/{s.group}")
+                for i, (k, s) in enumerate((k, s) for k, part in enumerate(parts) for s in part)]
     source = Path(source)
     if not source.exists():
         raise InvalidInputError(f"training data {source} does not exist")
