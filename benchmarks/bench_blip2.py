@@ -10,11 +10,12 @@ photo-like 12 MP JPEGs, and a synthetic index of random ITC vectors (32 x 256) a
 (257 x 1408) per image (the model ~25 s and 5 GB of memory, the index ~1 minute and 0.9 GB of disk).
 Speed does not depend on weight or pixel values. Prints (JSON, then one line):
 
-  - the CPU and its bf16 matmul peak, measured in this run before indexing and again at the end (on a
+  - the CPU and its matmul peak (in the engine's precision on this CPU: bf16 where it has bf16 units, else
+    fp32), measured in this run before indexing and again at the end (on a
     machine shared with other work it shows the contention the figures ran under);
   - indexing: `blipsearch index` in a fresh process against Blip2Processor + `vision_model` + the Q-Former's
     query pass + `vision_projection` in fp32 at batch 8 (what `get_image_features`-style code runs): images/s,
-    peak RSS, their ratio, and the fraction of the bf16 peak ours reaches on the ViT-g's FLOPs;
+    peak RSS, their ratio, and the fraction of that peak ours reaches on the ViT-g's FLOPs;
   - query: warm p50/p95 of `Searcher.search_text` re-ranking 32 candidates with ITM over stored features, in
     a process that loads no ViT-g weights (checked and printed), and that process's peak RSS; against
     `Blip2ForImageTextRetrieval(..., use_image_text_matching_head=True)` over 32 candidates, which re-runs the
@@ -40,6 +41,7 @@ from common import (
     DEFAULT_WORKDIR,
     build_synthetic_index,
     cpu_model,
+    engine_precision,
     make_photos,
     matmul_peak_gflops,
     print_json,
@@ -161,7 +163,7 @@ def indexing(args: argparse.Namespace, model_dir: Path, peak: float) -> dict:
     return {"images": args.images, "vit_g": flops, "ours": ours, "baseline_transformers_fp32_batch8": baseline,
             "speedup": ours["pipeline_images_per_s"] / baseline["images_per_s"],
             "speedup_whole_command": ours["command_images_per_s"] / baseline["images_per_s"],
-            "fraction_of_bf16_peak": ours["pipeline_images_per_s"] * flops["gflops"] / peak}
+            "fraction_of_peak": ours["pipeline_images_per_s"] * flops["gflops"] / peak}
 
 
 def querying(args: argparse.Namespace, model_dir: Path) -> dict:
@@ -178,9 +180,10 @@ def querying(args: argparse.Namespace, model_dir: Path) -> dict:
 def summary(report: dict) -> str:
     i, q = report["indexing"], report["query"]
     ours, base, warm, cold = i["ours"], i["baseline_transformers_fp32_batch8"], q["warm"], q["cold"]
-    return (f"BLIP-2 ViT-g on {report['cpu']}, bf16 peak {report['bf16_matmul_peak_gflops']:.0f} GFLOP/s: "
+    return (f"BLIP-2 ViT-g on {report['cpu']}, "
+            f"{report['peak_precision']} peak {report['matmul_peak_gflops']:.0f} GFLOP/s: "
             f"indexing {i['images']} photos {ours['pipeline_images_per_s']:.2f} img/s vs transformers fp32 "
-            f"{base['images_per_s']:.2f} -> {i['speedup']:.1f}x ({i['fraction_of_bf16_peak']:.0%} of peak; "
+            f"{base['images_per_s']:.2f} -> {i['speedup']:.1f}x ({i['fraction_of_peak']:.0%} of peak; "
             f"peak RSS {ours['peak_rss_mb']:.0f} vs {base['peak_rss_mb']:.0f} MB); query re-ranking {q['candidates']} "
             f"of {q['index_images']}: warm p50 {warm['p50_ms']:.0f} ms, p95 {warm['p95_ms']:.0f} ms "
             f"(RSS {warm['peak_rss_mb']:.0f} MB, ViT-g loaded: {not warm['vision_is_none']}) vs transformers "
@@ -207,11 +210,12 @@ def main() -> None:
 
     model_dir = args.workdir / "blip2-vitg-random"
     build = child("build", "--model", str(model_dir))  # once; in a child, so the fp32 model's memory goes back
-    peak = matmul_peak_gflops("bf16")
-    report = {"cpu": cpu_model(), "bf16_matmul_peak_gflops": peak, "model": model_dir.name,
+    precision = engine_precision()
+    peak = matmul_peak_gflops(precision)
+    report = {"cpu": cpu_model(), "peak_precision": precision, "matmul_peak_gflops": peak, "model": model_dir.name,
               "model_build_seconds": build["command_seconds"], "indexing": indexing(args, model_dir, peak)}
     report["query"] = querying(args, model_dir)
-    report["bf16_matmul_peak_gflops_at_end"] = matmul_peak_gflops("bf16")
+    report["matmul_peak_gflops_at_end"] = matmul_peak_gflops(precision)
     print_json(report)
     print("\n" + summary(report))
 

@@ -6,7 +6,7 @@ bookkeeping shows.
     python benchmarks/bench_growth.py --sizes 10000 100000     # ~10 minutes here; files under --workdir
 
 Files are distinct 32x32 PNGs (~3 KB each) in folders of 1,000. Prints one table row per size and the
-CPU with its bf16 matmul peak measured in the same run.
+CPU with its matmul peak (in the engine's precision on this CPU) measured in the same run.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
-from common import DEFAULT_WORKDIR, cpu_model, matmul_peak_gflops, print_json, run_measured
+from common import DEFAULT_WORKDIR, cpu_model, engine_precision, matmul_peak_gflops, print_json, run_measured
 
 CLI = [sys.executable, "-m", "blipsearch.retrieval.cli"]
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     model = args.workdir / "tiny-model"
     if not (model / "config.json").exists():
         save_tiny_blip(model)
-    peak = matmul_peak_gflops("bf16")
+    peak = matmul_peak_gflops()
     rows = []
     for size in args.sizes:
         folder, location = args.workdir / f"files-{size}", args.workdir / f"index-{size}"
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
                      "snapshot_build_s": round(build, 2), "query_fresh_process_s": round(cold, 2),
                      "query_warm_p50_ms": round(1000 * warm, 1)})
         print_json(rows[-1])
-    print_json({"cpu": cpu_model(), "bf16_peak_gflops": round(peak), "rows": rows})
+    print_json({"cpu": cpu_model(), "peak_precision": engine_precision(), "matmul_peak_gflops": round(peak),
+                "rows": rows})
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ true image) for:
   vector    ITC recall, ITM re-rank of the top --candidates (blipsearch's search without keywords)
   keyword   BM25 over the written captions and the file paths alone
   hybrid    vector and keyword lists fused by reciprocal rank, then the same ITM re-rank
-Also times the captioner alone on the test images (images/s, batch 16) and prints the CPU and its bf16
-matmul peak measured in the same run.
+Also times the captioner alone on the test images (images/s, batch 16) and prints the CPU and its matmul
+peak (in the engine's precision on this CPU) measured in the same run.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import cpu_model, matmul_peak_gflops, print_json
+from common import cpu_model, engine_precision, matmul_peak_gflops, print_json
 
 KS = (1, 5, 10)
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         images.mkdir()
         for entry in entries:  # only the test images: links, so the index's paths say nothing of the scene
             (images / Path(entry["image"]).name).symlink_to((args.data / "images" / entry["image"]).resolve())
-        peak = matmul_peak_gflops("bf16")
+        peak = matmul_peak_gflops()
         start = time.perf_counter()
         captioner, _ = build_index(images, Path(tmp) / "index", args.model, args.captioner)
         index_seconds = time.perf_counter() - start
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         captions = [reader.caption(h) for h in reader.files().values()]
         sample = sorted({c for c in captions if c})[:3]
     print_json({
-        "cpu": cpu_model(), "bf16_peak_gflops": round(peak), "images": len(entries),
+        "cpu": cpu_model(), "peak_precision": engine_precision(), "matmul_peak_gflops": round(peak),
+        "images": len(entries),
         "queries": len(ranks["vector"]), "candidates": args.candidates,
         "recall": {mode: recall(r) for mode, r in ranks.items()},
         "captioner_images_per_s": round(speed, 1), "index_with_captions_s": round(index_seconds, 1),

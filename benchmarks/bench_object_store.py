@@ -4,7 +4,7 @@ Writes BLIP-base feature records (577 x 768, int8 with per-channel scales: 446 K
 `--batch` records, once as local segment files and once as segment objects under an S3-compatible prefix,
 then reads the candidates of `--queries` queries (`--candidates` random records each) as a query's re-rank
 does: memory-mapped locally, as parallel ranged GETs from the objects. Prints write MB/s and the p50/p95 of
-a query's feature read for both, and the bf16 matmul peak measured in the same run.
+a query's feature read for both, and the matmul peak (in the engine's precision on this CPU) measured in the same run.
 
 By default the prefix is on a moto server this script starts on localhost: that measures the client and
 the request path, not a network. Point it at a real bucket with `--index s3://bucket/prefix` (AWS_* from the
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import cpu_model, matmul_peak_gflops, print_json
+from common import cpu_model, engine_precision, matmul_peak_gflops, print_json
 
 
 def start_moto() -> subprocess.Popen:
@@ -80,7 +80,7 @@ def main() -> None:
     from blipsearch.indexer.features import FeatureSegments, ObjectSegments
     from blipsearch.indexer.location import ObjectPrefix
 
-    peak = matmul_peak_gflops("bf16")
+    peak = matmul_peak_gflops()
     server = None if args.index else start_moto()
     remote = ObjectPrefix(args.index or "s3://bench/index")
     size = codec.packed_bytes(577, 768)
@@ -94,13 +94,14 @@ def main() -> None:
         remote.remove("features")
         if server is not None:
             server.terminate()
-    report = {"cpu": cpu_model(), "bf16_matmul_peak_gflops": round(peak), "record_bytes": size,
+    report = {"cpu": cpu_model(), "peak_precision": engine_precision(), "matmul_peak_gflops": round(peak),
+              "record_bytes": size,
               "records": args.records, "records_per_segment": args.batch, "candidates": args.candidates,
               "store": "moto on localhost" if server else args.index, "local_folder": local, "object_storage": objects}
     print_json(report)
     print(f"feature read of {args.candidates} candidates: local p50 {local['query_read_p50_ms']} ms, object storage "
           f"({report['store']}) p50 {objects['query_read_p50_ms']} ms; writes {local['write_mb_per_s']} vs "
-          f"{objects['write_mb_per_s']} MB/s; bf16 peak {peak:.0f} GFLOP/s")
+          f"{objects['write_mb_per_s']} MB/s; {report['peak_precision']} peak {peak:.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import cpu_model, matmul_peak_gflops
+from common import cpu_model, engine_precision, matmul_peak_gflops
 
 DIM = 256
 
@@ -52,7 +52,8 @@ def main() -> None:
     v = args.vectors_per_image
     sizes = args.sizes or [n // v for n in (16_384, 65_536, 262_144, 1_048_576)]
     rng = np.random.default_rng(0)
-    print(f"CPU: {cpu_model()}; bf16 matmul peak {matmul_peak_gflops():.0f} GFLOP/s; {v} vector(s) per image, "
+    print(f"CPU: {cpu_model()}; {engine_precision()} matmul peak {matmul_peak_gflops():.0f} GFLOP/s; "
+          f"{v} vector(s) per image, "
           f"{DIM} dimensions")
     header = (f"{'images':>9} {'vectors':>10}  {'exact ms':>8}  {'engine index':>12}  {'build s':>7}  "
               f"{'MB':>7}  {'p50 ms':>7}  {'R@10':>5}  {'R@64':>5}")

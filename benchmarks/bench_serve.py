@@ -7,7 +7,7 @@ Starts the server in a subprocess on 127.0.0.1 (never another host), then for ea
 many threads, each with its own keep-alive connection, sending text queries (ITM re-rank of 64 candidates)
 back to back for --seconds (at most --max-requests each). The server runs one query at a time (one model),
 so latency grows with the clients while throughput stays flat: the figures show the queueing. Prints the CPU
-and the bf16 matmul peak measured in the same run (before the server starts).
+and the matmul peak (in the engine's precision on this CPU) measured in the same run (before the server starts).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import DEFAULT_WORKDIR, cpu_model, matmul_peak_gflops, print_json
+from common import DEFAULT_WORKDIR, cpu_model, engine_precision, matmul_peak_gflops, print_json
 
 ROOT = Path(__file__).parents[1]
 CLI = [sys.executable, "-m", "blipsearch.retrieval.cli"]
@@ -137,7 +137,8 @@ def main() -> None:
         parser.error(f"clients must lie in 1..{MAX_CLIENTS} and seconds in (0, {MAX_SECONDS}]")
 
     index = args.index or demo_index(args.workdir)
-    report = {"cpu": cpu_model(), "bf16_peak_gflops": matmul_peak_gflops("bf16"), "index": str(index),
+    report = {"cpu": cpu_model(), "peak_precision": engine_precision(), "matmul_peak_gflops": matmul_peak_gflops(),
+              "index": str(index),
               "library_p50_ms": library_latency(index)}
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -157,7 +158,7 @@ def main() -> None:
     if one:
         print(f"library API in process, warm: p50 {report['library_p50_ms']:.0f} ms; served to one client: "
               f"{one['p50_ms'] / report['library_p50_ms']:.2f}x that")
-    print(f"CPU {report['cpu']}, bf16 peak {report['bf16_peak_gflops']:.0f} GFLOP/s (this run)")
+    print(f"CPU {report['cpu']}, {report['peak_precision']} peak {report['matmul_peak_gflops']:.0f} GFLOP/s (this run)")
     if any(row["errors"] for row in report["levels"]):
         sys.exit(1)
 

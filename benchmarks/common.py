@@ -1,5 +1,5 @@
 """Shared pieces of the speed benchmarks: a full-size random BLIP checkpoint, photo-like JPEGs, the
-machine's bf16 matmul peak, and peak memory of a child process.
+machine's matmul peak in the engine's precision, and peak memory of a child process.
 
 Speed does not depend on weight values, so a BLIP ViT-B/16 384 px retrieval model with random weights
 (saved once under the work folder) stands in for `Salesforce/blip-itm-base-coco`.
@@ -97,10 +97,21 @@ def _photo(path: Path, size: tuple[int, int], rng: np.random.Generator) -> None:
     Image.fromarray(pixels).save(path, quality=90)
 
 
-def matmul_peak_gflops(dtype_name: str = "bf16", n: int = 2048, repeats: int = 10) -> float:
-    """The machine's dense matmul rate, measured now (so ratios hold on a busy or different machine)."""
+def engine_precision() -> str:
+    """The precision `--precision auto` computes in on this CPU: bf16 where the CPU multiplies bf16 in hardware
+    (AVX512-BF16 or AMX), else fp32. The peak that figures are compared with is this precision's: on an
+    AVX2-only CPU bf16 is emulated (0.3 GFLOP/s measured on one), and the engine runs fp32 there."""
+    from blipsearch.retrieval.device import cpu_has_fast_bf16
+
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def matmul_peak_gflops(dtype_name: str | None = None, n: int = 2048, repeats: int = 10) -> float:
+    """The machine's dense matmul rate in `dtype_name` (default: `engine_precision()`), measured now (so
+    ratios hold on a busy or different machine)."""
     import torch
 
+    dtype_name = dtype_name or engine_precision()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
@@ -247,8 +258,11 @@ def build_synthetic_index(directory: Path, model_dir: Path, images: int, batch: 
 
 
 def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo; else what `platform` knows) and how many cores are usable."""
+    """The CPU's model name (Linux /proc/cpuinfo; else what `platform` knows), how many cores are usable, and
+    the vector units that set its matmul peak: e.g. "AMD EPYC (2 cores, AVX512, bf16 units, no AMX)"."""
     import platform
+
+    import torch
 
     name = platform.processor() or platform.machine()
     try:
@@ -256,4 +270,7 @@ def cpu_model() -> str:
         name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
     except OSError:
         pass
-    return f"{name} ({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    bf16 = "bf16 units" if engine_precision() == "bf16" else "no bf16 units"
+    amx = "AMX" if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else "no AMX"
+    return f"{name} ({cores} cores, {torch.backends.cpu.get_cpu_capability()}, {bf16}, {amx})"

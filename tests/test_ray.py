@@ -26,8 +26,16 @@ def local_ray(s3_endpoint):
 def answers(index) -> list[tuple[str, float, float]]:
     """(file name under the photo root, score, ITM probability) of every indexed image, best first."""
     out = blipsearch("query", QUERY, "--json", "--top", "20", "--candidates", "20", index=index).stdout
-    return [("/".join(Path(r["path"]).parts[-2:]), round(r["score"], 5), r["itm_prob"])
-            for r in json.loads(out)["results"]]
+    return [("/".join(Path(r["path"]).parts[-2:]), r["score"], r["itm_prob"]) for r in json.loads(out)["results"]]
+
+
+def same_answers(ours: list, theirs: list) -> bool:
+    """The same files in the same order, scores and ITM probabilities within 1e-4. Not bit-equal: in fp32 (the
+    precision on CPUs without bf16 units) a GEMM's rounding depends on the batch and the thread count (Ray's
+    workers run other batches on one thread), ~1e-7 in an embedding, and the feature maps' int8 codec (fp16
+    scales) can turn that into ~1e-5 in a score; bf16 runs gave bit-equal answers."""
+    return [a[0] for a in ours] == [b[0] for b in theirs] and all(
+        a[1:] == pytest.approx(b[1:], abs=1e-4) for a, b in zip(ours, theirs, strict=True))
 
 
 def summary(result) -> str:
@@ -48,7 +56,7 @@ def test_ray_indexes_as_a_single_process_run_does(tmp_path, tiny_model_dir):
     shutil.copy(photos / "a" / "img001.png", photos / "b" / "copy.png")  # one content, two files
     single, on_ray = index_both(photos, tmp_path, model=("--model", str(tiny_model_dir)))
     assert single == on_ray == "blipsearch: indexed 10, reused 0 (moved or copied), unchanged 0, removed 0, skipped 0"
-    assert answers(tmp_path / "ray") == answers(tmp_path / "single")
+    assert same_answers(answers(tmp_path / "ray"), answers(tmp_path / "single"))
     # a second run on Ray: moved, deleted, new and touched files, as the single-process path sees them
     (photos / "a" / "img000.png").rename(photos / "b" / "moved.png")
     (photos / "a" / "img002.png").unlink()
@@ -56,7 +64,7 @@ def test_ray_indexes_as_a_single_process_run_does(tmp_path, tiny_model_dir):
     (photos / "c" / "broken.png").write_bytes(b"not a picture")
     single, on_ray = _rerun(photos, tmp_path)
     assert single == on_ray == "blipsearch: indexed 2, reused 1 (moved or copied), unchanged 8, removed 2, skipped 1"
-    assert answers(tmp_path / "ray") == answers(tmp_path / "single")
+    assert same_answers(answers(tmp_path / "ray"), answers(tmp_path / "single"))
     status = json.loads(blipsearch("status", "--json", index=tmp_path / "ray").stdout)
     assert (status["files"], status["images"]) == (11, 10)
 
@@ -102,7 +110,7 @@ def test_a_driver_killed_between_commits_leaves_a_usable_index_that_the_next_run
     assert answers(tmp_path / "ray") == []  # image rows are stored, no file names them yet: nothing to show
     again = blipsearch("index", str(photos), "-q", "--ray", index=tmp_path / "ray")
     assert summary(again) == "blipsearch: indexed 7, reused 0 (moved or copied), unchanged 0, removed 0, skipped 0"
-    assert answers(tmp_path / "ray") == answers(tmp_path / "single")
+    assert same_answers(answers(tmp_path / "ray"), answers(tmp_path / "single"))
     # the copy was encoded twice by two batches of the killed run; the next writer kept one row per content
     status = json.loads(blipsearch("status", "--json", index=tmp_path / "ray").stdout)
     assert (status["files"], status["images"]) == (7, 6)
@@ -118,7 +126,7 @@ def test_ray_reads_photos_from_s3_into_an_index_on_s3(tmp_path, s3_bucket, tiny_
     remote = f"s3://{s3_bucket}/index"
     blipsearch("index", f"s3://{s3_bucket}/library", "-q", "--ray", "--model", str(tiny_model_dir), index=remote)
     blipsearch("index", str(photos), "-q", "--model", str(tiny_model_dir), index=tmp_path / "single")
-    assert answers(remote) == answers(tmp_path / "single")
+    assert same_answers(answers(remote), answers(tmp_path / "single"))
     paths = json.loads(blipsearch("query", QUERY, "--json", index=remote).stdout)["results"]
     assert all(r["path"].startswith(f"s3://{s3_bucket}/library/trip/img00") for r in paths)
     under = json.loads(blipsearch("query", QUERY, "--json", "--in", f"s3://{s3_bucket}/library/trip/",
@@ -128,7 +136,7 @@ def test_ray_reads_photos_from_s3_into_an_index_on_s3(tmp_path, s3_bucket, tiny_
                                  index=remote).stdout)["results"] == []
     # and the single-process path reads the same objects
     blipsearch("index", f"s3://{s3_bucket}/library", "-q", "--model", str(tiny_model_dir), index=tmp_path / "s3-single")
-    assert answers(tmp_path / "s3-single") == answers(remote)
+    assert same_answers(answers(tmp_path / "s3-single"), answers(remote))
 
 
 def test_ray_errors_are_one_line(tmp_path, tiny_model_dir):
