@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import platform
 from typing import TYPE_CHECKING
 
 from .errors import InvalidInputError
@@ -50,3 +52,33 @@ def select_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     if device.type == "mps":
         return torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_UP_TO = 2**31 - 1  # bytes: mallopt takes a C int
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Let this process keep the memory that large tensors free for the next ones (glibc's malloc), instead of
+    handing it back to the OS and faulting it in again page by page; True where that was set.
+
+    By default glibc maps every allocation over 32 MB on its own and unmaps it when freed, so each large
+    activation of a model costs a page fault per 4 KB on every forward pass: a 4616 x 3072 fp32 tensor takes
+    ~14,000 faults, and copying it ~30 ms instead of ~4 ms. Measured on `blipsearch index` of 48 photos with
+    BLIP ViT-B (fp32, 2-core AVX2 EPYC): 50.4 -> 44.0 s (means of 3 and 5 runs), 2.8 million page faults ->
+    0.48 million, peak memory 2.07 -> 2.15 GB. The cost: freed memory stays with the process until it exits,
+    and glibc leaves several freed blocks of one size unused before it reuses one (aligned requests do not
+    fit them exactly), so memory settles above the live tensors' peak. Process-wide, so the CLI calls it; a
+    long-running program that embeds the library may call it once too. Elsewhere (other C libraries) nothing
+    is changed."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_UP_TO)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO))

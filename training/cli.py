@@ -135,7 +135,10 @@ def cli() -> None:
     """BLIP training: pre-train or fine-tune, bootstrap captions (CapFilt), export to Hugging Face format."""
     import os
 
+    from ..retrieval.device import keep_freed_memory
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    keep_freed_memory()  # large activations reuse freed memory instead of faulting in fresh pages
 
 
 for _command in COMMANDS:

@@ -19,6 +19,7 @@ import sys
 
 import click
 
+from ..device import keep_freed_memory
 from ..errors import BlipsearchError
 
 EXIT_ERROR = 1
@@ -71,6 +72,7 @@ def main(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="blipsearch: %(message)s", stream=sys.stderr)
     _quiet_third_party()
+    keep_freed_memory()  # large activations reuse freed memory instead of faulting in fresh pages
 
 
 _read_only_done = False  # set by a read-only command that finished: see `run`
