@@ -102,6 +102,9 @@ def index_baseline_child(photos: Path, model_dir: Path, batch: int = 8) -> dict:
 def warm_child(model_dir: Path, index: Path, queries: int) -> dict:
     """bench_query's warm loop over the BLIP-2 index, and a check of what the searcher's model holds."""
     import blipsearch.retrieval.models as models
+    from blipsearch.retrieval.device import keep_freed_memory
+
+    keep_freed_memory()  # as the CLI does
 
     loaded, load = [], models.load_model
 

@@ -126,7 +126,7 @@ def main() -> None:
     precision = engine_precision()
     peaks = [matmul_peak_gflops(precision)]
     ours = index_run(folder, model, args.workdir / "index", [])
-    peaks.append(matmul_peak_gflops(precision))  # these machines drift by +-20%: the peak around the run
+    peaks.append(matmul_peak_gflops(precision))  # these machines drift by +-15%: the peak around the run
     peak = statistics.mean(peaks)
     baseline = baseline_run(folder, model)
     flops = vit_gflops_per_image()

@@ -111,7 +111,9 @@ def library_latency(index: Path, rounds: int = 5) -> float:
     """Median ms of the same text queries through the library API in this process, warm: what a served query
     costs without HTTP (the server's one-client p50 is compared with it)."""
     from blipsearch.retrieval.api import Index, Options
+    from blipsearch.retrieval.device import keep_freed_memory
 
+    keep_freed_memory()  # as `blipsearch serve` does
     opened, options = Index.open(index, with_vision=False), Options(top=20)  # as the clients ask
     for text in QUERIES:  # warm up
         opened.search(text, options)

@@ -212,8 +212,10 @@ class _Encoder:
     writes their feature records as one new segment."""
 
     def __init__(self, options: RayOptions, location: str, record_bytes: int, ids, unnamed: frozenset[str]):
+        from blipsearch.retrieval.device import keep_freed_memory
         from blipsearch.retrieval.models import load_model
 
+        keep_freed_memory()  # as the CLI does: the actor's process never went through it
         self.model = load_model(options.model, device=options.device, precision=options.precision)
         self.segments = segments_at(location_of(location), record_bytes)
         self.ids, self.unnamed = ids, unnamed

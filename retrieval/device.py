@@ -55,7 +55,7 @@ def select_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
 
 
 # glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _KEEP_UP_TO = 2**31 - 1  # bytes: mallopt takes a C int
 
 
@@ -70,9 +70,9 @@ def keep_freed_memory() -> bool:
     BLIP ViT-B (fp32, 2-core AVX2 EPYC): 50.4 -> 44.0 s (means of 3 and 5 runs), 2.8 million page faults ->
     0.48 million, peak memory 2.07 -> 2.15 GB. The cost: freed memory stays with the process until it exits,
     and glibc leaves several freed blocks of one size unused before it reuses one (aligned requests do not
-    fit them exactly), so memory settles above the live tensors' peak. Process-wide, so the CLI calls it; a
-    long-running program that embeds the library may call it once too. Elsewhere (other C libraries) nothing
-    is changed."""
+    fit them exactly), so memory settles above the live tensors' peak. Process-wide, so the CLI (and a Ray
+    encoder actor) calls it; a long-running program that embeds the library may call it once too. Elsewhere
+    (other C libraries) nothing is changed."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     import ctypes
@@ -81,4 +81,8 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_UP_TO)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO))
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    # an older glibc may refuse a threshold over 32 MB: then no allocation is mapped on its own at all
+    unmapped = bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_UP_TO)) or bool(mallopt(_M_MMAP_MAX, 0))
+    kept = bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO))
+    return unmapped and kept

@@ -65,7 +65,7 @@ def test_one_image_against_many_texts_equals_repeating_it(pair, tiny_model):
 
 @pytest.mark.parametrize("words", ["a dog", "two children building a sandcastle near the sea"])
 def test_the_query_benchmarks_itm_flop_count_equals_the_flops_torch_counts(tiny_model_dir, monkeypatch, words):
-    """benchmarks/bench_query.py turns ITM time into a fraction of the bf16 peak with `itm_gflops`; the
+    """benchmarks/bench_query.py turns ITM time into a fraction of the matmul peak with `itm_gflops`; the
     count must be what the text tower executes (torch's FlopCounterMode, gelu unfused and attention through
     the math backend so that it sees every matmul; neither it nor the formula counts softmax or layer norms)."""
     from benchmark_scripts import script
