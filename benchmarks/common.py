@@ -101,9 +101,11 @@ def engine_precision() -> str:
     """The precision `--precision auto` computes in on this CPU: bf16 where the CPU multiplies bf16 in hardware
     (AVX512-BF16 or AMX), else fp32. The peak that figures are compared with is this precision's: on an
     AVX2-only CPU bf16 is emulated (0.3 GFLOP/s measured on one), and the engine runs fp32 there."""
-    from blipsearch.retrieval.device import cpu_has_fast_bf16
+    import torch
 
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
+    from blipsearch.retrieval.device import select_dtype
+
+    return {torch.bfloat16: "bf16", torch.float32: "fp32"}[select_dtype(torch.device("cpu"))]
 
 
 def matmul_peak_gflops(dtype_name: str | None = None, n: int = 2048, chunks: int = 5, per_chunk: int = 4) -> float:
