@@ -75,6 +75,7 @@ def warm_latencies(model_dir: Path, index: Path, queries: list[str]) -> dict:
     total = sum(times)
     return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * float(np.percentile(times, 95)),
             "mean_ms": 1000 * total / len(times), "dtype": str(model.dtype).replace("torch.", ""),
+            "runtime": type(model).__name__,
             "share_recall": stages["recall"] / total, "share_feature_fetch": stages["features"] / total,
             "share_text_encode_and_itm": 1 - (stages["recall"] + stages["features"]) / total}
 
@@ -94,19 +95,21 @@ def itm_gflops(config, text_tokens: int, image_tokens: int, candidates: int) -> 
     return candidates * (keys_values + rows) / 1e9
 
 
-def itm_latencies(model_dir: Path, queries: list[str], repeats: int = 3) -> dict:
+def itm_latencies(model_dir: Path, queries: list[str], repeats: int = 3, torch_runtime: bool = False) -> dict:
     """The ITM pass alone: each query against 32 stored feature maps (random int8 values, as stored),
-    in the engine's precision; p50/p95 over queries of the median of `repeats`, and GFLOP/s against the
-    same-run matmul peak in that precision (the median of samples taken before, between and after)."""
+    in the engine's precision and runtime (fp32 text queries: the numpy text side; `torch_runtime`: the torch
+    adapter instead); p50/p95 over queries of the median of `repeats`, and GFLOP/s against the same-run
+    matmul peak in that precision (the median of samples taken before, between and after)."""
     import torch
 
     from blipsearch.retrieval.models import load_model
 
     precision = engine_precision()
-    model = load_model(str(model_dir), "cpu", precision, with_vision=False)
-    stored = torch.randint(-127, 128, (CANDIDATES, 577, 768), dtype=torch.int8,
-                           generator=torch.Generator().manual_seed(0))
-    features = (stored.float() * 0.05).to(model.dtype)  # what the reader hands the model
+    model = load_model(str(model_dir), torch.device("cpu") if torch_runtime else "cpu", precision, with_vision=False)
+    stored = np.random.default_rng(0).integers(-127, 128, (CANDIDATES, 577, 768), dtype=np.int8)
+    features = stored.astype(np.float32) * np.float32(0.05)  # what the reader hands the model
+    if isinstance(model.dtype, torch.dtype):
+        features = torch.from_numpy(features).to(model.dtype)
     peaks = [matmul_peak_gflops(precision)]  # again every 10 queries: these machines drift by +-15%
     times, flops = [], []
     with torch.inference_mode():
@@ -127,7 +130,8 @@ def itm_latencies(model_dir: Path, queries: list[str], repeats: int = 3) -> dict
     rates = [f / s for f, s in zip(flops, times, strict=True)]
     return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * float(np.percentile(times, 95)),
             "gflop_per_pass_median": statistics.median(flops), "gflops_per_s_median": statistics.median(rates),
-            "peak_precision": precision, "matmul_peak_gflops": peak, "matmul_peak_samples": [round(p) for p in peaks],
+            "runtime": type(model).__name__, "peak_precision": precision, "matmul_peak_gflops": peak,
+            "matmul_peak_samples": [round(p) for p in peaks],
             "fraction_of_peak": statistics.median(rates) / peak}
 
 
@@ -193,13 +197,13 @@ def itm_levers(model_dir: Path, repeats: int = 5) -> dict:
                                     encoder_hidden_states=x, encoder_attention_mask=mask).last_hidden_state[:, 0])
 
     def ours(precision):
-        model = load_model(str(model_dir), "cpu", precision, with_vision=False)
+        model = load_model(str(model_dir), "cpu", precision, with_vision=False)  # fp32: the numpy text side
         single = model.tokenize([QUERIES[0]])
         return lambda: model.itm_scores(single, features)
 
     levers = {"transformers text encoder over stored features, fp32": lambda: plain(torch.float32),
               "+ bf16": lambda: plain(torch.bfloat16),
-              "our text tower (folded cross-attention, last layer at [ENC] only), fp32": lambda: ours("fp32"),
+              "our text side (folded cross-attention, last layer at [ENC] only), fp32 (numpy)": lambda: ours("fp32"),
               "+ bf16 (the default on CPUs with bf16 units)": lambda: ours("bf16")}
     if engine_precision() != "bf16":  # emulated bf16 runs at 0.3-1.2 GFLOP/s: minutes per lever, and never the default
         levers = {name: build for name, build in levers.items() if "bf16" not in name}
@@ -264,12 +268,16 @@ def main() -> None:
     warm = warm_latencies(model, index, QUERIES)
     baseline = baseline_latencies(model, QUERIES[:args.baseline_queries])
     itm = itm_latencies(model, QUERIES)
+    if itm["runtime"] != "BlipRetrievalModel":  # the numpy text side: the torch adapter's pass beside it
+        report_torch = itm_latencies(model, QUERIES[:10], torch_runtime=True)
     cold = cold_latencies(model, index, args.cold_runs)
     cold["demo_median_s"] = cold_latencies(DEMO_MODEL, demo_index(args.workdir), args.cold_runs,
                                            "a large red circle left of a large blue square")["median_s"]
     cold["matmul_peak_gflops"] = matmul_peak_gflops(itm["peak_precision"])
     report = {"cpu": cpu_model(), "images": args.images, "candidates": CANDIDATES, "warm": warm, "itm": itm,
               "baseline_transformers": baseline, "speedup_p50": baseline["p50_ms"] / warm["p50_ms"], "cold": cold}
+    if itm["runtime"] != "BlipRetrievalModel":
+        report["itm_torch_adapter_first_10_queries"] = report_torch
     if args.levers:
         report["itm_levers_ms"] = itm_levers(model)
     print_json(report)

@@ -9,9 +9,12 @@ recompute is tested in tests/test_codec.py and tests/test_search.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 CODEC = "int8-affine-per-channel"
 
@@ -29,6 +32,8 @@ class PackedFeatures:
 
 def pack(features: torch.Tensor) -> list[PackedFeatures]:
     """(B, T, H) features in any float dtype -> B packed maps."""
+    import torch
+
     x = features.detach().float().cpu()
     lo = x.amin(dim=1, keepdim=True)  # (B, 1, H)
     hi = x.amax(dim=1, keepdim=True)

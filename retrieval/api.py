@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .dates import format_date
 from .errors import FieldError, ImageLoadError, IndexDamagedError, InvalidInputError, printable
@@ -41,6 +40,8 @@ from .models.base import RetrievalModel, TextTokens
 from .search import Filters, Hit, Searcher, SearchOptions
 
 if TYPE_CHECKING:
+    import torch
+
     from blipsearch.indexer.location import Location
 
 log = logging.getLogger(__name__)
@@ -260,18 +261,18 @@ class Index:
         for term in terms:
             if term.text is not None:
                 encoded = self.model.encode_texts([term.text])
-                vector = encoded.embeddings[0]  # (D,)
+                vector = np.asarray(encoded.embeddings[0], dtype=np.float32)  # (D,)
                 texts.append((term.weight, encoded.tokens))
             else:
-                vectors = self.model.encode_images(self._pixels(term.image)).embeddings[0]  # (V, D)
-                vector = _unit(vectors.mean(0))
+                vectors = np.asarray(self.model.encode_images(self._pixels(term.image)).embeddings[0])  # (V, D)
+                vector = _unit(vectors.mean(0, dtype=np.float32))
             total = term.weight * vector if total is None else total + term.weight * vector
-        if float(total.norm()) < 1e-6:
+        if float(np.linalg.norm(total)) < 1e-6:
             raise InvalidInputError("the query terms cancel out: change a weight or a term")
         positive = [i for i, (weight, _) in enumerate(texts) if weight > 0]
         if positive:  # the first positive text leads: its match probability is the one reported
             texts.insert(0, texts.pop(positive[0]))
-        return _unit(total).numpy(), texts if positive else []
+        return _unit(total), texts if positive else []
 
     def _pixels(self, image: ImageSource) -> torch.Tensor:
         from blipsearch.indexer.images import load_image
@@ -301,8 +302,8 @@ class Index:
         return results
 
 
-def _unit(vector: torch.Tensor) -> torch.Tensor:
-    return vector / vector.norm().clamp_min(1e-12)
+def _unit(vector: np.ndarray) -> np.ndarray:
+    return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
 
 def folders(path: Path | str) -> list[str]:

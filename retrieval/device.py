@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
+import sys
 from typing import TYPE_CHECKING
 
 from .errors import InvalidInputError
@@ -21,6 +23,45 @@ def cpu_has_fast_bf16() -> bool:
 
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def numpy_text_side(device: str, precision: str) -> bool:
+    """True where a model loaded with these settings computes in fp32 on the CPU, known without importing
+    torch: then a text query runs the numpy text side (models/blip_numpy.py) and never imports torch.
+
+    auto devices: the CPU only on Linux without an NVIDIA or AMD (ROCm) GPU's device files (elsewhere, or with
+    one, torch decides); auto precision: fp32 where /proc/cpuinfo lists no bf16 units (as `cpu_has_fast_bf16`,
+    which is asked instead once torch is imported anyway)."""
+    if device not in ("auto", "cpu") or precision not in ("auto", "fp32"):
+        return False
+    torch_loaded = "torch" in sys.modules
+    if device == "auto":
+        if torch_loaded:
+            if select_device("auto").type != "cpu":
+                return False
+        elif platform.system() != "Linux" or any(map(os.path.exists, _ACCELERATOR_FILES)):
+            return False
+    if precision == "fp32":
+        return True
+    if torch_loaded:
+        return not cpu_has_fast_bf16()
+    flags = _cpu_flags()
+    return flags is not None and not flags & {"avx512_bf16", "amx_bf16"}
+
+
+_ACCELERATOR_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/proc/driver/nvidia/version", "/dev/kfd")
+
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as Linux lists them; None where they cannot be read (not Linux, not x86)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
 
 
 def select_device(name: str = "auto") -> torch.device:

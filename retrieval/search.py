@@ -14,14 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
 
 from .errors import FieldError, InvalidInputError
 from .fusion import fuse, match_logit, match_probability
 from .models.base import RetrievalModel, TextTokens
+
+if TYPE_CHECKING:
+    import torch
 
 RERANK_BATCH = 32  # candidates per ITM forward pass: bounds activation memory
 RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al. 2009; also Elasticsearch's and LanceDB's default)
@@ -126,7 +128,7 @@ class Searcher:
         if not text.strip():
             raise InvalidInputError("the query text is empty")
         encoded = self.model.encode_texts([text])
-        return self.search_vector(encoded.embeddings[0].numpy(), [(1.0, encoded.tokens)], options, words=text)
+        return self.search_vector(np.asarray(encoded.embeddings[0]), [(1.0, encoded.tokens)], options, words=text)
 
     def search_keywords(self, options: SearchOptions) -> list[Hit]:
         """Images by their `options.keyword` words alone (no vector): best BM25 first."""
@@ -160,7 +162,7 @@ class Searcher:
         an indexed image's (BLIP: its one vector; BLIP-2: 32 query vectors each, so an image scores 1 with
         itself)."""
         vectors = self.model.encode_images(pixels).embeddings[0]  # (V, D)
-        return self.search_vector(vectors.numpy(), [], options)
+        return self.search_vector(np.asarray(vectors), [], options)
 
     def _with_keyword_hits(self, query: np.ndarray, recalled: list[tuple[str, float]],
                            keyword: list[tuple[str, float]]) -> tuple[list[tuple[str, float]], dict[str, float]]:
@@ -182,11 +184,12 @@ class Searcher:
         hits = []
         for start in range(0, len(recalled), RERANK_BATCH):
             chunk = recalled[start:start + RERANK_BATCH]
-            features = torch.from_numpy(self.source.token_features([key for key, _ in chunk]))
-            logits = [self.model.itm_scores(tokens, features) for _, tokens in texts]  # each (K, 2)
-            scores = fuse(torch.tensor([score for _, score in chunk]), logits[0] * texts[0][0])
+            features = self.source.token_features([key for key, _ in chunk])  # (K, T, H) float32
+            logits = [np.asarray(self.model.itm_scores(tokens, features), dtype=np.float32)  # each (K, 2)
+                      for _, tokens in texts]
+            scores = fuse(np.array([score for _, score in chunk], dtype=np.float32), logits[0] * texts[0][0])
             for (weight, _), more in zip(texts[1:], logits[1:], strict=True):
-                scores += weight * match_logit(more).float()
+                scores += weight * match_logit(more)
             probs = match_probability(logits[0])
             hits += [Hit(key, float(s), c, float(p)) for (key, c), s, p in zip(chunk, scores, probs, strict=True)]
         return sorted(hits, key=lambda h: -h.score)

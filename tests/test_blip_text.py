@@ -75,7 +75,7 @@ def test_the_query_benchmarks_itm_flop_count_equals_the_flops_torch_counts(tiny_
     from blipsearch.retrieval.models import layers, load_model
 
     monkeypatch.setattr(layers, "_fused_linear_available", lambda: False)
-    model = load_model(str(tiny_model_dir), "cpu", "fp32", with_vision=False)
+    model = load_model(str(tiny_model_dir), torch.device("cpu"), "fp32", with_vision=False)  # torch counts its own
     tokens = model.tokenize([words])
     features = torch.randn(5, 17, model.text.config.image_hidden_size)
     counter = FlopCounterMode(display=False)

@@ -154,8 +154,9 @@ def test_uncached_hub_model_offline_is_one_line_without_traceback(tmp_path):
 
 
 def test_text_only_loading_gives_the_same_model(tiny_model_dir, tiny_model, photos):
-    """A text query loads the text side from safetensors alone; results and identity are the same."""
-    light = load_model(str(tiny_model_dir), "cpu", "fp32", with_vision=False)
+    """A text-only load of the torch adapter reads the text side from safetensors alone; results and identity
+    are the same (the numpy text side, which a "cpu" fp32 load gives: tests/test_blip_text_numpy.py)."""
+    light = load_model(str(tiny_model_dir), torch.device("cpu"), "fp32", with_vision=False)
     assert light.info == tiny_model.info and light.vision is None
     expected = tiny_model.encode_texts(TEXTS).embeddings
     torch.testing.assert_close(light.encode_texts(TEXTS).embeddings, expected, atol=0, rtol=0)

@@ -31,19 +31,28 @@ def load_model(name: str, device: str | torch.device = "auto", precision: str = 
                with_vision: bool = True) -> RetrievalModel:
     """Load a retrieval checkpoint (hub id or local directory) ready for `encode_*` and `itm_scores`.
 
-    `with_vision=False` loads only what a text query needs (faster start, less memory).
+    `with_vision=False` loads only what a text query needs (faster start, less memory). For a BLIP checkpoint
+    that would compute in fp32 on the CPU, that is the numpy text side (blip_numpy.py), loaded without torch;
+    pass a `torch.device` to have the torch adapter in any case.
     """
-    from ..device import select_device, select_dtype
-    from .blip import BlipRetrievalModel
-    from .blip2 import Blip2RetrievalModel
+    from ..device import numpy_text_side, select_device, select_dtype
     from .loading import local_directory, read_config
 
-    adapters = {"blip": BlipRetrievalModel, "blip-2": Blip2RetrievalModel}
+    families = ("blip", "blip-2")
     checkpoint = resolve(name)
     model_type = read_config(local_directory(checkpoint), name).get("model_type")
-    adapter = adapters.get(model_type)
-    if adapter is None:
+    if model_type not in families:
         raise ModelLoadError(f"model {name} is of type {model_type!r}; blipsearch loads "
-                             f"{', '.join(sorted(adapters))} retrieval checkpoints")
+                             f"{', '.join(families)} retrieval checkpoints")
+    if model_type == "blip" and not with_vision and isinstance(device, str) and numpy_text_side(device, precision):
+        from .blip_numpy import BlipNumpyTextModel
+
+        model = BlipNumpyTextModel.load(checkpoint)
+        if model is not None:
+            return model
+    from .blip import BlipRetrievalModel
+    from .blip2 import Blip2RetrievalModel
+
+    adapter = {"blip": BlipRetrievalModel, "blip-2": Blip2RetrievalModel}[model_type]
     torch_device = device if not isinstance(device, str) else select_device(device)
     return adapter.load(checkpoint, torch_device, select_dtype(torch_device, precision), with_vision=with_vision)

@@ -7,10 +7,12 @@ adapter implements the same three with 32 vectors per image and Q-Former feature
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,10 @@ class ModelInfo:
 
 @dataclass
 class TextTokens:
-    input_ids: torch.Tensor  # (N, L) int64, [CLS] at position 0
-    attention_mask: torch.Tensor  # (N, L) int64
+    """torch tensors, or numpy arrays for the numpy text side (blip_numpy.py): each model reads its own."""
+
+    input_ids: torch.Tensor | np.ndarray  # (N, L) int64, [CLS] at position 0
+    attention_mask: torch.Tensor | np.ndarray  # (N, L) int64
 
 
 @dataclass
@@ -56,7 +60,7 @@ class ImageEncoding:
 
 @dataclass
 class TextEncoding:
-    embeddings: torch.Tensor  # (N, D) L2-normalised ITC vectors, float32
+    embeddings: torch.Tensor | np.ndarray  # (N, D) L2-normalised ITC vectors, float32, on the CPU
     tokens: TextTokens  # kept for the ITM pass
 
 
@@ -64,7 +68,7 @@ class RetrievalModel(Protocol):
     """A loaded checkpoint, on one device, in one precision."""
 
     info: ModelInfo
-    device: torch.device
+    device: torch.device | str  # the numpy text side (blip_numpy.py): "cpu"
 
     def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels from uint8 RGB arrays already resized to `info.preprocessing`."""
@@ -74,10 +78,12 @@ class RetrievalModel(Protocol):
 
     def encode_texts(self, texts: list[str]) -> TextEncoding: ...
 
-    def itm_scores(self, tokens: TextTokens, features: torch.Tensor) -> torch.Tensor:
+    def itm_scores(self, tokens: TextTokens, features: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         """ITM logits (N, 2) [no match, match] for text row i against image features row i.
 
         A single text (N=1) is matched against every row of `features` (K, T, H), and a single image
-        (features (1, T, H)) against every text row.
+        (features (1, T, H)) against every text row. `features` may be a numpy array or a tensor; the logits
+        come back on the CPU as the model's own kind (torch adapters: a tensor; the numpy text side: an array),
+        which `np.asarray` reads either way.
         """
         ...

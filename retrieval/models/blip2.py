@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,6 +39,9 @@ from .loading import Checkpoint, WeightsSpec, local_directory, read_config, read
 from .preprocessing import read_preprocessing
 from .qformer import QFormerConfig, QFormerTower
 from .tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +92,8 @@ class Blip2RetrievalModel(Adapter):
         return ImageEncoding(embeddings=embeddings.cpu(), features=features)
 
     @torch.inference_mode()
-    def itm_scores(self, tokens: TextTokens, features: torch.Tensor) -> torch.Tensor:
+    def itm_scores(self, tokens: TextTokens, features: torch.Tensor | np.ndarray) -> torch.Tensor:
+        features = torch.as_tensor(features)
         input_ids, attention_mask = paired(tokens, features.shape[0])
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             logits = self.qformer.itm_logits(input_ids.to(self.device), attention_mask.to(self.device),

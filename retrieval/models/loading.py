@@ -308,6 +308,38 @@ def _read_safetensors_data(path: Path, name: str, keys: list[str], dtypes: Mappi
     return tensors
 
 
+def read_arrays(directory: Path, name: str, prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """The checkpoint's float tensors whose names start with `prefixes`, as float32 numpy arrays, from its
+    safetensors files (any shards), without torch: what the numpy text tower (blip_text_numpy.py) reads."""
+    import numpy as np
+
+    stored_as = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+    arrays = {}
+    for path in _safetensors_files(directory):
+        try:
+            with path.open("rb") as f:
+                header_size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_size))
+                for key, entry in header.items():
+                    if key == "__metadata__" or not key.startswith(prefixes):
+                        continue
+                    if entry["dtype"] not in stored_as:
+                        raise ValueError(f"tensor {key} is stored as {entry['dtype']}, not as floats")
+                    begin, end = entry["data_offsets"]
+                    raw = np.empty(end - begin, np.uint8)
+                    f.seek(8 + header_size + begin)
+                    if f.readinto(raw) != end - begin:
+                        raise OSError(f"tensor {key} is cut short")
+                    values = raw.view(stored_as[entry["dtype"]]).reshape(entry["shape"])
+                    if entry["dtype"] == "BF16":  # bf16 is the upper half of a float32
+                        values = (values.astype(np.uint32) << 16).view(np.float32)
+                    arrays[key] = values.astype(np.float32, copy=False)
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # ValueError: sizes that do not fit the shape
+            raise ModelLoadError(f"cannot read the weights file {path} of model {name} ({first_line(exc)}); "
+                                 f"{DAMAGED_HINT}") from exc
+    return arrays
+
+
 def _target_dtype(key: str, dtypes: Mapping[str, Any]) -> Any:
     return next((d for prefix, d in dtypes.items() if key.startswith(prefix)), None)
 
@@ -328,11 +360,12 @@ def safetensors_keys(directory: Path, name: str) -> set[str]:
 
 @contextmanager
 def open_safetensors(path: Path, name: str) -> Iterator[Any]:
-    """`safe_open(path)`; a damaged, cut-short or unreadable file of model `name` is a one-line error."""
+    """`safe_open(path)` for its header (keys, metadata); a damaged, cut-short or unreadable file of model `name`
+    is a one-line error. The numpy framework: the "pt" one imports torch, which a text query may not need."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:
             yield f
     except (SafetensorError, OSError) as exc:
         raise ModelLoadError(f"cannot read the weights file {path} of model {name} ({first_line(exc)}); "

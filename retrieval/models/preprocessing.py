@@ -21,12 +21,13 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelLoadError
 from .base import Preprocessing
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ def _preprocessing(p: dict[str, Any]) -> Preprocessing | None:
 
 def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 RGB (B, H, W, 3) -> float32 (B, 3, H, W): (x / 255 - mean) / std in one step, as the processor."""
+    import torch
+
     scaled_mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
     scaled_std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
     return (pixels.permute(0, 3, 1, 2).float() - scaled_mean) / scaled_std

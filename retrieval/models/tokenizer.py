@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from ..errors import InvalidInputError, ModelLoadError, first_line, printable
 from .base import TextTokens
@@ -57,11 +57,19 @@ class TextTokenizer:
         return cls(backend, max_length)
 
     def __call__(self, texts: list[str]) -> TextTokens:
+        """Tokens as torch tensors."""
+        import torch
+
+        tokens = self.arrays(texts)
+        return TextTokens(torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask))
+
+    def arrays(self, texts: list[str]) -> TextTokens:
+        """Tokens as int64 numpy arrays (no torch)."""
         for text in texts:
             _require_utf8(text)
         encodings = self._tokenizer.encode_batch(texts)
-        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
-        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
         return TextTokens(input_ids=ids, attention_mask=mask)
 
     def token_id(self, token: str) -> int | None:

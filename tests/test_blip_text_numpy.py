@@ -1,0 +1,186 @@
+"""The numpy text side (models/blip_text_numpy.py, blip_numpy.py) against the torch tower in fp32, and the
+rule that sends a text query to it (device.numpy_text_side), so that such a query never imports torch."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from blipsearch.retrieval import device as device_module
+from blipsearch.retrieval.api import Index
+from blipsearch.retrieval.device import cpu_has_fast_bf16, numpy_text_side
+from blipsearch.retrieval.errors import ModelLoadError
+from blipsearch.retrieval.models import load_model
+from blipsearch.retrieval.models.blip import BlipRetrievalModel
+from blipsearch.retrieval.models.blip_numpy import BlipNumpyTextModel
+from blipsearch.retrieval.models.blip_text import BlipTextTower
+from blipsearch.retrieval.models.blip_text_numpy import NumpyTextTower, _gelu
+from blipsearch.retrieval.models.loading import read_arrays
+from blipsearch.retrieval.models.text_config import TextTowerConfig
+from blipsearch.retrieval.search import SearchOptions
+
+from runner import photo_library
+
+TEXTS = ["a red dog on the beach", "a cat", "a photo of a blue car in the sea"]  # unequal lengths: padding
+TOLERANCE = 1e-5  # fp32 against fp32: both sum the same products in different orders
+
+
+@pytest.fixture(scope="module")
+def towers():
+    """A random tower of uneven sizes (heads of 16, image tokens wider than the text) in both runtimes."""
+    config = TextTowerConfig(vocab_size=90, hidden_size=64, num_layers=3, num_heads=4, intermediate_size=96,
+                             max_positions=40, image_hidden_size=48, embed_dim=24)
+    torch_tower = BlipTextTower(config).eval()
+    generator = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=generator) * 0.3 for k, v in torch_tower.state_dict().items()}
+    torch_tower.load_weights(state)
+    return torch_tower, NumpyTextTower(config, {k: v.numpy() for k, v in state.items()})
+
+
+def _tokens(rows: int, length: int, seed: int, pad_from: dict[int, int] | None = None):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 90, (rows, length), generator=generator)
+    mask = torch.ones(rows, length, dtype=torch.long)
+    for row, start in (pad_from or {}).items():
+        mask[row, start:] = 0
+    return ids, mask
+
+
+def test_text_embeddings_equal_the_torch_tower_with_padding(towers):
+    torch_tower, numpy_tower = towers
+    ids, mask = _tokens(4, 9, seed=1, pad_from={1: 4, 3: 2})
+    with torch.no_grad():
+        expected = torch_tower.embed_texts(ids, mask).numpy()
+    got = numpy_tower.embed_texts(ids.numpy(), mask.numpy())
+    assert got.dtype == np.float32 and got.shape == (4, 24)
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=TOLERANCE)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-6)
+
+
+@pytest.mark.parametrize("texts", [1, 5])
+def test_itm_logits_equal_the_torch_tower(towers, texts):
+    """One text against every image (the query's case), and text i against image i."""
+    torch_tower, numpy_tower = towers
+    ids, mask = _tokens(texts, 8, seed=2, pad_from={3: 5} if texts > 1 else None)
+    image = torch.randn(5, 13, 48, generator=torch.Generator().manual_seed(3)) * 2
+    with torch.no_grad():
+        expected = torch_tower.itm_logits(ids.expand(5, -1), mask.expand(5, -1), image).numpy()
+    got = numpy_tower.itm_logits(ids.numpy(), mask.numpy(), image.numpy())
+    assert got.shape == (5, 2)
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=TOLERANCE)
+    assert expected[:, 1].std() > 0.05  # the logits differ across images: the comparison has teeth
+
+
+def test_itm_refuses_features_of_another_width_or_count(towers):
+    _, numpy_tower = towers
+    ids, mask = _tokens(2, 6, seed=4)
+    with pytest.raises(ValueError, match="expected"):
+        numpy_tower.itm_logits(ids.numpy(), mask.numpy(), np.zeros((2, 5, 40), np.float32))
+    with pytest.raises(ValueError, match="2 texts for 3 images"):
+        numpy_tower.itm_logits(ids.numpy(), mask.numpy(), np.zeros((3, 5, 48), np.float32))
+
+
+def test_gelu_is_the_exact_erf_gelu():
+    x = np.linspace(-9, 9, 20001, dtype=np.float32)
+    got = x.copy()
+    _gelu(got)
+    expected = torch.nn.functional.gelu(torch.from_numpy(x.astype(np.float64))).numpy()  # erf, float64
+    np.testing.assert_allclose(got, expected, atol=5e-7, rtol=0)
+
+
+def test_a_text_only_fp32_load_is_the_numpy_side_and_scores_as_torch_does(tiny_model_dir, tiny_model):
+    light = load_model(str(tiny_model_dir), "cpu", "fp32", with_vision=False)
+    assert isinstance(light, BlipNumpyTextModel)
+    assert isinstance(tiny_model, BlipRetrievalModel)  # with vision: torch
+    assert isinstance(load_model(str(tiny_model_dir), torch.device("cpu"), "fp32", with_vision=False),
+                      BlipRetrievalModel)  # a torch.device asks for torch
+    assert light.info == tiny_model.info  # the index's check of the model passes either way
+    ours, theirs = light.encode_texts(TEXTS), tiny_model.encode_texts(TEXTS)
+    np.testing.assert_array_equal(ours.tokens.input_ids, theirs.tokens.input_ids.numpy())
+    np.testing.assert_allclose(ours.embeddings, theirs.embeddings.numpy(), atol=TOLERANCE, rtol=TOLERANCE)
+    features = np.random.default_rng(5).standard_normal((4, 17, 32)).astype(np.float32) * 2
+    one = light.tokenize(TEXTS[:1])
+    np.testing.assert_allclose(light.itm_scores(one, features),
+                               tiny_model.itm_scores(tiny_model.tokenize(TEXTS[:1]), features).numpy(),
+                               atol=TOLERANCE, rtol=TOLERANCE)
+    assert one.input_ids[0, 0] != light.enc_token_id  # [ENC] goes into a copy; the caller's tokens keep [CLS]
+    with pytest.raises(ModelLoadError, match="without its vision tower"):
+        light.encode_images(None)
+
+
+def test_blip2_and_other_precisions_keep_torch(tiny_blip2_dir, tiny_model_dir):
+    assert not isinstance(load_model(str(tiny_blip2_dir), "cpu", "fp32", with_vision=False), BlipNumpyTextModel)
+    assert not isinstance(load_model(str(tiny_model_dir), "cpu", "bf16", with_vision=False), BlipNumpyTextModel)
+
+
+def test_the_rule_needs_fp32_on_the_cpu(monkeypatch):
+    assert numpy_text_side("cpu", "fp32")
+    assert not numpy_text_side("cuda", "fp32") and not numpy_text_side("mps", "auto")
+    assert not numpy_text_side("cpu", "bf16") and not numpy_text_side("cpu", "fp16")
+    assert not numpy_text_side("gpu", "fp32") and not numpy_text_side("cpu", "fp64")  # torch names the error
+    # auto precision: what torch would pick, from /proc/cpuinfo before torch is imported
+    assert numpy_text_side("cpu", "auto") == (not cpu_has_fast_bf16())
+    monkeypatch.setattr(device_module, "_cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.delitem(sys.modules, "torch")  # as in a fresh query process (restored after the test)
+    assert not numpy_text_side("cpu", "auto")
+    monkeypatch.setattr(device_module, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert numpy_text_side("cpu", "auto")
+    monkeypatch.setattr(device_module, "_cpu_flags", lambda: None)  # unknown: torch decides
+    assert not numpy_text_side("cpu", "auto")
+
+
+def test_weights_stored_in_half_precisions_read_as_float32(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"text_proj.weight": torch.randn(3, 4), "text_proj.bias": torch.randn(3)}
+    save_file({"text_proj.weight": tensors["text_proj.weight"].bfloat16(),
+               "text_proj.bias": tensors["text_proj.bias"].half(), "vision_proj.weight": torch.randn(2)},
+              str(tmp_path / "model.safetensors"))
+    arrays = read_arrays(tmp_path, "m", ("text_",))
+    assert set(arrays) == {"text_proj.weight", "text_proj.bias"}
+    np.testing.assert_array_equal(arrays["text_proj.weight"], tensors["text_proj.weight"].bfloat16().float().numpy())
+    np.testing.assert_array_equal(arrays["text_proj.bias"], tensors["text_proj.bias"].half().float().numpy())
+    assert all(a.dtype == np.float32 for a in arrays.values())
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-20])
+    with pytest.raises(ModelLoadError, match="cannot read the weights file"):
+        read_arrays(tmp_path, "m", ("text_",))
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, tiny_model_dir):
+    return photo_library(tmp_path_factory.mktemp("numpy-query"), tiny_model_dir, {"a": 6, "b": 5})
+
+
+def test_searches_answer_as_the_torch_model_does(library):
+    light = Index.open(library / "index", device="cpu", precision="fp32", with_vision=False)
+    full = Index.open(library / "index", device="cpu", precision="fp32")
+    assert isinstance(light.model, BlipNumpyTextModel) and isinstance(full.model, BlipRetrievalModel)
+    for query in TEXTS:
+        ours, theirs = (i.search(query, SearchOptions(top=11, candidates=11)) for i in (light, full))
+        assert [r.path for r in ours] == [r.path for r in theirs]
+        np.testing.assert_allclose([r.score for r in ours], [r.score for r in theirs], atol=1e-5)
+        np.testing.assert_allclose([r.itm_prob for r in ours], [r.itm_prob for r in theirs], atol=1e-5)
+
+
+def test_a_text_query_process_never_imports_torch(library, tiny_model_dir):
+    """The `blipsearch query` command, in a fresh process, with the engine's own settings (auto device: no
+    accelerator files here; fp32): it answers, and torch is never imported."""
+    script = (
+        "import sys\n"
+        "from blipsearch.retrieval.cli import main\n"
+        "main(['query', 'a red dog', '--index', sys.argv[1], '--json', '--precision', 'fp32'], standalone_mode=False)\n"
+        "print('torch imported:', 'torch' in sys.modules, file=sys.stderr)\n"
+    )
+    if any(Path(p).exists() for p in device_module._ACCELERATOR_FILES):
+        script = script.replace("'fp32']", "'fp32', '--device', 'cpu']")
+    done = subprocess.run([sys.executable, "-c", script, str(library / "index")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout.splitlines()[0])
+    assert len(answer["results"]) == 10 and all(r["itm_prob"] is not None for r in answer["results"])
+    assert "torch imported: False" in done.stderr, done.stderr
