@@ -61,18 +61,30 @@ def test_text_embeddings_equal_the_torch_tower_with_padding(towers):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-6)
 
 
-@pytest.mark.parametrize("texts", [1, 5])
-def test_itm_logits_equal_the_torch_tower(towers, texts):
-    """One text against every image (the query's case), and text i against image i."""
+@pytest.mark.parametrize(("texts", "images"), [(1, 5), (5, 5), (1, 1)])
+def test_itm_logits_equal_the_torch_tower(towers, texts, images):
+    """One text against every image (the query's case), text i against image i, and one pair (several images
+    are split over the cores, one alone is not)."""
     torch_tower, numpy_tower = towers
     ids, mask = _tokens(texts, 8, seed=2, pad_from={3: 5} if texts > 1 else None)
-    image = torch.randn(5, 13, 48, generator=torch.Generator().manual_seed(3)) * 2
+    image = torch.randn(images, 13, 48, generator=torch.Generator().manual_seed(3)) * 2
     with torch.no_grad():
-        expected = torch_tower.itm_logits(ids.expand(5, -1), mask.expand(5, -1), image).numpy()
+        expected = torch_tower.itm_logits(ids.expand(images, -1), mask.expand(images, -1), image).numpy()
     got = numpy_tower.itm_logits(ids.numpy(), mask.numpy(), image.numpy())
-    assert got.shape == (5, 2)
+    assert got.shape == (images, 2)
     np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=TOLERANCE)
-    assert expected[:, 1].std() > 0.05  # the logits differ across images: the comparison has teeth
+    if images > 1:
+        assert expected[:, 1].std() > 0.05  # the logits differ across images: the comparison has teeth
+
+
+def test_a_split_pass_leaves_the_blas_threads_as_they_were(towers):
+    from threadpoolctl import threadpool_info
+
+    _, numpy_tower = towers
+    before = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    ids, mask = _tokens(1, 6, seed=6)
+    numpy_tower.itm_logits(ids.numpy(), mask.numpy(), np.ones((4, 7, 48), np.float32))
+    assert [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"] == before
 
 
 def test_itm_refuses_features_of_another_width_or_count(towers):

@@ -13,12 +13,20 @@ Arrangement, for the BLAS and the caches:
   and the value projection read per head through strided views, with no transposing copies;
 - each candidate's scores are made, softmaxed and mixed while they are in cache (120 x 577 floats for a
   10-token query), instead of one pass of each step over all candidates;
-- GELU (exact, erf) runs in row blocks that stay in cache.
+- GELU (exact, erf) runs in row blocks that stay in cache;
+- the ITM pass splits its candidates over one thread per core, each calling the BLAS single-threaded
+  (threadpoolctl sets that for the pass): numpy's element-wise steps then run on every core too, and each
+  GEMM keeps a whole core instead of being cut in two. A 10-token query over 32 candidates, ViT-B/BERT-base
+  sizes, on the 2-core AVX2 EPYC: 1.42 -> 1.20 s (medians of 10, alternating in one process).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -62,9 +70,9 @@ class NumpyTextTower:
             (wq, bq), (wk, bk), (wv, bv) = (lin(f"attention.self.{n}", h, h) for n in ("query", "key", "value"))
             cross_k, _ = lin("crossattention.self.key", h, hv)  # its bias adds a constant per query: softmax drops it
             cross_v, cross_bv = lin("crossattention.self.value", h, hv)
+            qkv = np.concatenate([wq, wk, wv]), np.concatenate([bq, bk, bv])  # one GEMM for all three
             self.layers.append({
-                "qkv": (np.concatenate([wq, wk, wv]), np.concatenate([bq, bk, bv])),  # one GEMM for all three
-                "q": (wq, bq), "kv": (np.concatenate([wk, wv]), np.concatenate([bk, bv])),
+                "qkv": qkv, "q": (qkv[0][:h], qkv[1][:h]), "kv": (qkv[0][h:], qkv[1][h:]),  # views, no copies
                 "self_out": lin("attention.output.dense", h, h), "self_norm": norm("attention.output.LayerNorm"),
                 "cross_q": lin("crossattention.self.query", h, h),
                 "cross_k": cross_k.reshape(nh, hs, hv) * _F32(1 / math.sqrt(hs)),  # (nh, hs, Hv), scaled
@@ -96,7 +104,18 @@ class NumpyTextTower:
                              f"{self.config.image_hidden_size})")
         if input_ids.shape[0] not in (1, image.shape[0]):
             raise ValueError(f"{input_ids.shape[0]} texts for {image.shape[0]} images")
-        return _linear(self._encode(input_ids, attention_mask, image), *self.itm_head)
+        parts = [p for p in np.array_split(np.arange(image.shape[0]), _cores()) if len(p)]
+        if len(parts) == 1:
+            return _linear(self._encode(input_ids, attention_mask, image), *self.itm_head)
+
+        def part(rows: np.ndarray) -> np.ndarray:
+            span = slice(int(rows[0]), int(rows[-1]) + 1)
+            ids, mask = (input_ids, attention_mask) if input_ids.shape[0] == 1 else (input_ids[span],
+                                                                                    attention_mask[span])
+            return _linear(self._encode(ids, mask, image[span]), *self.itm_head)
+
+        with _one_blas_thread_per_call():
+            return np.concatenate(list(_pool().map(part, parts)))
 
     # ---- the layers ----------------------------------------------------------------------------------
 
@@ -182,6 +201,45 @@ class NumpyTextTower:
         out = _linear(inner, *layer["ffn_out"])
         out += h
         return _layer_norm(out, *layer["ffn_norm"], self.config.layer_norm_eps)
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(_cores(), thread_name_prefix="itm")
+
+
+_BLAS_LOCK = threading.Lock()  # the BLAS thread setting is process-wide: one pass changes it at a time
+
+
+class _one_blas_thread_per_call:
+    """While a split pass runs, every BLAS library in the process (numpy's, and any other loaded) computes
+    each call on the calling thread alone; restored afterwards."""
+
+    def __enter__(self) -> None:
+        _BLAS_LOCK.acquire()
+        try:
+            self._limit = _blas_controller().limit(limits=1, user_api="blas")
+        except BaseException:
+            _BLAS_LOCK.release()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._limit.restore_original_limits()
+        finally:
+            _BLAS_LOCK.release()
+
+
+@functools.cache
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()  # finds the loaded BLAS libraries once (a scan of the process's libraries)
 
 
 def _linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
