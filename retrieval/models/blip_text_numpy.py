@@ -47,7 +47,7 @@ class NumpyTextTower:
         def take(name: str, shape: tuple[int, ...]) -> np.ndarray:
             if name not in weights:
                 raise KeyError(f"checkpoint lacks text-side tensor {name}")
-            array = np.ascontiguousarray(weights[name], dtype=_F32)
+            array = np.ascontiguousarray(weights[name], dtype=_F32)  # as given (mapped from the file), if it is so
             if array.shape != shape:
                 raise ValueError(f"{name} has shape {tuple(array.shape)}, config.json gives {shape}")
             return array
@@ -70,12 +70,11 @@ class NumpyTextTower:
             (wq, bq), (wk, bk), (wv, bv) = (lin(f"attention.self.{n}", h, h) for n in ("query", "key", "value"))
             cross_k, _ = lin("crossattention.self.key", h, hv)  # its bias adds a constant per query: softmax drops it
             cross_v, cross_bv = lin("crossattention.self.value", h, hv)
-            qkv = np.concatenate([wq, wk, wv]), np.concatenate([bq, bk, bv])  # one GEMM for all three
-            self.layers.append({
-                "qkv": qkv, "q": (qkv[0][:h], qkv[1][:h]), "kv": (qkv[0][h:], qkv[1][h:]),  # views, no copies
+            self.layers.append({  # the weights as read (views of the mapped file): no copies
+                "q": (wq, bq), "k": (wk, bk), "v": (wv, bv),
                 "self_out": lin("attention.output.dense", h, h), "self_norm": norm("attention.output.LayerNorm"),
                 "cross_q": lin("crossattention.self.query", h, h),
-                "cross_k": cross_k.reshape(nh, hs, hv) * _F32(1 / math.sqrt(hs)),  # (nh, hs, Hv), scaled
+                "cross_k": cross_k.reshape(nh, hs, hv),  # (nh, hs, Hv)
                 "cross_v": cross_v.reshape(nh, hs, hv), "cross_bv": cross_bv,
                 "cross_out": lin("crossattention.output.dense", h, h),
                 "cross_norm": norm("crossattention.output.LayerNorm"),
@@ -146,15 +145,11 @@ class NumpyTextTower:
                         first_only: bool) -> np.ndarray:
         nh, hs = self.heads, self.head_size
         d = h.shape[-1]
-        if first_only:  # only position 0 goes on: its query alone, every position's key and value
-            rows = np.ascontiguousarray(h.reshape(n, length, d)[:, 0])
-            q = _linear(rows, *layer["q"]).reshape(n, 1, nh, hs)
-            kv = _linear(h, *layer["kv"]).reshape(n, length, 2, nh, hs)
-            k, v = kv[:, :, 0], kv[:, :, 1]
-        else:
-            rows = h
-            qkv = _linear(h, *layer["qkv"]).reshape(n, length, 3, nh, hs)
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # only position 0 goes on after the last layer: its query alone, every position's key and value
+        rows = np.ascontiguousarray(h.reshape(n, length, d)[:, 0]) if first_only else h
+        q = _linear(rows, *layer["q"]).reshape(n, -1, nh, hs)
+        k = _linear(h, *layer["k"]).reshape(n, length, nh, hs)
+        v = _linear(h, *layer["v"]).reshape(n, length, nh, hs)
         scores = np.matmul(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1))  # (n, nh, Lq, L)
         scores *= _F32(1 / math.sqrt(hs))
         if bias is not None:
@@ -171,7 +166,9 @@ class NumpyTextTower:
         nh, hs = self.heads, self.head_size
         batch, tokens, hv = image.shape
         rows = h.shape[0]
-        q = _linear(h, *layer["cross_q"]).reshape(rows, nh, hs)
+        q = _linear(h, *layer["cross_q"])
+        q *= _F32(1 / math.sqrt(hs))  # the scores' scale, on the queries (fewer rows than the key weights)
+        q = q.reshape(rows, nh, hs)
         # queries into image space, rows in (candidate, token, head) order: (B * L, nh, Hv)
         q_x = np.empty((rows, nh, hv), _F32)
         for head in range(nh):

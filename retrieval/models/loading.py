@@ -310,7 +310,16 @@ def _read_safetensors_data(path: Path, name: str, keys: list[str], dtypes: Mappi
 
 def read_arrays(directory: Path, name: str, prefixes: tuple[str, ...]) -> dict[str, Any]:
     """The checkpoint's float tensors whose names start with `prefixes`, as float32 numpy arrays, from its
-    safetensors files (any shards), without torch: what the numpy text tower (blip_text_numpy.py) reads."""
+    safetensors files (any shards), without torch: what the numpy text tower (blip_text_numpy.py) reads.
+
+    float32 tensors are read-only views of the file mapped into memory: nothing is read until a product
+    touches it, and then straight from the page cache (BLIP-base's text side, 524 MB: a 0.27-0.55 s read and
+    0.22 s of copies before, against ~0.25 s of page-ins spread over the first pass). Others (fp16, bf16) are
+    converted into memory. As with any mapped weights (safetensors' own loader maps them too), a file cut
+    short in place while a process uses it ends that process; replacing it (a new file renamed over it) is
+    safe."""
+    import mmap
+
     import numpy as np
 
     stored_as = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
@@ -320,20 +329,26 @@ def read_arrays(directory: Path, name: str, prefixes: tuple[str, ...]) -> dict[s
             with path.open("rb") as f:
                 header_size = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(header_size))
-                for key, entry in header.items():
-                    if key == "__metadata__" or not key.startswith(prefixes):
-                        continue
-                    if entry["dtype"] not in stored_as:
-                        raise ValueError(f"tensor {key} is stored as {entry['dtype']}, not as floats")
-                    begin, end = entry["data_offsets"]
-                    raw = np.empty(end - begin, np.uint8)
-                    f.seek(8 + header_size + begin)
-                    if f.readinto(raw) != end - begin:
-                        raise OSError(f"tensor {key} is cut short")
-                    values = raw.view(stored_as[entry["dtype"]]).reshape(entry["shape"])
-                    if entry["dtype"] == "BF16":  # bf16 is the upper half of a float32
-                        values = (values.astype(np.uint32) << 16).view(np.float32)
-                    arrays[key] = values.astype(np.float32, copy=False)
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            for key, entry in header.items():
+                if key == "__metadata__" or not key.startswith(prefixes):
+                    continue
+                if entry["dtype"] not in stored_as:
+                    raise ValueError(f"tensor {key} is stored as {entry['dtype']}, not as floats")
+                dtype = np.dtype(stored_as[entry["dtype"]])
+                begin, end = entry["data_offsets"]
+                count = int(np.prod(entry["shape"], dtype=np.int64))
+                if end - begin != count * dtype.itemsize:
+                    raise ValueError(f"tensor {key}: {end - begin} bytes for shape {entry['shape']}")
+                offset = 8 + header_size + begin
+                if offset + end - begin > len(mapped):
+                    raise OSError(f"tensor {key} is cut short")
+                values = np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(entry["shape"])
+                if entry["dtype"] == "BF16":  # bf16 is the upper half of a float32
+                    values = (values.astype(np.uint32) << 16).view(np.float32)
+                elif entry["dtype"] != "F32" or offset % dtype.itemsize:
+                    values = values.astype(np.float32)  # a copy: converted, or aligned for the BLAS
+                arrays[key] = values
         except (OSError, ValueError, KeyError, TypeError) as exc:  # ValueError: sizes that do not fit the shape
             raise ModelLoadError(f"cannot read the weights file {path} of model {name} ({first_line(exc)}); "
                                  f"{DAMAGED_HINT}") from exc
