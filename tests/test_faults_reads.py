@@ -141,7 +141,10 @@ def test_the_streamed_hash_is_the_hash_of_the_bytes(tmp_path, monkeypatch):
 # ---- 3. a stuck read never stops the run, Ctrl-C always ends it ---------------------------------------------
 
 DRIVER = """
-import os, sys
+import os, signal, sys
+
+# as a terminal's foreground process: a suite started as a background job (`pytest &`) passes on an ignored SIGINT
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pathlib import Path
 from blipsearch.indexer import pipeline
 from blipsearch.retrieval.cli import main
