@@ -29,9 +29,10 @@ def numpy_text_side(device: str, precision: str) -> bool:
     """True where a model loaded with these settings computes in fp32 on the CPU, known without importing
     torch: then a text query runs the numpy text side (models/blip_numpy.py) and never imports torch.
 
-    auto devices: the CPU only on Linux without an NVIDIA or AMD (ROCm) GPU's device files (elsewhere, or with
-    one, torch decides); auto precision: fp32 where /proc/cpuinfo lists no bf16 units (as `cpu_has_fast_bf16`,
-    which is asked instead once torch is imported anyway)."""
+    auto devices: the CPU only on Linux without an NVIDIA, AMD (ROCm) or WSL2 GPU's device files (elsewhere, or
+    with one, torch decides); auto precision: fp32 where /proc/cpuinfo's x86 flags list no bf16 units (as
+    `cpu_has_fast_bf16`, which is asked instead once torch is imported anyway; without such flags, e.g. on
+    ARM, torch decides)."""
     if device not in ("auto", "cpu") or precision not in ("auto", "fp32"):
         return False
     torch_loaded = "torch" in sys.modules
@@ -49,7 +50,8 @@ def numpy_text_side(device: str, precision: str) -> bool:
     return flags is not None and not flags & {"avx512_bf16", "amx_bf16"}
 
 
-_ACCELERATOR_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/proc/driver/nvidia/version", "/dev/kfd")
+# NVIDIA, ROCm, and WSL2's GPU bridge (CUDA under WSL2 has no /dev/nvidia* files)
+_ACCELERATOR_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/proc/driver/nvidia/version", "/dev/kfd", "/dev/dxg")
 
 
 def _cpu_flags() -> set[str] | None:

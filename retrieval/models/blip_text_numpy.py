@@ -2,7 +2,7 @@
 layer at position 0 alone), without torch.
 
 A text query on a CPU that computes in fp32 needs nothing else: the ITC text embedding and the ITM re-rank
-over stored features. In numpy it spares the query process the import of torch (1.5-2.5 s on the 2-core
+over stored features. In numpy it spares the query process the import of torch (1.5-2.8 s on the 2-core
 AVX2 EPYC we measure on, more than all the rest of a query with the demo model), and its matrix products go
 to numpy's BLAS (OpenBLAS in numpy's wheels), which on that CPU ran fp32 GEMM 15-25% faster than torch's
 MKL. tests/test_blip_text_numpy.py holds it to the torch tower.
@@ -93,14 +93,16 @@ class NumpyTextTower:
         return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), _F32(1e-12))
 
     def itm_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, image: np.ndarray) -> np.ndarray:
-        """(N, L) tokens with [ENC] first; (B, T, Hv) image tokens -> (B, 2) ITM logits, float32.
+        """(N, L) tokens with [ENC] first; (B, T, Hv) image tokens -> (max(N, B), 2) ITM logits, float32.
 
-        N is B (text i against image i), or 1 (one text against every image: its self-attention before the
-        first cross-attention is computed once)."""
+        N is B (text i against image i), 1 (one text against every image: its self-attention before the
+        first cross-attention is computed once), or any count against B = 1 (one image against every text)."""
         image = np.ascontiguousarray(image, dtype=_F32)
         if image.ndim != 3 or image.shape[-1] != self.config.image_hidden_size:
             raise ValueError(f"image features of shape {image.shape}; expected (B, T, "
                              f"{self.config.image_hidden_size})")
+        if image.shape[0] == 1 < input_ids.shape[0]:  # the one image for every text row: a view, no copies
+            image = np.broadcast_to(image, (input_ids.shape[0], *image.shape[1:]))
         if input_ids.shape[0] not in (1, image.shape[0]):
             raise ValueError(f"{input_ids.shape[0]} texts for {image.shape[0]} images")
         parts = [p for p in np.array_split(np.arange(image.shape[0]), _cores()) if len(p)]
@@ -213,9 +215,22 @@ def _pool() -> ThreadPoolExecutor:
 _BLAS_LOCK = threading.Lock()  # the BLAS thread setting is process-wide: one pass changes it at a time
 
 
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's threads: its pool and lock start afresh (the parent's pool
+    would wait for workers that do not exist)."""
+    global _BLAS_LOCK
+    _pool.cache_clear()
+    _BLAS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _one_blas_thread_per_call:
-    """While a split pass runs, every BLAS library in the process (numpy's, and any other loaded) computes
-    each call on the calling thread alone; restored afterwards."""
+    """While a split pass runs, every BLAS library that the process had loaded at its first pass (numpy's,
+    and any other) computes each call on the calling thread alone; restored afterwards. Process-wide: other
+    threads' BLAS calls run single-threaded for that time too."""
 
     def __enter__(self) -> None:
         _BLAS_LOCK.acquire()

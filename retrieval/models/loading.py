@@ -331,10 +331,9 @@ def read_arrays(directory: Path, name: str, prefixes: tuple[str, ...]) -> dict[s
                 header = json.loads(f.read(header_size))
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             for key, entry in header.items():
-                if key == "__metadata__" or not key.startswith(prefixes):
+                # integer buffers (older exports keep `position_ids`, I64) are no weights: the towers never ask
+                if key == "__metadata__" or not key.startswith(prefixes) or entry["dtype"] not in stored_as:
                     continue
-                if entry["dtype"] not in stored_as:
-                    raise ValueError(f"tensor {key} is stored as {entry['dtype']}, not as floats")
                 dtype = np.dtype(stored_as[entry["dtype"]])
                 begin, end = entry["data_offsets"]
                 count = int(np.prod(entry["shape"], dtype=np.int64))
