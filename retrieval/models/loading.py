@@ -288,8 +288,7 @@ def _read_safetensors_data(path: Path, name: str, keys: list[str], dtypes: Mappi
     staging = torch.empty(0, dtype=torch.uint8)  # reused for tensors that get cast: fresh pages cost page faults
     try:
         with path.open("rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_size))
+            header, data_start = _safetensors_header(f)
             for key in keys:
                 entry = header[key]
                 begin, end = entry["data_offsets"]  # relative to the end of the header
@@ -298,7 +297,7 @@ def _read_safetensors_data(path: Path, name: str, keys: list[str], dtypes: Mappi
                 if cast and staging.numel() < end - begin:
                     staging = torch.empty(end - begin, dtype=torch.uint8)
                 raw = staging[:end - begin] if cast else torch.empty(end - begin, dtype=torch.uint8)
-                f.seek(8 + header_size + begin)
+                f.seek(data_start + begin)
                 if f.readinto(raw.numpy()) != end - begin:
                     raise OSError(f"tensor {key} is cut short")
                 tensors[key] = _cast(key, raw.view(stored).reshape(entry["shape"]), dtypes)
@@ -327,8 +326,7 @@ def read_arrays(directory: Path, name: str, prefixes: tuple[str, ...]) -> dict[s
     for path in _safetensors_files(directory):
         try:
             with path.open("rb") as f:
-                header_size = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(header_size))
+                header, data_start = _safetensors_header(f)
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             for key, entry in header.items():
                 # integer buffers (older exports keep `position_ids`, I64) are no weights: the towers never ask
@@ -339,7 +337,7 @@ def read_arrays(directory: Path, name: str, prefixes: tuple[str, ...]) -> dict[s
                 count = int(np.prod(entry["shape"], dtype=np.int64))
                 if end - begin != count * dtype.itemsize:
                     raise ValueError(f"tensor {key}: {end - begin} bytes for shape {entry['shape']}")
-                offset = 8 + header_size + begin
+                offset = data_start + begin
                 if offset + end - begin > len(mapped):
                     raise OSError(f"tensor {key} is cut short")
                 values = np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(entry["shape"])
@@ -352,6 +350,13 @@ def read_arrays(directory: Path, name: str, prefixes: tuple[str, ...]) -> dict[s
             raise ModelLoadError(f"cannot read the weights file {path} of model {name} ({first_line(exc)}); "
                                  f"{DAMAGED_HINT}") from exc
     return arrays
+
+
+def _safetensors_header(f) -> tuple[dict, int]:
+    """A safetensors file's JSON header (after its 8-byte length) and where its data start; offsets in the
+    header count from there."""
+    header_size = int.from_bytes(f.read(8), "little")
+    return json.loads(f.read(header_size)), 8 + header_size
 
 
 def _target_dtype(key: str, dtypes: Mapping[str, Any]) -> Any:
