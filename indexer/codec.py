@@ -8,6 +8,7 @@ recompute is tested in tests/test_codec.py and tests/test_search.py.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,15 +50,28 @@ def pack(features: torch.Tensor) -> list[PackedFeatures]:
 
 def unpack(values: bytes, scale: bytes, offset: bytes, tokens: int, dim: int) -> np.ndarray:
     """One packed map -> (T, H) float32."""
-    q = np.frombuffer(values, dtype=np.int8).reshape(tokens, dim).astype(np.float32)
-    return q * np.frombuffer(scale, dtype=np.float16).astype(np.float32) + \
-        np.frombuffer(offset, dtype=np.float16).astype(np.float32)
+    out = np.empty((tokens, dim), np.float32)
+    _unpack_into(out, values, scale, offset)
+    return out
 
 
-def unpack_record(record: bytes | memoryview, tokens: int, dim: int) -> np.ndarray:
-    """A record written by `PackedFeatures.record` -> (T, H) float32."""
+def unpack_records(records: Sequence[bytes | memoryview], tokens: int, dim: int) -> np.ndarray:
+    """Records written by `PackedFeatures.record` -> (K, T, H) float32, each map unpacked in place into the
+    one array (a re-rank's 32 maps: 57 MB; unpacking through temporaries and a stack took ~10x longer in a
+    fresh query process, 0.26-0.53 s against 23-27 ms)."""
+    out = np.empty((len(records), tokens, dim), np.float32)
     n = tokens * dim
-    return unpack(record[:n], record[n:n + 2 * dim], record[n + 2 * dim:n + 4 * dim], tokens, dim)
+    for target, record in zip(out, records, strict=True):
+        _unpack_into(target, record[:n], record[n:n + 2 * dim], record[n + 2 * dim:n + 4 * dim])
+    return out
+
+
+def _unpack_into(out: np.ndarray, values: bytes, scale: bytes, offset: bytes) -> None:
+    """out (T, H) float32 = int8 values x scale + offset, per channel (the same float32 steps as packing
+    assumed: convert, multiply, add)."""
+    out[...] = np.frombuffer(values, dtype=np.int8).reshape(out.shape)
+    out *= np.frombuffer(scale, dtype=np.float16).astype(np.float32)
+    out += np.frombuffer(offset, dtype=np.float16).astype(np.float32)
 
 
 def packed_bytes(tokens: int, dim: int) -> int:

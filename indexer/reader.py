@@ -148,8 +148,7 @@ class IndexReader:
             records = self._features.read_many(places)
         except (OSError, ValueError) as exc:
             raise StoreError(f"the index at {self.path} changed during the query ({exc}); run it again") from exc
-        maps = [codec.unpack_record(record, identity.feature_tokens, identity.feature_dim) for record in records]
-        return np.stack(maps) if maps else np.empty((0, identity.feature_tokens, identity.feature_dim), np.float32)
+        return codec.unpack_records(records, identity.feature_tokens, identity.feature_dim)
 
     def paths_by_hash(self, hashes: Sequence[str]) -> dict[str, list[str]]:
         return {h: [file.path for file in files] for h, files in self.files_by_hash(hashes).items()}

@@ -22,3 +22,16 @@ def test_constant_channel_survives():
     features = torch.ones(1, 4, 8) * 3.0
     p = codec.pack(features)[0]
     np.testing.assert_allclose(codec.unpack(p.values, p.scale, p.offset, 4, 8), 3.0, atol=1e-3)
+
+
+def test_records_unpack_into_one_array_as_each_map_alone():
+    torch.manual_seed(1)
+    packed = codec.pack(torch.randn(3, 17, 32) * 4 + 1)
+    records = [memoryview(p.record()) for p in packed]  # as the reader hands them (views of its file)
+    together = codec.unpack_records(records, 17, 32)
+    assert together.shape == (3, 17, 32) and together.dtype == np.float32
+    for p, got in zip(packed, together, strict=True):  # the affine map, written out
+        values = np.frombuffer(p.values, np.int8).reshape(17, 32).astype(np.float32)
+        scale, offset = (np.frombuffer(b, np.float16).astype(np.float32) for b in (p.scale, p.offset))
+        np.testing.assert_array_equal(got, values * scale + offset)
+    assert codec.unpack_records([], 17, 32).shape == (0, 17, 32)
