@@ -80,19 +80,25 @@ def warm_latencies(model_dir: Path, index: Path, queries: list[str]) -> dict:
             "share_text_encode_and_itm": 1 - (stages["recall"] + stages["features"]) / total}
 
 
-def itm_gflops(config, text_tokens: int, image_tokens: int, candidates: int) -> float:
+def itm_gflops(config, text_tokens: int, image_tokens: int, candidates: int, first_layer_runs: int | None = None
+               ) -> float:
     """FLOPs (multiply-adds x 2) of the text tower's ITM pass as it runs (`blip_text.BlipTextTower`): every
     layer's self-attention keys/values over all L tokens; queries, cross-attention and feed-forward over L
     rows, the last layer over [ENC] alone; the cross-attention folded (queries move into image space, no
-    image K/V). `config` is a `TextTowerConfig`."""
+    image K/V). `config` is a `TextTowerConfig`. `first_layer_runs`: the numpy text side runs the first
+    layer's self-attention (before any image is seen) for one query text once per thread of its pass
+    (`blip_text_numpy.threads_for`), not once per candidate."""
     h, hv, t, n = config.hidden_size, config.image_hidden_size, image_tokens, text_tokens
+    def self_attention(keys: int) -> float:  # per query row: query + output projections, scores + mixing
+        return 2 * h * h * 2 + 2 * 2 * keys * h
     def per_row(keys: int) -> float:
-        self_attention = 2 * h * h * 2 + 2 * 2 * keys * h  # query + output projections, scores + mixing
         cross = 2 * h * h * 2 + 2 * h * hv * 2 + 2 * 2 * config.num_heads * t * hv  # q, o; fold in/out; scores, mix
-        return self_attention + cross + 2 * 2 * h * config.intermediate_size
-    keys_values = config.num_layers * n * 2 * h * h * 2
-    rows = (config.num_layers - 1) * n * per_row(n) + per_row(n)
-    return candidates * (keys_values + rows) / 1e9
+        return self_attention(keys) + cross + 2 * 2 * h * config.intermediate_size
+    keys_values = n * 2 * h * h * 2  # per layer
+    total = candidates * (config.num_layers * keys_values + (config.num_layers - 1) * n * per_row(n) + per_row(n))
+    if first_layer_runs is not None:
+        total -= (candidates - first_layer_runs) * (keys_values + n * self_attention(n))
+    return total / 1e9
 
 
 def itm_latencies(model_dir: Path, queries: list[str], repeats: int = 3, torch_runtime: bool = False) -> dict:
@@ -103,9 +109,12 @@ def itm_latencies(model_dir: Path, queries: list[str], repeats: int = 3, torch_r
     import torch
 
     from blipsearch.retrieval.models import load_model
+    from blipsearch.retrieval.models.blip_numpy import BlipNumpyTextModel
+    from blipsearch.retrieval.models.blip_text_numpy import threads_for
 
     precision = engine_precision()
     model = load_model(str(model_dir), torch.device("cpu") if torch_runtime else "cpu", precision, with_vision=False)
+    numpy_side = isinstance(model, BlipNumpyTextModel)
     stored = np.random.default_rng(0).integers(-127, 128, (CANDIDATES, 577, 768), dtype=np.int8)
     features = stored.astype(np.float32) * np.float32(0.05)  # what the reader hands the model
     if isinstance(model.dtype, torch.dtype):
@@ -124,7 +133,8 @@ def itm_latencies(model_dir: Path, queries: list[str], repeats: int = 3, torch_r
                 model.itm_scores(tokens, features)
                 runs.append(time.perf_counter() - start)
             times.append(statistics.median(runs))
-            flops.append(itm_gflops(model.text.config, int(tokens.attention_mask.sum()), 577, CANDIDATES))
+            flops.append(itm_gflops(model.text.config, int(tokens.attention_mask.sum()), 577, CANDIDATES,
+                                    first_layer_runs=threads_for(CANDIDATES) if numpy_side else None))
     peaks.append(matmul_peak_gflops(precision))
     peak = statistics.median(peaks)
     rates = [f / s for f, s in zip(flops, times, strict=True)]

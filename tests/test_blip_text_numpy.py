@@ -234,3 +234,38 @@ def test_a_text_query_process_imports_torch_only_where_it_computes_otherwise(lib
     assert len(answer["results"]) == 10 and all(r["itm_prob"] is not None for r in answer["results"])
     numpy_side = precision == "fp32" or not cpu_has_fast_bf16()
     assert f"torch imported: {not numpy_side}" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(("length", "threads"), [(3, 1), (8, 2)])
+def test_the_query_benchmarks_flop_count_is_what_the_numpy_side_multiplies(towers, monkeypatch, length, threads):
+    """benchmarks/bench_query.py counts the numpy side's FLOPs with `itm_gflops(first_layer_runs=threads)`:
+    every product it runs, counted here as it runs (the linear layers and np.matmul; the ITM head left out),
+    in one thread and split over two."""
+    from benchmark_scripts import script
+
+    from blipsearch.retrieval.models import blip_text_numpy
+
+    _, tower = towers
+    counted = []  # appended from the pass's worker threads
+    linear, matmul = blip_text_numpy._linear, np.matmul
+
+    def counting_linear(x, weight, bias):
+        counted.append(2 * x.shape[0] * weight.shape[0] * weight.shape[1])
+        return linear(x, weight, bias)
+
+    def counting_matmul(a, b, *args, **kwargs):
+        out = matmul(a, b, *args, **kwargs)
+        counted.append(2 * out.size * a.shape[-1])
+        return out
+
+    monkeypatch.setattr(blip_text_numpy, "_cores", lambda: threads)
+    monkeypatch.setattr(blip_text_numpy, "_linear", counting_linear)
+    monkeypatch.setattr(blip_text_numpy.np, "matmul", counting_matmul)
+    ids, mask = _tokens(1, length, seed=4)
+    image = np.random.default_rng(0).standard_normal((5, 17, 48), dtype=np.float32)
+    tower.itm_logits(ids.numpy(), mask.numpy(), image)
+    assert blip_text_numpy.threads_for(5) == threads
+    monkeypatch.undo()
+    head = 5 * 2 * tower.config.hidden_size * 2
+    expected = script("bench_query").itm_gflops(tower.config, length, 17, 5, first_layer_runs=threads) * 1e9
+    assert sum(counted) == pytest.approx(expected + head, rel=1e-9)

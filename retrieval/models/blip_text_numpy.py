@@ -105,7 +105,7 @@ class NumpyTextTower:
             image = np.broadcast_to(image, (input_ids.shape[0], *image.shape[1:]))
         if input_ids.shape[0] not in (1, image.shape[0]):
             raise ValueError(f"{input_ids.shape[0]} texts for {image.shape[0]} images")
-        parts = [p for p in np.array_split(np.arange(image.shape[0]), _cores()) if len(p)]
+        parts = np.array_split(np.arange(image.shape[0]), threads_for(image.shape[0]))
         if len(parts) == 1:
             return _linear(self._encode(input_ids, attention_mask, image), *self.itm_head)
 
@@ -200,6 +200,12 @@ class NumpyTextTower:
         out = _linear(inner, *layer["ffn_out"])
         out += h
         return _layer_norm(out, *layer["ffn_norm"], self.config.layer_norm_eps)
+
+
+def threads_for(candidates: int) -> int:
+    """How many threads an ITM pass over `candidates` images splits into (each runs the first layer's
+    self-attention of a single query text once)."""
+    return max(1, min(_cores(), candidates))
 
 
 def _cores() -> int:
