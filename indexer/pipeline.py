@@ -77,12 +77,24 @@ class CaptionerSource:
 @dataclass
 class IndexOptions:
     batch_size: int = 16
-    workers: int = 2  # decoding threads (0: one, that never runs ahead of the encoder: no overlap)
+    # decoding threads (0: one, that never runs ahead of the encoder: no overlap); None: `default_workers`
+    workers: int | None = None
     progress: bool = True
     reduced_decode: bool = True  # JPEGs decode at reduced scale (see images.load_image)
     allow_empty: bool = False  # an empty folder removes its indexed files (else they are kept, with a warning)
     on_skip: Callable[[str, str], None] | None = None  # called as files are skipped
     captioner: CaptionerSource | None = None  # write captions (see the module docstring)
+
+
+def default_workers(model: RetrievalModel) -> int:
+    """Decoding threads by default: 1 where the encoder computes on the CPU, 2 beside a GPU.
+
+    On the CPU the encoder wants every core, and one thread decodes a 12 MP photo in 36-60 ms, far ahead
+    of any CPU encoder measured (0.25-1 s per photo); a second one only competes with it (2-core AVX2 EPYC,
+    160 photos, alternating runs: 1.075 and 1.124 images/s with one, 1.066 and 1.069 with two). A GPU
+    encodes faster than one thread decodes."""
+    device = getattr(model, "device", "cpu")
+    return 1 if getattr(device, "type", device) == "cpu" else 2
 
 
 def index_folders(roots: Sequence[str | Path], model: RetrievalModel, store: IndexWriter,
@@ -190,7 +202,8 @@ class _Run:
 
     def process(self, changed: list[FileStat], recaption: list[FileStat] = ()) -> None:
         work = [(stat, False) for stat in changed] + [(stat, True) for stat in recaption]
-        read = bounded_map(self._read, work, self.options.workers, ahead=2 * self.options.batch_size,
+        workers = default_workers(self.model) if self.options.workers is None else self.options.workers
+        read = bounded_map(self._read, work, workers, ahead=2 * self.options.batch_size,
                            timeout=READ_TIMEOUT_S, on_timeout=self._timed_out, max_stuck=MAX_STUCK_READS)
         quiet = not self.options.progress or not work
         with closing(read), tqdm(total=len(work), desc="indexing", unit="img", disable=quiet) as self.progress:

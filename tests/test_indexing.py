@@ -297,3 +297,32 @@ def test_readers_during_a_run_see_the_tables_and_the_same_answers(tmp_path, mode
     assert during.files() == settled.files()
     keys = [h for h, _ in settled.recall(query, 4)]
     np.testing.assert_array_equal(during.token_features(keys), settled.token_features(keys))
+
+
+def test_decoding_threads_default_to_one_on_the_cpu_and_two_beside_a_gpu(tmp_path, tiny_model, monkeypatch):
+    import types
+
+    import torch
+
+    from blipsearch.indexer import pipeline
+
+    assert pipeline.default_workers(tiny_model) == 1
+    assert pipeline.default_workers(types.SimpleNamespace(device=torch.device("cuda"))) == 2
+    asked = []
+    real = pipeline.bounded_map
+
+    def recording(fn, items, workers, **kwargs):
+        asked.append(workers)
+        return real(fn, items, workers, **kwargs)
+
+    monkeypatch.setattr(pipeline, "bounded_map", recording)
+    make_folder(tmp_path / "photos", 3)
+    for workers, index in ((None, "a"), (3, "b")):
+        store = IndexWriter.open(tmp_path / index, tiny_model.info)
+        try:
+            summary = index_folders([tmp_path / "photos"], tiny_model, store,
+                                    IndexOptions(batch_size=2, progress=False, workers=workers))
+        finally:
+            store.close()
+        assert summary.indexed == 3
+    assert asked == [1, 3]

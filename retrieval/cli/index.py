@@ -24,8 +24,9 @@ from .options import device_option, index_location, index_option, load, model_op
 @precision_option
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Images per encoder batch (and per index commit). Default: 16 on CPU, 64 on GPU.")
-@click.option("--workers", type=click.IntRange(0), default=2, show_default=True,
-              help="Decoding threads that run ahead of the encoder (0: decode in line).")
+@click.option("--workers", type=click.IntRange(0), default=None,
+              help="Decoding threads that run ahead of the encoder (0: decode in line). Default: 1 on CPU "
+                   "(the encoder needs every core), 2 on GPU.")
 @click.option("--exact-decode", is_flag=True,
               help="Decode JPEGs at full size before resizing (slower; by default they decode at reduced scale).")
 @click.option("--rebuild", is_flag=True,
@@ -71,7 +72,8 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
     store = IndexWriter.open(location, model.info, rebuild=rebuild)
     captioner = _captioner(store, recorded, captions, captioner_name, device, precision)
     options = IndexOptions(
-        batch_size=batch_size or (64 if model.device.type != "cpu" else 16), workers=workers,
+        batch_size=batch_size or (64 if model.device.type != "cpu" else 16),
+        workers=workers,
         progress=not quiet, reduced_decode=not exact_decode, allow_empty=allow_empty,
         on_skip=lambda path, reason: _say(f"skipped {path}: {reason}"), captioner=captioner)
     started = time.perf_counter()
