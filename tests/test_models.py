@@ -1,5 +1,6 @@
 """The BLIP adapter against transformers' own classes (fp32, tight tolerance)."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,21 @@ def test_tokenizer_ids_equal_transformers(tiny_model, tiny_model_dir):
     torch.testing.assert_close(ours.input_ids, expected["input_ids"])
     torch.testing.assert_close(ours.attention_mask, expected["attention_mask"])
     assert ours.input_ids.shape[1] == 35
+
+
+def test_a_checkpoint_without_tokenizer_json_tokenizes_through_transformers_alike(tiny_model_dir, tmp_path):
+    """Slow-tokenizer files only (vocab.txt): transformers builds the tokenizer, ours configures a copy of it."""
+    from blipsearch.retrieval.models.tokenizer import TextTokenizer
+
+    vocab = sorted(AutoTokenizer.from_pretrained(tiny_model_dir).get_vocab().items(), key=lambda kv: kv[1])
+    slow = tmp_path / "slow"
+    shutil.copytree(tiny_model_dir, slow)
+    (slow / "tokenizer.json").unlink()
+    (slow / "vocab.txt").write_text("\n".join(token for token, _ in vocab) + "\n")
+    texts = ["A RED dog, on the beach!", " ".join(["sky"] * 60)]
+    fast, via_transformers = TextTokenizer.load(tiny_model_dir, "fast"), TextTokenizer.load(slow, "slow")
+    np.testing.assert_array_equal(via_transformers.arrays(texts).input_ids, fast.arrays(texts).input_ids)
+    assert via_transformers.arrays(texts).input_ids.shape == (2, 35)
 
 
 def test_preprocessing_defaults_are_blips():

@@ -19,9 +19,8 @@ MAX_TEXT_TOKENS = 35  # as in BLIP/LAVIS retrieval evaluation (BLIP and BLIP-2)
 
 class TextTokenizer:
     def __init__(self, backend, max_length: int):
-        import tokenizers
-
-        self._tokenizer = tokenizers.Tokenizer.from_str(backend.to_str())  # a private copy to configure
+        """`backend`: a `tokenizers.Tokenizer` of this object's own; truncation and padding are set on it."""
+        self._tokenizer = backend
         self._tokenizer.enable_truncation(max_length=max_length)
         pad = self._tokenizer.token_to_id("[PAD]")
         self._tokenizer.enable_padding(pad_id=0 if pad is None else pad, pad_token="[PAD]")
@@ -54,7 +53,11 @@ class TextTokenizer:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise ModelLoadError(f"model {name}: its tokenizer has no fast (tokenizers) backend")
-        return cls(backend, max_length)
+        import tokenizers
+
+        # a private copy to configure: transformers' tokenizer keeps using its own (a copy costs ~30 ms, so the
+        # tokenizer.json path above, whose object is ours alone, takes none)
+        return cls(tokenizers.Tokenizer.from_str(backend.to_str()), max_length)
 
     def __call__(self, texts: list[str]) -> TextTokens:
         """Tokens as torch tensors."""
