@@ -42,8 +42,9 @@ LEVERS = [
     ("+ the engine's precision (bf16 on CPUs with bf16 units, else fp32 again)",
      ["--exact-decode", "--workers", "0", "--batch-size", "8"]),
     ("+ reduced-scale JPEG decode", ["--workers", "0", "--batch-size", "8"]),
-    ("+ decode/encode overlap (2 threads)", ["--batch-size", "8"]),
-    ("+ batch 16 (the default)", []),
+    ("+ decode/encode overlap (2 threads)", ["--batch-size", "8", "--workers", "2"]),
+    ("+ batch 16 (the default)", ["--workers", "2"]),
+    ("+ the default decoding threads (1 beside a CPU encoder, 2 beside a GPU)", []),
 ]
 
 

@@ -242,9 +242,10 @@ def cold_latencies(model_dir: Path, index: Path, runs: int, query: str = QUERIES
 
 
 def byte_compile_engine() -> None:
-    """Byte-compile the engine's modules, as `pip install` does: a fresh process then loads them, where a
-    source checkout run with PYTHONDONTWRITEBYTECODE set (as on our build machines) or edited since its last
-    run compiles the ones it imports afresh every time (~0.1 s of a fresh full-size query here)."""
+    """Byte-compile the engine's modules, as any run after the first leaves them (or a non-editable `pip
+    install`): a source checkout run with PYTHONDONTWRITEBYTECODE set (as on our build machines), or edited
+    since its last run, compiles the modules it imports afresh in every process (~0.1 s of a fresh full-size
+    query here)."""
     import compileall
 
     import blipsearch.indexer
@@ -252,7 +253,9 @@ def byte_compile_engine() -> None:
 
     for package in (blipsearch.retrieval, blipsearch.indexer):
         for folder in package.__path__:
-            compileall.compile_dir(folder, quiet=1)
+            if not compileall.compile_dir(folder, quiet=1):
+                print(f"warning: could not byte-compile {folder}: the fresh-process figures include compiling",
+                      file=sys.stderr)
 
 
 def demo_index(workdir: Path) -> Path:

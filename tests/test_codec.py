@@ -34,4 +34,5 @@ def test_records_unpack_into_one_array_as_each_map_alone():
         values = np.frombuffer(p.values, np.int8).reshape(17, 32).astype(np.float32)
         scale, offset = (np.frombuffer(b, np.float16).astype(np.float32) for b in (p.scale, p.offset))
         np.testing.assert_array_equal(got, values * scale + offset)
-    assert codec.unpack_records([], 17, 32).shape == (0, 17, 32)
+    empty = codec.unpack_records([], 17, 32)
+    assert empty.shape == (0, 17, 32) and empty.dtype == np.float32

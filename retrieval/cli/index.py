@@ -26,7 +26,7 @@ from .options import device_option, index_location, index_option, load, model_op
               help="Images per encoder batch (and per index commit). Default: 16 on CPU, 64 on GPU.")
 @click.option("--workers", type=click.IntRange(0), default=None,
               help="Decoding threads that run ahead of the encoder (0: decode in line). Default: 1 on CPU "
-                   "(the encoder needs every core), 2 on GPU.")
+                   "(the encoder needs every core), 2 on GPU. Not used by --ray (Ray decodes in its tasks).")
 @click.option("--exact-decode", is_flag=True,
               help="Decode JPEGs at full size before resizing (slower; by default they decode at reduced scale).")
 @click.option("--rebuild", is_flag=True,
