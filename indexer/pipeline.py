@@ -89,10 +89,10 @@ class IndexOptions:
 def default_workers(model: RetrievalModel) -> int:
     """Decoding threads by default: 1 where the encoder computes on the CPU, 2 beside a GPU.
 
-    On the CPU the encoder wants every core, and one thread decodes a 12 MP photo in 36-60 ms, far ahead
-    of any CPU encoder measured (0.25-1 s per photo); a second one only competes with it (2-core AVX2 EPYC,
-    160 photos, alternating runs: 1.075 and 1.124 images/s with one, 1.066 and 1.069 with two). A GPU
-    encodes faster than one thread decodes."""
+    On the CPU the encoder wants every core, and one thread reads, decodes and resizes a 12 MP photo in
+    36-43 ms (the bf16 and the AVX2 EPYC we measure on), far ahead of any CPU encoder measured (0.25-0.96 s
+    per photo); a second one only competes with it (2-core AVX2 EPYC, 160 photos, alternating runs: 1.075
+    and 1.124 images/s with one, 1.066 and 1.069 with two). A GPU encodes faster than one thread decodes."""
     device = getattr(model, "device", "cpu")
     return 1 if getattr(device, "type", device) == "cpu" else 2
 
