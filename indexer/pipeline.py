@@ -93,8 +93,7 @@ def default_workers(model: RetrievalModel) -> int:
     36-43 ms (the bf16 and the AVX2 EPYC we measure on), far ahead of any CPU encoder measured (0.25-0.96 s
     per photo); a second one only competes with it (2-core AVX2 EPYC, 160 photos, alternating runs: 1.075
     and 1.124 images/s with one, 1.066 and 1.069 with two). A GPU encodes faster than one thread decodes."""
-    device = getattr(model, "device", "cpu")
-    return 1 if getattr(device, "type", device) == "cpu" else 2
+    return 1 if getattr(model.device, "type", model.device) == "cpu" else 2  # a torch.device, or "cpu"
 
 
 def index_folders(roots: Sequence[str | Path], model: RetrievalModel, store: IndexWriter,

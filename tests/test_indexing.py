@@ -27,7 +27,7 @@ class CountingModel:
     """The tiny model, counting the images it encodes."""
 
     def __init__(self, model):
-        self.model, self.info, self.encoded = model, model.info, 0
+        self.model, self.info, self.device, self.encoded = model, model.info, model.device, 0
 
     def pixel_values(self, images):
         return self.model.pixel_values(images)
