@@ -20,6 +20,20 @@ def blipsearch(*args, index, expect=0):
     return result
 
 
+SCORES = ("score", "itc", "itm_prob")
+
+
+def assert_same_results(ours: list[dict], printed: list[dict]) -> None:
+    """Results as JSON (`Result.to_json`) alike: the same fields, scores within 2e-6. The CLI's text query runs
+    the numpy text side, an index opened with its vision tower torch's: their fp32 sums differ in the last bits,
+    so a score printed to 6 decimals may differ by one in the last."""
+    assert [{k: v for k, v in r.items() if k not in SCORES} for r in ours] == \
+        [{k: v for k, v in r.items() if k not in SCORES} for r in printed]
+    for mine, theirs in zip(ours, printed, strict=True):
+        assert all((mine[k] is None) == (theirs[k] is None) and (mine[k] is None or abs(mine[k] - theirs[k]) <= 2e-6)
+                   for k in SCORES), (mine, theirs)
+
+
 def one_line_error(result, *fragments: str) -> str:
     """The single stderr line of a failed command, checked to hold each fragment and no traceback."""
     lines = result.stderr.strip().splitlines()

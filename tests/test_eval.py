@@ -87,7 +87,7 @@ def _eval_json(dataset: Path, model_dir: Path, ann: str, *extra: str) -> dict:
 # --- a reference: LAVIS `compute_sim_matrix` + `report_metrics`, on features rounded as the cache stores them
 
 
-def _reference(model, dataset: Path, k_test: int) -> dict[str, dict[str, float]]:
+def _reference(model, dataset: Path, k_test: int) -> dict[str, tuple[dict[str, float], dict[str, float]]]:
     items = load_annotations(dataset / "flickr30k_test.json")
     pixels = [load_image(dataset / "images" / it.image, model.info.preprocessing).pixels for it in items]
     images = model.encode_images(model.pixel_values(pixels))
@@ -106,29 +106,41 @@ def _reference(model, dataset: Path, k_test: int) -> dict[str, dict[str, float]]
         top = itc[:, t].topk(min(k_test, len(items))).indices
         t2i[t, top] = itm[top, t] + itc[top, t]
     image_of = np.repeat(np.arange(len(items)), 5)
-    return {"itc": _lavis_report_metrics(itc.numpy(), itc.T.numpy(), image_of),
-            "rerank": _lavis_report_metrics(i2t.numpy(), t2i.numpy(), image_of)}
+    # (worst, best): the tiny random model scores some captions equal to 7 digits (ties LAVIS's argsort breaks by
+    # the last bit), so each metric is a range: the true pairs ranked below or above scores within TIE of theirs
+    return {name: tuple(_lavis_report_metrics(a, b, image_of, nudge) for nudge in (-TIE, TIE))
+            for name, (a, b) in {"itc": (itc.numpy(), itc.T.numpy()), "rerank": (i2t.numpy(), t2i.numpy())}.items()}
 
 
-def _lavis_report_metrics(scores_i2t: np.ndarray, scores_t2i: np.ndarray, txt2img: np.ndarray) -> dict:
-    """LAVIS `RetrievalTask._report_metrics`, verbatim in substance."""
+TIE = 1e-5
+
+
+def _lavis_report_metrics(scores_i2t: np.ndarray, scores_t2i: np.ndarray, txt2img: np.ndarray,
+                          nudge: float = 0.0) -> dict:
+    """LAVIS `RetrievalTask._report_metrics`, verbatim in substance; `nudge` is added to the true pairs' scores
+    first (to rank them below or above near-ties)."""
     img2txt = [np.flatnonzero(txt2img == i) for i in range(len(scores_i2t))]
     ranks = np.zeros(scores_i2t.shape[0])
     for index, score in enumerate(scores_i2t):
+        score = score.copy()
+        score[img2txt[index]] += nudge
         inds = np.argsort(score)[::-1]
         ranks[index] = min(np.where(inds == i)[0][0] for i in img2txt[index])
     tr = [100.0 * len(np.where(ranks < k)[0]) / len(ranks) for k in (1, 5, 10)]
     ranks = np.zeros(scores_t2i.shape[0])
     for index, score in enumerate(scores_t2i):
+        score = score.copy()
+        score[txt2img[index]] += nudge
         inds = np.argsort(score)[::-1]
         ranks[index] = np.where(inds == txt2img[index])[0][0]
     ir = [100.0 * len(np.where(ranks < k)[0]) / len(ranks) for k in (1, 5, 10)]
     return dict(zip(("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"), tr + ir, strict=True))
 
 
-def _assert_recall_matches(ours: dict, reference: dict, keys) -> None:
+def _assert_recall_matches(ours: dict, reference: tuple[dict, dict], keys) -> None:
+    worst, best = reference
     for key in keys:
-        assert ours[key] == pytest.approx(reference[key]), key
+        assert worst[key] - 1e-9 <= ours[key] <= best[key] + 1e-9, (key, ours[key], worst[key], best[key])
 
 
 ALL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10")
