@@ -25,6 +25,7 @@ from .base import ImageEncoding, ModelInfo, TextTokens
 from .blip_checkpoint import TEXT_MODULES, VISION_MODULES, WEIGHTS, enc_token_id, model_info
 from .blip_text import BlipTextTower, TextTowerConfig
 from .blip_vision import BlipVisionTower, VisionTowerConfig
+from .chunks import encode_in_chunks
 from .loading import Checkpoint, local_directory, read_config, read_state
 from .tokenizer import TextTokenizer
 
@@ -62,7 +63,8 @@ class BlipRetrievalModel(Adapter):
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> ImageEncoding:
-        features, embeddings = self._vision_tower()(pixel_values.to(self.device, self.dtype))  # (B, T, H), (B, D)
+        features, embeddings = encode_in_chunks(self._vision_tower(),  # (B, T, H), (B, D)
+                                                pixel_values.to(self.device, self.dtype))
         return ImageEncoding(embeddings=embeddings[:, None, :].cpu(), features=features)
 
     @torch.inference_mode()

@@ -35,6 +35,7 @@ from .adapter import Adapter, fitting_config, paired
 from .base import ImageEncoding, ModelInfo, TextTokens
 from .blip2_vision import vision_config
 from .blip_vision import VisionTowerConfig, VisionTransformer
+from .chunks import encode_in_chunks
 from .loading import Checkpoint, WeightsSpec, local_directory, read_config, read_state, revision
 from .preprocessing import read_preprocessing
 from .qformer import QFormerConfig, QFormerTower
@@ -87,8 +88,13 @@ class Blip2RetrievalModel(Adapter):
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> ImageEncoding:
-        features = self._vision_tower()(pixel_values.to(self.device, self.dtype))  # (B, T, Hv)
-        embeddings = self.qformer.embed_images(features)  # (B, Q, D)
+        vision = self._vision_tower()
+
+        def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features = vision(pixels)  # (B, T, Hv)
+            return features, self.qformer.embed_images(features)  # (B, Q, D)
+
+        features, embeddings = encode_in_chunks(encode, pixel_values.to(self.device, self.dtype))
         return ImageEncoding(embeddings=embeddings.cpu(), features=features)
 
     @torch.inference_mode()
