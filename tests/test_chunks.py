@@ -1,11 +1,11 @@
-"""Image batches encoded on the CPU in fp32 as chunks, one single-threaded torch per thread (models/chunks.py)."""
+"""Batches computed on the CPU in fp32 as chunks, one single-threaded torch per thread (models/chunks.py)."""
 
 import threading
 
 import pytest
 import torch
 
-from blipsearch.retrieval.models.chunks import encode_in_chunks
+from blipsearch.retrieval.models.chunks import run_in_chunks
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ class Recorder:
 def test_a_batch_runs_as_chunks_on_single_threaded_threads_and_joins_in_order(two_torch_threads):
     batch = torch.arange(16, dtype=torch.float32)[:, None].repeat(1, 3)
     encode = Recorder()
-    out = encode_in_chunks(encode, batch)
+    out = run_in_chunks(encode, batch, chunks_per_thread=2)
     torch.testing.assert_close(out, batch * 2, rtol=0, atol=0)
     assert sorted(size for *_, size, _ in encode.calls) == [4, 4, 4, 4]  # 2 chunks per thread, 2 threads
     assert all(name.startswith("encode") and threads == 1 and inference
@@ -46,25 +46,29 @@ def test_a_batch_runs_as_chunks_on_single_threaded_threads_and_joins_in_order(tw
 
 
 @torch.inference_mode()
-def test_tuples_are_joined_element_by_element(two_torch_threads):
+def test_batches_split_alike_and_tuples_join_element_by_element(two_torch_threads):
     batch = torch.arange(5, dtype=torch.float32)[:, None]
-    features, embeddings = encode_in_chunks(lambda b: (b + 1, torch.cat([b, b], dim=1)), batch)
+    ids = torch.arange(5)[:, None] * 10
+    sizes = []
+    features, rows = run_in_chunks(lambda b, i: sizes.append(len(b)) or (b + 1, torch.cat([b, i], dim=1)), batch, ids)
+    assert sorted(sizes) == [2, 3]  # one chunk per thread by default
     torch.testing.assert_close(features, batch + 1, rtol=0, atol=0)
-    torch.testing.assert_close(embeddings, torch.cat([batch, batch], dim=1), rtol=0, atol=0)
+    torch.testing.assert_close(rows, torch.cat([batch, ids], dim=1), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["bf16", "grad", "one thread", "one image"])
+@pytest.mark.parametrize("case", ["bf16", "grad", "one thread", "one image", "batches of other lengths"])
 def test_where_chunks_were_not_measured_or_cannot_pay_the_batch_runs_whole_on_the_callers_thread(
         two_torch_threads, case):
     batch = torch.ones(1 if case == "one image" else 6, 3, dtype=torch.bfloat16 if case == "bf16" else torch.float32)
     if case == "one thread":
         torch.set_num_threads(1)
     encode = Recorder()
+    others = (torch.ones(2, 3),) if case == "batches of other lengths" else ()
     if case == "grad":
-        encode_in_chunks(encode, batch)
+        run_in_chunks(encode, batch)
     else:
         with torch.inference_mode():
-            encode_in_chunks(encode, batch)
+            run_in_chunks(lambda b, *_: encode(b), batch, *others)
     assert [(name, size) for name, _, size, _ in encode.calls] == [(threading.current_thread().name,
                                                                     batch.shape[0])]
 
@@ -73,7 +77,7 @@ def test_where_chunks_were_not_measured_or_cannot_pay_the_batch_runs_whole_on_th
 def test_an_error_in_one_chunk_reaches_the_caller_as_it_is(two_torch_threads):
     batch = torch.arange(8, dtype=torch.float32)[:, None]
     with pytest.raises(ValueError, match="image 5 is broken"):
-        encode_in_chunks(Recorder(fail_on=5), batch)
+        run_in_chunks(Recorder(fail_on=5), batch)
 
 
 @pytest.mark.parametrize("directory", ["tiny_model_dir", "tiny_blip2_dir"])
@@ -95,3 +99,38 @@ def test_a_models_encodings_in_chunks_equal_the_batch_encoded_whole(directory, r
         hook.remove()
     torch.testing.assert_close(chunked.features, whole.features, rtol=0, atol=1e-5)
     torch.testing.assert_close(chunked.embeddings, whole.embeddings, rtol=0, atol=1e-5)
+
+
+def test_itm_scores_in_chunks_equal_the_candidates_scored_whole(tiny_model, two_torch_threads):
+    features = torch.randn(6, tiny_model.info.feature_tokens, tiny_model.info.feature_dim,
+                           generator=torch.Generator().manual_seed(1))
+    rows = []
+    itm_logits = tiny_model.text.itm_logits
+    tiny_model.text.itm_logits = lambda ids, mask, image: rows.append(len(image)) or itm_logits(ids, mask, image)
+    try:
+        for tokens in (tiny_model.tokenize(["a red dog"]), tiny_model.tokenize(["a red dog on the beach"] * 6)):
+            chunked = tiny_model.itm_scores(tokens, features)
+            torch.set_num_threads(1)
+            whole = tiny_model.itm_scores(tokens, features)
+            torch.set_num_threads(2)
+            torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+            assert sorted(rows) == [3, 3, 6]
+            rows.clear()
+    finally:
+        del tiny_model.text.itm_logits
+
+
+@torch.inference_mode()
+def test_pool_threads_stay_single_threaded_and_threads_started_later_keep_the_default(two_torch_threads):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from blipsearch.retrieval.models import chunks
+
+    chunks._pool.cache_clear()  # a pool started afresh in this test
+    encode = Recorder()
+    run_in_chunks(encode, torch.ones(4, 3))
+    later = ThreadPoolExecutor(1).submit(torch.get_num_threads).result()
+    assert later == 2  # a thread started after the pool's takes the process's default, not the pool's 1
+    torch.set_num_threads(2)  # the default set again after the pool's threads started: they keep 1
+    run_in_chunks(encode, torch.ones(8, 3))
+    assert [threads for _, threads, _, _ in encode.calls] == [1] * 4

@@ -25,7 +25,7 @@ from .base import ImageEncoding, ModelInfo, TextTokens
 from .blip_checkpoint import TEXT_MODULES, VISION_MODULES, WEIGHTS, enc_token_id, model_info
 from .blip_text import BlipTextTower, TextTowerConfig
 from .blip_vision import BlipVisionTower, VisionTowerConfig
-from .chunks import encode_in_chunks
+from .chunks import run_in_chunks
 from .loading import Checkpoint, local_directory, read_config, read_state
 from .tokenizer import TextTokenizer
 
@@ -63,8 +63,8 @@ class BlipRetrievalModel(Adapter):
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> ImageEncoding:
-        features, embeddings = encode_in_chunks(self._vision_tower(),  # (B, T, H), (B, D)
-                                                pixel_values.to(self.device, self.dtype))
+        features, embeddings = run_in_chunks(self._vision_tower(),  # (B, T, H), (B, D)
+                                             pixel_values.to(self.device, self.dtype), chunks_per_thread=2)
         return ImageEncoding(embeddings=embeddings[:, None, :].cpu(), features=features)
 
     @torch.inference_mode()
@@ -73,6 +73,7 @@ class BlipRetrievalModel(Adapter):
         enc_ids = tokens.input_ids.clone()
         enc_ids[:, 0] = self.enc_token_id  # BLIP's training convention, see the module docstring
         input_ids, attention_mask = paired(TextTokens(enc_ids, tokens.attention_mask), features.shape[0])
-        logits = self.text.itm_logits(input_ids.to(self.device), attention_mask.to(self.device),  # (N, 2)
-                                      features.to(self.device, self.dtype))
+        logits = run_in_chunks(lambda image, ids, mask: self.text.itm_logits(ids, mask, image),  # (N, 2)
+                               features.to(self.device, self.dtype), input_ids.to(self.device),
+                               attention_mask.to(self.device))
         return logits.cpu()  # (N, 2)

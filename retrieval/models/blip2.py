@@ -35,7 +35,7 @@ from .adapter import Adapter, fitting_config, paired
 from .base import ImageEncoding, ModelInfo, TextTokens
 from .blip2_vision import vision_config
 from .blip_vision import VisionTowerConfig, VisionTransformer
-from .chunks import encode_in_chunks
+from .chunks import run_in_chunks
 from .loading import Checkpoint, WeightsSpec, local_directory, read_config, read_state, revision
 from .preprocessing import read_preprocessing
 from .qformer import QFormerConfig, QFormerTower
@@ -94,7 +94,7 @@ class Blip2RetrievalModel(Adapter):
             features = vision(pixels)  # (B, T, Hv)
             return features, self.qformer.embed_images(features)  # (B, Q, D)
 
-        features, embeddings = encode_in_chunks(encode, pixel_values.to(self.device, self.dtype))
+        features, embeddings = run_in_chunks(encode, pixel_values.to(self.device, self.dtype), chunks_per_thread=2)
         return ImageEncoding(embeddings=embeddings.cpu(), features=features)
 
     @torch.inference_mode()
