@@ -8,9 +8,11 @@ fp32, A/B in one process (`benchmarks/bench_index.py` and `bench_query.py` run t
 - BLIP ViT-B/16 at 384 px over 16 images: 72-73% of the same-run matmul peak with torch's threads, 80-85% in
   chunks of 4, the features bit-identical;
 - the torch text tower's ITM pass over 32 candidates (a 10-token query): median 1,181 -> 972 ms in two chunks
-  of 16 (1,027 in four of 8), the logits bit-identical.
-BLIP-2's image tower is the same ViT body, larger (not timed here). bf16 (CPUs with bf16 units) and other
-devices keep torch's own threads: not measured there.
+  of 16 (1,027 in four of 8), the logits bit-identical;
+- BLIP-2's EVA ViT-g/14 at 224 px over 8 images: 31.0, 26.4 s with torch's threads, 26.8, 26.6 s in chunks
+  of 2 (80% -> 86% of the peak by the medians), the features bit-identical.
+bf16 (CPUs with bf16 units) and other devices keep torch's own threads: not measured there. BLIP-2's ITM
+pass (the Q-Former) keeps them too: not measured.
 """
 
 from __future__ import annotations
