@@ -79,13 +79,8 @@ def test_the_query_benchmarks_itm_flop_count_equals_the_flops_torch_counts(tiny_
     tokens = model.tokenize([words])
     features = torch.randn(5, 17, model.text.config.image_hidden_size)
     counter = FlopCounterMode(display=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the counter sees this thread only: no chunks on other threads (models/chunks.py)
-    try:
-        with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-            model.itm_scores(tokens, features)
-    finally:
-        torch.set_num_threads(threads)
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model.itm_scores(tokens, features)
     expected = script("bench_query").itm_gflops(model.text.config, int(tokens.attention_mask.sum()), 17, 5) * 1e9
     head = 5 * 2 * model.text.config.hidden_size * 2  # the ITM head, left out of the formula
     assert counter.get_total_flops() == pytest.approx(expected + head, rel=1e-9)

@@ -56,21 +56,35 @@ def test_batches_split_alike_and_tuples_join_element_by_element(two_torch_thread
     torch.testing.assert_close(rows, torch.cat([batch, ids], dim=1), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["bf16", "grad", "one thread", "one image", "batches of other lengths"])
+@pytest.mark.parametrize("case", ["bf16", "grad", "one thread", "one image", "batches of other lengths",
+                                  "autocast", "a dispatch mode"])
 def test_where_chunks_were_not_measured_or_cannot_pay_the_batch_runs_whole_on_the_callers_thread(
         two_torch_threads, case):
+    from contextlib import nullcontext
+
+    from torch.utils.flop_counter import FlopCounterMode
+
     batch = torch.ones(1 if case == "one image" else 6, 3, dtype=torch.bfloat16 if case == "bf16" else torch.float32)
     if case == "one thread":
         torch.set_num_threads(1)
     encode = Recorder()
     others = (torch.ones(2, 3),) if case == "batches of other lengths" else ()
-    if case == "grad":
-        run_in_chunks(encode, batch)
-    else:
-        with torch.inference_mode():
-            run_in_chunks(lambda b, *_: encode(b), batch, *others)
+    mode = {"autocast": torch.autocast("cpu", dtype=torch.bfloat16),  # would not reach the pool's threads
+            "a dispatch mode": FlopCounterMode(display=False)}.get(case, nullcontext())
+    with mode, torch.inference_mode(case != "grad"):
+        run_in_chunks(lambda b, *_: encode(b), batch, *others)
     assert [(name, size) for name, _, size, _ in encode.calls] == [(threading.current_thread().name,
                                                                     batch.shape[0])]
+
+
+def test_under_no_grad_the_chunks_run_in_inference_mode_and_join(two_torch_threads):
+    batch = torch.arange(6, dtype=torch.float32)[:, None]
+    encode = Recorder()
+    with torch.no_grad():
+        out = run_in_chunks(encode, batch)
+    torch.testing.assert_close(out, batch * 2, rtol=0, atol=0)
+    assert sorted(size for *_, size, _ in encode.calls) == [3, 3]
+    assert all(inference for *_, inference in encode.calls)
 
 
 @torch.inference_mode()
@@ -126,11 +140,21 @@ def test_pool_threads_stay_single_threaded_and_threads_started_later_keep_the_de
 
     from blipsearch.retrieval.models import chunks
 
-    chunks._pool.cache_clear()  # a pool started afresh in this test
+    chunks._POOLS.clear()  # a pool made afresh in this test (the old one's threads stay idle)
     encode = Recorder()
     run_in_chunks(encode, torch.ones(4, 3))
-    later = ThreadPoolExecutor(1).submit(torch.get_num_threads).result()
-    assert later == 2  # a thread started after the pool's takes the process's default, not the pool's 1
-    torch.set_num_threads(2)  # the default set again after the pool's threads started: they keep 1
-    run_in_chunks(encode, torch.ones(8, 3))
+    assert ThreadPoolExecutor(1).submit(torch.get_num_threads).result() == 2  # the default, not the pool's 1
+    chunks._in_new_thread(torch.set_num_threads, 3)  # the default changes; this thread keeps 2, so the same pool
+    try:
+        run_in_chunks(encode, torch.ones(8, 3))
+    finally:
+        chunks._in_new_thread(torch.set_num_threads, 2)
     assert [threads for _, threads, _, _ in encode.calls] == [1] * 4
+    assert len(chunks._POOLS) == 1 and len(chunks._POOLS[2]._threads) == 2  # both started when it was made
+
+
+def test_a_failure_in_the_settings_thread_reaches_the_caller():
+    from blipsearch.retrieval.models import chunks
+
+    with pytest.raises(ZeroDivisionError):
+        chunks._in_new_thread(lambda: 1 / 0)

@@ -63,8 +63,8 @@ class BlipRetrievalModel(Adapter):
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> ImageEncoding:
-        features, embeddings = run_in_chunks(self._vision_tower(),  # (B, T, H), (B, D)
-                                             pixel_values.to(self.device, self.dtype), chunks_per_thread=2)
+        pixels = pixel_values.to(self.device, self.dtype)
+        features, embeddings = run_in_chunks(self._vision_tower(), pixels, chunks_per_thread=2)  # (B, T, H), (B, D)
         return ImageEncoding(embeddings=embeddings[:, None, :].cpu(), features=features)
 
     @torch.inference_mode()
