@@ -5,8 +5,9 @@ torch splits every op of a batch over its threads and joins them at the op's end
 joins (layer norms, GEMMs, attention, GELU, residual adds), and each waits for the slower thread. Chunks of
 whole images need none: every thread runs whole layers on its own rows. Measured on the 2-core AVX2 EPYC in
 fp32, A/B in one process (`benchmarks/bench_index.py` and `bench_query.py` run them end to end):
-- BLIP ViT-B/16 at 384 px over 16 images: 72-73% of the same-run matmul peak with torch's threads, 80-85% in
-  chunks of 4, the features bit-identical;
+- BLIP ViT-B/16 at 384 px over 16 images (two probes of 3 rounds): 72-73% of the same-run matmul peak with
+  torch's threads, 80-85% in chunks (chunks of 8: 85% and 80%; of 4: 85%; of 1: 82%), the features
+  bit-identical;
 - the torch text tower's ITM pass over 32 candidates (a 10-token query): median 1,181 -> 972 ms in two chunks
   of 16 (1,027 in four of 8), the logits bit-identical;
 - BLIP-2's EVA ViT-g/14 at 224 px over 8 images, 4 alternating rounds: 32.4, 30.5, 32.8, 29.2 s with torch's
