@@ -3,6 +3,7 @@
     python benchmarks/bench_index.py                  # 160 photos, both routes, ~5 minutes here
     python benchmarks/bench_index.py --levers         # also what each lever contributes (on a subset)
     python benchmarks/bench_index.py --ray            # also `blipsearch index --ray` on a local Ray instance
+    python benchmarks/bench_index.py --int8           # also `--precision int8` (the image tower's linear layers)
 
 Photos (4000x3000 JPEG, quality 90) and a BLIP ViT-B/16 384 px retrieval model with random weights are
 generated once under --workdir. Prints images/s of both routes, their ratio, peak memory, and the
@@ -54,9 +55,13 @@ def index_run(photos: Path, model: Path, index: Path, extra: list[str]) -> dict:
                         "--device", "cpu", *extra])
     match = re.search(r"indexed (\d+), .* in ([\d.]+) s", run["stderr"])
     images, seconds = int(match.group(1)), float(match.group(2))
-    return {"images": images, "pipeline_seconds": seconds, "pipeline_images_per_s": images / seconds,
-            "command_seconds": run["seconds"], "command_images_per_s": images / run["seconds"],
-            "peak_rss_mb": run["peak_rss_mb"]}
+    result = {"images": images, "pipeline_seconds": seconds, "pipeline_images_per_s": images / seconds,
+              "command_seconds": run["seconds"], "command_images_per_s": images / run["seconds"],
+              "peak_rss_mb": run["peak_rss_mb"]}
+    check = re.search(r"int8 check .*", run["stderr"])  # --precision int8: its check against fp32
+    if check:
+        result["int8_check"] = check.group(0)
+    return result
 
 
 def baseline_run(photos: Path, model: Path) -> dict:
@@ -115,6 +120,8 @@ def main() -> None:
     parser.add_argument("--levers", action="store_true", help="also time each lever on --lever-images photos")
     parser.add_argument("--lever-images", type=int, default=48)
     parser.add_argument("--ray", action="store_true", help="also index with --ray on a local Ray instance")
+    parser.add_argument("--int8", action="store_true", help="also index with --precision int8 (its first batch "
+                        "checked against fp32, which counts in its time)")
     parser.add_argument("--baseline-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -140,6 +147,13 @@ def main() -> None:
         "speedup_whole_command": ours["command_images_per_s"] / baseline["images_per_s"],
         "fraction_of_peak": ours["pipeline_images_per_s"] * flops / peak,
     }
+    if args.int8:  # the same photos, the image tower's linear layers in int8; the peak around this run too
+        around = [matmul_peak_gflops(precision)]
+        report["int8"] = index_run(folder, model, args.workdir / "index-int8", ["--precision", "int8"])
+        around.append(matmul_peak_gflops(precision))
+        report["int8"]["matmul_peak_gflops_before_and_after"] = [round(p) for p in around]
+        report["int8"]["fraction_of_peak"] = report["int8"]["pipeline_images_per_s"] * flops / statistics.mean(around)
+        report["int8"]["vs_default"] = report["int8"]["pipeline_images_per_s"] / ours["pipeline_images_per_s"]
     if args.ray:  # the same photos through Ray Data; its start-up counts, as it does for a user
         report["decode_ms_per_photo_one_thread"] = decode_ms_per_photo(photos, model)
         report["ray"] = index_run(folder, model, args.workdir / "index-ray", ["--ray"])
@@ -156,6 +170,12 @@ def main() -> None:
           f"{baseline['images_per_s']:.2f} img/s -> {report['speedup']:.1f}x; "
           f"{report['fraction_of_peak']:.0%} of the {precision} matmul peak ({peak:.0f} GFLOP/s, {report['cpu']}); "
           f"peak RSS {ours['peak_rss_mb']:.0f} MB vs {baseline['peak_rss_mb']:.0f} MB")
+    if args.int8:
+        int8 = report["int8"]
+        print(f"--precision int8: {int8['pipeline_images_per_s']:.2f} img/s ({int8['vs_default']:.2f}x the default "
+              f"run), {int8['fraction_of_peak']:.0%} of the {precision} peak (FLOPs counted as in fp32; "
+              f"{statistics.mean(int8['matmul_peak_gflops_before_and_after']):.0f} GFLOP/s around it); "
+              f"peak RSS {int8['peak_rss_mb']:.0f} MB; {int8.get('int8_check', 'no check line printed')}")
     if args.ray:
         print(f"--ray on a local instance: {report['ray']['pipeline_images_per_s']:.2f} img/s "
               f"({report['ray_vs_single_process']:.2f}x the single-process run); decoding a photo takes "

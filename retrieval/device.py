@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # torch loads when a device is chosen, so that `blipsearch --
     import torch
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -33,7 +33,7 @@ def numpy_text_side(device: str, precision: str) -> bool:
     with one, torch decides); auto precision: fp32 where /proc/cpuinfo's x86 flags list no bf16 units (as
     `cpu_has_fast_bf16`, which is asked instead once torch is imported anyway; without such flags, e.g. on
     ARM, torch decides)."""
-    if device not in ("auto", "cpu") or precision not in ("auto", "fp32"):
+    if device not in ("auto", "cpu") or precision not in ("auto", "fp32", "int8"):
         return False
     torch_loaded = "torch" in sys.modules
     if device == "auto":
@@ -42,7 +42,7 @@ def numpy_text_side(device: str, precision: str) -> bool:
                 return False
         elif platform.system() != "Linux" or any(map(os.path.exists, _ACCELERATOR_FILES)):
             return False
-    if precision == "fp32":
+    if precision in ("fp32", "int8"):  # int8 is the image tower's: the text side stays fp32
         return True
     if torch_loaded:
         return not cpu_has_fast_bf16()
@@ -83,11 +83,22 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 def select_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """auto: bf16 on CUDA cards that have it (else fp16), fp16 on mps, bf16 on CPUs with bf16 units, else fp32."""
+    """auto: bf16 on CUDA cards that have it (else fp16), fp16 on mps, bf16 on CPUs with bf16 units, else fp32.
+    int8 (the CPU only) is fp32 with the image tower's linear layers in int8 (models/int8.py)."""
     if precision not in PRECISIONS:
         raise InvalidInputError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     import torch
 
+    if precision == "int8":
+        if device.type != "cpu":
+            raise InvalidInputError(f"--precision int8 runs on the CPU only, not {device.type}; "
+                                    "use --device cpu, or another precision")
+        from .models.int8 import int8_engine
+
+        if int8_engine() is None:
+            raise InvalidInputError("--precision int8: this torch build has no quantized CPU kernels "
+                                    "(fbgemm or oneDNN); use --precision fp32")
+        return torch.float32
     if precision != "auto":
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if device.type == "cuda":

@@ -72,7 +72,7 @@ def image_manifest(model: RetrievalModel, root: Path, paths: list[str]) -> dict:
         "version": CACHE_VERSION,
         "model_id": info.model_id,
         "revision": info.revision,
-        "dtype": str(getattr(model, "dtype", "unknown")),
+        "dtype": str(getattr(model, "dtype", "unknown")) + (" int8" if getattr(model, "int8", False) else ""),
         "preprocessing": info.preprocessing.to_dict(),
         "feature_shape": [info.feature_tokens, info.feature_dim],
         "embedding_shape": [info.vectors_per_image, info.embed_dim],

@@ -78,4 +78,9 @@ def evaluate_command(dataset: str, images_root: Path, annotations: Path, split: 
 
 def _dtype_name(model) -> str:
     dtype = getattr(model, "dtype", None)
-    return str(dtype).removeprefix("torch.") if dtype is not None else "unknown"
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "unknown"
+    if not getattr(model, "int8", False):  # --precision int8 sets it
+        return name
+    check = model.int8_check  # None: every image came from the cache
+    verdict = "" if check is None else " (check passed)" if check.passed else " (check failed: encoded in fp32)"
+    return f"{name}, image tower int8{verdict}"

@@ -97,6 +97,9 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
     _say(f"indexed {summary.indexed}, reused {summary.reused} (moved or copied), unchanged "
          f"{summary.unchanged}, removed {summary.removed}, skipped {len(summary.skipped)}{captioned} in "
          f"{seconds:.1f} s{rate}; the index at {location} holds {files} files")
+    check = getattr(model, "int8_check", None)  # --precision int8: a failed check was logged when it happened
+    if check is not None and check.passed:
+        _say(check.describe())
     if summary.skipped:
         sys.exit(EXIT_SKIPPED)
 

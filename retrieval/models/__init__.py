@@ -33,7 +33,8 @@ def load_model(name: str, device: str | torch.device = "auto", precision: str = 
 
     `with_vision=False` loads only what a text query needs (faster start, less memory). For a BLIP checkpoint
     that would compute in fp32 on the CPU, that is the numpy text side (blip_numpy.py), loaded without torch;
-    pass a `torch.device` to have the torch adapter in any case.
+    pass a `torch.device` to have the torch adapter in any case. `precision="int8"`: fp32 with the image
+    tower's linear layers in int8, checked against fp32 on the first batch (models/int8.py; CPU only).
     """
     from ..device import numpy_text_side, select_device, select_dtype
     from .loading import local_directory, read_config
@@ -55,4 +56,5 @@ def load_model(name: str, device: str | torch.device = "auto", precision: str = 
 
     adapter = {"blip": BlipRetrievalModel, "blip-2": Blip2RetrievalModel}[model_type]
     torch_device = device if not isinstance(device, str) else select_device(device)
-    return adapter.load(checkpoint, torch_device, select_dtype(torch_device, precision), with_vision=with_vision)
+    return adapter.load(checkpoint, torch_device, select_dtype(torch_device, precision), with_vision=with_vision,
+                        int8=precision == "int8")

@@ -4,8 +4,10 @@ the checkpoint's own processor makes them, and the rules of loading their towers
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -13,8 +15,12 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from .base import ModelInfo, TextEncoding, TextTokens
+from .chunks import run_in_chunks
+from .int8 import Int8Check, Int8Images
 from .preprocessing import normalise
 from .tokenizer import TextTokenizer
+
+Output = TypeVar("Output")
 
 
 class Adapter:
@@ -24,12 +30,22 @@ class Adapter:
     text_tower: nn.Module
 
     def __init__(self, tokenizer: TextTokenizer, info: ModelInfo, device: torch.device, dtype: torch.dtype,
-                 vision: nn.Module | None):
+                 vision: nn.Module | None, int8: bool = False):
         self.tokenizer = tokenizer
         self.info = info
         self.device = device
         self.dtype = dtype
         self.vision = None if vision is None else vision.to(device=device, dtype=dtype).eval()
+        if int8 and (device.type != "cpu" or dtype != torch.float32):
+            raise ValueError("int8 image towers run on the CPU, from fp32 weights")
+        self._int8 = Int8Images(self.vision) if int8 and self.vision is not None else None
+        self.int8 = self._int8 is not None  # the image tower's int8 twin is in use once its check passes
+
+    @property
+    def int8_check(self) -> Int8Check | None:
+        """With `--precision int8`: how the first image batch compared with fp32 (None before one, or without
+        int8); see models/int8.py."""
+        return None if self._int8 is None else self._int8.check
 
     def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:
         """(B, 3, H, W) float32 from uint8 (H, W, 3) arrays already resized: rescale and normalise."""
@@ -51,6 +67,17 @@ class Adapter:
         if self.vision is None:
             raise ModelLoadError("this model was loaded without its vision tower; load it with_vision=True")
         return self.vision
+
+    def _run_vision(self, encode: Callable[[nn.Module, torch.Tensor], Output], pixels: torch.Tensor) -> Output:
+        """`encode(vision tower, pixels)` over the batch in chunks (models/chunks.py), with the tower's int8
+        twin where the model was loaded with int8 and its first batch passed the check (models/int8.py)."""
+        def chunked(compute: Callable[[torch.Tensor], Output], batch: torch.Tensor) -> Output:
+            return run_in_chunks(compute, batch, chunks_per_thread=2)
+
+        vision = self._vision_tower()
+        if self._int8 is None:
+            return chunked(functools.partial(encode, vision), pixels)
+        return self._int8.run(encode, pixels, chunked)
 
 
 def paired(tokens: TextTokens, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

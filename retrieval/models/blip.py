@@ -39,14 +39,15 @@ class BlipRetrievalModel(Adapter):
     """A BLIP retrieval checkpoint on one device and dtype; implements `RetrievalModel`."""
 
     def __init__(self, text: BlipTextTower, tokenizer: TextTokenizer, enc_token_id: int, info: ModelInfo,
-                 device: torch.device, dtype: torch.dtype, vision: BlipVisionTower | None = None):
-        super().__init__(tokenizer, info, device, dtype, vision)
+                 device: torch.device, dtype: torch.dtype, vision: BlipVisionTower | None = None,
+                 int8: bool = False):
+        super().__init__(tokenizer, info, device, dtype, vision, int8)
         self.text = self.text_tower = text.to(device=device, dtype=dtype).eval()
         self.enc_token_id = enc_token_id
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
-             with_vision: bool = True) -> BlipRetrievalModel:
+             with_vision: bool = True, int8: bool = False) -> BlipRetrievalModel:
         directory = local_directory(checkpoint)
         config = read_config(directory, checkpoint.name)
         info = model_info(checkpoint, directory, config)
@@ -59,12 +60,12 @@ class BlipRetrievalModel(Adapter):
             if vision is not None:
                 vision.load_weights(state)
         tokenizer = TextTokenizer.load(directory, checkpoint.name)
-        return cls(text, tokenizer, enc_token_id(tokenizer, config), info, device, dtype, vision)
+        return cls(text, tokenizer, enc_token_id(tokenizer, config), info, device, dtype, vision, int8)
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> ImageEncoding:
         pixels = pixel_values.to(self.device, self.dtype)
-        features, embeddings = run_in_chunks(self._vision_tower(), pixels, chunks_per_thread=2)  # (B, T, H), (B, D)
+        features, embeddings = self._run_vision(lambda tower, batch: tower(batch), pixels)  # (B, T, H), (B, D)
         return ImageEncoding(embeddings=embeddings[:, None, :].cpu(), features=features)
 
     @torch.inference_mode()

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from ..errors import ModelLoadError
 from .adapter import Adapter, fitting_config, paired
 from .base import ImageEncoding, ModelInfo, TextTokens
 from .blip2_vision import vision_config
 from .blip_vision import VisionTowerConfig, VisionTransformer
-from .chunks import run_in_chunks
 from .loading import Checkpoint, WeightsSpec, local_directory, read_config, read_state, revision
 from .preprocessing import read_preprocessing
 from .qformer import QFormerConfig, QFormerTower
@@ -61,13 +61,13 @@ class Blip2RetrievalModel(Adapter):
     """A BLIP-2 retrieval checkpoint on one device and dtype; implements `RetrievalModel`."""
 
     def __init__(self, qformer: QFormerTower, tokenizer: TextTokenizer, info: ModelInfo, device: torch.device,
-                 dtype: torch.dtype, vision: VisionTransformer | None = None):
-        super().__init__(tokenizer, info, device, dtype, vision)
+                 dtype: torch.dtype, vision: VisionTransformer | None = None, int8: bool = False):
+        super().__init__(tokenizer, info, device, dtype, vision, int8)
         self.qformer = self.text_tower = qformer.to(device=device).eval()  # fp32 weights: see the module docstring
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
-             with_vision: bool = True) -> Blip2RetrievalModel:
+             with_vision: bool = True, int8: bool = False) -> Blip2RetrievalModel:
         directory = local_directory(checkpoint)
         config = read_config(directory, checkpoint.name)
         try:
@@ -84,17 +84,15 @@ class Blip2RetrievalModel(Adapter):
             vision = VisionTransformer(vision_c) if with_vision else None
             if vision is not None:
                 vision.load_weights(state)
-        return cls(qformer, TextTokenizer.load(directory, checkpoint.name), info, device, dtype, vision)
+        return cls(qformer, TextTokenizer.load(directory, checkpoint.name), info, device, dtype, vision, int8)
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> ImageEncoding:
-        vision = self._vision_tower()
-
-        def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def encode(vision: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             features = vision(pixels)  # (B, T, Hv)
             return features, self.qformer.embed_images(features)  # (B, Q, D)
 
-        features, embeddings = run_in_chunks(encode, pixel_values.to(self.device, self.dtype), chunks_per_thread=2)
+        features, embeddings = self._run_vision(encode, pixel_values.to(self.device, self.dtype))
         return ImageEncoding(embeddings=embeddings.cpu(), features=features)
 
     @torch.inference_mode()

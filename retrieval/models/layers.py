@@ -36,7 +36,10 @@ def linear_gelu(x: torch.Tensor, linear: Linear) -> torch.Tensor:
     """gelu(linear(x)) (exact, erf) in one oneDNN call for bf16 on CPU: the activation is applied to the float
     accumulator before the output is rounded and never makes a separate pass over memory (a ViT-B layer's
     3072-wide activation at batch 16: 162 -> 133 ms on a 2-core AVX512-BF16 CPU). Elsewhere (other dtypes,
-    autocast, autograd, CPUs without bf16 units or torch without the op) the two plain calls."""
+    autocast, autograd, CPUs without bf16 units or torch without the op; `linear` another module, e.g. int8's)
+    the two plain calls."""
+    if not isinstance(linear, Linear):
+        return F.gelu(linear(x))
     if (x.device.type == "cpu" and x.dtype == torch.bfloat16 == linear.weight.dtype and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu") and _fused_linear_available()):
         return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "gelu", [], "none")
