@@ -41,6 +41,29 @@ def tiny_model(tiny_model_dir):
     return load_model(str(tiny_model_dir), device="cpu", precision="fp32")
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_kept():
+    """A test leaves torch's thread count as it found it: later tests would run single-threaded, and the CPU
+    fast paths that need two threads (models/chunks.py) would go untested."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if before is not None and torch is not None:
+        assert torch.get_num_threads() == before, "the test changed torch's thread count and left it so"
+
+
+@pytest.fixture
+def training_threads():
+    """For a test that runs a training setup in this process: its config's `threads` sets torch's count for
+    the process, as `blipsearch train` means it to; the count is put back afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_user_cache(tmp_path_factory):
     """Model hashes and converted weights go to a temporary cache, never the user's (subprocesses too)."""

@@ -6,6 +6,7 @@ in one; the losses (averaged over ranks) and the gradients must agree.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -31,10 +32,22 @@ def single_process(build: Callable, objective: Callable):
     """(model, per-step losses and gradients) of one process on the whole global batch."""
     from blipsearch.training.loop import ObjectiveModule
 
+    with one_torch_thread():
+        model, tokenizer, cfg = build()
+        return model, steps(ObjectiveModule(model, objective(cfg.objective)), model,
+                            [global_batch(tokenizer)] * STEPS, lambda v: v)
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread (as each rank runs), and back to the test process's count after: tests that run
+    later would otherwise run single-threaded, and the CPU fast paths that need two threads (chunks) never."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    model, tokenizer, cfg = build()
-    return model, steps(ObjectiveModule(model, objective(cfg.objective)), model, [global_batch(tokenizer)] * STEPS,
-                        lambda v: v)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def half(batch: Batch, rank: int) -> Batch:

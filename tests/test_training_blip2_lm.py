@@ -15,6 +15,8 @@ from test_training_loop import scenes
 from tiny import SPECIALS, save_tokenizer
 from tiny_blip2 import save_tiny_blip2
 
+pytestmark = pytest.mark.usefixtures("training_threads")  # its runs' configs set threads=1 (stage2_config)
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a picture of"
 

@@ -13,6 +13,8 @@ from blipsearch.training.loop import run_steps, setup, wrap
 
 from test_training_loop import scenes
 
+pytestmark = pytest.mark.usefixtures("training_threads")  # its runs' configs set threads=1
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "training" / "configs" / "blip2-tiny.yaml"
 

@@ -11,6 +11,8 @@ from blipsearch.retrieval.errors import InvalidInputError
 from blipsearch.training.config import load_config
 from blipsearch.training.loop import run_steps, setup, train, wrap
 
+pytestmark = pytest.mark.usefixtures("training_threads")  # its runs' configs set threads=1
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "training" / "configs" / "tiny.yaml"
 

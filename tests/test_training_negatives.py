@@ -264,10 +264,10 @@ def _ddp_worker(rank: int, init_file: str, results):
 
 
 def test_two_processes_equal_one_process_with_negatives_on_one_rank(tmp_path):
-    torch.set_num_threads(1)
-    model, tokenizer, cfg = _ddp_build()
-    single = ddp.steps(ObjectiveModule(model, BlipObjective(cfg.objective)), model,
-                       [_ddp_global_batch(tokenizer)] * ddp.STEPS, lambda v: v)
+    with ddp.one_torch_thread():
+        model, tokenizer, cfg = _ddp_build()
+        single = ddp.steps(ObjectiveModule(model, BlipObjective(cfg.objective)), model,
+                           [_ddp_global_batch(tokenizer)] * ddp.STEPS, lambda v: v)
     results = ddp.run_two_ranks(_ddp_worker, tmp_path)
     for rank in (0, 1):
         ddp.assert_same_as_single(results[rank], single, {"itc_loss", "itm_loss", "lm_loss", "itm_neg_loss"})
