@@ -71,8 +71,9 @@ class Adapter:
     def _run_vision(self, encode: Callable[[nn.Module, torch.Tensor], Output], pixels: torch.Tensor) -> Output:
         """`encode(vision tower, pixels)` over the batch in chunks (models/chunks.py), with the tower's int8
         twin where the model was loaded with int8 and its first batch passed the check (models/int8.py)."""
-        def chunked(compute: Callable[[torch.Tensor], Output], batch: torch.Tensor) -> Output:
-            return run_in_chunks(compute, batch, chunks_per_thread=2)
+        def chunked(compute: Callable[[torch.Tensor], Output], batch: torch.Tensor, one_image: bool = False
+                    ) -> Output:  # chunks of 4 images for a CPU batch of 16 (two per thread), or of one
+            return run_in_chunks(compute, batch, chunks_per_thread=batch.shape[0] if one_image else 2)
 
         vision = self._vision_tower()
         if self._int8 is None:
