@@ -9,7 +9,8 @@ output's range with 8 bits, 0.026 with 7, on the 2-core AVX2 EPYC). torch's quan
 attention, layer norms, GELU, the heads and the whole text side stay fp32.
 
 On that CPU the four layers ran 1.4-2.0x faster than fp32 single-threaded (ViT-B's shapes, 2,308 rows), and
-the ViT-B encoder 1.5x (16 images in chunks, medians of 4 alternating rounds: 11.37 -> 7.68 s).
+the ViT-B encoder 1.5-1.7x (16 images, medians of 4 alternating rounds: 11.37 -> 7.68 s, then with chunks of
+one image 12.07 -> 7.73 s in a noisier run); `blipsearch index` 1.4-1.6x (bench_index.py --int8).
 
 Dynamic int8 is exact enough only where activations have no channels far larger than the rest: an input with
 4 such channels at 40x the others' scale had errors of 0.29 of the output's range, and ViTs are known to grow
