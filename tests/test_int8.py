@@ -166,3 +166,10 @@ def test_int8_on_another_device_is_a_one_line_error(tmp_path):
                                        "--precision", "int8"])
     assert result.exit_code != 0
     one_line_error(result, "--device cuda" if not torch.cuda.is_available() else "--precision int8 runs on the CPU")
+
+
+def test_the_eval_cache_keeps_int8_features_apart_from_fp32_ones(tiny_model_dir, tmp_path):
+    from blipsearch.retrieval.eval_cache import image_manifest
+
+    fp32, int8 = (load_model(str(tiny_model_dir), "cpu", precision) for precision in ("fp32", "int8"))
+    assert image_manifest(fp32, tmp_path, ["a.jpg"]) != image_manifest(int8, tmp_path, ["a.jpg"])
