@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError
+from ..errors import InvalidInputError, ModelLoadError
 from .base import ModelInfo, TextEncoding, TextTokens
 from .chunks import run_in_chunks
 from .int8 import Int8Check, Int8Images
@@ -37,9 +37,9 @@ class Adapter:
         self.dtype = dtype
         self.vision = None if vision is None else vision.to(device=device, dtype=dtype).eval()
         if int8 and (device.type != "cpu" or dtype != torch.float32):
-            raise ValueError("int8 image towers run on the CPU, from fp32 weights")
+            raise InvalidInputError("--precision int8 runs on the CPU, from fp32 weights")
         self._int8 = Int8Images(self.vision) if int8 and self.vision is not None else None
-        self.int8 = self._int8 is not None  # the image tower's int8 twin is in use once its check passes
+        self.int8 = self._int8 is not None  # int8 asked for; `int8_check` says whether it is in use
 
     @property
     def int8_check(self) -> Int8Check | None:

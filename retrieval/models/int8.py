@@ -9,8 +9,9 @@ output's range with 8 bits, 0.026 with 7, on the 2-core AVX2 EPYC). torch's quan
 attention, layer norms, GELU, the heads and the whole text side stay fp32.
 
 On that CPU the four layers ran 1.4-2.0x faster than fp32 single-threaded (ViT-B's shapes, 2,308 rows), and
-the ViT-B encoder 1.5-1.7x (16 images, medians of 4 alternating rounds: 11.37 -> 7.68 s, then with chunks of
-one image 12.07 -> 7.73 s in a noisier run); `blipsearch index` 1.4-1.6x (bench_index.py --int8).
+the ViT-B encoder ~1.5x (16 images, medians of 4 alternating rounds: 11.37 -> 7.68 s, then with chunks of
+one image 12.07 -> 7.73 s in a noisier run); `blipsearch index` 1.3-1.6x by images/s, 1.36-1.38x by fraction
+of the same-run peak (bench_index.py --int8).
 
 Dynamic int8 is exact enough only where activations have no channels far larger than the rest: an input with
 4 such channels at 40x the others' scale had errors of 0.29 of the output's range, and ViTs are known to grow
@@ -23,12 +24,13 @@ the token features' median error exceeds `MAX_FEATURE_ERROR`, it logs why and en
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ModelLoadError
 from .layers import Linear
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,8 @@ class Int8Linear(nn.Module):
         tokens), so that an image's features do not depend on the batch it came in."""
         if x.dim() <= 2:
             return self._rows(x)
+        if x.shape[0] == 0:
+            return x.new_empty(*x.shape[:-1], self.out_features)
         if x.shape[0] == 1:  # one image (the int8 tower runs in chunks of one): no copy into a stacked output
             return self._rows(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
         items = [self._rows(item.reshape(-1, x.shape[-1])) for item in x.float()]
@@ -90,44 +95,51 @@ class Int8Linear(nn.Module):
     def _rows(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(rows.float(), self.packed, True)  # True: 7-bit activations
 
+    def _apply(self, fn, recurse: bool = True):
+        """`.to()`, `.float()`, `.cuda()`...: the packed weights would not follow (they are no tensors of
+        the module's), so these are refused; make a new twin of the moved tower instead."""
+        raise RuntimeError("int8 layers cannot be moved or cast; make the int8 twin again from the fp32 tower")
+
 
 _ENGINE_LOCK = threading.Lock()
 
 
-class _engine:
+@contextlib.contextmanager
+def _engine(name: str) -> Iterator[None]:
     """torch's quantized engine set to `name` for the block (process-wide, so one block at a time)."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self) -> None:
-        _ENGINE_LOCK.acquire()
-        self.previous = torch.backends.quantized.engine
-        torch.backends.quantized.engine = self.name
-
-    def __exit__(self, *exc) -> None:
+    with _ENGINE_LOCK:
+        previous = torch.backends.quantized.engine
         try:
-            torch.backends.quantized.engine = self.previous
+            torch.backends.quantized.engine = name
+            yield
         finally:
-            _ENGINE_LOCK.release()
+            torch.backends.quantized.engine = previous
 
 
 def int8_twin(tower: nn.Module) -> nn.Module:
     """A copy of `tower` whose ViT block linear layers (every `Linear` under `encoder.layers`) run in int8;
-    the other modules and all fp32 tensors are shared with `tower`, which is left as it was."""
+    the other modules' fp32 tensors are shared with `tower`, which is left as it was. The int8 weights are
+    packed from `tower`'s as they are now: a tower moved, cast or reloaded afterwards needs a new twin (the
+    twin's int8 layers refuse `.to()` and the like). ~1 s for ViT-B's 48 layers on the 2-core AVX2 EPYC."""
     engine = int8_engine()
     if engine is None:
-        raise RuntimeError("this torch build has no quantized CPU kernels (fbgemm or oneDNN)")
+        raise ModelLoadError("--precision int8: this torch build has no quantized CPU kernels (fbgemm or oneDNN); "
+                             "use --precision fp32")
 
     def twin(module: nn.Module, path: str) -> nn.Module:
         if isinstance(module, Linear) and ".encoder.layers." in f".{path}":
             return Int8Linear(module, engine)
-        copied = copy.copy(module)  # shares the parameters; its own table of children, filled below
+        copied = copy.copy(module)  # the same tensors; its own tables of them and of children, filled below
+        copied._parameters, copied._buffers = dict(module._parameters), dict(module._buffers)
         copied._modules = {name: None if child is None else twin(child, f"{path}.{name}" if path else name)
                            for name, child in module._modules.items()}
         return copied
 
-    return twin(tower, "")
+    try:
+        return twin(tower, "")
+    except RuntimeError as exc:  # a kernel that refuses this CPU or these weights
+        raise ModelLoadError(f"--precision int8: torch could not pack the image tower's weights ({exc}); "
+                             "use --precision fp32") from exc
 
 
 @dataclass(frozen=True)
@@ -144,7 +156,8 @@ class Int8Check:
         return self.min_cosine >= MIN_COSINE and self.feature_error <= MAX_FEATURE_ERROR
 
     def describe(self) -> str:
-        measured = (f"int8 check on {self.images} images of the first batch: ITC embeddings within cosine "
+        images = "1 image" if self.images == 1 else f"{self.images} images"
+        measured = (f"int8 check on {images} of the first batch: ITC embeddings within cosine "
                     f"{self.min_cosine:.5f} of fp32 (bar {MIN_COSINE}), token features' median error "
                     f"{self.feature_error:.4f} (bar {MAX_FEATURE_ERROR})")
         return measured + ("; encoding in int8" if self.passed else
@@ -164,10 +177,15 @@ def compare(int8: tuple[torch.Tensor, torch.Tensor], fp32: tuple[torch.Tensor, t
 class Int8Images:
     """Encodes image batches with the int8 twin of a tower; the first batch's first `CHECK_IMAGES` images are
     compared with the tower in fp32 (`compare`), and after a failed check every batch, that one included, is
-    encoded in fp32."""
+    encoded in fp32. The twin is made at the first batch: a run that encodes nothing (an unchanged folder, a
+    Ray driver, a server asked no image query) does not pack the weights.
+
+    The check costs the fp32 encoding of up to 4 images once per model load, so int8 pays over batches of
+    many images (indexing); a single image query in a fresh process costs more than in fp32."""
 
     def __init__(self, fp32: nn.Module):
-        self.fp32, self.int8 = fp32, int8_twin(fp32)
+        self.fp32 = fp32
+        self.int8: nn.Module | None = None
         self.check: Int8Check | None = None
         self._lock = threading.Lock()
 
@@ -176,11 +194,12 @@ class Int8Images:
         """`encode(tower, pixels)` -> (features, embeddings), through `chunked(compute, pixels, one_image)`:
         the int8 tower in chunks of one image (each linear layer then quantizes its whole input with one
         scale, and no per-image outputs are stacked: 8.0 -> 7.0 s for 16 ViT-B images, bit-identical)."""
-        quick = functools.partial(encode, self.int8)
         if self.check is None:
             with self._lock:
                 if self.check is None:
-                    fast = chunked(quick, pixels, True)
+                    if self.int8 is None:
+                        self.int8 = int8_twin(self.fp32)
+                    fast = chunked(functools.partial(encode, self.int8), pixels, True)
                     sample = pixels[:CHECK_IMAGES]
                     exact = chunked(functools.partial(encode, self.fp32), sample, False)
                     self.check = compare(tuple(part[:len(sample)] for part in fast), exact)
@@ -188,5 +207,5 @@ class Int8Images:
                     if self.check.passed:
                         return fast
         if self.check.passed:
-            return chunked(quick, pixels, True)
+            return chunked(functools.partial(encode, self.int8), pixels, True)
         return chunked(functools.partial(encode, self.fp32), pixels, False)
