@@ -39,7 +39,11 @@ class Adapter:
         if int8 and (device.type != "cpu" or dtype != torch.float32):
             raise InvalidInputError("--precision int8 runs on the CPU, from fp32 weights")
         self._int8 = Int8Images(self.vision) if int8 and self.vision is not None else None
-        self.int8 = self._int8 is not None  # int8 asked for; `int8_check` says whether it is in use
+
+    @property
+    def int8(self) -> bool:
+        """The image tower was asked for in int8 (`--precision int8`); `int8_check` says whether it is in use."""
+        return self._int8 is not None
 
     @property
     def int8_check(self) -> Int8Check | None:
