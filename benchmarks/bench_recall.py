@@ -1,10 +1,10 @@
-"""First-stage recall: exact FAISS search against the index the engine builds, by size and vectors per image.
+"""First-stage recall: exact search against the index the engine builds, by size and vectors per image.
 
     python benchmarks/bench_recall.py                                  # BLIP: 1 vector per image, ~2 minutes
     python benchmarks/bench_recall.py --vectors-per-image 32           # BLIP-2: 32 query vectors per image
 
 For each size: milliseconds per single query (the engine searches one query at a time) for exact inner
-product (IndexFlatIP, up to 1M vectors), and for the index the engine builds at that size
+product (the engine's exact tier, a numpy scan, up to 1M vectors), and for the index the engine builds at that size
 (indexer/recall.py: exact, IVF-Flat, or IVF-PQ with exact re-scoring): its build time, the memory it
 keeps, its median latency, and its recall of the exact top 10 and top 64 images (the truth by brute force).
 
@@ -104,7 +104,10 @@ def _exact_top(vectors: np.ndarray, query: np.ndarray, k: int, chunk: int = 1 <<
 
 
 def _index_mb(index) -> float:
-    """Bytes the index keeps: FAISS' serialised size, plus the float16 copy an IVF-PQ index re-scores from."""
+    """Bytes the index keeps: the exact tier's vectors, or FAISS' serialised size plus the float16 copy an
+    IVF-PQ index re-scores from."""
+    if index.exact:
+        return index.index.nbytes / 2**20
     import faiss
 
     size = faiss.serialize_index(index.index).nbytes

@@ -1,12 +1,18 @@
 """First-stage recall: inner product of normalised ITC vectors, with FAISS, the index chosen by size.
 
-    up to EXACT_LIMIT vectors   exact (`IndexFlatIP`): one query takes a few milliseconds here
+    up to EXACT_LIMIT vectors   exact: every vector scanned with numpy's BLAS (saved as FAISS' `IndexFlatIP`
+                                file, read without importing FAISS)
     up to FLAT_LIMIT            IVF-Flat (nprobe 32): 1 KB of RAM per 256-d vector, recall ~1.0
     above                       IVF-PQ (32 bytes per vector), whose top candidates are re-scored by exact
                                 cosine from a memory-mapped float16 copy of the vectors (`vectors.f16`),
                                 so the scores it returns are exact and its ranking nearly so
 
 The limits and the recall of each tier are measured by benchmarks/bench_recall.py (README, Performance).
+
+The exact tier does not go through FAISS at query time: importing it took ~50 ms of every fresh query
+process on the 2-core AVX2 EPYC we measure on, and its flat search was no faster than numpy's scan there
+(10,000 x 256: a few ms either way, FAISS 3-14 ms, numpy 2-5 ms; at EXACT_LIMIT, mapped from the file, for
+1 / 32 query vectors: FAISS 52-56 / 308-346 ms, numpy 36-74 / 167-233 ms).
 
 Several vectors per image (BLIP-2: 32 queries) are stored as consecutive rows; an image's score is the
 maximum over its vectors, as in BLIP-2's ITC.
@@ -17,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +36,15 @@ NPROBE = 32
 PQ_BYTES = 32  # PQ sub-quantizers of 8 bits: bytes per vector in the IVF-PQ tier
 RESCORE_DEPTH = 8  # the IVF-PQ tier re-scores this many candidates per wanted vector, exactly
 VECTORS_FILE = "vectors.f16"  # (N*V, D) float16 row-major, beside an IVF-PQ index
+INDEX_FILE = "recall.faiss"
+SCAN_ROWS = 2048  # rows per block when the exact tier's vectors lie unaligned in the mapped file
 
 
 class RecallIndex:
-    """Vectors of N images (V per image) in FAISS; `search` answers image rows and ITC scores."""
+    """Vectors of N images (V per image); `search` answers image rows and ITC scores."""
 
     def __init__(self, index, vectors_per_image: int, count: int, exact_vectors: np.ndarray | None = None):
-        self.index = index
+        self.index = index  # the exact tier: its (N*V, D) float32 vectors; else a FAISS IVF index
         self.vectors_per_image = vectors_per_image
         self.count = count  # images
         self.exact_vectors = exact_vectors  # (N*V, D) float16, for re-scoring an approximate index's candidates
@@ -44,34 +53,35 @@ class RecallIndex:
     def build(cls, embeddings: np.ndarray, exact_limit: int = EXACT_LIMIT,
               flat_limit: int = FLAT_LIMIT) -> RecallIndex:
         """(N, V, D) float32 normalised vectors."""
-        import faiss
-
         n, v, d = embeddings.shape
         flat = np.ascontiguousarray(embeddings.reshape(n * v, d), dtype=np.float32)
-        exact_vectors = None
         if n * v <= exact_limit:
-            index = faiss.IndexFlatIP(d)
+            return cls(flat.copy() if np.shares_memory(flat, embeddings) else flat, v, n)
+        import faiss
+
+        nlist = _nlist(n * v)
+        quantizer = faiss.IndexFlatIP(d)
+        exact_vectors = None
+        if n * v <= flat_limit:
+            log.info("building an IVF%d,Flat recall index over %d vectors", nlist, n * v)
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         else:
-            nlist = _nlist(n * v)
-            quantizer = faiss.IndexFlatIP(d)
-            if n * v <= flat_limit:
-                log.info("building an IVF%d,Flat recall index over %d vectors", nlist, n * v)
-                index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-            else:
-                log.info("building an IVF%d,PQ%d recall index over %d vectors", nlist, PQ_BYTES, n * v)
-                index = faiss.IndexIVFPQ(quantizer, d, nlist, _pq_subquantizers(d), 8, faiss.METRIC_INNER_PRODUCT)
-                exact_vectors = flat.astype(np.float16)
-            _train(index, flat, nlist)
+            log.info("building an IVF%d,PQ%d recall index over %d vectors", nlist, PQ_BYTES, n * v)
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, _pq_subquantizers(d), 8, faiss.METRIC_INNER_PRODUCT)
+            exact_vectors = flat.astype(np.float16)
+        _train(index, flat, nlist)
         index.add(flat)
         return cls(index, v, n, exact_vectors)
 
     @property
     def exact(self) -> bool:
-        return type(self.index).__name__ == "IndexFlatIP"
+        return isinstance(self.index, np.ndarray)
 
     @property
     def kind(self) -> str:
-        return {"IndexFlatIP": "exact", "IndexIVFFlat": "ivf-flat", "IndexIVFPQ": "ivf-pq"}[type(self.index).__name__]
+        if self.exact:
+            return "exact"
+        return {"IndexIVFFlat": "ivf-flat", "IndexIVFPQ": "ivf-pq"}[type(self.index).__name__]
 
     def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k image rows for a (D,) query -> (rows, scores), best first; `allowed` is a row subset.
@@ -80,27 +90,32 @@ class RecallIndex:
         of BLIP-2's 32 vectors); exact, since an image in the overall top-k is in the top-k of the query
         vector that scores it best.
         """
-        import faiss
-
         v = self.vectors_per_image
         k = min(k, self.count if allowed is None else len(allowed))
         if k <= 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
-        params = None
-        if allowed is not None:
-            ids = (allowed[:, None] * v + np.arange(v)[None, :]).ravel().astype(np.int64)
-            selector = faiss.IDSelectorBatch(ids)
-            # a subset may be scattered over every list: probe them all (exact within the subset)
-            params = (faiss.SearchParameters(sel=selector) if self.exact else
-                      faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(self.index).nlist))
         queries = np.ascontiguousarray(query.reshape(-1, query.shape[-1]), dtype=np.float32)  # (Q, D)
-        depth = k * v * (RESCORE_DEPTH if self.exact_vectors is not None else 1)
         # with V vectors per image the k best images are among the k*V best vectors
+        ids = None if allowed is None else (allowed[:, None] * v + np.arange(v)[None, :]).ravel().astype(np.int64)
+        if self.exact:
+            scores, ids = _scan(self.index, queries, k * v, ids)
+        else:
+            scores, ids = self._search_ivf(queries, k * v, ids)
+        order = np.argsort(-scores.ravel(), kind="stable")
+        return _best_per_image(ids.ravel()[order], scores.ravel()[order], v, k)
+
+    def _search_ivf(self, queries: np.ndarray, depth: int, ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        params = None
+        if ids is not None:  # a subset may be scattered over every list: probe them all (exact within it)
+            params = faiss.SearchParametersIVF(sel=faiss.IDSelectorBatch(ids),
+                                               nprobe=faiss.extract_index_ivf(self.index).nlist)
+        depth *= RESCORE_DEPTH if self.exact_vectors is not None else 1
         scores, ids = self.index.search(queries, depth, params=params)
         if self.exact_vectors is not None:
             scores = self._rescore(queries, ids)
-        order = np.argsort(-scores.ravel(), kind="stable")
-        return _best_per_image(ids.ravel()[order], scores.ravel()[order], v, k)
+        return scores, ids
 
     def scores(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Exact ITC scores of the given image rows (best vector against the best query vector), in order.
@@ -113,12 +128,12 @@ class RecallIndex:
         if self.exact_vectors is not None:
             vectors = self.exact_vectors[ids].astype(np.float32)
         elif self.exact:
-            vectors = self.index.reconstruct_batch(ids)
+            vectors = np.asarray(self.index[ids], np.float32)
         else:
             found, scores = self.search(query, len(rows), rows)
             by_row = dict(zip(found.tolist(), scores.tolist(), strict=True))
             return np.asarray([by_row[r] for r in rows.tolist()], np.float32)
-        return (vectors @ queries.T).reshape(len(rows), -1).max(axis=1)
+        return _products(vectors, queries).reshape(len(rows), -1).max(axis=1)
 
     def _rescore(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact cosines of the (Q, K) candidate vectors, read from the float16 copy (-inf where none)."""
@@ -130,9 +145,14 @@ class RecallIndex:
         return scores
 
     def save(self, directory: Path) -> None:
+        """`recall.faiss` (FAISS' own file: the exact tier as an `IndexFlatIP`) and `recall.json`."""
         import faiss
 
-        faiss.write_index(self.index, str(directory / "recall.faiss"))
+        index = self.index
+        if self.exact:
+            index = faiss.IndexFlatIP(self.index.shape[1])
+            index.add(np.ascontiguousarray(self.index))
+        faiss.write_index(index, str(directory / INDEX_FILE))
         meta = {"vectors_per_image": self.vectors_per_image, "count": self.count, "kind": self.kind}
         if self.exact_vectors is not None:
             self.exact_vectors.tofile(directory / VECTORS_FILE)
@@ -141,22 +161,93 @@ class RecallIndex:
 
     @classmethod
     def load(cls, directory: Path) -> RecallIndex | None:
-        """The index saved in `directory` (memory-mapped), or None where it is missing or unreadable."""
-        import faiss
-
+        """The index saved in `directory` (memory-mapped), or None where it is missing or unreadable. The exact
+        tier's vectors are mapped straight from the file, without FAISS, where its layout is the one
+        `_flat_vectors` knows."""
         try:
             meta = json.loads((directory / "recall.json").read_text())
-            index = faiss.read_index(str(directory / "recall.faiss"), faiss.IO_FLAG_MMAP)
+            index = _flat_vectors(directory / INDEX_FILE) if meta.get("kind") == "exact" else None
             exact_vectors = None
+            if index is None:
+                import faiss
+
+                index = faiss.read_index(str(directory / INDEX_FILE), faiss.IO_FLAG_MMAP)
+                if isinstance(index, faiss.IndexFlatIP):  # a layout `_flat_vectors` does not know
+                    index = index.reconstruct_n(0, index.ntotal)
+                elif not isinstance(index, faiss.IndexIVF):
+                    return None
+                else:
+                    faiss.extract_index_ivf(index).nprobe = NPROBE
             if "dim" in meta:
                 exact_vectors = np.memmap(directory / VECTORS_FILE, np.float16, "r").reshape(-1, meta["dim"])
                 if len(exact_vectors) != index.ntotal:
                     return None
-        except (OSError, ValueError, RuntimeError, KeyError):
+            return cls(index, meta["vectors_per_image"], meta["count"], exact_vectors)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError):
             return None
-        if not isinstance(index, faiss.IndexFlatIP):
-            faiss.extract_index_ivf(index).nprobe = NPROBE
-        return cls(index, meta["vectors_per_image"], meta["count"], exact_vectors)
+
+
+# FAISS' file of an IndexFlatIP (faiss/impl/index_write.cpp, unchanged from 1.7 to 1.15 at least): "IxFI",
+# d (int32), ntotal (int64), two unused int64, is_trained (uint8), metric (int32: 0 is inner product), the
+# vector's length in floats (uint64), then ntotal x d float32, row-major
+_FLAT_HEADER = np.dtype([("fourcc", "S4"), ("d", "<i4"), ("ntotal", "<i8"), ("unused", "<i8", 2),
+                         ("is_trained", "u1"), ("metric", "<i4"), ("floats", "<u8")])
+
+
+def _flat_vectors(path: Path) -> np.ndarray | None:
+    """The (ntotal, d) float32 vectors of a FAISS `IndexFlatIP` file, memory-mapped (unaligned: the header
+    is 45 bytes); None where the file does not have exactly that layout."""
+    with open(path, "rb") as f:
+        raw = f.read(_FLAT_HEADER.itemsize)
+        size = os.fstat(f.fileno()).st_size
+    if len(raw) < _FLAT_HEADER.itemsize:
+        return None
+    header = np.frombuffer(raw, _FLAT_HEADER)[0]
+    d, n = int(header["d"]), int(header["ntotal"])
+    if (header["fourcc"] != b"IxFI" or d <= 0 or n < 0 or header["metric"] != 0 or header["floats"] != n * d
+            or size != _FLAT_HEADER.itemsize + 4 * n * d):
+        return None
+    if n == 0:
+        return np.empty((0, d), np.float32)
+    return np.memmap(path, np.float32, "r", offset=_FLAT_HEADER.itemsize, shape=(n, d))
+
+
+def _scan(vectors: np.ndarray, queries: np.ndarray, depth: int,
+          ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product search: the (Q, depth) best scores and their vector ids for (Q, D) queries, best
+    first (equal scores: lower id first), among all vectors or the given ids."""
+    candidates = vectors if ids is None else vectors[ids]
+    scores = np.ascontiguousarray(_products(candidates, queries).T)  # (Q, n): each query's row contiguous
+    depth = min(depth, len(candidates))
+    if depth < len(candidates):
+        top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
+    else:
+        top = np.broadcast_to(np.arange(len(candidates)), scores.shape)
+    top_scores = np.take_along_axis(scores, top, axis=1)
+    order = np.lexsort((top, -top_scores), axis=1)
+    top, top_scores = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
+    return top_scores, (top if ids is None else ids[top]).astype(np.int64)
+
+
+def _products(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """(n, D) vectors against (Q, D) queries -> (n, Q) inner products, each a function of its vector and query
+    alone, not of where the vector lies among the others (an image's score stays the same as images come and
+    go): a product of one query column goes through GEMM with the column twice, since BLAS's GEMV sums a
+    row's products in an order that depends on the row's position (scores moved by ~4e-7).
+
+    Vectors that lie unaligned (mapped from the file) go through an aligned block buffer (a whole-array
+    product copies them all first: 54 against 20 ms at EXACT_LIMIT x 256)."""
+    columns = np.ascontiguousarray(np.repeat(queries.T, 2, axis=1) if len(queries) == 1 else queries.T)
+    out = np.empty((len(vectors), columns.shape[1]), np.float32)
+    if vectors.flags.aligned and vectors.flags.c_contiguous:
+        np.matmul(vectors, columns, out=out)
+    else:
+        block = np.empty((min(SCAN_ROWS, len(vectors)), vectors.shape[1]), np.float32)
+        for start in range(0, len(vectors), SCAN_ROWS):
+            part = block[:min(SCAN_ROWS, len(vectors) - start)]
+            part[...] = vectors[start:start + len(part)]
+            np.matmul(part, columns, out=out[start:start + len(part)])
+    return out[:, :len(queries)]
 
 
 def _train(index, flat: np.ndarray, nlist: int) -> None:

@@ -219,13 +219,15 @@ def test_searches_answer_as_the_torch_model_does(library):
 def test_a_text_query_process_imports_torch_only_where_it_computes_otherwise(library, precision):
     """The `blipsearch query` command in a fresh process: with fp32 (on the CPU: `--device cpu` where this
     machine has accelerator files) torch is never imported; with auto precision, exactly where this CPU has no
-    bf16 units (read from /proc/cpuinfo in that process). Either way it answers."""
+    bf16 units (read from /proc/cpuinfo in that process). Either way it answers, and FAISS is not imported for
+    an index of the exact tier (its vectors are scanned with numpy)."""
     device = ["--device", "cpu"] if any(Path(p).exists() for p in device_module._ACCELERATOR_FILES) else []
     script = (
         "import sys\n"
         "from blipsearch.retrieval.cli import main\n"
         "main(sys.argv[1:], standalone_mode=False)\n"
         "print('torch imported:', 'torch' in sys.modules, file=sys.stderr)\n"
+        "print('faiss imported:', 'faiss' in sys.modules, file=sys.stderr)\n"
     )
     command = ["query", "a red dog", "--index", str(library / "index"), "--json", "--precision", precision, *device]
     done = subprocess.run([sys.executable, "-c", script, *command], capture_output=True, text=True, timeout=120)
@@ -234,6 +236,7 @@ def test_a_text_query_process_imports_torch_only_where_it_computes_otherwise(lib
     assert len(answer["results"]) == 10 and all(r["itm_prob"] is not None for r in answer["results"])
     numpy_side = precision == "fp32" or not cpu_has_fast_bf16()
     assert f"torch imported: {not numpy_side}" in done.stderr, done.stderr
+    assert "faiss imported: False" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize(("length", "threads"), [(3, 1), (8, 2)])

@@ -174,3 +174,101 @@ def test_scores_of_given_rows_are_exact_in_every_tier():
     for index in (RecallIndex.build(vectors), RecallIndex.build(vectors, exact_limit=1000),
                   RecallIndex.build(vectors, exact_limit=1000, flat_limit=2000)):
         np.testing.assert_allclose(index.scores(query, rows), truth, atol=2e-3, err_msg=index.kind)
+
+
+@pytest.mark.parametrize(("per_image", "queries"), [(1, 1), (3, 1), (3, 4)])
+def test_the_exact_tier_answers_as_faiss_flat_search_does(tmp_path, monkeypatch, per_image, queries):
+    """The exact tier scans its vectors with numpy: the same rows and scores as FAISS' `IndexFlatIP`, over all
+    rows and over a subset, from vectors in memory and mapped (unaligned) from the saved file in blocks."""
+    import faiss
+
+    from blipsearch.indexer import recall
+    from blipsearch.indexer.recall import RecallIndex
+
+    rng = np.random.default_rng(per_image + queries)
+    vectors = rng.normal(size=(700, per_image, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=-1, keepdims=True)
+    query = rng.normal(size=(queries, 32)).astype(np.float32)
+    flat = faiss.IndexFlatIP(32)
+    flat.add(vectors.reshape(-1, 32))
+
+    def reference(k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Best image rows by FAISS: each image's best (vector, query vector) score, best first."""
+        params = None
+        if allowed is not None:
+            ids = (allowed[:, None] * per_image + np.arange(per_image)).ravel()
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(ids))
+        scores, ids = flat.search(query, flat.ntotal, params=params)
+        best = {}
+        for score, i in zip(scores.ravel(), ids.ravel(), strict=True):
+            if i >= 0:
+                best[i // per_image] = max(best.get(i // per_image, -np.inf), score)
+        rows = sorted(best, key=lambda r: (-best[r], r))[:k]
+        return np.array(rows), np.array([best[r] for r in rows], np.float32)
+
+    built = RecallIndex.build(vectors)
+    built.save(tmp_path)
+    monkeypatch.setattr(recall, "SCAN_ROWS", 64)  # several blocks, the last one partial
+    loaded = RecallIndex.load(tmp_path)
+    assert isinstance(loaded.index, np.memmap) and not loaded.index.flags.aligned and loaded.kind == "exact"
+    subset = rng.choice(700, 90, replace=False)
+    for index in (built, loaded):
+        for k, allowed in ((10, None), (700, None), (5, subset), (90, subset)):
+            rows, scores = index.search(query if queries > 1 else query[0], k, allowed)
+            expected_rows, expected_scores = reference(k, allowed)
+            np.testing.assert_array_equal(rows, expected_rows)
+            np.testing.assert_allclose(scores, expected_scores, atol=1e-6)
+
+
+def test_the_exact_tier_is_saved_in_faiss_format_and_read_without_faiss(tmp_path, monkeypatch):
+    """`recall.faiss` of the exact tier is FAISS' own `IndexFlatIP` file (other tools can read it); loading maps
+    its vectors with numpy; a file of another layout goes through FAISS, or is refused if it is not one of
+    ours."""
+    import faiss
+
+    from blipsearch.indexer import recall
+    from blipsearch.indexer.recall import RecallIndex
+
+    vectors = np.random.default_rng(1).normal(size=(50, 2, 8)).astype(np.float32)
+    RecallIndex.build(vectors).save(tmp_path)
+    theirs = faiss.read_index(str(tmp_path / "recall.faiss"))
+    assert isinstance(theirs, faiss.IndexFlatIP)
+    np.testing.assert_array_equal(theirs.reconstruct_n(0, 100), vectors.reshape(100, 8))
+    loaded = RecallIndex.load(tmp_path)
+    np.testing.assert_array_equal(loaded.index, vectors.reshape(100, 8))
+    assert (loaded.count, loaded.vectors_per_image) == (50, 2)
+
+    monkeypatch.setattr(recall, "_flat_vectors", lambda path: None)  # a layout this reader does not know
+    through_faiss = RecallIndex.load(tmp_path)
+    assert through_faiss.kind == "exact"
+    np.testing.assert_array_equal(through_faiss.index, vectors.reshape(100, 8))
+    monkeypatch.undo()
+
+    other = faiss.IndexFlatL2(8)  # not a layout we write: refused, and the reader falls back to its tables
+    other.add(vectors.reshape(100, 8))
+    faiss.write_index(other, str(tmp_path / "recall.faiss"))
+    assert recall._flat_vectors(tmp_path / "recall.faiss") is None and RecallIndex.load(tmp_path) is None
+    RecallIndex.build(vectors).save(tmp_path)
+    data = bytearray((tmp_path / "recall.faiss").read_bytes())
+    (tmp_path / "recall.faiss").write_bytes(data[:-4])  # cut short
+    assert recall._flat_vectors(tmp_path / "recall.faiss") is None and RecallIndex.load(tmp_path) is None
+
+
+@pytest.mark.parametrize("queries", [1, 3])
+def test_an_images_exact_score_does_not_depend_on_where_its_row_lies(queries):
+    """The same vectors in another row order (another index build, images added or removed): every image's
+    ITC score to the last bit, from the scan and from `scores` of given rows alike."""
+    from blipsearch.indexer.recall import RecallIndex
+
+    rng = np.random.default_rng(queries)
+    vectors = rng.normal(size=(1001, 1, 64)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=-1, keepdims=True)
+    query = rng.normal(size=(queries, 64)).astype(np.float32).squeeze()
+    order = rng.permutation(1001)
+    first, second = RecallIndex.build(vectors), RecallIndex.build(vectors[order])
+    rows, scores = first.search(query, 1001)
+    moved_rows, moved_scores = second.search(query, 1001)
+    by_image = dict(zip(order[moved_rows].tolist(), moved_scores.tolist(), strict=True))
+    assert [by_image[r] for r in rows.tolist()] == scores.tolist()
+    some = np.array([5, 999, 17])
+    assert first.scores(query, some).tolist() == [by_image[r] for r in some.tolist()]
