@@ -11,7 +11,9 @@ random weights (speed does not depend on weight values). Prints, for the same 32
     machine's matmul peak (measured in the same run, in the precision the engine picks on this CPU: bf16
     where it has bf16 units, else fp32) that the FLOPs it executes reach;
   - cold: a fresh `blipsearch query` process, from start to printed answer, with this model and with the
-    committed demo model over the README's 60-picture demo folder.
+    committed demo model over the README's 60-picture demo folder (7 runs each: the median, every run, and
+    how many met the speed issue's 1.5 s); where the engine computes in bf16 (through torch), also the
+    same query with `--precision fp32`, which runs the text side in numpy and imports no torch.
 """
 
 from __future__ import annotations
@@ -233,12 +235,19 @@ def _median_ms(run, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def cold_latencies(model_dir: Path, index: Path, runs: int, query: str = QUERIES[0]) -> dict:
+COLD_TARGET_S = 1.5  # the speed issue's line for a fresh query process, start to printed answer
+
+
+def cold_latencies(model_dir: Path, index: Path, runs: int, query: str = QUERIES[0],
+                   precision: str | None = None) -> dict:
+    """A fresh `blipsearch query` process `runs` times: the median, every run, and how many met the line."""
     byte_compile_engine()
     command = [sys.executable, "-m", "blipsearch.retrieval.cli", "query", query, "--index", str(index),
                "--candidates", str(CANDIDATES), "--model", str(model_dir)]
+    command += ["--precision", precision] if precision else []
     seconds = [run_measured(command)["seconds"] for _ in range(runs)]
-    return {"median_s": statistics.median(seconds), "runs_s": seconds}
+    return {"median_s": statistics.median(seconds), "runs_s": seconds,
+            "runs_within_target": sum(s <= COLD_TARGET_S for s in seconds)}
 
 
 def byte_compile_engine() -> None:
@@ -284,7 +293,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--baseline-queries", type=int, default=3)
-    parser.add_argument("--cold-runs", type=int, default=3)
+    parser.add_argument("--cold-runs", type=int, default=7,
+                        help="fresh query processes per model (the machines' noise moves single runs by +-20%%)")
     parser.add_argument("--levers", action="store_true", help="also time the ITM pass lever by lever")
     args = parser.parse_args()
 
@@ -299,8 +309,11 @@ def main() -> None:
     if itm["runtime"] != "BlipRetrievalModel":  # the numpy text side: the torch adapter's pass beside it
         report_torch = itm_latencies(model, QUERIES[:10], torch_runtime=True)
     cold = cold_latencies(model, index, args.cold_runs)
-    cold["demo_median_s"] = cold_latencies(DEMO_MODEL, demo_index(args.workdir), args.cold_runs,
-                                           "a large red circle left of a large blue square")["median_s"]
+    demo = cold_latencies(DEMO_MODEL, demo_index(args.workdir), args.cold_runs,
+                          "a large red circle left of a large blue square")
+    cold |= {"demo_median_s": demo["median_s"], "demo_runs_s": demo["runs_s"]}
+    if itm["peak_precision"] != "fp32":  # auto computes in bf16 here, through torch: the numpy fp32 route too
+        cold["fp32_numpy_route"] = cold_latencies(model, index, args.cold_runs, precision="fp32")
     cold["matmul_peak_gflops"] = matmul_peak_gflops(itm["peak_precision"])
     report = {"cpu": cpu_model(), "images": args.images, "candidates": CANDIDATES, "warm": warm, "itm": itm,
               "baseline_transformers": baseline, "speedup_p50": baseline["p50_ms"] / warm["p50_ms"], "cold": cold}
@@ -314,7 +327,8 @@ def main() -> None:
           f"{report['speedup_p50']:.0f}x; ITM pass p50 {itm['p50_ms']:.0f} ms, p95 {itm['p95_ms']:.0f} ms, "
           f"{itm['fraction_of_peak']:.0%} of the {itm['peak_precision']} peak "
           f"({itm['matmul_peak_gflops']:.0f} GFLOP/s in this run, {report['cpu']}); "
-          f"cold process {cold['median_s']:.2f} s (demo model {cold['demo_median_s']:.2f} s)")
+          f"cold process {cold['median_s']:.2f} s, {cold['runs_within_target']} of {args.cold_runs} runs within "
+          f"{COLD_TARGET_S} s (demo model {cold['demo_median_s']:.2f} s)")
 
 
 if __name__ == "__main__":
