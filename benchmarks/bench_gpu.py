@@ -9,8 +9,9 @@ is lent have no LanceDB (its wheel, 75 MB, is more than one call to such a machi
 needs torch, transformers, numpy and the engine's model code, nothing of the store. The model is BLIP ViT-B/16
 at 384 px + BERT-base (the shape of `Salesforce/blip-itm-base-coco`) with random weights, as in the CPU
 benchmarks. Prints, with `--device auto`'s precision (bf16 on cards that have it, else fp16):
-  - encoder: images/s of `encode_images` (ITC embeddings + the token features the index stores) over random
-    pixels handed over from the CPU, as the indexer hands decoded batches, and the fraction of the peak;
+  - encoder: images/s of `encode_images` (ITC embeddings + the token features the index stores, both back
+    on the CPU, where the indexer packs them) over random pixels handed over from the CPU, as the indexer
+    hands decoded batches, and the fraction of the peak;
   - baseline: transformers' `vision_model` + `vision_proj` on the same pixels and batch, same precision;
   - itm: the ITM pass of one query over 32 stored feature maps (float32 from the CPU, as the reader hands
     them), p50/p95 over the queries of bench_query.py, and its fraction of the peak.
@@ -52,7 +53,8 @@ def main() -> None:
     report = {"device": describe(device), "dtype": str(dtype).removeprefix("torch."), "batch": args.batch}
     peaks = [peak_tflops(device, dtype)]
     pixels = torch.randn(args.batch, 3, 384, 384, generator=torch.Generator().manual_seed(0))
-    report["encoder"] = encoder_rate(lambda: model.encode_images(pixels), device, args.images, args.batch)
+    report["encoder"] = encoder_rate(lambda: model.encode_images(pixels).features.cpu(), device, args.images,
+                                     args.batch)
     peaks.append(peak_tflops(device, dtype))
     report["baseline_transformers"] = encoder_rate(transformers_encoder(model_dir, device, dtype, pixels), device,
                                                    args.images, args.batch)
@@ -133,7 +135,7 @@ def transformers_encoder(model_dir: Path, device, dtype, pixels):
     def encode():
         features = retrieval.vision_model(pixel_values=pixels.to(device, dtype)).last_hidden_state
         embeddings = torch.nn.functional.normalize(retrieval.vision_proj(features[:, 0, :]), dim=-1)
-        return embeddings.cpu(), features
+        return embeddings.cpu(), features.cpu()
 
     return encode
 

@@ -26,6 +26,23 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl || exit 1
 fi
 export PYTHONPATH="$site" PYTHONUNBUFFERED=1
+# what the checks need, before any device time goes to them
+python3 - <<'CHECK' || exit 1
+import os, sys
+missing = []
+for name in ("pytest", "PIL", "yaml", "tqdm", "platformdirs", "safetensors", "tokenizers"):
+    try:
+        __import__(name)
+    except ImportError:
+        missing.append(name)
+import torch, transformers
+if int(transformers.__version__.split(".")[0]) != 5:
+    missing.append(f"transformers 5 (found {transformers.__version__})")
+if os.environ.get("BLIPSEARCH_GPU_TEST_DEVICE", "cuda") == "cuda" and not torch.cuda.is_available():
+    missing.append("a CUDA device that torch sees")
+if missing:
+    sys.exit("gpu_check.sh: missing " + ", ".join(missing))
+CHECK
 {
     if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; fi
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"

@@ -1,4 +1,4 @@
-"""First-stage recall: inner product of normalised ITC vectors, with FAISS, the index chosen by size.
+"""First-stage recall: inner product of normalised ITC vectors, the index chosen by size.
 
     up to EXACT_LIMIT vectors   exact: every vector scanned with numpy's BLAS (saved as FAISS' `IndexFlatIP`
                                 file, read without importing FAISS)
@@ -178,12 +178,15 @@ class RecallIndex:
                     return None
                 else:
                     faiss.extract_index_ivf(index).nprobe = NPROBE
+            vectors = len(index) if isinstance(index, np.ndarray) else index.ntotal
             if "dim" in meta:
                 exact_vectors = np.memmap(directory / VECTORS_FILE, np.float16, "r").reshape(-1, meta["dim"])
-                if len(exact_vectors) != index.ntotal:
+                if len(exact_vectors) != vectors:
                     return None
+            if vectors != meta["count"] * meta["vectors_per_image"]:
+                return None
             return cls(index, meta["vectors_per_image"], meta["count"], exact_vectors)
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError):
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError):
             return None
 
 
@@ -215,7 +218,8 @@ def _flat_vectors(path: Path) -> np.ndarray | None:
 def _scan(vectors: np.ndarray, queries: np.ndarray, depth: int,
           ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product search: the (Q, depth) best scores and their vector ids for (Q, D) queries, best
-    first (equal scores: lower id first), among all vectors or the given ids."""
+    first, among all vectors or the given ids (valid rows: the reader's filters make them). Equal scores are
+    ordered by id; which of several equal scores at the cut-off is kept is not defined."""
     candidates = vectors if ids is None else vectors[ids]
     scores = np.ascontiguousarray(_products(candidates, queries).T)  # (Q, n): each query's row contiguous
     depth = min(depth, len(candidates))

@@ -255,9 +255,11 @@ def test_the_exact_tier_is_saved_in_faiss_format_and_read_without_faiss(tmp_path
 
 
 @pytest.mark.parametrize("queries", [1, 3])
-def test_an_images_exact_score_does_not_depend_on_where_its_row_lies(queries):
+def test_an_images_exact_score_does_not_depend_on_where_its_row_lies(tmp_path, monkeypatch, queries):
     """The same vectors in another row order (another index build, images added or removed): every image's
-    ITC score to the last bit, from the scan and from `scores` of given rows alike."""
+    ITC score to the last bit, from the scan in memory and mapped from the file in blocks, within a subset,
+    and from `scores` of given rows alike."""
+    from blipsearch.indexer import recall
     from blipsearch.indexer.recall import RecallIndex
 
     rng = np.random.default_rng(queries)
@@ -272,3 +274,12 @@ def test_an_images_exact_score_does_not_depend_on_where_its_row_lies(queries):
     assert [by_image[r] for r in rows.tolist()] == scores.tolist()
     some = np.array([5, 999, 17])
     assert first.scores(query, some).tolist() == [by_image[r] for r in some.tolist()]
+    first.save(tmp_path)
+    monkeypatch.setattr(recall, "SCAN_ROWS", 300)  # blocks of 300 rows, the last one partial
+    mapped = RecallIndex.load(tmp_path)
+    assert isinstance(mapped.index, np.memmap)
+    rows, scores = mapped.search(query, 1001)
+    assert [by_image[r] for r in rows.tolist()] == scores.tolist()
+    subset = np.arange(3, 1001, 7)
+    rows, scores = mapped.search(query, 50, allowed=subset)
+    assert set(rows.tolist()) <= set(subset.tolist()) and [by_image[r] for r in rows.tolist()] == scores.tolist()
