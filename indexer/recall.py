@@ -10,9 +10,9 @@
 The limits and the recall of each tier are measured by benchmarks/bench_recall.py (README, Performance).
 
 The exact tier does not go through FAISS at query time: importing it took ~50 ms of every fresh query
-process on the 2-core AVX2 EPYC we measure on, and its flat search was no faster than numpy's scan there
-(10,000 x 256: a few ms either way, FAISS 3-14 ms, numpy 2-5 ms; at EXACT_LIMIT, mapped from the file, for
-1 / 32 query vectors: FAISS 52-56 / 308-346 ms, numpy 36-74 / 167-233 ms).
+process on the 2-core AVX2 EPYC we measure on, more than the scan costs over FAISS' flat search there
+(10,000 x 256, one query vector: ~2 ms against 1-14 ms across runs; at EXACT_LIMIT, mapped from the file:
+37-49 against 29-40 ms for one query vector, 273-320 against 410-431 ms for 32).
 
 Several vectors per image (BLIP-2: 32 queries) are stored as consecutive rows; an image's score is the
 maximum over its vectors, as in BLIP-2's ITC.
@@ -37,7 +37,7 @@ PQ_BYTES = 32  # PQ sub-quantizers of 8 bits: bytes per vector in the IVF-PQ tie
 RESCORE_DEPTH = 8  # the IVF-PQ tier re-scores this many candidates per wanted vector, exactly
 VECTORS_FILE = "vectors.f16"  # (N*V, D) float16 row-major, beside an IVF-PQ index
 INDEX_FILE = "recall.faiss"
-SCAN_ROWS = 2048  # rows per block when the exact tier's vectors lie unaligned in the mapped file
+SCAN_ROWS = 512  # rows per block of the exact tier's scan (a block in float64: 1 MB at 256-d)
 
 
 class RecallIndex:
@@ -234,24 +234,22 @@ def _scan(vectors: np.ndarray, queries: np.ndarray, depth: int,
 
 
 def _products(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """(n, D) vectors against (Q, D) queries -> (n, Q) inner products, each a function of its vector and query
-    alone, not of where the vector lies among the others (an image's score stays the same as images come and
-    go): a product of one query column goes through GEMM with the column twice, since BLAS's GEMV sums a
-    row's products in an order that depends on the row's position (scores moved by ~4e-7).
-
-    Vectors that lie unaligned (mapped from the file) go through an aligned block buffer (a whole-array
-    product copies them all first: 54 against 20 ms at EXACT_LIMIT x 256)."""
-    columns = np.ascontiguousarray(np.repeat(queries.T, 2, axis=1) if len(queries) == 1 else queries.T)
+    """(n, D) float32 vectors against (Q, D) queries -> (n, Q) float32 inner products, each a function of its
+    vector and query alone, not of where the vector lies among the others (an image's score stays the same
+    as images come and go, and whichever BLAS computes it): the products are summed in float64, in blocks
+    copied into an aligned buffer, and rounded to float32. In float32, BLAS's sums depend on a row's position
+    (GEMV's did, by ~4e-7 here) and on its kernels; in float64 such differences lie ~1e-9 of a float32 step
+    below where they could change the rounded score."""
+    columns = np.ascontiguousarray(queries.T, dtype=np.float64)
     out = np.empty((len(vectors), columns.shape[1]), np.float32)
-    if vectors.flags.aligned and vectors.flags.c_contiguous:
-        np.matmul(vectors, columns, out=out)
-    else:
-        block = np.empty((min(SCAN_ROWS, len(vectors)), vectors.shape[1]), np.float32)
-        for start in range(0, len(vectors), SCAN_ROWS):
-            part = block[:min(SCAN_ROWS, len(vectors) - start)]
-            part[...] = vectors[start:start + len(part)]
-            np.matmul(part, columns, out=out[start:start + len(part)])
-    return out[:, :len(queries)]
+    block = np.empty((min(SCAN_ROWS, len(vectors)), vectors.shape[1]), np.float64)
+    sums = np.empty((len(block), columns.shape[1]), np.float64)
+    for start in range(0, len(vectors), SCAN_ROWS):
+        part = block[:min(SCAN_ROWS, len(vectors) - start)]
+        part[...] = vectors[start:start + len(part)]
+        np.matmul(part, columns, out=sums[:len(part)])
+        out[start:start + len(part)] = sums[:len(part)]
+    return out
 
 
 def _train(index, flat: np.ndarray, nlist: int) -> None:
