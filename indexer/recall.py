@@ -38,6 +38,7 @@ RESCORE_DEPTH = 8  # the IVF-PQ tier re-scores this many candidates per wanted v
 VECTORS_FILE = "vectors.f16"  # (N*V, D) float16 row-major, beside an IVF-PQ index
 INDEX_FILE = "recall.faiss"
 SCAN_ROWS = 512  # rows per block of the exact tier's scan (a block in float64: 1 MB at 256-d)
+SELECT_ROWS = 8192  # rows scanned between selections of the best so far
 
 
 class RecallIndex:
@@ -219,18 +220,27 @@ def _scan(vectors: np.ndarray, queries: np.ndarray, depth: int,
           ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product search: the (Q, depth) best scores and their vector ids for (Q, D) queries, best
     first, among all vectors or the given ids (valid rows: the reader's filters make them). Equal scores are
-    ordered by id; which of several equal scores at the cut-off is kept is not defined."""
-    candidates = vectors if ids is None else vectors[ids]
-    scores = np.ascontiguousarray(_products(candidates, queries).T)  # (Q, n): each query's row contiguous
-    depth = min(depth, len(candidates))
-    if depth < len(candidates):
-        top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
-    else:
-        top = np.broadcast_to(np.arange(len(candidates)), scores.shape)
-    top_scores = np.take_along_axis(scores, top, axis=1)
-    order = np.lexsort((top, -top_scores), axis=1)
-    top, top_scores = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
-    return top_scores, (top if ids is None else ids[top]).astype(np.int64)
+    ordered by id; which of several equal scores at the cut-off is kept is not defined.
+
+    The best so far are kept while the vectors are scanned, SELECT_ROWS at a time, so that memory stays
+    (Q, depth + SELECT_ROWS) whatever the index's size (all of its scores at once: ~160 MB for a BLIP-2
+    image query of 32 vectors at EXACT_LIMIT)."""
+    count = len(vectors) if ids is None else len(ids)
+    depth = min(depth, count)
+    best_scores = np.empty((len(queries), 0), np.float32)
+    best_ids = np.empty((len(queries), 0), np.int64)
+    for start in range(0, count, SELECT_ROWS):
+        stop = min(start + SELECT_ROWS, count)
+        part_ids = np.arange(start, stop) if ids is None else ids[start:stop]
+        part = _products(vectors[start:stop] if ids is None else vectors[part_ids], queries).T  # (Q, m)
+        scores = np.concatenate([best_scores, part], axis=1)
+        found = np.concatenate([best_ids, np.broadcast_to(part_ids.astype(np.int64), part.shape)], axis=1)
+        if scores.shape[1] > depth:
+            keep = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
+            scores, found = np.take_along_axis(scores, keep, axis=1), np.take_along_axis(found, keep, axis=1)
+        best_scores, best_ids = scores, found
+    order = np.lexsort((best_ids, -best_scores), axis=1)
+    return np.take_along_axis(best_scores, order, axis=1), np.take_along_axis(best_ids, order, axis=1)
 
 
 def _products(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:

@@ -209,6 +209,7 @@ def test_the_exact_tier_answers_as_faiss_flat_search_does(tmp_path, monkeypatch,
     built = RecallIndex.build(vectors)
     built.save(tmp_path)
     monkeypatch.setattr(recall, "SCAN_ROWS", 64)  # several blocks, the last one partial
+    monkeypatch.setattr(recall, "SELECT_ROWS", 150)  # the best so far kept over several selections
     loaded = RecallIndex.load(tmp_path)
     assert isinstance(loaded.index, np.memmap) and not loaded.index.flags.aligned and loaded.kind == "exact"
     subset = rng.choice(700, 90, replace=False)
