@@ -191,9 +191,9 @@ class RecallIndex:
             return None
 
 
-# FAISS' file of an IndexFlatIP (faiss/impl/index_write.cpp, unchanged from 1.7 to 1.15 at least): "IxFI",
-# d (int32), ntotal (int64), two unused int64, is_trained (uint8), metric (int32: 0 is inner product), the
-# vector's length in floats (uint64), then ntotal x d float32, row-major
+# FAISS' file of an IndexFlatIP as faiss 1.15 writes it (faiss/impl/index_write.cpp; any other layout is
+# read through FAISS): "IxFI", d (int32), ntotal (int64), two unused int64, is_trained (uint8), metric
+# (int32: 0 is inner product), the vector's length in floats (uint64), then ntotal x d float32, row-major
 _FLAT_HEADER = np.dtype([("fourcc", "S4"), ("d", "<i4"), ("ntotal", "<i8"), ("unused", "<i8", 2),
                          ("is_trained", "u1"), ("metric", "<i4"), ("floats", "<u8")])
 
