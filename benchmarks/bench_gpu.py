@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_query import CANDIDATES, QUERIES, itm_gflops
+from bench_query import CANDIDATES, QUERIES, itm_gflops, stored_features
 from common import DEFAULT_WORKDIR, print_json, save_random_blip_base, vit_gflops_per_image
 
 
@@ -143,8 +143,7 @@ def transformers_encoder(model_dir: Path, device, dtype, pixels):
 def itm_latencies(model, queries: list[str], device, repeats: int = 5) -> dict:
     """Each query against 32 stored feature maps (random int8 values scaled, float32 on the CPU as the reader
     hands them): p50/p95 over queries of the median of `repeats` passes, and the median FLOP rate."""
-    stored = np.random.default_rng(0).integers(-127, 128, (CANDIDATES, 577, 768), dtype=np.int8)
-    features = stored.astype(np.float32) * np.float32(0.05)
+    features = stored_features()
     times, rates = [], []
     for query in queries:
         tokens = model.tokenize([query])

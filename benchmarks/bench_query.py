@@ -104,6 +104,12 @@ def itm_gflops(config, text_tokens: int, image_tokens: int, candidates: int, fir
     return total / 1e9
 
 
+def stored_features() -> np.ndarray:
+    """32 stored feature maps (random int8 values, as stored), as the reader hands them to the model: float32."""
+    stored = np.random.default_rng(0).integers(-127, 128, (CANDIDATES, 577, 768), dtype=np.int8)
+    return stored.astype(np.float32) * np.float32(0.05)
+
+
 def itm_latencies(model_dir: Path, queries: list[str], repeats: int = 3, torch_runtime: bool = False) -> dict:
     """The ITM pass alone: each query against 32 stored feature maps (random int8 values, as stored),
     in the engine's precision and runtime (fp32 text queries: the numpy text side; `torch_runtime`: the torch
@@ -118,8 +124,7 @@ def itm_latencies(model_dir: Path, queries: list[str], repeats: int = 3, torch_r
     precision = engine_precision()
     model = load_model(str(model_dir), torch.device("cpu") if torch_runtime else "cpu", precision, with_vision=False)
     numpy_side = isinstance(model, BlipNumpyTextModel)
-    stored = np.random.default_rng(0).integers(-127, 128, (CANDIDATES, 577, 768), dtype=np.int8)
-    features = stored.astype(np.float32) * np.float32(0.05)  # what the reader hands the model
+    features = stored_features()
     if isinstance(model.dtype, torch.dtype):
         features = torch.from_numpy(features).to(model.dtype)
     peaks = [matmul_peak_gflops(precision)]  # again every 10 queries: these machines drift by +-15%

@@ -11,7 +11,7 @@ The limits and the recall of each tier are measured by benchmarks/bench_recall.p
 
 The exact tier does not go through FAISS at query time: importing it took ~50 ms of every fresh query
 process on the 2-core AVX2 EPYC we measure on, more than the scan costs over FAISS' flat search there
-(10,000 x 256, one query vector: ~2 ms against 1-14 ms across runs; at EXACT_LIMIT, mapped from the file:
+(10,000 x 256, one query vector: ~2 ms against 1-21 ms across runs; at EXACT_LIMIT, mapped from the file:
 37-49 against 29-40 ms for one query vector, 273-320 against 410-431 ms for 32).
 
 Several vectors per image (BLIP-2: 32 queries) are stored as consecutive rows; an image's score is the

@@ -7,11 +7,13 @@ import torch
 from blipsearch.retrieval.fusion import fuse
 
 
-def fused_scores(model, pixels: torch.Tensor, text: str) -> torch.Tensor:
-    """ITC (max over each image's vectors: BLIP has 1, BLIP-2 32) fused with ITM, one text against B images: (B,)."""
+def fused_scores(model, pixels: torch.Tensor, text: str, stored=None) -> torch.Tensor:
+    """ITC (max over each image's vectors: BLIP has 1, BLIP-2 32) fused with ITM, one text against B images: (B,).
+    `stored(features)`: what ITM reads instead of the encoder's features (a round trip through the store)."""
     images, encoded = model.encode_images(pixels), model.encode_texts([text])
     itc = (images.embeddings @ encoded.embeddings[0]).amax(dim=1)  # (B, V) -> (B,)
-    return fuse(itc, model.itm_scores(encoded.tokens, images.features))
+    features = images.features if stored is None else stored(images.features)
+    return fuse(itc, model.itm_scores(encoded.tokens, features))
 
 
 def assert_within_tolerance_and_same_ranking(fp32_model, low_model, text: str, tolerance: float,

@@ -19,7 +19,6 @@ from benchmark_scripts import scenes
 
 from blipsearch.indexer import codec
 from blipsearch.retrieval.device import select_device, select_dtype
-from blipsearch.retrieval.fusion import fuse
 from blipsearch.retrieval.models import load_model
 
 from precision import assert_within_tolerance_and_same_ranking, fused_scores
@@ -71,14 +70,13 @@ def test_a_query_over_stored_features_scores_as_fp32_does(accelerator, family_mo
     low = load_model(str(family_model_dir), device, precision)
     side = family_model.info.preprocessing.height
     pixels = torch.randn(8, 3, side, side, generator=torch.Generator().manual_seed(5))
-    images = low.encode_images(pixels)
-    assert images.features.device.type == torch.device(low.device).type  # the indexer packs from there
-    packed = codec.pack(images.features)
-    tokens, dim = images.features.shape[1:]
-    stored = codec.unpack_records([p.record() for p in packed], tokens, dim)  # (8, T, H) float32, as read
-    encoded = low.encode_texts([TEXT])
-    itc = (images.embeddings @ encoded.embeddings[0]).amax(dim=1)
-    from_store = fuse(itc, low.itm_scores(encoded.tokens, stored))
+
+    def through_the_store(features: torch.Tensor) -> np.ndarray:
+        assert features.device.type == torch.device(low.device).type  # the indexer packs from there
+        packed = codec.pack(features)
+        return codec.unpack_records([p.record() for p in packed], *features.shape[1:])  # float32, as read
+
+    from_store = fused_scores(low, pixels, TEXT, stored=through_the_store)
     assert from_store.device.type == "cpu"
     reference = fused_scores(family_model, pixels, TEXT)
     assert (from_store - reference).abs().max() < TOLERANCE + 0.02  # + the int8 store's own tolerance
