@@ -92,6 +92,8 @@ class RecallIndex:
         vector that scores it best.
         """
         v = self.vectors_per_image
+        if allowed is not None:
+            allowed = self._rows(allowed)
         k = min(k, self.count if allowed is None else len(allowed))
         if k <= 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
@@ -104,6 +106,14 @@ class RecallIndex:
             scores, ids = self._search_ivf(queries, k * v, ids)
         order = np.argsort(-scores.ravel(), kind="stable")
         return _best_per_image(ids.ravel()[order], scores.ravel()[order], v, k)
+
+    def _rows(self, rows) -> np.ndarray:
+        """Image rows as int64, refused (ValueError) where one lies outside the index: a negative row would
+        otherwise read another image's vectors from the end, and FAISS' selectors ignore unknown ids."""
+        rows = np.asarray(rows, np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.count):
+            raise ValueError(f"image rows {int(rows.min())}..{int(rows.max())} outside the index's 0..{self.count - 1}")
+        return rows
 
     def _search_ivf(self, queries: np.ndarray, depth: int, ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         import faiss
@@ -123,7 +133,7 @@ class RecallIndex:
 
         Read straight from the stored vectors where the index keeps them (exact tier, the float16 copy of the
         IVF-PQ tier); the IVF-Flat tier searches the subset instead."""
-        v, rows = self.vectors_per_image, np.asarray(rows, np.int64)
+        v, rows = self.vectors_per_image, self._rows(rows)
         queries = np.ascontiguousarray(query.reshape(-1, query.shape[-1]), dtype=np.float32)  # (Q, D)
         ids = (rows[:, None] * v + np.arange(v)[None, :]).ravel()
         if self.exact_vectors is not None:
@@ -219,7 +229,7 @@ def _flat_vectors(path: Path) -> np.ndarray | None:
 def _scan(vectors: np.ndarray, queries: np.ndarray, depth: int,
           ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product search: the (Q, depth) best scores and their vector ids for (Q, D) queries, best
-    first, among all vectors or the given ids (valid rows: the reader's filters make them). Equal scores are
+    first, among all vectors or the given ids (valid ones: `RecallIndex.search` checks its rows). Equal scores are
     ordered by id; which of several equal scores at the cut-off is kept is not defined.
 
     The best so far are kept while the vectors are scanned, SELECT_ROWS at a time, so that memory stays

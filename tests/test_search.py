@@ -176,6 +176,23 @@ def test_scores_of_given_rows_are_exact_in_every_tier():
         np.testing.assert_allclose(index.scores(query, rows), truth, atol=2e-3, err_msg=index.kind)
 
 
+def test_rows_outside_the_index_are_refused_in_every_tier():
+    """A negative row would read the last image's vectors, and FAISS' selectors skip unknown ids: both refuse."""
+    from blipsearch.indexer.recall import RecallIndex
+
+    vectors = np.random.default_rng(9).normal(size=(3000, 1, 16)).astype(np.float32)
+    query = vectors[5, 0]
+    for index in (RecallIndex.build(vectors), RecallIndex.build(vectors, exact_limit=1000),
+                  RecallIndex.build(vectors, exact_limit=1000, flat_limit=2000)):
+        for rows in (np.array([4, -1]), np.array([3000, 5])):
+            with pytest.raises(ValueError, match="outside the index"):
+                index.search(query, 3, allowed=rows)
+            with pytest.raises(ValueError, match="outside the index"):
+                index.scores(query, rows)
+        assert index.search(query, 1, allowed=np.array([2999, 5]))[0].tolist() == [5]
+        assert index.search(query, 3, allowed=np.array([], np.int64))[0].size == 0
+
+
 @pytest.mark.parametrize(("per_image", "queries"), [(1, 1), (3, 1), (3, 4)])
 def test_the_exact_tier_answers_as_faiss_flat_search_does(tmp_path, monkeypatch, per_image, queries):
     """The exact tier scans its vectors with numpy: the same rows and scores as FAISS' `IndexFlatIP`, over all
