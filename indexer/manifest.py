@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -99,6 +100,9 @@ class RunState:
     retired_segments: list[int] = field(default_factory=list)  # deleted at the start of the next run
     damaged: str | None = None  # why the index must be rebuilt (e.g. a --rebuild was cut short)
     captioner: str | None = None  # the captioner runs use, as `index --captions` last named it (None: no captions)
+    # names one build of the index: a new index (or a --rebuild) gets a new one, so a reader tells a rebuilt
+    # index from the one it opened where their generations coincide (None: written before builds were named)
+    build: str | None = None
     created: str | None = None
     updated: str | None = None
 
@@ -107,7 +111,7 @@ class RunState:
         state = cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
         counters = (state.generation, state.current_segment, state.next_segment, *state.retired_segments)
         if not (all(type(n) is int and n >= 0 for n in counters) and isinstance(state.writing, bool)
-                and (state.captioner is None or isinstance(state.captioner, str))):
+                and all(v is None or isinstance(v, str) for v in (state.captioner, state.build))):
             raise ValueError("run fields of the wrong type")
         return state
 
@@ -120,7 +124,7 @@ class Manifest:
 
     @classmethod
     def new(cls, info: ModelInfo) -> Manifest:
-        return cls(Identity.of(info), RunState(created=now(), updated=now()))
+        return cls(Identity.of(info), RunState(build=uuid.uuid4().hex, created=now(), updated=now()))
 
     def to_json(self) -> dict:
         run = {k: v for k, v in asdict(self.run).items() if k != "damaged" or v is not None}

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .dates import format_date
-from .errors import FieldError, ImageLoadError, IndexDamagedError, InvalidInputError, printable
+from .errors import FieldError, ImageLoadError, IndexDamagedError, InvalidInputError, StoreError, printable
 from .models.base import RetrievalModel, TextTokens
 from .search import Filters, Hit, Searcher, SearchOptions
 
@@ -240,7 +240,7 @@ class Index:
 
         with self._refresh_lock:
             run, ours = read_index_manifest(self.location).run, self.reader.manifest.run
-            if run.generation == ours.generation and (run.writing or not ours.writing):
+            if run.build == ours.build and run.generation == ours.generation and (run.writing or not ours.writing):
                 return False
             reader = IndexReader.open(self.location)
             check_model(reader.manifest, self.model.info, self.location)
@@ -252,6 +252,10 @@ class Index:
 
     def _check_not_empty(self, reader) -> None:
         if reader.counts()[1] == 0:
+            if reader.manifest.run.writing and reader.manifest.run.generation == 0:
+                raise StoreError(f"the index at {self.location} has no images yet: its first indexing run (or a "
+                                 "--rebuild) is under way, or stopped before storing any; wait for it, or run "
+                                 "`blipsearch index FOLDER`")
             raise InvalidInputError(f"the index at {self.location} is empty; add images with "
                                     "`blipsearch index FOLDER`")
 

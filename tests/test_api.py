@@ -12,7 +12,7 @@ from blipsearch.indexer import snapshot
 from blipsearch.indexer.images import load_image
 from blipsearch.indexer.reader import IndexReader
 from blipsearch.retrieval.api import FieldError, Index, NotIndexedError, Term, folders, weighted
-from blipsearch.retrieval.errors import InvalidInputError
+from blipsearch.retrieval.errors import InvalidInputError, StoreError
 from blipsearch.retrieval.search import SearchOptions
 
 from photos import make_folder
@@ -125,6 +125,36 @@ def test_a_finished_run_in_another_process_is_picked_up(tmp_path, tiny_model_dir
     blipsearch("index", str(tmp_path / "more"), "-q", index=tmp_path / "index")
     assert index.refresh()
     assert len(index.search(QUERY, SearchOptions(top=10))) == 5 and not index.refresh()
+
+
+def test_a_rebuild_is_picked_up_where_its_generation_matches_the_one_open(tmp_path, tiny_model_dir):
+    """A --rebuild counts generations from 1 again: its build id, not the generation, tells it apart."""
+    from blipsearch.indexer.manifest import read_manifest
+
+    make_folder(tmp_path / "photos", 2)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    index = Index.open(tmp_path / "index", device="cpu")
+    first = read_manifest(tmp_path / "index").run
+    make_folder(tmp_path / "other", 3, seed=5)
+    blipsearch("index", str(tmp_path / "other"), "--rebuild", "--model", str(tiny_model_dir), "-q",
+               index=tmp_path / "index")
+    rebuilt = read_manifest(tmp_path / "index")
+    assert rebuilt.run.generation == first.generation and rebuilt.run.build != first.build
+    assert index.refresh() and index.status()["files"] == 3 and not index.refresh()
+    assert {Path(r.path).parent.name for r in index.search(QUERY, SearchOptions(top=10))} == {"other"}
+
+
+
+def test_an_index_whose_first_run_stored_nothing_yet_says_so(tmp_path, tiny_model_dir):
+    """As a --rebuild (or a first run) leaves it before its first images are stored: a StoreError (the server's
+    503), not the empty index's "add images"."""
+    from blipsearch.indexer.store import IndexWriter
+    from blipsearch.retrieval.models import load_model
+
+    IndexWriter.open(tmp_path / "index", load_model(str(tiny_model_dir), "cpu", "fp32").info).close()
+    index = Index.open(tmp_path / "index", device="cpu")
+    with pytest.raises(StoreError, match="no images yet: its first indexing run"):
+        index.search(QUERY)
 
 
 def test_a_view_older_than_the_last_generation_is_rebuilt_while_a_run_is_under_way(tmp_path, tiny_model_dir):
