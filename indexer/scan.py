@@ -82,7 +82,7 @@ def scan(roots: Iterable[Path | str], extensions: frozenset[str] | None = None) 
         if objects.is_remote(str(root)):
             _scan_prefix(str(root), extensions, seen, result)
             continue
-        for path in _walk(Path(root), result.unreadable_dirs):
+        for path in _walk(Path(root), result):
             if Path(path).suffix.lower() not in extensions or path in seen:
                 continue
             seen.add(path)
@@ -176,33 +176,45 @@ def _hasher():
     return hashlib.blake2b(digest_size=16)
 
 
-def _walk(root: Path, unreadable: list[str]) -> Iterator[str]:
+def _walk(root: Path, result: ScanResult) -> Iterator[str]:
     if root.is_file():
         yield str(root)
     else:
-        yield from _walk_folder(str(root), {}, unreadable)
+        yield from _walk_folder(str(root), {}, result)
 
 
-def _walk_folder(folder: str, above: dict[tuple[int, int], str], unreadable: list[str]) -> Iterator[str]:
-    """Paths of the files below `folder`; `above` maps the (device, inode) of each folder it is inside of."""
+def _walk_folder(folder: str, above: dict[tuple[int, int], str], result: ScanResult) -> Iterator[str]:
+    """Paths of the files below `folder`; `above` maps the (device, inode) of each folder it is inside of. A
+    folder that cannot be listed counts as skipped (the run then ends with exit status 3), and what is
+    stored from it stays."""
     try:
         st = os.stat(folder)
         with os.scandir(folder) as listing:
             entries = sorted(listing, key=lambda e: e.name)
     except OSError as exc:
-        log.warning("cannot read folder %s: %s", folder, exc.strerror)
-        unreadable.append(folder)
+        result.unreadable_dirs.append(folder)
+        result.skipped.append((printable(folder), f"cannot read this folder ({exc.strerror}); its files are "
+                                                  "neither added nor removed"))
         return
     above = {**above, (st.st_dev, st.st_ino): folder}
     for entry in entries:
         if entry.name.startswith("."):
             continue
-        if not entry.is_dir():  # follows links: a link to a file, and a broken link, are files here
+        if not _is_folder(entry):  # follows links: a link to a file, and a broken link, are files here
             yield entry.path
         elif (loop := _loop(entry, above)) is not None:
             log.warning("not following %s: it leads back to %s, which holds it (a loop)", entry.path, loop)
         else:
-            yield from _walk_folder(entry.path, above, unreadable)
+            yield from _walk_folder(entry.path, above, result)
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """A folder, or a link to one. A link that cannot be followed (a loop of links, one into a folder this
+    user may not enter) counts as a file: reading it then says why, in one line, and the run goes on."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _loop(entry: os.DirEntry, above: dict[tuple[int, int], str]) -> str | None:

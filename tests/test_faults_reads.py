@@ -320,6 +320,37 @@ def test_linked_folders_are_followed_and_a_loop_is_named_once(tmp_path, caplog):
     assert found.skipped == []
 
 
+def test_links_that_cannot_be_followed_and_unreadable_folders_are_skipped_in_one_line(tmp_path, tiny_model_dir,
+                                                                                      monkeypatch):
+    """A loop of links (ELOOP from `is_dir`) once ended the whole run with a traceback; a folder that cannot
+    be listed was named but left the exit status at 0."""
+    photos = tmp_path / "photos"
+    make_folder(photos, 2)
+    (photos / "self.jpg").symlink_to(photos / "self.jpg")
+    (photos / "loop").symlink_to(photos / "loop")  # no image name: not indexed, not reported
+    (photos / "closed").mkdir()
+    make_photo(photos / "closed" / "c.png", seed=3)
+    closed, real_scandir = str(photos / "closed"), os.scandir
+
+    def scandir(path):  # as a folder without read permission lists for a user other than root
+        if str(path) == closed:
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(scan.os, "scandir", scandir)
+    found = scan.scan([photos])
+    assert str(photos / "self.jpg") in [f.path for f in found.files]  # reading it says why
+    assert found.unreadable_dirs == [closed]
+    assert found.skipped == [(closed, "cannot read this folder (Permission denied); its files are neither added "
+                                      "nor removed")]
+    result = CliRunner().invoke(main, ["index", str(photos), "--model", str(tiny_model_dir), "-q", "--device", "cpu",
+                                       "--index", str(tmp_path / "index")])
+    assert result.exit_code == 3, result.output
+    assert f"skipped {closed}: cannot read this folder" in result.stderr
+    assert f"skipped {photos / 'self.jpg'}: " in result.stderr and "Traceback" not in result.output
+    assert "indexed 2, " in result.stderr
+
+
 def corrupt_exif_jpeg(path):
     """A JPEG whose EXIF says a tag's data is longer than the EXIF block: Pillow warns, and decodes it."""
     exif = Image.Exif()
