@@ -191,3 +191,18 @@ def test_snapshot_round_trip_of_captions_dates_and_cameras(tmp_path, captions_in
     assert list(loaded.keywords.rows_with_all("jpg")) == list(range(n))
     if captions_in[0]:
         assert loaded.keywords.search(captions_in[0], 1)[0].tolist() == [0]
+
+
+def test_a_captioner_that_fails_to_load_is_not_remembered(tmp_path, tiny_model_dir):
+    """It once stayed in the manifest, so that every later plain run failed on it too."""
+    from blipsearch.indexer.manifest import read_manifest
+
+    from runner import blipsearch, one_line_error
+
+    make_folder(tmp_path / "photos", 2)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    failed = blipsearch("index", str(tmp_path / "photos"), "--captioner", str(tiny_model_dir), "-q",
+                        index=tmp_path / "index", expect=1)  # a retrieval checkpoint: refused at load
+    one_line_error(failed, "not a BLIP or BLIP-2 captioner")
+    assert read_manifest(tmp_path / "index").run.captioner is None
+    blipsearch("index", str(tmp_path / "photos"), "-q", index=tmp_path / "index")

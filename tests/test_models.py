@@ -151,7 +151,7 @@ def test_uncached_hub_model_offline_is_one_line_without_traceback(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "blipsearch: error: cannot load model Salesforce/blip-itm-base-coco: it is not in the local Hugging Face "
-        "cache and the hub cannot be reached; pass a local model directory with --model PATH"]
+        "cache and the hub cannot be reached; pass the path of a local copy of it instead"]
 
 
 def test_text_only_loading_gives_the_same_model(tiny_model_dir, tiny_model, photos):

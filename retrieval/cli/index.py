@@ -141,7 +141,8 @@ def _recorded_captioner(location) -> str | None:
 
 def _captioner(store, recorded: str | None, captions: bool | None, name: str | None, device: str, precision: str):
     """The run's captioner (None: no captions), as asked, else as the index remembers; remembered for the
-    next run at once. Loaded only when the run has something to caption."""
+    next run at once (a run that is killed still leaves the choice), and forgotten again where it fails to
+    load (else every later run would fail on it). Loaded only when the run has something to caption."""
     from blipsearch.indexer.pipeline import CaptionerSource
 
     if captions is False:
@@ -157,7 +158,11 @@ def _captioner(store, recorded: str | None, captions: bool | None, name: str | N
     def load():
         from ..models.captioner import load_captioner
 
-        return load_captioner(chosen, device=device, precision=precision)
+        try:
+            return load_captioner(chosen, device=device, precision=precision)
+        except BaseException:
+            store.remember_captioner(recorded)
+            raise
 
     return CaptionerSource(chosen, load)
 

@@ -164,7 +164,7 @@ def local_directory(checkpoint: Checkpoint) -> Path:
     if not hub_reachable():
         raise ModelLoadError(
             f"cannot load model {checkpoint.name}: it is not in the local Hugging Face cache and the hub "
-            "cannot be reached; pass a local model directory with --model PATH")
+            "cannot be reached; pass the path of a local copy of it instead")
     try:
         directory = Path(snapshot_download(checkpoint.source, allow_patterns=_DOWNLOAD_PATTERNS))
         if not has_safetensors(directory):
