@@ -23,7 +23,6 @@ which the CLI turns into its flag and the server into its parameter.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 from collections.abc import Sequence
@@ -54,6 +53,11 @@ class NotIndexedError(InvalidInputError):
     """A path that the index does not hold."""
 
 
+# the size of a term's weight: a weight scales an ITM logit (about -10..10) and an embedding of norm 1, so
+# these bounds keep every score well inside float32 (a weight of 1e30 once zeroed every cosine, 1e39 made NaN)
+MIN_WEIGHT, MAX_WEIGHT = 1e-3, 1e3
+
+
 @dataclass(frozen=True)
 class Term:
     """One term of a query: a text or an image, with a weight (negative: less like this)."""
@@ -65,8 +69,9 @@ class Term:
     def __post_init__(self) -> None:
         if (self.text is None) == (self.image is None):
             raise InvalidInputError("a query term is a text or an image, not both or neither")
-        if not math.isfinite(self.weight) or self.weight == 0:
-            raise FieldError("weight", "must be a finite number other than 0")
+        if not (isinstance(self.weight, int | float) and MIN_WEIGHT <= abs(self.weight) <= MAX_WEIGHT):
+            raise FieldError("weight", f"must be a number of size {MIN_WEIGHT:g} to {MAX_WEIGHT:g} (negative: "
+                                       "less like this)")
         if self.text is not None and not self.text.strip():
             raise InvalidInputError("the query text is empty")
 

@@ -101,8 +101,10 @@ def test_errors_name_fields(index, tmp_path):
     with pytest.raises(FieldError, match=r"^image .*: ") as caught:
         index.search_image(b"no image at all")
     assert caught.value.field == "image"
-    with pytest.raises(FieldError, match=r"^weight must be"):
-        Term("x", weight=float("nan"))
+    for weight in (float("nan"), float("inf"), 0, 1e39, -1e4, 1e-4, "2"):
+        with pytest.raises(FieldError, match=r"^weight must be a number of size 0.001 to 1000"):
+            Term("x", weight=weight)
+    assert Term("x", weight=-1000).weight == -1000 and Term("x", weight=0.001).weight == 0.001
     with pytest.raises(InvalidInputError, match="cancel out"):
         index.search([Term(QUERY), Term(QUERY, weight=-1)])
     with pytest.raises(InvalidInputError, match="no terms"):
@@ -215,7 +217,7 @@ def test_the_cli_composes_as_the_api_does(library, index):
     terms = [Term(QUERY), Term("sunset", weight=2), Term("people", weight=-1), Term(image=Path(image), weight=-0.5)]
     assert cli["results"] == [r.to_json() for r in index.search(terms)]
     result = blipsearch("query", QUERY, "--add", "inf:x", index=library / "index", expect=1)
-    assert "WEIGHT: must be a finite number" in result.stderr
+    assert "WEIGHT: must be a number of size 0.001 to 1000" in result.stderr
     result = blipsearch("query", QUERY, "--top", "3", "--in", str(library / "nowhere"), index=library / "index",
                         expect=1)
     assert "--in " + str(library / "nowhere") + ": no such folder" in result.stderr
