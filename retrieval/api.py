@@ -322,9 +322,13 @@ def folders(path: Path | str) -> list[str]:
     if str(path).startswith("s3://"):
         return [str(path).rstrip("/")]
     path = Path(path)
-    resolved = path.expanduser().resolve()
-    if not resolved.is_dir():
-        raise FieldError("under", f"{path}: no such folder")
+    try:
+        resolved = path.expanduser().resolve()
+        found = resolved.is_dir()
+    except (OSError, ValueError):  # ValueError: a NUL in the name
+        found = False
+    if not found:
+        raise FieldError("under", f"{printable(str(path))}: no such folder")
     return list(dict.fromkeys([os.path.abspath(path.expanduser()), str(resolved)]))
 
 

@@ -12,6 +12,7 @@ and a `RetrievalModel`, so tests can pass fakes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -90,10 +91,17 @@ class SearchOptions:
 
     def __post_init__(self) -> None:
         for name in ("top", "candidates"):
-            if getattr(self, name) < 1:
-                raise FieldError(name, "must be at least 1")
-        if self.min_prob is not None and not 0 <= self.min_prob <= 1:
+            if not _whole(getattr(self, name)) or getattr(self, name) < 1:
+                raise FieldError(name, "must be a whole number of at least 1")
+        if self.min_prob is not None and not (_number(self.min_prob) and 0 <= self.min_prob <= 1):
             raise FieldError("min_prob", "must lie between 0 and 1")
+        if self.under is not None and (not isinstance(self.under, list | tuple) or not all(
+                isinstance(f, str) and (os.path.isabs(f) or f.startswith("s3://")) and "\0" not in f
+                for f in self.under)):
+            raise FieldError("under", "must be a list of absolute folder paths (`api.folders(path)` gives one's)")
+        for name in ("after", "before"):
+            if getattr(self, name) is not None and not _whole(getattr(self, name)):
+                raise FieldError(name, "must be a time in whole seconds (`dates.date_range` reads dates)")
         if self.min_prob is not None and not self.rerank:
             raise FieldError("min_prob", "needs the ITM re-rank, which is turned off")
         if self.sort not in SORTS:
@@ -106,6 +114,14 @@ class SearchOptions:
     @property
     def filters(self) -> Filters:
         return Filters(self.under, self.keyword, self.after, self.before)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
 def rrf_scores(*rankings: Sequence[str], k: int = RRF_K) -> dict[str, float]:

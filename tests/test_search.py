@@ -1,5 +1,7 @@
 """Two-stage search: re-rank from stored features against the plain fp32 recompute, and the options."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from blipsearch.indexer.images import load_image
 from blipsearch.indexer.pipeline import IndexOptions, index_folders
 from blipsearch.indexer.reader import IndexReader
 from blipsearch.indexer.store import IndexWriter
-from blipsearch.retrieval.errors import InvalidInputError
+from blipsearch.retrieval.errors import FieldError, InvalidInputError
 from blipsearch.retrieval.fusion import fuse
 from blipsearch.retrieval.search import Searcher, SearchOptions
 
@@ -88,6 +90,16 @@ def test_option_errors_are_typed():
         SearchOptions(rerank=False, min_prob=0.5)
     with pytest.raises(InvalidInputError, match="between 0 and 1"):
         SearchOptions(min_prob=2)
+    # wrong types: named in one line when the options are made, not a TypeError deep inside a search
+    for name, value in (("top", 2.5), ("top", True), ("candidates", "64"), ("after", "2020"), ("before", 1.5)):
+        with pytest.raises(FieldError, match=rf"^{name} must be"):
+            SearchOptions(**{name: value})
+    with pytest.raises(FieldError, match=r"^min_prob must lie"):
+        SearchOptions(min_prob="0.5")
+    for under in ("/photos", Path("/photos"), [Path("/photos")], ["photos"], ["/pho\0tos"], 3):
+        with pytest.raises(FieldError, match=r"^under must be a list of absolute folder paths"):
+            SearchOptions(under=under)
+    assert SearchOptions(under=["/photos", "s3://bucket/photos"], top=np.int64(3), after=0).top == 3
 
 
 def test_ann_recall_agrees_with_exact_search():

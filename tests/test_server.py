@@ -90,6 +90,8 @@ def test_every_query_option(client, library):
     ({}, 400, "q is missing"),
     ({"q": QUERY, "like": "/etc/passwd"}, 404, "is not in the index"),
     ({"q": QUERY, "add": "1e999:x"}, 400, "weight must be"),
+    ({"q": QUERY, "add": "1e39:x"}, 400, "weight must be a number of size 0.001 to 1000"),
+    ({"q": QUERY, "under": "/tmp\0"}, 400, "no such folder"),  # was a 500: a NUL byte in a path
 ])
 def test_bad_searches_are_4xx_with_a_json_error(client, params, status, fragment):
     error(client.get("/api/search", params=params), status, fragment)
