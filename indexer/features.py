@@ -38,6 +38,10 @@ def segments_at(location: Location, record_bytes: int) -> FeatureSegments | Obje
     return FeatureSegments(location.path, record_bytes)
 
 
+class SegmentCutShort(ValueError):
+    """A feature segment no longer holds a record that rows name."""
+
+
 class FeatureSegments:
     appendable = True  # a commit may add records to a segment that holds some already
 
@@ -104,7 +108,17 @@ class FeatureSegments:
         return memoryview(data[slot * self.record_bytes:(slot + 1) * self.record_bytes])
 
     def read_many(self, places: Sequence[tuple[int, int]]) -> list[memoryview]:
-        """The records at the given (segment, slot) places, in order."""
+        """The records at the given (segment, slot) places, in order. Each segment's file is first checked
+        to still hold them: reading a mapped file past its end ends the process (SIGBUS), and a file cut
+        short in place (outside damage: runs only append) would otherwise take a server down with it."""
+        needed: dict[int, int] = {}
+        for segment, slot in places:
+            needed[segment] = max(needed.get(segment, 0), slot + 1)
+        for segment, count in needed.items():
+            held = self.slots(segment)
+            if held < count:
+                raise SegmentCutShort(f"feature segment {self._path(segment)} holds {held} records, but "
+                                      f"the query needs {count}: it was cut short")
         return [self.read(segment, slot) for segment, slot in places]
 
     def remove(self, segments: Sequence[int]) -> None:

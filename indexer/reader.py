@@ -18,7 +18,7 @@ import numpy as np
 from blipsearch.retrieval.errors import FieldError, IndexDamagedError, StoreError
 
 from . import codec, snapshot
-from .features import needed_records, segments_at
+from .features import SegmentCutShort, needed_records, segments_at
 from .layout import FILES, IMAGES, damaged_table, read_index_manifest
 from .location import Location, location_of
 from .manifest import Manifest
@@ -146,6 +146,8 @@ class IndexReader:
             places.append((int(self.view.segments[row]), int(self.view.slots[row])))
         try:
             records = self._features.read_many(places)
+        except SegmentCutShort as exc:
+            raise IndexDamagedError(f"the index at {self.path} is damaged: {exc}; {self.manifest.hint()}") from exc
         except (OSError, ValueError) as exc:
             raise StoreError(f"the index at {self.path} changed during the query ({exc}); run it again") from exc
         return codec.unpack_records(records, identity.feature_tokens, identity.feature_dim)

@@ -72,6 +72,29 @@ def test_a_short_or_missing_feature_segment_is_reported_in_index_query_and_statu
     assert len(json.loads(query(library, "--json", "--top", "8").stdout)["results"]) == 8
 
 
+CUT_WHILE_OPEN = """
+import os, sys
+from blipsearch.retrieval.api import Index
+from blipsearch.retrieval.errors import IndexDamagedError
+index = Index.open(sys.argv[1], device="cpu")
+index.search("a red dog", None)  # the segment is mapped now
+segment = os.path.join(sys.argv[1], "features", "000001.bin")
+os.truncate(segment, os.path.getsize(segment) // 3)
+try:
+    index.search("a red dog", None)
+except IndexDamagedError as exc:
+    print(exc)
+"""
+
+
+def test_a_segment_cut_short_while_a_process_has_it_open_is_damage_not_a_crash(library):
+    """Reading a mapped file past its end is SIGBUS: a server whose segment was cut short in place died."""
+    done = subprocess.run([*CLI[:1], "-c", CUT_WHILE_OPEN, str(library / "index")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert "000001.bin holds" in done.stdout and "it was cut short; rebuild it with" in done.stdout
+
+
 def test_new_records_go_past_every_slot_the_rows_name_and_past_records_a_killed_run_left(tmp_path):
     segments = FeatureSegments(tmp_path, record_bytes=4)
     segments.append(1, [b"aaaa", b"bbbb", b"cccc"])  # rows will name slots 0 and 1; slot 2 is unreferenced
