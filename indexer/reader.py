@@ -176,7 +176,9 @@ class IndexReader:
 def _from_tables(path: Location, manifest: Manifest) -> snapshot.Snapshot:
     import lancedb
 
-    log.info("index at %s is being written or was interrupted: reading its tables", path)
+    why = "a run is under way or was interrupted" if manifest.run.writing else \
+        "its snapshot is missing or damaged (the next `blipsearch index` run rewrites it)"
+    log.info("index at %s: %s; reading its tables", path, why)
     try:
         db = lancedb.connect(path.lance_uri)
         return snapshot.from_tables(db.open_table(IMAGES), db.open_table(FILES), manifest.identity)

@@ -137,8 +137,7 @@ class IndexWriter:
                 manifest = read_index_manifest(path)
                 check_model(manifest, info, path)
                 tables = _Tables.read(path, manifest, create=manifest.run.generation == 0, upgrade=True)
-                settled = not manifest.run.writing and manifest.run.generation > 0 and \
-                    snapshot.saved_generation(path) == manifest.run.generation
+                settled = not manifest.run.writing and manifest.run.generation > 0 and _snapshot_loads(path, manifest)
                 _start_run(path, manifest, tables)
                 writer = cls(path, manifest, release, tables, settled)
                 if tables.rows > len(tables.hashes):  # a `--ray` driver was killed before it removed them
@@ -443,6 +442,15 @@ def _start_run(path: Location, manifest: Manifest, tables: _Tables) -> None:
         run.next_segment = current + 1
     run.current_segment, run.retired_segments, run.writing = current, [], True
     write_manifest(path, manifest)  # while `writing`, readers build their view from the tables
+
+
+def _snapshot_loads(path: Location, manifest: Manifest) -> bool:
+    """The saved snapshot mirrors the last run and loads (a local one in full: a damaged file in it would
+    otherwise leave every query on the slower tables until some file changed; a remote one by its pointer,
+    which is written after its files)."""
+    if path.remote:
+        return snapshot.saved_generation(path) == manifest.run.generation
+    return snapshot.Snapshot.load(path, manifest.run.generation) is not None
 
 
 def _drop(path: Location) -> None:

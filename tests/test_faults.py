@@ -222,11 +222,23 @@ def test_a_refused_folder_gets_no_lock(tmp_path, tiny_model_dir):
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["notes.txt"]
 
 
-def test_a_deleted_snapshot_is_rebuilt_by_the_next_run(library, tiny_model_dir):
-    shutil.rmtree(library / "index" / "snapshot")
+@pytest.mark.parametrize("damage", ["deleted", "recall.faiss", "files.npz", "captions.bin"])
+def test_a_deleted_or_damaged_snapshot_is_reported_and_rewritten_by_the_next_run(library, tiny_model_dir, damage):
+    """A damaged file in it once went unnoticed: every query read the slower tables until some file changed."""
+    folder = library / "index" / "snapshot"
+    if damage == "deleted":
+        shutil.rmtree(folder)
+    else:
+        data = (folder / damage).read_bytes()
+        (folder / damage).write_bytes(data[:len(data) // 2])  # cut short in place
     assert not IndexReader.open(library / "index").from_snapshot
+    assert len(json.loads(query(library, "--json", "--top", "8").stdout)["results"]) == 8  # from the tables
+    report = status(library)
+    assert "note     the snapshot queries read is missing or damaged" in report.stdout
+    assert json.loads(blipsearch("status", "--json", index=library / "index").stdout)["snapshot"] is False
     index(library, tiny_model_dir, "a", "b")  # nothing changed in the folders
     assert IndexReader.open(library / "index").from_snapshot
+    assert json.loads(blipsearch("status", "--json", index=library / "index").stdout)["snapshot"] is True
 
 
 def test_an_index_path_that_is_not_utf8_is_one_line(tmp_path, tiny_model_dir):

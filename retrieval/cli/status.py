@@ -48,6 +48,9 @@ def _print_report(report: dict) -> None:
     elif report["interrupted"]:
         click.echo("note     an indexing run is under way, or the last one was interrupted: run "
                    "`blipsearch index` on your folders again to finish it")
+    elif report["snapshot"] is False:
+        click.echo("note     the snapshot queries read is missing or damaged, so they read the tables (slower): "
+                   "run `blipsearch index` on your folders again to rewrite it")
 
 
 def _human(n: float) -> str:
