@@ -55,6 +55,17 @@ def printable(text: str) -> str:
     return data.decode("utf-8", "backslashreplace")
 
 
+# control characters (C0, DEL, C1) as escapes: \n, \r, \t, else \xNN
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))} | \
+    {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+
+
+def one_line(text: str) -> str:
+    """`printable(text)` with control characters escaped (`\\n`, `\\x1b`): a file name in a message on a
+    terminal can neither split it into two lines (or fake one) nor send escape sequences."""
+    return printable(text).translate(_ESCAPES)
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of the exception's message (its type name when the message is empty)."""
     text = str(exc).strip() or type(exc).__name__

@@ -123,6 +123,30 @@ def test_skipped_files_exit_3_and_are_named(tmp_path, tiny_model_dir):
     assert "indexed 2, reused 0 (moved or copied), unchanged 0, removed 0, skipped 1" in result.stderr
 
 
+def test_control_characters_in_file_names_are_escaped_on_the_terminal(tmp_path, tiny_model_dir):
+    """A newline in a name once split a "skipped" line in two (and could fake a summary line); an escape
+    sequence reached the terminal raw. The paths' own bytes still reach --json, --paths and -0."""
+    from photos import make_photo
+
+    photos = tmp_path / "photos"
+    make_folder(photos, 1)
+    (photos / "evil\nblipsearch: indexed 999.jpg").write_bytes(b"not an image")
+    (photos / "esc\x1b]0;pwned\x07.jpg").write_bytes(b"not an image")
+    make_photo(photos / "red\x1b[31m.png", seed=5)
+    result = blipsearch("index", str(photos), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index",
+                        expect=3)
+    lines = result.stderr.splitlines()
+    assert f"blipsearch: skipped {photos}/evil\\nblipsearch: indexed 999.jpg: not an image" in " ".join(lines)
+    assert any(line.startswith(f"blipsearch: skipped {photos}/esc\\x1b]0;pwned\\x07.jpg: ") for line in lines)
+    assert len(lines) == 3 and "\x1b" not in result.stderr and "\x07" not in result.stderr
+    table = blipsearch("query", "a photo", index=tmp_path / "index").stdout
+    assert "red\\x1b[31m.png" in table and "\x1b" not in table
+    found = json.loads(blipsearch("query", "a photo", "--json", index=tmp_path / "index").stdout)
+    assert str(photos / "red\x1b[31m.png") in [r["path"] for r in found["results"]]
+    failed = blipsearch("status", index=tmp_path / "no\nsuch", expect=1)
+    assert failed.stderr.count("\n") == 1 and "no\\nsuch" in failed.stderr
+
+
 def reference_ranking(model_dir, paths, text):
     """BLIP's protocol with transformers' own forward passes (fp32): ITM([ENC]) class-1 logit + ITC."""
     model = BlipForImageTextRetrieval.from_pretrained(model_dir).eval()

@@ -20,7 +20,7 @@ import sys
 import click
 
 from ..device import keep_freed_memory
-from ..errors import BlipsearchError
+from ..errors import BlipsearchError, one_line
 
 EXIT_ERROR = 1
 EXIT_SKIPPED = 3
@@ -54,13 +54,14 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except BlipsearchError as exc:
-            click.echo(f"blipsearch: error: {exc}", err=True)
+            click.echo(f"blipsearch: error: {one_line(str(exc))}", err=True)
             sys.exit(EXIT_ERROR)
         except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly, as `cat` would
             _silence_stdout()
             sys.exit(EXIT_BROKEN_PIPE)
         except KeyboardInterrupt:
-            click.echo("blipsearch: interrupted; finished batches are kept in the index", err=True)
+            kept = "; finished batches are kept in the index" if ctx.invoked_subcommand == "index" else ""
+            click.echo(f"blipsearch: interrupted{kept}", err=True)
             sys.exit(EXIT_INTERRUPTED)
 
 
@@ -70,9 +71,18 @@ class Group(click.Group):
 def main(verbose: int) -> None:
     """Search your images with words, using BLIP's image-text retrieval."""
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="blipsearch: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_OneLine("blipsearch: %(message)s"))
     _quiet_third_party()
     keep_freed_memory()  # large activations reuse freed memory instead of faulting in fresh pages
+
+
+class _OneLine(logging.Formatter):
+    """Each log line stays one line: control characters in its message (a file name's) are escaped."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return one_line(super().formatMessage(record))
 
 
 _read_only_done = False  # set by a read-only command that finished: see `run`

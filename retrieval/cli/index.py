@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from .. import DEFAULT_CAPTIONER, DEFAULT_MODEL
-from ..errors import BlipsearchError, InvalidInputError
+from ..errors import BlipsearchError, InvalidInputError, one_line
 from . import EXIT_SKIPPED, main
 from .options import device_option, index_location, index_option, load, model_option, precision_option
 
@@ -182,4 +182,4 @@ def _absolute_name(name: str) -> str:
 def _say(line: str) -> None:
     from tqdm import tqdm
 
-    tqdm.write(f"blipsearch: {line}", file=sys.stderr)
+    tqdm.write(f"blipsearch: {one_line(line)}", file=sys.stderr)

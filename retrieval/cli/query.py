@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..errors import InvalidInputError, printable
+from ..errors import InvalidInputError, one_line, printable
 from . import finished_read_only, main
 from .options import device_option, index_location, index_option, model_option, precision_option
 
@@ -155,6 +155,6 @@ def _print_table(results: list[Result]) -> None:
     for rank, r in enumerate(results, 1):
         match = "    -" if r.itm_prob is None else f"{r.itm_prob:5.0%}"
         extra = f"  (+{len(r.copies)} copies)" if r.copies else ""
-        name = printable(r.path).replace("\n", "\\n")  # one line per result
-        caption = f"  -- {r.caption}" if r.caption else ""
+        name = one_line(r.path)  # one line per result, no escape sequences from a file name
+        caption = f"  -- {one_line(r.caption)}" if r.caption else ""
         click.echo(f"{rank:>3}  {r.score:7.3f}  {match}  {r.date_text[:10]}  {name}{extra}{caption}")

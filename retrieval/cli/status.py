@@ -6,6 +6,7 @@ import json
 
 import click
 
+from ..errors import one_line
 from . import main
 from .options import index_location, index_option
 
@@ -42,7 +43,7 @@ def _print_report(report: dict) -> None:
         ("size", f"{_human(size)} on disk{per_image}"),
         ("updated", report["updated"] or "never"),
     ):
-        click.echo(f"{label:8} {value}")
+        click.echo(f"{label:8} {one_line(value)}")
     if report["damaged"]:
         click.echo("damaged  yes: see the error below")
     elif report["interrupted"]:
