@@ -61,6 +61,31 @@ def test_export_command_rewrites_the_same_weights(trained, tmp_path):
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_export_of_a_file_that_is_no_checkpoint_is_one_line(tmp_path):
+    """Garbage once ended in an UnpicklingError traceback, an empty file in a bare "Aborted!"; a pickle that
+    would run code is refused by the weights-only reader."""
+    import pickle
+
+    from runner import run_cli
+
+    class Runs:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    (tmp_path / "garbage.pt").write_text("hi")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    (tmp_path / "code.pt").write_bytes(pickle.dumps(Runs()))
+    for name, fragment in (("garbage.pt", "it is not a checkpoint that `blipsearch train` wrote, or it is damaged"),
+                           ("empty.pt", "it is not a checkpoint that `blipsearch train` wrote, or it is damaged"),
+                           ("other.pt", "is not a checkpoint that `blipsearch train` wrote (it lacks"),
+                           ("code.pt", "it is not a checkpoint that `blipsearch train` wrote, or it is damaged")):
+        done = run_cli("export", str(tmp_path / name), str(tmp_path / "out"), text=True)
+        assert done.returncode == 1 and "this ran" not in done.stdout, (name, done.stdout, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("blipsearch: error: ") and fragment in lines[0], lines
+
+
 def test_exported_captioner_generates(trained):
     from transformers import AutoTokenizer, BlipForConditionalGeneration
 

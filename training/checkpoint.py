@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from blipsearch.retrieval.errors import InvalidInputError
+from blipsearch.retrieval.errors import InvalidInputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,21 @@ def save(path: Path, model, optimizer, scheduler, state: TrainState, config: dic
 
 
 def read(path: str | Path) -> dict:
+    """A checkpoint `save` wrote. Read with torch's weights-only unpickler: tensors and plain containers
+    only, so a `.pt` file from elsewhere cannot run code; anything else is one line naming the file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError) as exc:
-        raise InvalidInputError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+        with warnings.catch_warnings():  # torch's notes on pickles it refuses: the one line below says it
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read checkpoint {path}: {exc.strerror or first_line(exc)}") from exc
+    except Exception as exc:  # pickle's, torch's and EOFError: not a file `save` wrote, or a damaged one
+        raise InvalidInputError(f"cannot read checkpoint {path}: it is not a checkpoint that `blipsearch train` "
+                                "wrote, or it is damaged") from exc
+    if not isinstance(payload, dict) or not {"model", "config", "state"} <= payload.keys():
+        raise InvalidInputError(f"{path} is not a checkpoint that `blipsearch train` wrote (it lacks the model, "
+                                "config or state)")
+    return payload
 
 
 def restore(payload: dict, model, optimizer, scheduler) -> TrainState:
