@@ -241,3 +241,17 @@ def test_serve_refuses_other_hosts_without_a_token(tmp_path, monkeypatch):
     result = blipsearch("serve", "--host", "0.0.0.0", index=tmp_path / "index", expect=1)
     one_line_error(result, "--host 0.0.0.0 is reachable from other machines", "--token or BLIPSEARCH_TOKEN")
     assert not os.path.exists(tmp_path / "index")
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_the_model_loads(tmp_path):
+    """uvicorn alone once said so after the "serving" line, and exited with 3 (files skipped)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = blipsearch("serve", "--port", str(port), index=tmp_path / "index", expect=1)
+    one_line_error(result, f"--port {port} on 127.0.0.1: Address already in use; stop the other server or pass "
+                           "another --port")
+    assert not os.path.exists(tmp_path / "index")

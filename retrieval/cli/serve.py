@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 
 import click
 
@@ -43,13 +45,33 @@ def serve_command(index_path, host, port, token, model_name, device, precision):
     from ..api import Index
 
     location = index_location(index_path)
+    listening = _bind(host, port)  # before the model loads: a port in use is one line at once
     index = Index.open(location, model_name, device, precision, with_vision=True)
     # with a token, any name may reach it; without, only loopback names (the bound address among them)
     hosts = (*LOOPBACK_NAMES, f"[{host}]" if ":" in host else host) if _loopback(host) and not token else None
     app = create_app(index, platformdirs.user_cache_path("blipsearch") / "thumbnails", token, hosts)
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"blipsearch: serving {location} at http://{shown}:{port}/ (Ctrl-C stops)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[listening])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), as uvicorn would bind it; `InvalidInputError` naming the option where it
+    cannot be (uvicorn alone said so after the "serving" line, with exit status 3)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        listening = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise InvalidInputError(f"--host {host}: {exc.strerror or exc}") from exc
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind(address)
+    except OSError as exc:
+        listening.close()
+        hint = "; stop the other server or pass another --port" if exc.errno == errno.EADDRINUSE else ""
+        raise InvalidInputError(f"--port {port} on {host}: {exc.strerror or exc}{hint}") from exc
+    return listening
 
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
