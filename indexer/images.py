@@ -146,7 +146,14 @@ def _source(path: str | Path, data: bytes | None) -> Iterator[BinaryIO]:
 def _opened(source: BinaryIO, max_pixels: int) -> Iterator[Image.Image]:
     """The picture, its header read and its pixel count checked; pixels are decoded on first use."""
     setup_pillow()
-    with Image.open(source) as image:
+    try:
+        opened = Image.open(source)
+    except Image.DecompressionBombError as exc:  # Pillow's own check, at its global limit: name ours where lower
+        numbers = [int(n) for n in re.findall(r"\d+", str(exc))]
+        if len(numbers) < 2:
+            raise
+        raise ImageLoadError(_bomb(numbers[0], min(numbers[1], max_pixels))) from exc
+    with opened as image:
         if image.width * image.height > max_pixels:
             raise ImageLoadError(_bomb(image.width * image.height, max_pixels))
         yield image
@@ -200,7 +207,10 @@ def _setup_once() -> None:
 
 
 def _bomb(pixels: int, limit: int) -> str:
-    return f"decompression bomb: {pixels / 1e6:,.1f} megapixels is over the limit of {limit / 1e6:,.1f}"
+    size, most = f"{pixels / 1e6:,.1f}", f"{limit / 1e6:,.1f}"
+    if size == most:  # just over: the counts themselves say which is more
+        size, most = f"{pixels / 1e6:,.6f}", f"{limit / 1e6:,.6f}"
+    return f"decompression bomb: {size} megapixels is over the limit of {most}"
 
 
 def failure_reason(path: str | Path, exc: BaseException) -> str:

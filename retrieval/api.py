@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Options = SearchOptions
-ImageSource = Path | bytes  # a file, or its bytes (an upload)
+ImageSource = Path | bytes  # a file, or its bytes (an upload; a bytearray or memoryview serves too)
 
 
 class NotIndexedError(InvalidInputError):
@@ -286,12 +286,13 @@ class Index:
     def _pixels(self, image: ImageSource) -> torch.Tensor:
         from blipsearch.indexer.images import load_image
 
-        name = "the uploaded image" if isinstance(image, bytes) else str(image)
-        data = image if isinstance(image, bytes) else None
+        data = bytes(image) if isinstance(image, bytes | bytearray | memoryview) else None
         try:
-            loaded = load_image(name if data is not None else image, self.model.info.preprocessing, data=data)
+            loaded = load_image("the uploaded image" if data is not None else image, self.model.info.preprocessing,
+                                data=data)
         except ImageLoadError as exc:
-            raise FieldError("image", f"{printable(name)}: {exc}") from exc
+            raise FieldError("image", f"cannot be read: {exc}" if data is not None else
+                                      f"{printable(str(image))}: {exc}") from exc
         return self.model.pixel_values([loaded.pixels])
 
     @staticmethod

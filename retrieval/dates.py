@@ -26,9 +26,12 @@ def parse_date(text: str, field: str) -> tuple[int, int]:
         raise FieldError(field, f"must be a date: {FORMS} (got {text!r})")
     try:  # untyped parts: month and day 1, time 0
         start = datetime(*(int(part or default) for part, default in zip(match.groups(), "011000", strict=True)))
-        end = _next(start, match.lastindex)
-    except (ValueError, OverflowError):  # month 13, February 30th, hour 24, year 0, the end after 9999
+    except (ValueError, OverflowError):  # month 13, February 30th, hour 24, year 0
         raise FieldError(field, f"is not a valid date: {text!r}") from None
+    try:
+        end = _next(start, match.lastindex)
+    except (ValueError, OverflowError):  # the year 9999's periods end after the last date Python knows
+        end = datetime.max
     return _seconds(start), _seconds(end)
 
 

@@ -91,6 +91,10 @@ def test_similar_finds_the_file_itself_first(index):
     first = index.similar(path)[0]
     assert first.path == path and first.score == pytest.approx(1.0, abs=1e-4)
     assert index.search_image(Path(path).read_bytes())[0].path == path  # an upload: the bytes
+    assert index.search_image(bytearray(Path(path).read_bytes()))[0].path == path  # once taken for a path
+    with pytest.raises(FieldError, match=r"^image cannot be read: ") as refused:
+        index.search_image(bytearray(Path(path).read_bytes()[:200]))
+    assert len(str(refused.value)) < 200  # the bytes themselves are not in it
 
 
 def test_errors_name_fields(index, tmp_path):

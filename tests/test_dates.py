@@ -41,11 +41,18 @@ def test_other_forms_are_refused_with_the_accepted_ones_shown(text):
 
 
 @pytest.mark.parametrize("text", ["2019-00", "2019-13", "2019-02-29", "2019-04-31", "2019-05-32", "0000",
-                                  "2019-05-04T24:00", "2019-05-04T10:60", "9999"])  # 9999: its end is past year 9999
+                                  "2019-05-04T24:00", "2019-05-04T10:60"])
 def test_impossible_dates_are_refused(text):
     with pytest.raises(FieldError, match=f"^before is not a valid date: '{text}'$") as caught:
         parse_date(text, "before")
     assert caught.value.field == "before"
+
+
+def test_the_last_year_python_knows_is_a_date():
+    """Its end lies past 9999-12-31, once refused as "not a valid date": it ends with the last moment instead."""
+    assert parse_date("9999", "before")[0] == wall(9999, 1, 1)
+    assert parse_date("9999-12-31", "after")[1] > wall(9999, 12, 31, 23, 59)
+    assert date_range("2019", "9999") == (wall(2019, 1, 1), wall(9999, 1, 1))
 
 
 def test_after_keeps_its_period_and_before_stops_at_the_start_of_its_own():

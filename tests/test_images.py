@@ -79,6 +79,11 @@ def test_bomb_limit_is_configurable(tmp_path):
     with pytest.raises(ImageLoadError, match=re.escape("decompression bomb: 6.0 megapixels is over the limit of 5.0")):
         load_image(tmp_path / "big.png", PRE, max_pixels=5_000_000)
     assert load_image(tmp_path / "big.png", PRE, max_pixels=6_000_000).width == 3000
+    with pytest.raises(ImageLoadError, match=re.escape("6.000000 megapixels is over the limit of 5.999999")):
+        load_image(tmp_path / "big.png", PRE, max_pixels=5_999_999)  # just over: not "6.0 is over 6.0"
+    # past Pillow's own limit (~179 megapixels) its check comes first: the message names ours, where lower
+    with pytest.raises(ImageLoadError, match=re.escape("10,000.0 megapixels is over the limit of 50.0") + "$"):
+        load_image(png_bomb(tmp_path / "bomb.png"), PRE, max_pixels=50_000_000)
 
 
 def test_scan_skips_hidden_and_other_files_and_hash_follows_content(tmp_path):
