@@ -178,6 +178,27 @@ def test_a_symlink_swapped_in_to_lead_out_is_refused(tmp_path, tiny_model_dir):
     victim.symlink_to(tmp_path / "outside.png")
     for endpoint in ("/api/original", "/api/thumbnail"):
         error(client.get(endpoint, params={"path": str(victim)}), 404, "leads out of the indexed folders")
+    victim.unlink()
+    victim.symlink_to("/dev/zero")
+    error(client.get("/api/original", params={"path": str(victim)}), 404, "leads out of the indexed folders")
+
+
+def test_files_linked_from_a_store_outside_the_folders_are_served_while_their_bytes_are_the_indexed_ones(
+        tmp_path, tiny_model_dir):
+    """As git-annex lays them out (photos/x.png -> .annex/objects/.../x.png): indexed, and once refused."""
+    make_folder(tmp_path / "store", 2)
+    (tmp_path / "photos").mkdir()
+    for name in ("img000.png", "img001.png"):
+        (tmp_path / "photos" / name).symlink_to(tmp_path / "store" / name)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    client = TestClient(server.create_app(Index.open(tmp_path / "index", device="cpu"), tmp_path / "thumbs"))
+    linked = tmp_path / "photos" / "img000.png"
+    original = client.get("/api/original", params={"path": str(linked)})
+    assert original.status_code == 200 and original.content == (tmp_path / "store" / "img000.png").read_bytes()
+    assert client.get("/api/thumbnail", params={"path": str(linked)}).status_code == 200
+    assert paths(client.get("/api/similar", params={"path": str(linked), "top": 1})) == [str(linked)]
+    make_photo(tmp_path / "store" / "img000.png", seed=9)  # the store's file now holds other bytes
+    error(client.get("/api/original", params={"path": str(linked)}), 404, "leads out of the indexed folders")
 
 
 def test_token_is_required_when_set(index, tmp_path):

@@ -2,6 +2,7 @@
 
 Only indexed files are served: a path is looked up in the index (never joined to a folder), and its real
 location must lie in a folder that holds indexed files (followed through symlinks as the scan followed
+them), or its bytes must still be the indexed content (a link into a store of files, as git-annex keeps
 them), so a link swapped in to point elsewhere (`/etc/passwd`) is refused. Thumbnails are JPEGs of at most
 `THUMB_SIDE` pixels, EXIF-oriented, cached on disk by content hash.
 """
@@ -35,15 +36,29 @@ class ServedFiles:
         self._folders: tuple[object, frozenset[str]] | None = None  # (reader, real folders)
 
     def open(self, path: str) -> BinaryIO:
-        """The indexed file `path`, opened; raises `NotIndexedError` (unknown, or leads out) or `ImageLoadError`."""
-        self.index.indexed(path)
+        """The indexed file `path`, opened; raises `NotIndexedError` (unknown, or leads out) or `ImageLoadError`.
+
+        A file whose real location lies outside the indexed folders (a link into a store of files, as
+        git-annex keeps them) is served only where its bytes are still the indexed content: read whole and
+        hashed, so a link swapped to point elsewhere is refused."""
+        _, digest = self.index.indexed(path)
         real = os.path.realpath(path)
-        if os.path.dirname(real) not in self._real_folders():
-            raise NotIndexedError(f"{printable(path)} leads out of the indexed folders")
+        inside = os.path.dirname(real) in self._real_folders()
         try:
-            return open_regular(real)
+            file = open_regular(real)
         except OSError as exc:
             raise NotIndexedError(f"{printable(path)} cannot be read: {exc.strerror}") from exc
+        except ImageLoadError:  # not a regular file, or over the size limit
+            if inside:
+                raise
+            raise NotIndexedError(f"{printable(path)} leads out of the indexed folders") from None
+        if inside:
+            return file
+        with file:
+            data, actual = read_hashed(file)
+        if actual != digest:
+            raise NotIndexedError(f"{printable(path)} leads out of the indexed folders")
+        return io.BytesIO(data)
 
     def thumbnail(self, path: str) -> Path:
         """A cached JPEG of the indexed image at `path` (made on first request).
