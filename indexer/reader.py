@@ -93,6 +93,13 @@ class IndexReader:
         scores = self.view.recall.scores(query, rows)
         return {str(self.view.hashes[r]): float(s) for r, s in zip(rows, scores, strict=True)}
 
+    def stored_vectors(self, digest: str) -> np.ndarray | None:
+        """(V, D) ITC vectors of an indexed image as stored; None where the recall tier does not keep them
+        (IVF-Flat) or the image is not in this view."""
+        row = self.view.row_of(digest)
+        found = None if row is None else self.view.recall.vectors(np.asarray([row]))
+        return None if found is None else found[0]
+
     @property
     def has_captions(self) -> bool:
         return self.view.has_captions

@@ -146,6 +146,20 @@ class RecallIndex:
             return np.asarray([by_row[r] for r in rows.tolist()], np.float32)
         return _products(vectors, queries).reshape(len(rows), -1).max(axis=1)
 
+    def vectors(self, rows: np.ndarray) -> np.ndarray | None:
+        """(n, V, D) float32 stored vectors of the given image rows, where the index keeps them (the exact
+        tier; the float16 copy of the IVF-PQ tier); None in the IVF-Flat tier, whose lists hold them only in
+        FAISS' own order."""
+        v, rows = self.vectors_per_image, self._rows(rows)
+        ids = (rows[:, None] * v + np.arange(v)[None, :]).ravel()
+        if self.exact_vectors is not None:
+            found = self.exact_vectors[ids]
+        elif self.exact:
+            found = self.index[ids]
+        else:
+            return None
+        return np.asarray(found, np.float32).reshape(len(rows), v, -1)
+
     def _rescore(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact cosines of the (Q, K) candidate vectors, read from the float16 copy (-inf where none)."""
         found = ids >= 0

@@ -46,7 +46,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Options = SearchOptions
-ImageSource = Path | bytes  # a file, or its bytes (an upload; a bytearray or memoryview serves too)
+
+
+@dataclass(frozen=True)
+class Indexed:
+    """An indexed file as an image term, by its path: its ITC vectors as stored in the index (no file is read,
+    so a file on an unmounted drive serves too, and an image scores 1 with itself); where the recall tier keeps
+    no vectors (IVF-Flat), the file is encoded."""
+
+    path: str
+
+
+ImageSource = Path | bytes | Indexed  # a file, its bytes (an upload; a bytearray or memoryview too), an indexed file
 
 
 class NotIndexedError(InvalidInputError):
@@ -196,9 +207,11 @@ class Index:
             elif len(terms) == 1 and terms[0].image is not None and terms[0].weight > 0:
                 if options.min_prob is not None:
                     raise FieldError("min_prob", "needs a text term of positive weight to re-rank with")
-                hits = searcher.search_image(self._pixels(terms[0].image), options)
+                # by the best ITC cosine between any of its V vectors and any of an indexed image's (BLIP: one
+                # each; BLIP-2: 32 query vectors each, so an image scores 1 with itself)
+                hits = searcher.search_vector(self._image_vectors(view, terms[0].image), [], options)
             else:
-                vector, texts = self._compose(terms)
+                vector, texts = self._compose(view, terms)
                 if options.min_prob is not None and not texts:
                     raise FieldError("min_prob", "needs a text term of positive weight to re-rank with")
                 words = next((t.text for t in terms if t.text is not None and t.weight > 0), None)
@@ -217,8 +230,8 @@ class Index:
         return self.search([Term(image=image)], options)
 
     def similar(self, path: str, options: Options | None = None) -> list[Result]:
-        """Images like the indexed file `path` (itself first)."""
-        return self.search_image(Path(self.indexed(path)[0]), options)
+        """Images like the indexed file `path` (itself first), by its stored vectors (see `Indexed`)."""
+        return self.search_image(Indexed(self.indexed(path)[0]), options)
 
     def indexed(self, path: str) -> tuple[str, str]:
         """(path, content hash) of an indexed file; raises `NotIndexedError` for any other path."""
@@ -264,7 +277,7 @@ class Index:
             raise InvalidInputError(f"the index at {self.location} is empty; add images with "
                                     "`blipsearch index FOLDER`")
 
-    def _compose(self, terms: Sequence[Term]) -> tuple[np.ndarray, list[tuple[float, TextTokens]]]:
+    def _compose(self, view: _View, terms: Sequence[Term]) -> tuple[np.ndarray, list[tuple[float, TextTokens]]]:
         """(D,) normalised weighted sum of the terms' normalised vectors, and the text terms to re-rank with."""
         total, texts = None, []
         for term in terms:
@@ -273,8 +286,7 @@ class Index:
                 vector = np.asarray(encoded.embeddings[0], dtype=np.float32)  # (D,)
                 texts.append((term.weight, encoded.tokens))
             else:
-                vectors = np.asarray(self.model.encode_images(self._pixels(term.image)).embeddings[0])  # (V, D)
-                vector = _unit(vectors.mean(0, dtype=np.float32))
+                vector = _unit(self._image_vectors(view, term.image).mean(0, dtype=np.float32))
             total = term.weight * vector if total is None else total + term.weight * vector
         if float(np.linalg.norm(total)) < 1e-6:
             raise InvalidInputError("the query terms cancel out: change a weight or a term")
@@ -282,6 +294,18 @@ class Index:
         if positive:  # the first positive text leads: its match probability is the one reported
             texts.insert(0, texts.pop(positive[0]))
         return _unit(total), texts if positive else []
+
+    def _image_vectors(self, view: _View, image: ImageSource) -> np.ndarray:
+        """(V, D) ITC vectors of an image term: stored (an `Indexed` file), else encoded."""
+        if isinstance(image, Indexed):
+            digest = view.hash_of(image.path)
+            if digest is None:
+                raise NotIndexedError(f"{printable(image.path)} is not in the index")
+            stored = view.reader.stored_vectors(digest)
+            if stored is not None:
+                return stored
+            image = Path(image.path)
+        return np.asarray(self.model.encode_images(self._pixels(image)).embeddings[0], dtype=np.float32)
 
     def _pixels(self, image: ImageSource) -> torch.Tensor:
         from blipsearch.indexer.images import load_image

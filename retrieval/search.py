@@ -15,16 +15,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from .errors import FieldError, InvalidInputError
 from .fusion import fuse, match_logit, match_probability
 from .models.base import RetrievalModel, TextTokens
-
-if TYPE_CHECKING:
-    import torch
 
 RERANK_BATCH = 32  # candidates per ITM forward pass: bounds activation memory
 RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al. 2009; also Elasticsearch's and LanceDB's default)
@@ -172,13 +169,6 @@ class Searcher:
         if options.min_prob is not None:
             hits = [h for h in hits if h.itm_prob >= options.min_prob]
         return hits[:options.top]
-
-    def search_image(self, pixels: torch.Tensor, options: SearchOptions) -> list[Hit]:
-        """Images like a (1, 3, H, W) query image: the best ITC cosine between any of its V vectors and any of
-        an indexed image's (BLIP: its one vector; BLIP-2: 32 query vectors each, so an image scores 1 with
-        itself)."""
-        vectors = self.model.encode_images(pixels).embeddings[0]  # (V, D)
-        return self.search_vector(np.asarray(vectors), [], options)
 
     def _with_keyword_hits(self, query: np.ndarray, recalled: list[tuple[str, float]],
                            keyword: list[tuple[str, float]]) -> tuple[list[tuple[str, float]], dict[str, float]]:

@@ -97,6 +97,31 @@ def test_similar_finds_the_file_itself_first(index):
     assert len(str(refused.value)) < 200  # the bytes themselves are not in it
 
 
+def test_similar_and_indexed_terms_use_the_stored_vectors_without_reading_the_file(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch):
+    """It once encoded the file again: a file on an unmounted drive failed, and one overwritten since
+    indexing was not first in its own answer."""
+    from blipsearch.retrieval.api import Indexed
+
+    make_folder(tmp_path / "photos", 4)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    index = Index.open(tmp_path / "index", device="cpu")
+    path = str(tmp_path / "photos" / "img002.png")
+    with monkeypatch.context() as ivf_flat:  # a tier that keeps no vectors: the file is encoded
+        ivf_flat.setattr(type(index.reader), "stored_vectors", lambda *_: None)
+        encoded = index.similar(path)
+    Path(path).unlink()  # the drive is gone
+    monkeypatch.setattr(index.model, "encode_images", lambda *_: pytest.fail("encoded an image"))
+    stored = index.similar(path)
+    assert stored[0].path == path and stored[0].score == pytest.approx(1, abs=1e-6)
+    assert [r.path for r in stored] == [r.path for r in encoded]
+    assert [r.score for r in stored] == pytest.approx([r.score for r in encoded], abs=1e-5)
+    composed = index.search([Term(QUERY), Term(image=Indexed(path), weight=-0.5)])
+    assert len(composed) == 4
+    with pytest.raises(NotIndexedError, match="is not in the index"):
+        index.search([Term(image=Indexed(str(tmp_path / "elsewhere.png")))])
+
+
 def test_errors_name_fields(index, tmp_path):
     with pytest.raises(NotIndexedError, match="is not in the index"):
         index.similar(str(tmp_path / "nowhere.png"))

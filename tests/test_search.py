@@ -188,6 +188,19 @@ def test_scores_of_given_rows_are_exact_in_every_tier():
         np.testing.assert_allclose(index.scores(query, rows), truth, atol=2e-3, err_msg=index.kind)
 
 
+def test_stored_vectors_are_read_where_the_tier_keeps_them():
+    from blipsearch.indexer.recall import RecallIndex
+
+    vectors = np.random.default_rng(10).normal(size=(3000, 2, 16)).astype(np.float32)
+    rows = np.array([2999, 4])
+    np.testing.assert_array_equal(RecallIndex.build(vectors).vectors(rows), vectors[rows])
+    pq = RecallIndex.build(vectors, exact_limit=1000, flat_limit=2000)  # its float16 copy
+    assert pq.kind == "ivf-pq"
+    np.testing.assert_allclose(pq.vectors(rows), vectors[rows], rtol=1e-3, atol=1e-3)
+    ivf_flat = RecallIndex.build(vectors, exact_limit=1000)
+    assert ivf_flat.kind == "ivf-flat" and ivf_flat.vectors(rows) is None
+
+
 def test_rows_outside_the_index_are_refused_in_every_tier():
     """A negative row would read the last image's vectors, and FAISS' selectors skip unknown ids: both refuse."""
     from blipsearch.indexer.recall import RecallIndex

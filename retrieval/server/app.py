@@ -25,6 +25,7 @@ import io
 import logging
 import mimetypes
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -37,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from blipsearch.indexer.images import check_header
 
-from ..api import FieldError, Index, NotIndexedError, Term, folders, more_terms
+from ..api import FieldError, Index, Indexed, NotIndexedError, Term, folders, more_terms
 from ..dates import date_range
 from ..errors import BlipsearchError, ImageLoadError, InvalidInputError, ModelMismatchError, StoreError
 from ..search import SearchOptions
@@ -77,7 +78,7 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
                top: int = 10, candidates: int = 64, rerank: bool = True, min_prob: float | None = None,
                under: str | None = None, keyword: str | None = None, after: str | None = None,
                before: str | None = None, sort: str = "score", hybrid: bool | None = None) -> dict:
-        more = _more(add, subtract, like, unlike, files)
+        more = _more(add, subtract, like, unlike)
         if q is None and (keyword is None or more):
             raise FieldError("q", "is missing: give a query text (or keyword words alone)")
         terms = [Term(text=q), *more] if q is not None else []
@@ -90,13 +91,13 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
                            keyword: str | None = None, after: str | None = None, before: str | None = None,
                            sort: str = "score") -> JSONResponse:
         data = await _upload(request)
-        terms = [Term(image=data), *_more(add, subtract, (), (), files)]
+        terms = [Term(image=data), *_more(add, subtract, (), ())]
         options = _options(top, candidates, rerank, None, under, keyword, after, before, sort)
         return JSONResponse(await run_in_threadpool(_answer, index, "(uploaded image)", terms, options))
 
     @app.get("/api/similar", summary="Images like an indexed image")
     def similar(path: str, top: int = 10, under: str | None = None) -> dict:
-        return _answer(index, path, [Term(image=Path(files_path(files, path)))], _options(top, 64, False, None, under))
+        return _answer(index, path, [Term(image=Indexed(path))], _options(top, 64, False, None, under))
 
     @app.get("/api/status", summary="The index: model, counts, size, last update")
     def status() -> dict:
@@ -119,19 +120,11 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
     return app
 
 
-def files_path(files: ServedFiles, path: str) -> str:
-    """`path` if it is an indexed file the server may read, else `NotIndexedError`."""
-    files.open(path).close()
-    return path
-
-
-def _more(add, subtract, like, unlike, files: ServedFiles) -> list[Term]:
-    """Added and subtracted terms; image terms name indexed files, which are checked as `original` checks them."""
-    terms = more_terms(add, subtract, like, unlike)
-    for term in terms:
-        if term.image is not None:
-            files_path(files, str(term.image))
-    return terms
+def _more(add, subtract, like, unlike) -> list[Term]:
+    """Added and subtracted terms; image terms name indexed files, by their stored vectors (no file is read:
+    any other path is `NotIndexedError`)."""
+    return [replace(t, image=Indexed(str(t.image))) if t.image is not None else t
+            for t in more_terms(add, subtract, like, unlike)]
 
 
 def _options(top: int, candidates: int, rerank: bool, min_prob: float | None, under: str | None,
