@@ -25,7 +25,7 @@ from .options import device_option, index_location, index_option, model_option, 
 @device_option
 @precision_option
 def serve_command(index_path, host, port, token, model_name, device, precision):
-    """Serve the search page and a JSON API (OpenAPI at /docs) over the index, until Ctrl-C.
+    """Serve the search page and a JSON API (its OpenAPI schema at /openapi.json) over the index, until Ctrl-C.
 
     The model loads once; a finished `blipsearch index` run in another process is picked up by the next
     request. Only indexed files are ever served.

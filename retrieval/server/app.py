@@ -10,7 +10,8 @@
     GET  /api/status          `blipsearch status --json`
     GET  /api/thumbnail       a small JPEG of the indexed file `path`
     GET  /api/original        the indexed file `path` itself
-    GET  /docs                the OpenAPI page
+    GET  /openapi.json        the OpenAPI schema (no /docs page: FastAPI's loads its script from a CDN, which
+                              would then run on this origin, with access to the API and the images)
 
 Results have `query --json`'s schema (caption and date included), plus each file's `size`, `modified`
 date and `camera`. Every bad request is a
@@ -61,7 +62,8 @@ class TooLarge(InvalidInputError):
 def create_app(index: Index, cache: Path, token: str | None = None, hosts: Sequence[str] | None = None) -> FastAPI:
     """The server's app; `token`: every request must carry it (header, `?token=` or the page's cookie);
     `hosts`: the only names a request's Host header may give (against DNS rebinding of a loopback server)."""
-    app = FastAPI(title="blipsearch", summary="Search your images with words (BLIP image-text retrieval)")
+    app = FastAPI(title="blipsearch", summary="Search your images with words (BLIP image-text retrieval)",
+                  docs_url=None, redoc_url=None)
     files = ServedFiles(index, cache)
     _errors(app)
     if token:
