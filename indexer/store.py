@@ -387,15 +387,15 @@ class _Tables:
     def read(cls, path: Location, manifest: Manifest, create: bool = False, upgrade: bool = False) -> _Tables:
         """Raises `IndexDamagedError` where a table is missing or unreadable, or a segment is short or lost.
 
-        `create`: tables that are both absent are created (an index whose creation was cut short).
+        `create`: an index whose first run never finished gets each table that is absent or was never
+        completed (its creation cut short: a full disk), as long as the other one holds no row.
         `upgrade`: columns that tables of an older blipsearch lack are added (empty).
         """
         import lancedb
 
         db = lancedb.connect(path.lance_uri)
-        if create and not any(path.exists(f"{name}.lance") for name in (FILES, IMAGES)):
-            db.create_table(FILES, schema=FILES_SCHEMA)
-            db.create_table(IMAGES, schema=images_schema(_embedding_width(manifest.identity)))
+        if create:
+            _create_missing_tables(db, path, manifest)
         try:
             files, images = db.open_table(FILES), db.open_table(IMAGES)
             if upgrade:
@@ -419,6 +419,22 @@ class _Tables:
                          .to_pylist() if row["caption"] is not None}
         return cls(files, images, features, records, set(rows.column("hash").to_pylist()), captioned, needed,
                    len(rows))
+
+
+def _create_missing_tables(db, path: Location, manifest: Manifest) -> None:
+    schemas = {FILES: FILES_SCHEMA, IMAGES: images_schema(_embedding_width(manifest.identity))}
+    rows = {}
+    for name in schemas:
+        try:
+            rows[name] = db.open_table(name).count_rows()
+        except Exception:  # LanceDB: absent, or a table whose creation was cut short
+            rows[name] = None
+    if any(rows.values()):  # a table with rows beside one that is missing is damage: refused by `read`
+        return
+    for name, schema in schemas.items():
+        if rows[name] is None:
+            log.info("index at %s: creating its %s table", path, name)
+            db.create_table(name, schema=schema, mode="overwrite")  # over any half-made one
 
 
 def _add_missing_columns(table, schema: pa.Schema) -> None:

@@ -164,6 +164,28 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_the_committed_batches(tmp_pat
     assert len(IndexReader.open(tmp_path / "index").files()) == 6
 
 
+@pytest.mark.parametrize("table", ["files", "images"])
+def test_a_full_disk_while_a_new_index_makes_its_tables_is_finished_by_running_again(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch, table):
+    """Running again said the index was damaged (a table not found) and asked for --rebuild."""
+    import lancedb.db
+
+    make_folder(tmp_path / "a", 2)
+    real_create = lancedb.db.LanceDBConnection.create_table
+
+    def create_until_full(self, name, *args, **kwargs):
+        if name == table:
+            (tmp_path / "index" / f"{name}.lance").mkdir()  # as far as a write got
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_create(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(lancedb.db.LanceDBConnection, "create_table", create_until_full)
+    one_line_error(index(tmp_path, tiny_model_dir, "a", expect=1), "the disk is full; free some space")
+    monkeypatch.undo()
+    index(tmp_path, tiny_model_dir, "a")
+    assert len(json.loads(query(tmp_path, "--json").stdout)["results"]) == 2
+
+
 def test_a_read_only_index_refuses_to_index_in_one_line_and_still_answers(library, tiny_model_dir, monkeypatch):
     real_open = os.open
 
