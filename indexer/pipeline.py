@@ -348,6 +348,8 @@ class _Run:
         # for the metadata an older blipsearch did not keep) is not
         if old is not None and (old.size, old.mtime_ns) != (stat.size, stat.mtime_ns):
             self.store.delete_files([stat.path])
+            self.summary.removed += 1
+            reason += "; the version indexed before left the index"
         skip_file(stat.path, reason, self.options, self.summary)
         self.progress.update(1)
 

@@ -90,6 +90,19 @@ def test_a_fifo_swapped_in_after_the_scan_is_refused_without_blocking(tmp_path, 
         load_image(photos / "img001.png", PRE)  # the query, eval and training reader too
 
 
+def test_a_file_that_can_no_longer_be_decoded_leaves_the_index_and_is_counted_as_removed(tmp_path, tiny_model):
+    """Its stale row was deleted while the summary said "removed 0"."""
+    photos = tmp_path / "photos"
+    make_folder(photos, 3)
+    assert index(photos, tiny_model, tmp_path / "index").indexed == 3
+    data = (photos / "img001.png").read_bytes()
+    (photos / "img001.png").write_bytes(data[:len(data) // 2])  # cut short: it no longer decodes
+    summary = index(photos, tiny_model, tmp_path / "index")
+    assert (summary.removed, summary.unchanged, len(summary.skipped)) == (1, 2, 1)
+    assert summary.skipped[0][1].endswith("; the version indexed before left the index")
+    assert str(photos / "img001.png") not in IndexReader.open(tmp_path / "index").files()
+
+
 def test_the_cli_names_special_and_huge_files_and_exits_3(tmp_path, tiny_model_dir):
     photos = tmp_path / "photos"
     make_folder(photos, 2)
