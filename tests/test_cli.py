@@ -101,6 +101,23 @@ def test_errors_are_one_line(tmp_path, args, message):
     assert message in result.stderr
 
 
+@pytest.mark.parametrize("args", [["query", QUERY, "--index", ""], ["status", "--index", " "],
+                                  ["index", "photos", "--index", ""], ["query", QUERY, "--model", ""],
+                                  ["index", "photos", "--captioner", ""]])
+def test_an_empty_index_model_or_captioner_is_a_usage_error(tmp_path, monkeypatch, args):
+    """`--index "$UNSET"` in a script once fell back to the default index, and wrote to it."""
+    from click.testing import CliRunner
+
+    from blipsearch.retrieval.cli import main
+
+    monkeypatch.setenv("BLIPSEARCH_INDEX", str(tmp_path / "default"))
+    (tmp_path / "photos").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "is empty: name one, or leave the option out" in result.stderr, result.output
+    assert not (tmp_path / "default").exists()
+
+
 def test_empty_index_says_so(tmp_path, tiny_model_dir):
     (tmp_path / "empty").mkdir()
     blipsearch("index", str(tmp_path / "empty"), "--model", str(tiny_model_dir), index=tmp_path / "index")

@@ -12,7 +12,7 @@ import click
 from .. import DEFAULT_CAPTIONER, DEFAULT_MODEL
 from ..errors import BlipsearchError, InvalidInputError, one_line
 from . import EXIT_SKIPPED, main
-from .options import device_option, index_location, index_option, load, model_option, precision_option
+from .options import device_option, index_location, index_option, load, model_option, not_empty, precision_option
 
 
 @main.command("index")
@@ -36,7 +36,7 @@ from .options import device_option, index_location, index_option, load, model_op
 @click.option("--captions/--no-captions", default=None,
               help="Write a caption per image (for keyword and hybrid search); the index remembers the choice "
                    "for later runs. Default: as the last run chose (off for a new index).")
-@click.option("--captioner", "captioner_name", metavar="HUB_ID|DIR", default=None,
+@click.option("--captioner", "captioner_name", metavar="HUB_ID|DIR", default=None, callback=not_empty,
               help=f"BLIP captioning model (implies --captions). Default: the index's, else {DEFAULT_CAPTIONER}.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="Read and encode on Ray Data: on the cluster at ADDRESS (auto, ray://HEAD:10001), else at "

@@ -6,8 +6,17 @@ import click
 
 from ..device import DEVICES, PRECISIONS
 
+
+def not_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An option given as "" is refused: `--index "$UNSET"` in a script would otherwise fall back to the
+    default index (or model) and write to or search that one."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("is empty: name one, or leave the option out for the default")
+    return value
+
+
 index_option = click.option(
-    "--index", "index_path", metavar="FOLDER|s3://BUCKET/PREFIX", envvar="BLIPSEARCH_INDEX",
+    "--index", "index_path", metavar="FOLDER|s3://BUCKET/PREFIX", envvar="BLIPSEARCH_INDEX", callback=not_empty,
     help="Index folder, or a prefix in S3-compatible object storage. Default: $BLIPSEARCH_INDEX, else the user "
          "data folder (see `blipsearch status`).")
 device_option = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
@@ -20,7 +29,8 @@ precision_option = click.option(
 
 
 def model_option(help_text: str):
-    return click.option("--model", "model_name", metavar="HUB_ID|DIR", default=None, help=help_text)
+    return click.option("--model", "model_name", metavar="HUB_ID|DIR", default=None, callback=not_empty,
+                        help=help_text)
 
 
 def index_location(index_path: str | None):
