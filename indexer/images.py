@@ -221,7 +221,7 @@ def failure_reason(path: str | Path, exc: BaseException) -> str:
     if isinstance(exc, PermissionError):
         return "permission denied"
     if isinstance(exc, FileNotFoundError):
-        return "file vanished or is a broken link"
+        return "no such file (vanished, or a broken link)"
     if isinstance(exc, UnidentifiedImageError):
         try:
             empty = Path(path).stat().st_size == 0

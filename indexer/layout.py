@@ -65,6 +65,9 @@ def read_index_manifest(path: Location | Path | str) -> Manifest:
     if manifest is None:
         if has_data(path):
             raise no_manifest(path)
+        if not path.remote and Path(str(path)).is_file():
+            raise IndexMissingError(f"no index at {path}: it is a file; name an index folder (a new one is made "
+                                    "by `blipsearch index FOLDER --index NEW_FOLDER`)")
         raise IndexMissingError(f"no index at {path}; create one with `blipsearch index FOLDER`")
     if manifest.run.damaged:
         raise IndexDamagedError(f"the index at {path} is damaged ({manifest.run.damaged}); {manifest.hint()}")

@@ -118,6 +118,15 @@ def test_an_empty_index_model_or_captioner_is_a_usage_error(tmp_path, monkeypatc
     assert not (tmp_path / "default").exists()
 
 
+def test_a_file_given_as_index_or_model_is_named_as_a_file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for command in (["status"], ["query", QUERY]):
+        result = blipsearch(*command, index=tmp_path / "afile", expect=1)
+        assert "no index at " + str(tmp_path / "afile") + ": it is a file; name an index folder" in result.stderr
+    result = blipsearch("index", str(tmp_path), "--model", str(tmp_path / "afile"), index=tmp_path / "new", expect=1)
+    assert f"model {tmp_path / 'afile'} is a file; pass the folder that holds its config.json" in result.stderr
+
+
 def test_empty_index_says_so(tmp_path, tiny_model_dir):
     (tmp_path / "empty").mkdir()
     blipsearch("index", str(tmp_path / "empty"), "--model", str(tiny_model_dir), index=tmp_path / "index")

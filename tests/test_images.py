@@ -64,7 +64,7 @@ BAD_FILES = [  # (maker, reason): one of each kind of bad file a photo folder ho
     (lambda d: write(d / "zero.png", b""), "empty file (0 bytes)"),
     (lambda d: write(d / "text.jpg", b"hello"), "not an image, or a format Pillow cannot read"),
     (lambda d: png_bomb(d / "bomb.png"), "decompression bomb: 10,000.0 megapixels is over the limit of 179.0"),
-    (lambda d: dangling_link(d / "gone.jpg"), "file vanished or is a broken link"),
+    (lambda d: dangling_link(d / "gone.jpg"), "no such file (vanished, or a broken link)"),
 ]
 
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 # library field -> the flag that sets it
-FLAGS = {"top": "--top", "candidates": "--candidates", "min_prob": "--min-prob", "under": "--in", "image": "--image",
+FLAGS = {"top": "--top", "candidates": "--candidates", "min_prob": "--min-prob", "under": "--in", "image": "image",
          "weight": "a term's WEIGHT:", "keyword": "--keyword", "after": "--after", "before": "--before",
          "sort": "--sort"}
 

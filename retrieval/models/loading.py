@@ -57,6 +57,9 @@ class Checkpoint:
 def resolve(name: str) -> Checkpoint:
     """A local directory wins over a hub id of the same spelling."""
     path = Path(name).expanduser()
+    if path.is_file():
+        raise ModelLoadError(f"model {name} is a file; pass the folder that holds its config.json and weights "
+                             "(written by save_pretrained or `blipsearch train`), or a hub id")
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model directory {name} has no config.json; pass a directory written by "
