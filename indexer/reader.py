@@ -186,6 +186,11 @@ def _from_tables(path: Location, manifest: Manifest) -> snapshot.Snapshot:
     why = "a run is under way or was interrupted" if manifest.run.writing else \
         "its snapshot is missing or damaged (the next `blipsearch index` run rewrites it)"
     log.info("index at %s: %s; reading its tables", path, why)
+    if manifest.run.generation == 0 and not any(path.exists(f"{name}.lance") for name in (FILES, IMAGES)):
+        # a new index whose first run stopped before making its tables (Ctrl-C while the model loaded): empty
+        identity = manifest.identity
+        return snapshot.Snapshot.build([], np.zeros((0, identity.vectors_per_image, identity.embed_dim), np.float32),
+                                       [], [], [], [])
     try:
         db = lancedb.connect(path.lance_uri)
         return snapshot.from_tables(db.open_table(IMAGES), db.open_table(FILES), manifest.identity)

@@ -506,8 +506,12 @@ def _delete_in(table, column: str, values: Iterable[str]) -> None:
 
 
 def check_tables(path: Location | Path | str, manifest: Manifest) -> None:
-    """Raise `IndexDamagedError` where a table or feature segment of the index is missing or damaged."""
-    _Tables.read(location_of(path), manifest)
+    """Raise `IndexDamagedError` where a table or feature segment of the index is missing or damaged. A new
+    index whose first run stopped before making its tables has none yet: the next run makes them."""
+    path = location_of(path)
+    if manifest.run.generation == 0 and not any(path.exists(f"{name}.lance") for name in (FILES, IMAGES)):
+        return
+    _Tables.read(path, manifest)
 
 
 def model_to_write(path: Location | Path | str, asked: str | None, rebuild: bool) -> str | None:

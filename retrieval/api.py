@@ -381,7 +381,8 @@ def index_status(location: Location | Path | str, reader=None) -> tuple[dict, In
         "family": identity.family, "files": files, "images": images, "captions": captions,
         "captioner": run.captioner, "bytes": disk_bytes(location),
         "updated": run.updated, "interrupted": run.writing, "damaged": None if damage is None else str(damage),
-        # whether queries read the snapshot; not while a run is under way, nor where it is missing or damaged
-        "snapshot": None if reader is None or damage is not None else reader.from_snapshot,
+        # whether queries read the snapshot: not while a run is under way, nor where it is missing or damaged
+        # (None: no run has finished yet, or the index is damaged)
+        "snapshot": None if reader is None or damage is not None or run.generation == 0 else reader.from_snapshot,
         "embedding_dim": identity.embed_dim, "feature_shape": [identity.feature_tokens, identity.feature_dim],
     }, damage

@@ -188,6 +188,24 @@ def test_an_index_whose_first_run_stored_nothing_yet_says_so(tmp_path, tiny_mode
         index.search(QUERY)
 
 
+def test_a_new_index_stopped_before_making_its_tables_is_empty_not_damaged(tmp_path, tiny_model_dir):
+    """Ctrl-C while the model loaded leaves the manifest alone: status and query called that damaged (and asked
+    for --rebuild), though a plain run finishes it."""
+    from blipsearch.indexer.manifest import Manifest, write_manifest
+    from blipsearch.retrieval.api import index_status
+    from blipsearch.retrieval.models import load_model
+
+    (tmp_path / "index").mkdir()
+    write_manifest(tmp_path / "index", Manifest.new(load_model(str(tiny_model_dir), "cpu", "fp32").info))
+    report, damage = index_status(tmp_path / "index")
+    assert damage is None and (report["files"], report["snapshot"]) == (0, None)
+    with pytest.raises(InvalidInputError, match="is empty; add images"):
+        Index.open(tmp_path / "index", device="cpu").search(QUERY)
+    make_folder(tmp_path / "photos", 2)
+    blipsearch("index", str(tmp_path / "photos"), "-q", index=tmp_path / "index")
+    assert index_status(tmp_path / "index")[0]["files"] == 2
+
+
 def test_a_view_older_than_the_last_generation_is_rebuilt_while_a_run_is_under_way(tmp_path, tiny_model_dir):
     """A run deletes the segments the generation before the last retired: a view that old reads the tables."""
     from blipsearch.indexer.manifest import read_manifest, write_manifest
