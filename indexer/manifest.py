@@ -185,12 +185,22 @@ def write_manifest(path: Location | Path | str, manifest: Manifest) -> None:
 def check_model(manifest: Manifest, info: ModelInfo, path: Location | Path) -> None:
     """Refuse vectors from another model, family, revision or preprocessing than the index holds."""
     stored, asked = manifest.identity, Identity.of(info)
-    if stored != replace(asked, model_id=stored.model_id):  # the same files may be named two ways
+    if stored == replace(asked, model_id=stored.model_id):  # the same files may be named two ways
+        return
+    if stored.revision == asked.revision:  # the same model, but the index says other shapes: a hand-edited manifest
+        differ = [f.name for f in fields(Identity) if f.name != "model_id" and getattr(stored, f.name) !=
+                  getattr(asked, f.name)]
+        raise ModelMismatchError(f"the index at {path} records other {', '.join(differ)} than its model "
+                                 f"{asked.model_id} gives; {rebuild_hint(asked.model_id)}")
+    if stored.model_id == asked.model_id:
         raise ModelMismatchError(
-            f"the index at {path} holds vectors of the {stored.family} model {stored.model_id} (revision "
-            f"{stored.revision}), not of the {asked.family} model {asked.model_id} (revision {asked.revision}); "
-            f"query without --model to use the index's model, or {rebuild_hint(asked.model_id)} "
-            "(or pick another --index)")
+            f"the model {asked.model_id} has changed since it built the index at {path} (revision "
+            f"{stored.revision} then, {asked.revision} now): restore it, or {rebuild_hint(asked.model_id)}")
+    raise ModelMismatchError(
+        f"the index at {path} holds vectors of the {stored.family} model {stored.model_id} (revision "
+        f"{stored.revision}), not of the {asked.family} model {asked.model_id} (revision {asked.revision}); "
+        f"query without --model to use the index's model, or {rebuild_hint(asked.model_id)} "
+        "(or pick another --index)")
 
 
 def now() -> str:

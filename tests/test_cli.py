@@ -140,6 +140,26 @@ def test_model_mismatch_says_how_to_rebuild(library, tmp_path):
     assert f"rebuild it with `blipsearch index --rebuild --model {other} FOLDER...`" in result.stderr
 
 
+def test_a_changed_model_folder_and_a_hand_edited_manifest_are_named_as_such(tmp_path, tiny_model_dir):
+    """Both once said "query without --model", to a query given none."""
+    import shutil
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    make_folder(tmp_path / "photos", 1)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(model), "-q", index=tmp_path / "index")
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    with open(model / "config.json", "a") as config:
+        config.write(" ")
+    result = blipsearch("query", QUERY, index=tmp_path / "index", expect=1)
+    assert f"the model {model} has changed since it built the index at {tmp_path / 'index'} (revision " in \
+        result.stderr and "query without --model" not in result.stderr
+    (tmp_path / "index" / "manifest.json").write_text(json.dumps(manifest | {"embedding": {
+        **manifest["embedding"], "dim": 64}}))
+    (model / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    result = blipsearch("query", QUERY, index=tmp_path / "index", expect=1)
+    assert f"records other embed_dim than its model {model} gives; rebuild it with" in result.stderr
+
+
 def test_skipped_files_exit_3_and_are_named(tmp_path, tiny_model_dir):
     make_folder(tmp_path / "photos", 2)
     (tmp_path / "photos" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
