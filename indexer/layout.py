@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from blipsearch.retrieval.errors import IndexDamagedError, IndexMissingError, InvalidInputError, first_line
+from blipsearch.retrieval.errors import IndexDamagedError, IndexMissingError, InvalidInputError, first_line, printable
 
 from . import snapshot
 from .features import FOLDER as FEATURES
@@ -37,8 +37,11 @@ def is_junk(name: str) -> bool:
 def check_folder(path: Location | Path | str) -> None:
     """Refuse a location holding anything but an index (and junk): it is not ours to write into or delete."""
     names = location_of(path).names() or []
-    if any(name not in INDEX_NAMES and not is_junk(name) for name in names):
-        raise InvalidInputError(f"{path} holds files that are not a blipsearch index; "
+    foreign = sorted(name for name in names if name not in INDEX_NAMES and not is_junk(name))
+    if foreign:
+        shown = ", ".join(printable(name) for name in foreign[:3]) + (f" and {len(foreign) - 3} more"
+                                                                       if len(foreign) > 3 else "")
+        raise InvalidInputError(f"{path} holds files that are not a blipsearch index ({shown}); "
                                 "choose another --index location")
 
 

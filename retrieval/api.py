@@ -67,6 +67,7 @@ class NotIndexedError(InvalidInputError):
 # the size of a term's weight: a weight scales an ITM logit (about -10..10) and an embedding of norm 1, so
 # these bounds keep every score well inside float32 (a weight of 1e30 once zeroed every cosine, 1e39 made NaN)
 MIN_WEIGHT, MAX_WEIGHT = 1e-3, 1e3
+MAX_TERMS = 16  # per query: 300 terms once held the server's one model for 11 s
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,11 @@ def weighted(spec: str) -> tuple[float, str]:
 def more_terms(add: Sequence[str] = (), subtract: Sequence[str] = (), add_images: Sequence[str] = (),
                subtract_images: Sequence[str] = ()) -> list[Term]:
     """The added and subtracted terms of a query, each `[WEIGHT:]TEXT` or `[WEIGHT:]PATH`, in that order."""
+    if len(add) + len(subtract) + len(add_images) + len(subtract_images) > MAX_TERMS - 1:
+        raise InvalidInputError(f"a query has at most {MAX_TERMS} terms (each text term is an ITM pass over "
+                                "every candidate)")
+    if any(not weighted(p)[1].strip() for p in (*add_images, *subtract_images)):
+        raise FieldError("image", "path is empty")
     terms = [Term(text=t, weight=w) for w, t in map(weighted, add)]
     terms += [Term(text=t, weight=-w) for w, t in map(weighted, subtract)]
     terms += [Term(image=Path(p), weight=w) for w, p in map(weighted, add_images)]
@@ -196,6 +202,9 @@ class Index:
         options = options or Options()
         if not terms and not options.keyword:
             raise InvalidInputError("the query has no terms")
+        if len(terms) > MAX_TERMS:
+            raise InvalidInputError(f"a query has at most {MAX_TERMS} terms (each text term is an ITM pass over "
+                                    "every candidate)")
         view = self._view
         with self._model_lock:
             self._check_not_empty(view.reader)

@@ -122,6 +122,11 @@ def test_similar_and_indexed_terms_use_the_stored_vectors_without_reading_the_fi
         index.search([Term(image=Indexed(str(tmp_path / "elsewhere.png")))])
 
 
+def test_an_index_location_with_a_nul_byte_is_bad_input_not_damage(tmp_path):
+    with pytest.raises(InvalidInputError, match="holds a NUL byte: name a folder"):
+        Index.open(str(tmp_path / "x\0y"))
+
+
 def test_errors_name_fields(index, tmp_path):
     with pytest.raises(NotIndexedError, match="is not in the index"):
         index.similar(str(tmp_path / "nowhere.png"))

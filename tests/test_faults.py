@@ -240,7 +240,8 @@ def test_a_refused_folder_gets_no_lock(tmp_path, tiny_model_dir):
     make_folder(tmp_path / "a", 1)
     (tmp_path / "index").mkdir()
     (tmp_path / "index" / "notes.txt").write_text("mine")
-    one_line_error(index(tmp_path, tiny_model_dir, "a", expect=1), "holds files that are not a blipsearch index")
+    one_line_error(index(tmp_path, tiny_model_dir, "a", expect=1),
+                   "holds files that are not a blipsearch index (notes.txt)")
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["notes.txt"]
 
 

@@ -92,6 +92,8 @@ def test_every_query_option(client, library):
     ({"q": QUERY, "add": "1e999:x"}, 400, "weight must be"),
     ({"q": QUERY, "add": "1e39:x"}, 400, "weight must be a number of size 0.001 to 1000"),
     ({"q": QUERY, "under": "/tmp\0"}, 400, "no such folder"),  # was a 500: a NUL byte in a path
+    ({"q": QUERY, "like": ""}, 400, "image path is empty"),
+    ({"q": QUERY, "add": ["x"] * 16}, 400, "a query has at most 16 terms"),
 ])
 def test_bad_searches_are_4xx_with_a_json_error(client, params, status, fragment):
     error(client.get("/api/search", params=params), status, fragment)
@@ -207,6 +209,7 @@ def test_token_is_required_when_set(index, tmp_path):
         error(client.get(url), 401, "access token")
     error(client.get("/api/status", headers={"Authorization": "Bearer wrong"}), 401, "access token")
     assert client.get("/api/status", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/api/status", headers={"Authorization": "bearer s3cret"}).status_code == 200  # any case
     page = client.get("/", params={"token": "s3cret"})  # the page's own image URLs then carry the cookie
     assert page.status_code == 200 and page.cookies.get(server.TOKEN_COOKIE) == "s3cret"
     assert client.get("/api/status").status_code == 200

@@ -232,7 +232,8 @@ def _guard(app: FastAPI, token: str) -> None:
     @app.middleware("http")
     async def check_token(request: Request, call_next) -> Response:
         header = request.headers.get("authorization", "")
-        given = (header[7:] if header.startswith("Bearer ") else None) or request.query_params.get("token") \
+        scheme, _, credentials = header.partition(" ")  # the scheme's case does not matter (RFC 9110)
+        given = (credentials if scheme.lower() == "bearer" else None) or request.query_params.get("token") \
             or request.cookies.get(TOKEN_COOKIE) or ""
         if not hmac.compare_digest(given.encode(), token.encode()):
             return JSONResponse({"error": "a valid access token is required (Authorization: Bearer TOKEN)"},
