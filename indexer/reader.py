@@ -94,11 +94,9 @@ class IndexReader:
         return {str(self.view.hashes[r]): float(s) for r, s in zip(rows, scores, strict=True)}
 
     def stored_vectors(self, digest: str) -> np.ndarray | None:
-        """(V, D) ITC vectors of an indexed image as stored; None where the recall tier does not keep them
-        (IVF-Flat) or the image is not in this view."""
+        """(V, D) ITC vectors of an indexed image as stored; None where the image is not in this view."""
         row = self.view.row_of(digest)
-        found = None if row is None else self.view.recall.vectors(np.asarray([row]))
-        return None if found is None else found[0]
+        return None if row is None else self.view.recall.vectors(np.asarray([row]))[0]
 
     @property
     def has_captions(self) -> bool:

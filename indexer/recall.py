@@ -146,10 +146,10 @@ class RecallIndex:
             return np.asarray([by_row[r] for r in rows.tolist()], np.float32)
         return _products(vectors, queries).reshape(len(rows), -1).max(axis=1)
 
-    def vectors(self, rows: np.ndarray) -> np.ndarray | None:
-        """(n, V, D) float32 stored vectors of the given image rows, where the index keeps them (the exact
-        tier; the float16 copy of the IVF-PQ tier); None in the IVF-Flat tier, whose lists hold them only in
-        FAISS' own order."""
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """(n, V, D) float32 stored vectors of the given image rows: the exact tier's, the IVF-PQ tier's
+        float16 copy, or the IVF-Flat tier's lists (through an id -> list map made on first use, 8 bytes a
+        vector)."""
         v, rows = self.vectors_per_image, self._rows(rows)
         ids = (rows[:, None] * v + np.arange(v)[None, :]).ravel()
         if self.exact_vectors is not None:
@@ -157,7 +157,12 @@ class RecallIndex:
         elif self.exact:
             found = self.index[ids]
         else:
-            return None
+            import faiss
+
+            lists = faiss.extract_index_ivf(self.index)
+            if lists.direct_map.type == faiss.DirectMap.NoMap:
+                lists.make_direct_map()
+            found = self.index.reconstruct_batch(ids)
         return np.asarray(found, np.float32).reshape(len(rows), v, -1)
 
     def _rescore(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -51,8 +51,7 @@ Options = SearchOptions
 @dataclass(frozen=True)
 class Indexed:
     """An indexed file as an image term, by its path: its ITC vectors as stored in the index (no file is read,
-    so a file on an unmounted drive serves too, and an image scores 1 with itself); where the recall tier keeps
-    no vectors (IVF-Flat), the file is encoded."""
+    so a file on an unmounted drive serves too, and an image scores 1 with itself)."""
 
     path: str
 
@@ -308,12 +307,10 @@ class Index:
         """(V, D) ITC vectors of an image term: stored (an `Indexed` file), else encoded."""
         if isinstance(image, Indexed):
             digest = view.hash_of(image.path)
-            if digest is None:
+            stored = None if digest is None else view.reader.stored_vectors(digest)
+            if stored is None:
                 raise NotIndexedError(f"{printable(image.path)} is not in the index")
-            stored = view.reader.stored_vectors(digest)
-            if stored is not None:
-                return stored
-            image = Path(image.path)
+            return stored
         return np.asarray(self.model.encode_images(self._pixels(image)).embeddings[0], dtype=np.float32)
 
     def _pixels(self, image: ImageSource) -> torch.Tensor:

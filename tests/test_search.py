@@ -188,7 +188,7 @@ def test_scores_of_given_rows_are_exact_in_every_tier():
         np.testing.assert_allclose(index.scores(query, rows), truth, atol=2e-3, err_msg=index.kind)
 
 
-def test_stored_vectors_are_read_where_the_tier_keeps_them():
+def test_stored_vectors_are_read_in_every_tier(tmp_path):
     from blipsearch.indexer.recall import RecallIndex
 
     vectors = np.random.default_rng(10).normal(size=(3000, 2, 16)).astype(np.float32)
@@ -198,7 +198,10 @@ def test_stored_vectors_are_read_where_the_tier_keeps_them():
     assert pq.kind == "ivf-pq"
     np.testing.assert_allclose(pq.vectors(rows), vectors[rows], rtol=1e-3, atol=1e-3)
     ivf_flat = RecallIndex.build(vectors, exact_limit=1000)
-    assert ivf_flat.kind == "ivf-flat" and ivf_flat.vectors(rows) is None
+    assert ivf_flat.kind == "ivf-flat"
+    np.testing.assert_array_equal(ivf_flat.vectors(rows), vectors[rows])
+    ivf_flat.save(tmp_path)  # and as a query process maps it
+    np.testing.assert_array_equal(RecallIndex.load(tmp_path).vectors(rows), vectors[rows])
 
 
 def test_rows_outside_the_index_are_refused_in_every_tier():
