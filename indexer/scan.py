@@ -200,21 +200,19 @@ def _walk_folder(folder: str, above: dict[tuple[int, int], str], result: ScanRes
     for entry in entries:
         if entry.name.startswith("."):
             continue
-        if not _is_folder(entry):  # follows links: a link to a file, and a broken link, are files here
+        try:
+            is_folder = entry.is_dir()  # follows links: a link to a file, and a broken link, are files here
+        except OSError as exc:  # a link that cannot be followed: a loop of links, a dead mount, no permission
+            result.unreadable_dirs.append(entry.path)  # a file or folder: what is stored from it stays
+            result.skipped.append((printable(entry.path), f"cannot follow this link ({exc.strerror}); what is "
+                                                          "stored from it stays"))
+            continue
+        if not is_folder:
             yield entry.path
         elif (loop := _loop(entry, above)) is not None:
             log.warning("not following %s: it leads back to %s, which holds it (a loop)", entry.path, loop)
         else:
             yield from _walk_folder(entry.path, above, result)
-
-
-def _is_folder(entry: os.DirEntry) -> bool:
-    """A folder, or a link to one. A link that cannot be followed (a loop of links, one into a folder this
-    user may not enter) counts as a file: reading it then says why, in one line, and the run goes on."""
-    try:
-        return entry.is_dir()
-    except OSError:
-        return False
 
 
 def _loop(entry: os.DirEntry, above: dict[tuple[int, int], str]) -> str | None:

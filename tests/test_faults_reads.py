@@ -336,11 +336,11 @@ def test_linked_folders_are_followed_and_a_loop_is_named_once(tmp_path, caplog):
 def test_links_that_cannot_be_followed_and_unreadable_folders_are_skipped_in_one_line(tmp_path, tiny_model_dir,
                                                                                       monkeypatch):
     """A loop of links (ELOOP from `is_dir`) once ended the whole run with a traceback; a folder that cannot
-    be listed was named but left the exit status at 0."""
+    be listed was named but left the exit status at 0. What is stored from either stays."""
     photos = tmp_path / "photos"
     make_folder(photos, 2)
     (photos / "self.jpg").symlink_to(photos / "self.jpg")
-    (photos / "loop").symlink_to(photos / "loop")  # no image name: not indexed, not reported
+    (photos / "loop").symlink_to(photos / "loop")  # a folder's name as much as a file's
     (photos / "closed").mkdir()
     make_photo(photos / "closed" / "c.png", seed=3)
     closed, real_scandir = str(photos / "closed"), os.scandir
@@ -352,16 +352,35 @@ def test_links_that_cannot_be_followed_and_unreadable_folders_are_skipped_in_one
 
     monkeypatch.setattr(scan.os, "scandir", scandir)
     found = scan.scan([photos])
-    assert str(photos / "self.jpg") in [f.path for f in found.files]  # reading it says why
-    assert found.unreadable_dirs == [closed]
-    assert found.skipped == [(closed, "cannot read this folder (Permission denied); its files are neither added "
-                                      "nor removed")]
+    assert [f.path for f in found.files] == [str(photos / f"img00{i}.png") for i in range(2)]
+    assert found.unreadable_dirs == [closed, str(photos / "loop"), str(photos / "self.jpg")]
+    assert found.skipped == [
+        (closed, "cannot read this folder (Permission denied); its files are neither added nor removed"),
+        *((str(photos / name), "cannot follow this link (Too many levels of symbolic links); what is stored "
+                               "from it stays") for name in ("loop", "self.jpg"))]
     result = CliRunner().invoke(main, ["index", str(photos), "--model", str(tiny_model_dir), "-q", "--device", "cpu",
                                        "--index", str(tmp_path / "index")])
     assert result.exit_code == 3, result.output
     assert f"skipped {closed}: cannot read this folder" in result.stderr
-    assert f"skipped {photos / 'self.jpg'}: " in result.stderr and "Traceback" not in result.output
+    assert f"skipped {photos / 'self.jpg'}: cannot follow this link" in result.stderr
+    assert "Traceback" not in result.output
     assert "indexed 2, " in result.stderr
+
+
+def test_a_linked_folder_that_can_no_longer_be_followed_keeps_its_stored_files(tmp_path, tiny_model):
+    """Taken for a file without an image name, it was dropped without a word and its files were removed."""
+    photos = tmp_path / "photos"
+    make_folder(tmp_path / "elsewhere", 2)
+    make_folder(photos, 1)
+    (photos / "linked").symlink_to(tmp_path / "elsewhere")
+    assert index(photos, tiny_model, tmp_path / "index").indexed == 3
+    (photos / "linked").unlink()
+    (photos / "linked").symlink_to(photos / "linked")  # as a dead mount answers: it cannot be followed
+    summary = index(photos, tiny_model, tmp_path / "index")
+    assert (summary.removed, summary.unchanged) == (0, 1)
+    assert summary.skipped == [(str(photos / "linked"), "cannot follow this link (Too many levels of symbolic "
+                                                        "links); what is stored from it stays")]
+    assert len(IndexReader.open(tmp_path / "index").files()) == 3
 
 
 def corrupt_exif_jpeg(path):
