@@ -61,6 +61,11 @@ def no_manifest(path: Location) -> IndexDamagedError:
                              f"it means is not); {rebuild_hint(recorded_model(path))}")
 
 
+def unmade_tables(path: Location) -> list[str]:
+    """The tables that were never made: no committed version (absent, or their creation was cut short)."""
+    return [name for name in (FILES, IMAGES) if not path.exists(f"{name}.lance/_versions")]
+
+
 def read_index_manifest(path: Location | Path | str) -> Manifest:
     """The manifest of a usable index: raises where there is none, or where it says the index is damaged."""
     path = location_of(path)

@@ -27,7 +27,17 @@ from blipsearch.retrieval.models.base import ModelInfo
 
 from . import codec, snapshot
 from .features import FeatureSegments, ObjectSegments, needed_records, segments_at
-from .layout import FILES, IMAGES, INDEX_NAMES, LOCK, check_folder, damaged_table, has_data, read_index_manifest
+from .layout import (
+    FILES,
+    IMAGES,
+    INDEX_NAMES,
+    LOCK,
+    check_folder,
+    damaged_table,
+    has_data,
+    read_index_manifest,
+    unmade_tables,
+)
 from .location import Location, location_of
 from .manifest import MANIFEST, Identity, Manifest, check_model, now, read_manifest, recorded_model, write_manifest
 
@@ -422,19 +432,20 @@ class _Tables:
 
 
 def _create_missing_tables(db, path: Location, manifest: Manifest) -> None:
-    schemas = {FILES: FILES_SCHEMA, IMAGES: images_schema(_embedding_width(manifest.identity))}
-    rows = {}
-    for name in schemas:
-        try:
-            rows[name] = db.open_table(name).count_rows()
-        except Exception:  # LanceDB: absent, or a table whose creation was cut short
-            rows[name] = None
-    if any(rows.values()):  # a table with rows beside one that is missing is damage: refused by `read`
+    """Make the tables that were never made (see `unmade_tables`), where the made one holds no row (a table
+    with rows beside a missing one is damage, which `_Tables.read` reports); any other failure to open one
+    is left to `_Tables.read` too."""
+    unmade = unmade_tables(path)
+    made = [name for name in (FILES, IMAGES) if name not in unmade]
+    try:
+        if not unmade or any(db.open_table(name).count_rows() for name in made):
+            return
+    except Exception:  # LanceDB: a made table that cannot be read
         return
-    for name, schema in schemas.items():
-        if rows[name] is None:
-            log.info("index at %s: creating its %s table", path, name)
-            db.create_table(name, schema=schema, mode="overwrite")  # over any half-made one
+    schemas = {FILES: FILES_SCHEMA, IMAGES: images_schema(_embedding_width(manifest.identity))}
+    for name in unmade:
+        log.info("index at %s: creating its %s table", path, name)
+        db.create_table(name, schema=schemas[name], mode="overwrite")  # over any half-made one
 
 
 def _add_missing_columns(table, schema: pa.Schema) -> None:
@@ -509,7 +520,7 @@ def check_tables(path: Location | Path | str, manifest: Manifest) -> None:
     """Raise `IndexDamagedError` where a table or feature segment of the index is missing or damaged. A new
     index whose first run stopped before making its tables has none yet: the next run makes them."""
     path = location_of(path)
-    if manifest.run.generation == 0 and not any(path.exists(f"{name}.lance") for name in (FILES, IMAGES)):
+    if manifest.run.generation == 0 and len(unmade_tables(path)) == 2:
         return
     _Tables.read(path, manifest)
 
