@@ -159,10 +159,15 @@ def read_hashed(file: BinaryIO) -> tuple[bytes, str]:
 
 def content_hash(path: str | Path) -> str:
     """128-bit BLAKE2b of the bytes: the identity of an image across moves, renames and copies."""
-    hasher = _hasher()
     with open_regular(path) as file:
-        while chunk := file.read(READ_CHUNK):
-            hasher.update(chunk)
+        return file_hash(file)
+
+
+def file_hash(file: BinaryIO) -> str:
+    """`content_hash` of an open file, read from where it stands, a chunk at a time."""
+    hasher = _hasher()
+    while chunk := file.read(READ_CHUNK):
+        hasher.update(chunk)
     return hasher.hexdigest()
 
 

@@ -97,8 +97,10 @@ def weighted(spec: str) -> tuple[float, str]:
 
 
 def more_terms(add: Sequence[str] = (), subtract: Sequence[str] = (), add_images: Sequence[str] = (),
-               subtract_images: Sequence[str] = ()) -> list[Term]:
-    """The added and subtracted terms of a query, each `[WEIGHT:]TEXT` or `[WEIGHT:]PATH`, in that order."""
+               subtract_images: Sequence[str] = (), indexed: bool = False) -> list[Term]:
+    """The added and subtracted terms of a query, each `[WEIGHT:]TEXT` or `[WEIGHT:]PATH`, in that order;
+    `indexed`: the paths name indexed files, searched by their stored vectors (`Indexed`)."""
+    image = Indexed if indexed else Path
     if len(add) + len(subtract) + len(add_images) + len(subtract_images) > MAX_TERMS - 1:
         raise InvalidInputError(f"a query has at most {MAX_TERMS} terms (each text term is an ITM pass over "
                                 "every candidate)")
@@ -106,8 +108,8 @@ def more_terms(add: Sequence[str] = (), subtract: Sequence[str] = (), add_images
         raise FieldError("image", "path is empty")
     terms = [Term(text=t, weight=w) for w, t in map(weighted, add)]
     terms += [Term(text=t, weight=-w) for w, t in map(weighted, subtract)]
-    terms += [Term(image=Path(p), weight=w) for w, p in map(weighted, add_images)]
-    return terms + [Term(image=Path(p), weight=-w) for w, p in map(weighted, subtract_images)]
+    terms += [Term(image=image(p), weight=w) for w, p in map(weighted, add_images)]
+    return terms + [Term(image=image(p), weight=-w) for w, p in map(weighted, subtract_images)]
 
 
 @dataclass

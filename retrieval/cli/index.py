@@ -160,7 +160,7 @@ def _captioner(store, recorded: str | None, captions: bool | None, name: str | N
 
         try:
             return load_captioner(chosen, device=device, precision=precision)
-        except BaseException:
+        except Exception:  # not Ctrl-C: a run that is stopped keeps the choice
             store.remember_captioner(recorded)
             raise
 

@@ -58,15 +58,13 @@ def serve_command(index_path, host, port, token, model_name, device, precision):
 def _bind(host: str, port: int) -> socket.socket:
     """A socket bound to (host, port), as uvicorn would bind it; `InvalidInputError` naming the option where it
     cannot be (uvicorn alone said so after the "serving" line, with exit status 3)."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-        listening = socket.socket(family, kind, proto)
-    except OSError as exc:
-        raise InvalidInputError(f"--host {host}: {exc.strerror or exc}") from exc
+    listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # uvicorn's rule
     try:
         listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listening.bind(address)
+        listening.bind((host, port))
+    except socket.gaierror as exc:
+        listening.close()
+        raise InvalidInputError(f"--host {host}: {exc.strerror or exc}") from exc
     except OSError as exc:
         listening.close()
         hint = "; stop the other server or pass another --port" if exc.errno == errno.EADDRINUSE else ""

@@ -26,7 +26,6 @@ import io
 import logging
 import mimetypes
 from collections.abc import Sequence
-from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -125,8 +124,7 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
 def _more(add, subtract, like, unlike) -> list[Term]:
     """Added and subtracted terms; image terms name indexed files, by their stored vectors (no file is read:
     any other path is `NotIndexedError`)."""
-    return [replace(t, image=Indexed(str(t.image))) if t.image is not None else t
-            for t in more_terms(add, subtract, like, unlike)]
+    return more_terms(add, subtract, like, unlike, indexed=True)
 
 
 def _options(top: int, candidates: int, rerank: bool, min_prob: float | None, under: str | None,

@@ -12,12 +12,13 @@ from __future__ import annotations
 import io
 import logging
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import BinaryIO
 
 from blipsearch.indexer.images import check_header, to_rgb
-from blipsearch.indexer.scan import open_regular, read_hashed
+from blipsearch.indexer.scan import file_hash, open_regular, read_hashed
 
 from ..api import Index, NotIndexedError
 from ..errors import ImageLoadError, printable
@@ -43,22 +44,31 @@ class ServedFiles:
         hashed, so a link swapped to point elsewhere is refused."""
         _, digest = self.index.indexed(path)
         real = os.path.realpath(path)
-        inside = os.path.dirname(real) in self._real_folders()
+        if os.path.dirname(real) in self._real_folders():
+            try:
+                return open_regular(real)
+            except OSError as exc:
+                raise NotIndexedError(f"{printable(path)} cannot be read: {exc.strerror}") from exc
+        # outside: nothing about the target is told but "leads out", unless it holds the indexed bytes (hashed
+        # from the descriptor that is then served: a link swapped meanwhile changes nothing)
+        leads_out = NotIndexedError(f"{printable(path)} leads out of the indexed folders")
         try:
+            if not stat.S_ISREG(os.stat(real).st_mode):
+                raise leads_out
             file = open_regular(real)
-        except OSError as exc:
-            raise NotIndexedError(f"{printable(path)} cannot be read: {exc.strerror}") from exc
-        except ImageLoadError:  # not a regular file, or over the size limit
-            if inside:
-                raise
-            raise NotIndexedError(f"{printable(path)} leads out of the indexed folders") from None
-        if inside:
-            return file
-        with file:
-            data, actual = read_hashed(file)
-        if actual != digest:
-            raise NotIndexedError(f"{printable(path)} leads out of the indexed folders")
-        return io.BytesIO(data)
+        except (OSError, ImageLoadError):
+            raise leads_out from None
+        try:
+            if file_hash(file) != digest:
+                raise leads_out
+            file.seek(0)
+        except OSError:
+            file.close()
+            raise leads_out from None
+        except BaseException:
+            file.close()
+            raise
+        return file
 
     def thumbnail(self, path: str) -> Path:
         """A cached JPEG of the indexed image at `path` (made on first request).
