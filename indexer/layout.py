@@ -66,6 +66,25 @@ def unmade_tables(path: Location) -> list[str]:
     return [name for name in (FILES, IMAGES) if not path.exists(f"{name}.lance/_versions")]
 
 
+def tables_pending(path: Location, manifest: Manifest) -> bool:
+    """A new index whose first run has not made both tables yet (stopped while the model loaded, a full disk
+    while it made them), with no row in any it made: empty, not damaged; the next run makes the rest. A table
+    that exists but cannot be read is damage, for `_Tables.read` to report."""
+    unmade = unmade_tables(path)
+    if manifest.run.generation != 0 or not unmade:
+        return False
+    made = [name for name in (FILES, IMAGES) if name not in unmade]
+    if not made:
+        return True
+    import lancedb
+
+    try:
+        db = lancedb.connect(path.lance_uri)
+        return not any(db.open_table(name).count_rows() for name in made)
+    except Exception:  # LanceDB: a made table that cannot be read
+        return False
+
+
 def read_index_manifest(path: Location | Path | str) -> Manifest:
     """The manifest of a usable index: raises where there is none, or where it says the index is damaged."""
     path = location_of(path)

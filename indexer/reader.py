@@ -19,7 +19,7 @@ from blipsearch.retrieval.errors import FieldError, IndexDamagedError, StoreErro
 
 from . import codec, snapshot
 from .features import SegmentCutShort, needed_records, segments_at
-from .layout import FILES, IMAGES, damaged_table, read_index_manifest, unmade_tables
+from .layout import FILES, IMAGES, damaged_table, read_index_manifest, tables_pending
 from .location import Location, location_of
 from .manifest import Manifest
 from .scan import is_under
@@ -184,7 +184,7 @@ def _from_tables(path: Location, manifest: Manifest) -> snapshot.Snapshot:
     why = "a run is under way or was interrupted" if manifest.run.writing else \
         "its snapshot is missing or damaged (the next `blipsearch index` run rewrites it)"
     log.info("index at %s: %s; reading its tables", path, why)
-    if manifest.run.generation == 0 and len(unmade_tables(path)) == 2:
+    if tables_pending(path, manifest):
         # a new index whose first run stopped before making its tables (Ctrl-C while the model loaded): empty
         identity = manifest.identity
         return snapshot.Snapshot.build([], np.zeros((0, identity.vectors_per_image, identity.embed_dim), np.float32),

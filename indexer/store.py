@@ -36,6 +36,7 @@ from .layout import (
     damaged_table,
     has_data,
     read_index_manifest,
+    tables_pending,
     unmade_tables,
 )
 from .location import Location, location_of
@@ -432,18 +433,12 @@ class _Tables:
 
 
 def _create_missing_tables(db, path: Location, manifest: Manifest) -> None:
-    """Make the tables that were never made (see `unmade_tables`), where the made one holds no row (a table
-    with rows beside a missing one is damage, which `_Tables.read` reports); any other failure to open one
-    is left to `_Tables.read` too."""
-    unmade = unmade_tables(path)
-    made = [name for name in (FILES, IMAGES) if name not in unmade]
-    try:
-        if not unmade or any(db.open_table(name).count_rows() for name in made):
-            return
-    except Exception:  # LanceDB: a made table that cannot be read
+    """Make the tables that were never made where `tables_pending` says so (a table with rows beside a missing
+    one, or one that will not open, is damage, which `_Tables.read` reports)."""
+    if not tables_pending(path, manifest):
         return
     schemas = {FILES: FILES_SCHEMA, IMAGES: images_schema(_embedding_width(manifest.identity))}
-    for name in unmade:
+    for name in unmade_tables(path):
         log.info("index at %s: creating its %s table", path, name)
         db.create_table(name, schema=schemas[name], mode="overwrite")  # over any half-made one
 
@@ -520,9 +515,8 @@ def check_tables(path: Location | Path | str, manifest: Manifest) -> None:
     """Raise `IndexDamagedError` where a table or feature segment of the index is missing or damaged. A new
     index whose first run stopped before making its tables has none yet: the next run makes them."""
     path = location_of(path)
-    if manifest.run.generation == 0 and len(unmade_tables(path)) == 2:
-        return
-    _Tables.read(path, manifest)
+    if not tables_pending(path, manifest):
+        _Tables.read(path, manifest)
 
 
 def model_to_write(path: Location | Path | str, asked: str | None, rebuild: bool) -> str | None:
