@@ -133,8 +133,10 @@ def _encode_changed(changed: list[FileStat], store: IndexWriter, options: IndexO
     images = out.map_batches(_image_rows, batch_format="pyarrow", fn_kwargs={"width": width})
     _write(images, store, "images", images_schema(width))
     # as the single-process path: a file read again gets a new row; a skipped one keeps its row unless it changed
-    store.delete_files([f.path for f in changed if f.path in stored and (
-        f.path not in skipped or (stored[f.path].size, stored[f.path].mtime_ns) != (f.size, f.mtime_ns))])
+    stale = [f.path for f in changed if f.path in stored and (
+        f.path not in skipped or (stored[f.path].size, stored[f.path].mtime_ns) != (f.size, f.mtime_ns))]
+    store.delete_files(stale)
+    summary.removed += sum(path in skipped for path in stale)  # a changed file that no longer decodes left
     _write(out.map_batches(_file_rows, batch_format="pyarrow"), store, "files", FILES_SCHEMA)
     store.external_commits()
     duplicates = store.drop_duplicate_images()
