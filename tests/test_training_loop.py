@@ -1,6 +1,7 @@
 """The loop on the tiny preset: configs, the loss falls, resume equals an uninterrupted run, export."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,36 @@ def test_presets_and_overrides(tmp_path):
         load_config(None, ["model.preset=huge"])
     with pytest.raises(InvalidInputError, match="losses"):
         load_config(None, ["objective.losses={mlm: 1.0}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.max_steps=abc", "optim.max_steps must be a whole number (or null), not 'abc'"),
+    ("data.batch_size=big", "data.batch_size must be a whole number, not 'big'"),
+    ("optim.max_steps=[1, 2]", "optim.max_steps must be a whole number (or null), not (1, 2)"),
+    ("optim.max_steps=-5", "optim.max_steps must be at least 1"),
+    ("optim.max_steps=0", "optim.max_steps must be at least 1"),
+    ("data.batch_size=true", "data.batch_size must be a whole number, not True"),
+    ("save_every=0", "save_every and log_every must be at least 1"),
+])
+def test_config_values_of_the_wrong_kind_are_one_line(override, message):
+    """They once ended in a TypeError from deep inside the run, or (negative steps) exported the untrained
+    model with exit status 0."""
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        load_config(TINY, [override])
+    assert load_config(TINY, ["objective.caption_prompt="]).objective.caption_prompt == ""
+
+
+def test_a_fresh_run_refuses_an_output_folder_that_holds_a_run(scene_data, tmp_path):
+    """It replaced the finished run's last checkpoint, config and exports, and appended to its log."""
+    train(tiny_config(scene_data, tmp_path / "run", "optim.max_steps=1"))
+    before = (tmp_path / "run" / "checkpoint-last.pt").read_bytes()
+    with pytest.raises(InvalidInputError, match=r"already holds a training run \(checkpoint-last.pt, config.json, "
+                                                r"log.jsonl\); pass --resume auto"):
+        train(tiny_config(scene_data, tmp_path / "run", "optim.max_steps=1"))
+    assert (tmp_path / "run" / "checkpoint-last.pt").read_bytes() == before
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InvalidInputError, match="is a file; name a folder for the run"):
+        train(tiny_config(scene_data, tmp_path / "afile", "optim.max_steps=1"))
 
 
 def test_shipped_configs_load():

@@ -193,7 +193,27 @@ def _build(cls, values: dict[str, Any], where: str):
             values[key] = tuple(value)
         elif isinstance(value, str) and str(names[key].type).startswith("float"):
             values[key] = _float(value, f"{where}.{key}")  # YAML reads 1e-4 (no dot) as a string
+        elif value is None and str(names[key].type) == "str":
+            values[key] = ""  # `--set key=` (YAML reads nothing as null): the empty string
+        _check_type(f"{where}.{key}" if where != "config" else key, str(names[key].type), values[key])
     return cls(**values)
+
+
+# a field's plain type -> the values it takes, and how a message names them
+_PLAIN = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
+          "str": ((str,), "a string")}
+
+
+def _check_type(key: str, annotation: str, value: Any) -> None:
+    """Refuse a value of the wrong kind for a field typed int, float, bool or str (each maybe `| None`), in
+    one line: a string where a step count goes once ended in a traceback from deep inside the run."""
+    optional = annotation.endswith(" | None")
+    plain = _PLAIN.get(annotation.removesuffix(" | None"))
+    if plain is None or (value is None and optional):
+        return
+    kinds, what = plain
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise InvalidInputError(f"{key} must be {what}{' (or null)' if optional else ''}, not {value!r}")
 
 
 def _float(text: str, key: str) -> float:
@@ -255,6 +275,12 @@ def validate(config: TrainConfig) -> None:
         raise InvalidInputError("optim.lr must be positive and at least optim.min_lr")
     if config.optim.grad_accum < 1:
         raise InvalidInputError("optim.grad_accum must be at least 1")
+    if config.optim.max_steps is not None and config.optim.max_steps < 1:
+        raise InvalidInputError("optim.max_steps must be at least 1 (or null: optim.epochs decides)")
+    if config.optim.epochs <= 0 or config.optim.warmup_steps < 0:
+        raise InvalidInputError("optim.epochs must be positive and optim.warmup_steps at least 0")
+    if config.save_every < 1 or config.log_every < 1:
+        raise InvalidInputError("save_every and log_every must be at least 1")
 
 
 def validate_blip2(model: ModelConfig) -> None:

@@ -112,6 +112,7 @@ def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float):
 
 
 def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
+    _check_output(Path(cfg.output), resume)  # before the ranks meet: none has written anything yet
     device = select_device(cfg.device)
     world = distributed.setup(device.type)
     if device.type == "cuda":
@@ -258,6 +259,20 @@ def no_buffer_sync() -> dict:
 
     params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+RUN_FILES = (checkpoint.LAST, "config.json", "log.jsonl")  # what says a folder holds a run
+
+
+def _check_output(output: Path, resume: str | None) -> None:
+    """A fresh run (no --resume) never writes into a folder that holds a run: it replaced that run's last
+    checkpoint, config and exports, and appended to its log."""
+    if output.exists() and not output.is_dir():
+        raise InvalidInputError(f"output {output} is a file; name a folder for the run")
+    found = [name for name in RUN_FILES if (output / name).exists()]
+    if resume is None and found:
+        raise InvalidInputError(f"output {output} already holds a training run ({', '.join(found)}); pass "
+                                "--resume auto to continue it, or another output folder")
 
 
 def train(cfg: TrainConfig, resume: str | None = None, until: int | None = None) -> Path:
