@@ -30,12 +30,14 @@ def load_annotations(path: str | Path, split: str = "test") -> list[AnnotatedIma
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise InvalidInputError(f"annotation file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError:
+        raise InvalidInputError(f"annotation file {path} is not UTF-8 text (a JSON file is)") from None
     except json.JSONDecodeError as exc:
         raise InvalidInputError(f"annotation file {path} is not valid JSON (line {exc.lineno})") from exc
     if isinstance(data, dict) and isinstance(data.get("images"), list):
-        images = _karpathy(data["images"], split)
+        images = _karpathy(data["images"], split, path)
     elif isinstance(data, list):
-        images = _lavis(data)
+        images = _lavis(data, path)
     else:
         raise InvalidInputError(f"annotation file {path} is neither a LAVIS list of {{image, caption}} nor a "
                                 "Karpathy {images: [...]} file")
@@ -45,28 +47,36 @@ def load_annotations(path: str | Path, split: str = "test") -> list[AnnotatedIma
     return images
 
 
-def _lavis(entries: list) -> list[AnnotatedImage]:
+def _lavis(entries: list, path: Path) -> list[AnnotatedImage]:
     by_image: dict[str, AnnotatedImage] = {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
-            raise InvalidInputError(f"LAVIS annotation entry {i} needs 'image' and 'caption' keys")
+            raise InvalidInputError(f"LAVIS annotation entry {i} of {path} needs 'image' and 'caption' keys")
         captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
-        item = by_image.setdefault(entry["image"], AnnotatedImage(entry["image"]))
-        item.captions.extend(str(c) for c in captions)
+        if not (_name(entry["image"]) and all(isinstance(c, str) for c in captions)):
+            raise InvalidInputError(f"LAVIS annotation entry {i} of {path}: 'image' must be a file name and "
+                                    "'caption' a text or a list of texts")
+        by_image.setdefault(entry["image"], AnnotatedImage(entry["image"])).captions.extend(captions)
     return list(by_image.values())
 
 
-def _karpathy(entries: list, split: str) -> list[AnnotatedImage]:
+def _karpathy(entries: list, split: str, path: Path) -> list[AnnotatedImage]:
     if split not in SPLITS:
         raise InvalidInputError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     images = []
     for i, entry in enumerate(entries):
-        try:
-            entry_split = "train" if entry["split"] == "restval" else entry["split"]
-            if entry_split != split:
-                continue
+        sentences = entry.get("sentences") if isinstance(entry, dict) else None
+        if not (isinstance(entry, dict) and isinstance(entry.get("split"), str) and _name(entry.get("filename"))
+                and isinstance(entry.get("filepath", ""), str) and isinstance(sentences, list)
+                and all(isinstance(s, dict) and isinstance(s.get("raw"), str) for s in sentences)):
+            raise InvalidInputError(f"Karpathy annotation image {i} of {path} needs 'split' and 'filename' texts "
+                                    "and 'sentences', a list of {raw: text} ('filepath' a text where given)")
+        entry_split = "train" if entry["split"] == "restval" else entry["split"]
+        if entry_split == split:
             relative = str(Path(entry.get("filepath", "")) / entry["filename"])
-            images.append(AnnotatedImage(relative, [s["raw"] for s in entry["sentences"]]))
-        except (KeyError, TypeError) as exc:
-            raise InvalidInputError(f"Karpathy annotation image {i} lacks {exc}") from exc
+            images.append(AnnotatedImage(relative, [s["raw"] for s in sentences]))
     return images
+
+
+def _name(value: object) -> bool:
+    return isinstance(value, str) and bool(value.strip())

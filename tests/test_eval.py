@@ -1,6 +1,7 @@
 """`blipsearch eval` end to end on tiny fixtures, checked against a port of LAVIS's own evaluation code."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from blipsearch.indexer.images import load_image
 from blipsearch.retrieval.annotations import load_annotations
 from blipsearch.retrieval.cli import evaluate as _registers_eval  # noqa: F401  (adds `eval` to main)
 from blipsearch.retrieval.cli import main
+from blipsearch.retrieval.errors import InvalidInputError
 from blipsearch.retrieval.eval_cache import fill_cache, image_manifest, open_cache
 from blipsearch.retrieval.eval_metrics import Recall
 from blipsearch.retrieval.eval_report import RunInfo, format_table, published_for, to_json
@@ -332,3 +334,22 @@ def test_captions_are_cleaned_as_blip_does():
 
     assert pre_caption('A man (left) riding a "horse"; on the beach!!  ') == "a man left riding a horse on the beach"
     assert pre_caption(" ".join(["word"] * 40)) == " ".join(["word"] * 30)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe\x00garbage", "is not UTF-8 text"),
+    (b'{"images": [{"split": "test", "filename": "a.png", "sentences": [{"raw": 5}]}]}', "needs 'split' and"),
+    (b'{"images": [{"split": "test", "filename": 5, "sentences": [{"raw": "a"}]}]}', "needs 'split' and"),
+    (b'{"images": [{"split": "test", "filename": "a.png", "sentences": "abc"}]}', "needs 'split' and"),
+    (b'{"images": [null]}', "Karpathy annotation image 0 of"),
+    (b'[{"image": null, "caption": "a"}]', "'image' must be a file name"),
+    (b'[{"image": ["a.png"], "caption": "a"}]', "'image' must be a file name"),
+    (b'[{"image": "a.png", "caption": null}]', "'caption' a text or a list of texts"),
+])
+def test_annotation_files_of_the_wrong_shape_are_one_line_naming_the_file(tmp_path, content, message):
+    """Each once ended in a traceback (UnicodeDecodeError, AttributeError, TypeError) in eval, train or capfilt,
+    or was read as a caption such as "None"."""
+    (tmp_path / "ann.json").write_bytes(content)
+    with pytest.raises(InvalidInputError, match=re.escape(message)) as refused:
+        load_annotations(tmp_path / "ann.json")
+    assert str(tmp_path / "ann.json") in str(refused.value) and "\n" not in str(refused.value)
