@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from test_training_export import trained  # noqa: F401  (the module's fixture)
 
@@ -50,3 +51,15 @@ def test_a_retrieval_checkpoint_is_refused_as_captioner(tiny_model_dir):
 
     with pytest.raises(ModelLoadError, match="no trained text_decoder"):
         Captioner(str(tiny_model_dir), torch.device("cpu"))
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    """It was a FileNotFoundError traceback after every image had been captioned and filtered."""
+    from blipsearch.retrieval.errors import InvalidInputError
+    from blipsearch.training.capfilt import capfilt
+
+    (tmp_path / "source.json").write_text("[]")
+    for out, message in ((tmp_path / "nodir" / "x.json", "no folder"), (tmp_path, "is a folder"),
+                         (tmp_path / "source.json", "is the source itself")):
+        with pytest.raises(InvalidInputError, match=message):
+            capfilt(str(tmp_path / "source.json"), out, None, None)  # refused before either model is used

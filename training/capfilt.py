@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from blipsearch.indexer.images import load_image
-from blipsearch.retrieval.errors import ImageLoadError
+from blipsearch.retrieval.errors import ImageLoadError, InvalidInputError
 from blipsearch.retrieval.fusion import match_probability
 
 from .data import default_image_root, load_samples, normalise
@@ -97,6 +97,12 @@ def capfilt(source: str, out: str | Path, captioner: Captioner, filter_model, im
             split: str = "train", samples: int = 1, top_p: float = 0.9, threshold: float = 0.5,
             seed: int = 0) -> CapFiltReport:
     """Bootstrap a cleaner dataset from `source` (annotation JSON or caption folder) into `out` (JSON)."""
+    out = Path(out)
+    if not out.parent.is_dir() or out.is_dir():
+        raise InvalidInputError(f"output {out}: " + ("is a folder; name a JSON file" if out.is_dir() else
+                                                     f"no folder {out.parent} to write it in"))
+    if out.exists() and out.resolve() == Path(source).resolve():
+        raise InvalidInputError(f"output {out} is the source itself; name another file")
     torch.manual_seed(seed)  # nucleus sampling draws from torch's generator
     root = Path(source) if Path(source).is_dir() else None
     report, entries = CapFiltReport(), []
@@ -118,8 +124,7 @@ def capfilt(source: str, out: str | Path, captioner: Captioner, filter_model, im
         report.web_total, report.synthetic_total = report.web_total + len(web), report.synthetic_total + len(synthetic)
         report.web_kept += sum(keep[:len(web)])
         report.synthetic_kept += sum(keep[len(web):])
-    Path(out).write_text(json.dumps(entries, indent=0) + "\n", encoding="utf-8")
-    log.info("capfilt: %s", report)
+    out.write_text(json.dumps(entries, indent=0) + "\n", encoding="utf-8")
     return report
 
 

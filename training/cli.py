@@ -7,10 +7,12 @@ is what `torchrun` starts: `torchrun --nproc_per_node 2 -m blipsearch.training t
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import click
 
+from blipsearch.retrieval.cli import EXIT_SKIPPED
 from blipsearch.retrieval.errors import BlipsearchError
 
 
@@ -84,7 +86,11 @@ def capfilt_command(source, out, captioner, filter_model, images, split, samples
     report = capfilt(source, out, Captioner(captioner, torch_device), load_model(filter_model, torch_device),
                      images=images, split=split, samples=samples, top_p=top_p, threshold=threshold, seed=seed)
     click.echo(f"{report.images} images: kept {report.web_kept}/{report.web_total} web and "
-               f"{report.synthetic_kept}/{report.synthetic_total} synthetic captions -> {out}")
+               f"{report.synthetic_kept}/{report.synthetic_total} synthetic captions -> {out}"
+               + (f"; skipped {report.skipped} images that cannot be read (each named above)" if report.skipped
+                  else ""))
+    if report.skipped:
+        sys.exit(EXIT_SKIPPED)
 
 
 @click.command("export")
