@@ -70,8 +70,10 @@ def tables_pending(path: Location, manifest: Manifest) -> bool:
     """A new index whose first run has not made both tables yet (stopped while the model loaded, a full disk
     while it made them), with no row in any it made: empty, not damaged; the next run makes the rest. A table
     that exists but cannot be read is damage, for `_Tables.read` to report."""
+    if manifest.run.generation != 0:  # first: `unmade_tables` lists object storage
+        return False
     unmade = unmade_tables(path)
-    if manifest.run.generation != 0 or not unmade:
+    if not unmade:
         return False
     made = [name for name in (FILES, IMAGES) if name not in unmade]
     if not made:

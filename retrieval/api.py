@@ -96,18 +96,11 @@ def weighted(spec: str) -> tuple[float, str]:
         return 1.0, spec
 
 
-def _check_term_count(count: int) -> None:
-    if count > MAX_TERMS:
-        raise InvalidInputError(f"a query has at most {MAX_TERMS} terms (each text term is an ITM pass over every "
-                                "candidate)")
-
-
 def more_terms(add: Sequence[str] = (), subtract: Sequence[str] = (), add_images: Sequence[str] = (),
                subtract_images: Sequence[str] = (), indexed: bool = False) -> list[Term]:
     """The added and subtracted terms of a query, each `[WEIGHT:]TEXT` or `[WEIGHT:]PATH`, in that order;
     `indexed`: the paths name indexed files, searched by their stored vectors (`Indexed`)."""
     image = Indexed if indexed else Path
-    _check_term_count(1 + len(add) + len(subtract) + len(add_images) + len(subtract_images))
     if any(not weighted(p)[1].strip() for p in (*add_images, *subtract_images)):
         raise FieldError("image", "path is empty")
     terms = [Term(text=t, weight=w) for w, t in map(weighted, add)]
@@ -207,7 +200,9 @@ class Index:
         options = options or Options()
         if not terms and not options.keyword:
             raise InvalidInputError("the query has no terms")
-        _check_term_count(len(terms))
+        if len(terms) > MAX_TERMS:  # the one check: the CLI's and the server's terms all come through here
+            raise InvalidInputError(f"a query has at most {MAX_TERMS} terms (each text term is an ITM pass over "
+                                    "every candidate)")
         view = self._view
         with self._model_lock:
             self._check_not_empty(view.reader)
@@ -243,7 +238,7 @@ class Index:
 
     def similar(self, path: str, options: Options | None = None) -> list[Result]:
         """Images like the indexed file `path` (itself first), by its stored vectors (see `Indexed`)."""
-        return self.search_image(Indexed(self.indexed(path)[0]), options)
+        return self.search_image(Indexed(path), options)  # NotIndexedError for any other path
 
     def indexed(self, path: str) -> tuple[str, str]:
         """(path, content hash) of an indexed file; raises `NotIndexedError` for any other path."""

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from ..api import Result, Term
 
 
-# library field -> the flag that sets it
-FLAGS = {"top": "--top", "candidates": "--candidates", "min_prob": "--min-prob", "under": "--in", "image": "image",
+# library field -> the flag that sets it (`image` stays as it is: several flags give image terms)
+FLAGS = {"top": "--top", "candidates": "--candidates", "min_prob": "--min-prob", "under": "--in",
          "weight": "a term's WEIGHT:", "keyword": "--keyword", "after": "--after", "before": "--before",
          "sort": "--sort"}
 
