@@ -113,3 +113,45 @@ def test_blipsearch_index_and_query_with_the_exported_model(trained, tmp_path):
     assert sorted(Path(r["path"]).name for r in answer["results"]) == sorted(p.name for p in folder.glob("*.png"))
     scores = [r["score"] for r in answer["results"]]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_export_refuses_a_folder_that_holds_a_model_unless_told_to_replace_it(trained, tmp_path):
+    """Export once wrote into OUT/retrieval beside whatever lay there (a user's notes, an older model's
+    preprocessor_config.json, which a loader may read first), with exit status 0."""
+    from runner import run_cli
+
+    out = tmp_path / "out"
+    (out / "retrieval").mkdir(parents=True)
+    (out / "retrieval" / "notes.txt").write_text("mine")
+    refused = run_cli("export", str(trained / LAST), str(out), text=True)
+    assert refused.returncode == 1, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert lines == [f"blipsearch: error: output {out} already holds retrieval/; pass --overwrite to replace it, "
+                     "or another output folder"]
+    assert sorted(p.name for p in out.iterdir()) == ["retrieval"]  # the captioner was not written either,
+    assert [p.name for p in (out / "retrieval").iterdir()] == ["notes.txt"]  # and no staging folder stays
+    done = run_cli("export", str(trained / LAST), str(out), "--overwrite", text=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["captioner", "retrieval"]
+    assert not (out / "retrieval" / "notes.txt").exists() and (out / "retrieval" / "model.safetensors").is_file()
+    fresh = tmp_path / "fresh"  # an empty retrieval/ holds no model: it is not refused
+    (fresh / "retrieval").mkdir(parents=True)
+    assert run_cli("export", str(trained / LAST), str(fresh), text=True).returncode == 0
+
+
+def test_export_of_a_checkpoint_moved_out_of_its_run_names_the_missing_folder(trained, tmp_path):
+    """It said "model '.../tokenizer' is neither an existing directory nor a hub id"."""
+    import shutil
+
+    from runner import run_cli
+
+    moved = tmp_path / "moved" / LAST
+    moved.parent.mkdir()
+    shutil.copy(trained / LAST, moved)
+    done = run_cli("export", str(moved), str(tmp_path / "out"), text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"blipsearch: error: checkpoint {moved}: the tokenizer/ folder its run saved is not beside it; export it "
+        "from its run folder, or copy that folder next to it"]
+    shutil.copytree(trained / "tokenizer", moved.parent / "tokenizer")
+    assert run_cli("export", str(moved), str(tmp_path / "out"), text=True).returncode == 0

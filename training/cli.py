@@ -98,11 +98,13 @@ def capfilt_command(source, out, captioner, filter_model, images, split, samples
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--captioner/--no-captioner", default=True, show_default=True,
               help="Also write OUT/captioner when the model has a decoder.")
-def export_command(checkpoint: str, out: str, captioner: bool) -> None:
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT/retrieval and OUT/captioner when they exist (each swapped whole for the new one).")
+def export_command(checkpoint: str, out: str, captioner: bool, overwrite: bool) -> None:
     """Export a training CHECKPOINT to Hugging Face format: OUT/retrieval (+ OUT/captioner)."""
     from .loop import export_checkpoint
 
-    for path in export_checkpoint(checkpoint, out, captioner):
+    for path in export_checkpoint(checkpoint, out, captioner, overwrite):
         click.echo(str(Path(path)))
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
+import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,12 +289,51 @@ def train(cfg: TrainConfig, resume: str | None = None, until: int | None = None)
     return run.output
 
 
-def export_checkpoint(path: str | Path, out: str | Path, captioner: bool = True) -> list[Path]:
-    """Export a training checkpoint: `out/retrieval` and, for BLIP with a decoder, `out/captioner`."""
+def export_checkpoint(path: str | Path, out: str | Path, captioner: bool = True, overwrite: bool = False
+                      ) -> list[Path]:
+    """Export a training checkpoint: `out/retrieval` and, for BLIP with a decoder, `out/captioner`.
+
+    The models are written into a staging folder inside `out` first; a folder of `out` they would replace
+    that is not empty is refused unless `overwrite`, and is then swapped for the new one whole (no stale file
+    of an older model stays beside the new weights)."""
     from .config import from_dict
 
     payload = checkpoint.read(path)
     cfg = from_dict(payload["config"])
+    _check_run_folder(Path(path), cfg)
     model, tokenizer = prepare_model(cfg, [], Path(path).parent, is_main=False)  # the run's tokenizer/ is beside
     model.load_state_dict(payload["model"])
-    return FAMILIES[cfg.model.family].export(model, tokenizer, Path(out), captioner)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    except OSError as exc:
+        raise InvalidInputError(f"output {out}: {exc.strerror or exc}") from exc
+    try:
+        written = FAMILIES[cfg.model.family].export(model, tokenizer, staging, captioner)
+        targets = [out / p.name for p in written]
+        taken = [t for t in targets if t.exists() and not (t.is_dir() and not any(t.iterdir()))]
+        if taken and not overwrite:
+            raise InvalidInputError(f"output {out} already holds {', '.join(t.name + '/' for t in taken)}; pass "
+                                    "--overwrite to replace it, or another output folder")
+        for new, target in zip(written, targets, strict=True):
+            if target.exists() or target.is_symlink():
+                os.replace(target, staging / f"replaced-{target.name}")  # removed with the staging folder
+            os.replace(new, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return targets
+
+
+def _check_run_folder(path: Path, cfg: TrainConfig) -> None:
+    """A checkpoint's vocabularies are not inside it: the run saved them beside it (a word-level tokenizer
+    built from the captions; InstructBLIP's Q-Former tokenizer grown by the instructions' words)."""
+    needed = []
+    if FAMILIES[cfg.model.family].prepare is None and not (cfg.model.tokenizer or cfg.model.init_from):
+        needed.append("tokenizer")
+    if cfg.model.family == "instructblip":
+        needed.append("qformer_tokenizer")
+    missing = [name + "/" for name in needed if not (path.parent / name).is_dir()]
+    if missing:
+        raise InvalidInputError(f"checkpoint {path}: the {' and '.join(missing)} folder its run saved is not "
+                                "beside it; export it from its run folder, or copy that folder next to it")
