@@ -108,6 +108,28 @@ def test_resume_gives_the_same_next_losses(scene_data, tmp_path):
             assert a[name] == pytest.approx(b[name], abs=1e-5), (a, b)
 
 
+def test_a_resumed_run_logs_each_step_once(scene_data, tmp_path):
+    """Steps logged after the checkpoint a run resumes from are computed again; they were logged twice."""
+    import json
+    import shutil
+
+    from blipsearch.training.checkpoint import LAST
+
+    cfg = tiny_config(scene_data, tmp_path / "run", "optim.max_steps=5", "save_every=2", "log_every=1")
+    first = setup(cfg)
+    run_steps(first, wrap(first), until=2)
+    shutil.copy(tmp_path / "run" / LAST, tmp_path / "step2.pt")
+    second = setup(cfg, resume="auto")
+    run_steps(second, wrap(second), until=4)
+    with (tmp_path / "run" / "log.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # a line cut short by a kill
+    resumed = setup(cfg, resume=str(tmp_path / "step2.pt"))  # back to an earlier checkpoint
+    assert resumed.state.step == 2
+    run_steps(resumed, wrap(resumed))
+    lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]
+
+
 def test_train_writes_log_checkpoint_and_hugging_face_exports(scene_data, tmp_path):
     from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 

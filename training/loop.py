@@ -161,9 +161,34 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
     if resume_path is not None:
         state = checkpoint.restore(checkpoint.read(resume_path), model, optimizer, scheduler)
         log.info("resumed from %s at step %d", resume_path, state.step)
+        if world.is_main:
+            _trim_log(output / "log.jsonl", state.step)
     log.info("%d pairs, %d batches per epoch and rank, %d optimizer steps", len(samples),
              sampler.batches_per_epoch, total)
     return Run(cfg, output, world, device, model, tokenizer, loader, sampler, optimizer, scheduler, total, state)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop the log lines after `step`: a resumed run computes those steps again and logs them anew (they were
+    logged twice, with different losses). A line cut short by the interruption goes too."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            entry = json.loads(line)
+            keep = line.endswith("\n") and entry["step"] <= step
+        except (ValueError, TypeError, KeyError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+        log.info("%s: dropped %d lines after step %d, which this run computes again", path, dropped, step)
 
 
 def autocast_for(run: Run):
