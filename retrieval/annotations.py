@@ -23,8 +23,11 @@ class AnnotatedImage:
     captions: list[str] = field(default_factory=list)
 
 
-def load_annotations(path: str | Path, split: str = "test") -> list[AnnotatedImage]:
-    """Images with their captions, in file order; `split` applies to Karpathy files only."""
+def load_annotations(path: str | Path, split: str | None = None, default_split: str = "test"
+                     ) -> list[AnnotatedImage]:
+    """Images with their captions, in file order. `split` chooses among a Karpathy file's splits (else
+    `default_split`) and is refused for a LAVIS list, which holds one: a caller that asks for a split must not
+    silently get the whole file. `default_split` alone applies to Karpathy files only."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -35,8 +38,12 @@ def load_annotations(path: str | Path, split: str = "test") -> list[AnnotatedIma
     except json.JSONDecodeError as exc:
         raise InvalidInputError(f"annotation file {path} is not valid JSON (line {exc.lineno})") from exc
     if isinstance(data, dict) and isinstance(data.get("images"), list):
+        split = split or default_split
         images = _karpathy(data["images"], split, path)
     elif isinstance(data, list):
+        if split is not None:
+            raise InvalidInputError(f"annotation file {path} is a LAVIS list, which holds one split; a split "
+                                    f"({split!r}) can be chosen in a Karpathy file only: leave it out")
         images = _lavis(data, path)
     else:
         raise InvalidInputError(f"annotation file {path} is neither a LAVIS list of {{image, caption}} nor a "

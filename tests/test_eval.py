@@ -291,6 +291,20 @@ def test_missing_images_are_reported_before_the_model_loads(dataset, tmp_path):
         "--images is the folder the annotation paths start in"]
 
 
+def test_split_is_refused_for_a_lavis_list_which_holds_one(dataset, tmp_path):
+    """`--split val` on a LAVIS file evaluated the whole file and reported it as the val split."""
+    lavis = dataset / "flickr30k_test.json"
+    result = _run(["--images", str(dataset / "images"), "--ann", str(lavis), "--split", "val",
+                   "--model", str(tmp_path / "none")])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (f"blipsearch: error: annotation file {lavis} is a LAVIS list, which holds one "
+                                     "split; a split ('val') can be chosen in a Karpathy file only: leave it out")
+    assert [i.image for i in load_annotations(dataset / "dataset_flickr30k.json", "train")] == ["train/x.jpg",
+                                                                                              "val/v.jpg"]
+    assert len(load_annotations(lavis)) == len(load_annotations(dataset / "dataset_flickr30k.json")) == 6
+    assert len(load_annotations(lavis, default_split="train")) == 6  # training's default passes a LAVIS file by
+
+
 def test_a_bad_annotation_file_is_one_line(dataset, tmp_path):
     ann = tmp_path / "ann.json"
     ann.write_text("{not json")

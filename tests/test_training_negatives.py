@@ -157,7 +157,7 @@ def test_scenes_train_entries_carry_false_captions(scene_data):
     assert related and all(e.get("negative_captions") for e in related)
     for entry in entries:
         assert entry["caption"] not in entry.get("negative_captions", [])
-    truths = {item.image: set(item.captions) for item in load_annotations(scene_data / "train.json", "train")}
+    truths = {item.image: set(item.captions) for item in load_annotations(scene_data / "train.json")}
     assert all(not truths[e["image"]] & set(e.get("negative_captions", [])) for e in entries)
     for split in ("val", "test"):
         assert all("negative_captions" not in e for e in json.loads((scene_data / f"{split}.json").read_text()))
@@ -212,6 +212,7 @@ def test_scene_negatives_give_every_caption_of_a_scene_the_same_negatives(tmp_pa
     assert any(a.get("negative_captions") != b.get("negative_captions") for a, b in pairs)
 
 
+@pytest.mark.usefixtures("training_threads")  # its config sets threads=1
 @pytest.mark.parametrize("family", ["blip", "blip-2"])
 def test_tiny_run_with_negatives_is_finite(scene_data, tmp_path, family):
     extra = ["model.family=blip-2", "model.num_query_tokens=4", "objective.losses={itc: 1.0, itm: 1.0, itg: 1.0}"] \

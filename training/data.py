@@ -54,7 +54,7 @@ def json_samples(path: str | Path, images: str | Path | None = None, split: str 
     `"negative_captions": [...]` belong to every caption of its image; its optional `"group"` to its pair."""
     path = Path(path)
     root = Path(images) if images is not None else default_image_root(path)
-    items = load_annotations(path, split)
+    items = load_annotations(path, default_split=split)  # a LAVIS file holds one split: `split` passes it by
     negatives, groups, asked = negative_captions(path), pair_field(path, "group"), pair_field(path, "instruction")
     pairs = [(root / item.image, caption) for item in items for caption in item.captions]
     false = [negatives.get(item.image, ()) for item in items for _ in item.captions]

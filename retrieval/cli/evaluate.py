@@ -26,8 +26,9 @@ _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--ann", "annotations", type=_EXISTING_FILE, required=True,
               help="LAVIS test list (flickr30k_test.json, coco_karpathy_test.json) or Karpathy "
                    "dataset_*.json.")
-@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
-              help="Split to read from a Karpathy file (LAVIS files hold one split).")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default=None,
+              help="Split to read from a Karpathy file. [default: test; refused for LAVIS files, which hold one "
+                   "split]")
 @model_option("Retrieval checkpoint to evaluate (hub id or local directory). Default: "
               f"{DEFAULT_MODEL}.")
 @device_option
@@ -47,7 +48,7 @@ _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
               help="Image-decoding threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def evaluate_command(dataset: str, images_root: Path, annotations: Path, split: str, model_name: str | None,
+def evaluate_command(dataset: str, images_root: Path, annotations: Path, split: str | None, model_name: str | None,
                      device: str, precision: str, k_test: int | None, limit: int | None,
                      cache_dir: Path | None, batch_size: int, itm_batch: int, workers: int,
                      as_json: bool, quiet: bool) -> None:
@@ -68,7 +69,7 @@ def evaluate_command(dataset: str, images_root: Path, annotations: Path, split: 
     result = evaluate(model, items, images_root, options, cache_dir=cache_dir, limit=limit)
     run = RunInfo(model_id=model.info.model_id, revision=model.info.revision, family=model.info.family,
                   device=str(model.device), dtype=_dtype_name(model), dataset=dataset,
-                  annotations=str(annotations), images_root=str(images_root), split=split)
+                  annotations=str(annotations), images_root=str(images_root), split=split or "test")
     published = published_for(run.model_id, dataset)
     if as_json:
         click.echo(json.dumps(to_json(run, result, published), indent=1))
