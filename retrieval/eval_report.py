@@ -57,8 +57,8 @@ def published_for(model_id: str, dataset: str) -> Published | None:
 
 
 def format_table(run: RunInfo, result: EvalResult, published: Published | None) -> str:
-    lines = [f"{run.model_id} on {run.dataset} ({run.split} split): {result.images} images, {result.texts} "
-             f"captions, k_test {result.k_test}, {run.device} {run.dtype}", ""]
+    lines = [f"{run.model_id} on {run.dataset} ({run.split} split): {_count(result.images, 'image')}, "
+             f"{_count(result.texts, 'caption')}, k_test {result.k_test}, {run.device} {run.dtype}", ""]
     lines.append(_row("", _COLUMNS))
     lines.append(_row("ITC", _recall_cells(result.itc)))
     lines.append(_row("ITC + ITM re-rank", _recall_cells(result.rerank)))
@@ -100,9 +100,9 @@ def _stage_note(stage: str, result: EvalResult) -> str:
     if stage == "image_encoding":
         encoded = result.images_encoded
         rate = f", {encoded / seconds:.1f} img/s" if encoded and seconds else ""
-        return f"{encoded} images encoded, {result.images - encoded} from cache{rate}"
+        return f"{_count(encoded, 'image')} encoded, {result.images - encoded} from cache{rate}"
     if stage == "text_encoding":
-        return f"{result.texts} captions"
+        return _count(result.texts, "caption")
     if stage == "itm":
         return (f"{result.itm_pairs} distinct pairs for {result.candidate_pairs} candidates, "
                 f"{result.itm_pairs_per_second:.1f} pairs/s")
@@ -136,3 +136,7 @@ def _finite(value):
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     return value
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -2,6 +2,7 @@
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -336,6 +337,9 @@ def test_published_figures_sit_beside_ours_with_a_note_on_subsets():
     assert table[5].split()[:8] == ["published", "82.0", "-", "-", "64.5", "-", "-", "-"]
     assert table[6] == ""  # full split: no note
     assert "5000-image test split; this run used 100 images" in format_table(run, _result(100), published)
+    one = replace(_result(1), texts=1)
+    assert "1 image, 1 caption, k_test" in format_table(run, one, published)  # it said "1 images, 1 captions"
+    assert "1 image encoded, 0 from cache" in format_table(run, one, published)
     assert published_for("Salesforce/blip-itm-base-coco", "flickr30k") is None
     assert published_for("/models/my-blip", "coco") is None
     data = to_json(run, _result(100), published)
