@@ -161,3 +161,21 @@ def test_the_page_serves_no_outside_assets():
 
     page = resources.files("blipsearch.retrieval.server").joinpath("page.html").read_text()
     assert "http://" not in page and "https://" not in page and "<link" not in page and "src=\"/" not in page
+
+
+def test_head_answers_with_the_headers_alone(server, demo):
+    """Health checks and `curl -I` got 405 from every route; a search stays GET only."""
+    import urllib.error
+
+    root, _ = demo
+    photo = next((root / "demo").glob("*.png"))
+    for route in ("", "api/status", f"api/thumbnail?path={photo}", f"api/original?path={photo}"):
+        with urllib.request.urlopen(server + route, timeout=30) as got:
+            body, kind = got.read(), got.headers["Content-Type"]
+        with urllib.request.urlopen(urllib.request.Request(server + route, method="HEAD"), timeout=30) as head:
+            assert (head.status, head.headers["Content-Type"], head.read()) == (200, kind, b""), route
+            if head.headers["Content-Length"] is not None:  # the original streams: no length to give
+                assert int(head.headers["Content-Length"]) == len(body), route
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(server + "api/search?q=red", method="HEAD"), timeout=30)
+    assert refused.value.code == 405

@@ -118,7 +118,25 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
         kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
         return StreamingResponse(_chunks(file), media_type=kind, headers={"X-Content-Type-Options": "nosniff"})
 
+    app.add_middleware(_HeadAsGet)  # the last added runs first: the token and host checks see the GET
     return app
+
+
+HEAD_PATHS = frozenset({"/", "/api/status", "/api/thumbnail", "/api/original"})
+
+
+class _HeadAsGet:
+    """`HEAD` (health checks, `curl -I`) answers as `GET` does on the page, status and file routes; the server
+    (uvicorn) sends the headers alone, as it reads the method from its own copy of the request. A search is
+    not a resource to probe: `HEAD` there stays 405."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD" and scope["path"] in HEAD_PATHS:
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
 
 
 def _more(add, subtract, like, unlike) -> list[Term]:
