@@ -69,6 +69,15 @@ def test_a_fresh_run_refuses_an_output_folder_that_holds_a_run(scene_data, tmp_p
                                                 r"log.jsonl\); pass --resume auto"):
         train(tiny_config(scene_data, tmp_path / "run", "optim.max_steps=1"))
     assert (tmp_path / "run" / "checkpoint-last.pt").read_bytes() == before
+    (tmp_path / "failed").mkdir()  # a run that stopped before its first checkpoint: nothing to continue
+    (tmp_path / "failed" / "config.json").write_text("{}")
+    with pytest.raises(InvalidInputError, match=r"holds a training run that saved no checkpoint \(config.json\); "
+                                                r"pass --resume auto to start it again there"):
+        train(tiny_config(scene_data, tmp_path / "failed", "optim.max_steps=1"))
+    (tmp_path / "failed" / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    train(tiny_config(scene_data, tmp_path / "failed", "optim.max_steps=1"), resume="auto")
+    logged = (tmp_path / "failed" / "log.jsonl").read_text().splitlines()
+    assert len(logged) == 1 and '"loss": 9.0' not in logged[0]  # started again: the old run's line went
     (tmp_path / "afile").write_text("x")
     with pytest.raises(InvalidInputError, match="is a file; name a folder for the run"):
         train(tiny_config(scene_data, tmp_path / "afile", "optim.max_steps=1"))

@@ -161,8 +161,8 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
     if resume_path is not None:
         state = checkpoint.restore(checkpoint.read(resume_path), model, optimizer, scheduler)
         log.info("resumed from %s at step %d", resume_path, state.step)
-        if world.is_main:
-            _trim_log(output / "log.jsonl", state.step)
+    if resume is not None and world.is_main:  # `auto` without a checkpoint starts again from step 0
+        _trim_log(output / "log.jsonl", state.step)
     log.info("%d pairs, %d batches per epoch and rank, %d optimizer steps", len(samples),
              sampler.batches_per_epoch, total)
     return Run(cfg, output, world, device, model, tokenizer, loader, sampler, optimizer, scheduler, total, state)
@@ -299,8 +299,12 @@ def _check_output(output: Path, resume: str | None) -> None:
         raise InvalidInputError(f"output {output} is a file; name a folder for the run")
     found = [name for name in RUN_FILES if (output / name).exists()]
     if resume is None and found:
-        raise InvalidInputError(f"output {output} already holds a training run ({', '.join(found)}); pass "
-                                "--resume auto to continue it, or another output folder")
+        if checkpoint.LAST in found:
+            raise InvalidInputError(f"output {output} already holds a training run ({', '.join(found)}); pass "
+                                    "--resume auto to continue it, or another output folder")
+        raise InvalidInputError(f"output {output} holds a training run that saved no checkpoint "
+                                f"({', '.join(found)}); pass --resume auto to start it again there, or "
+                                "another output folder")
 
 
 def train(cfg: TrainConfig, resume: str | None = None, until: int | None = None) -> Path:
