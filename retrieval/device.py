@@ -114,6 +114,26 @@ _KEEP_UP_TO = 2**31 - 1  # bytes: mallopt takes a C int
 
 
 @functools.cache
+def small_pages_for_a_short_run() -> bool:
+    """Stop numpy from asking for transparent huge pages (`madvise(MADV_HUGEPAGE)` on every array of 4 MB or
+    more) in a process that lives for one answer; True where that was set. With THP in `madvise` mode, the
+    kernel may compact memory to find a 2 MB page at the first touch (the `defrag` default stalls for it), and
+    a fresh query's 57 MB of unpacked feature maps then took 100-220 ms instead of ~8 ms, at random; in 4 KB
+    pages it takes 31-47 ms every time. A fresh full-size `blipsearch query` (the 2-core AVX2 EPYC, 20
+    alternating runs each): 1.13-1.24 s against 1.13-1.79 s (the default's five slowest: 1.79, 1.40, 1.36,
+    1.23, 1.21 s), medians 1.16 and 1.17 s. Long-lived processes keep the default: they reuse their memory.
+    numpy's switch is private (`_set_madvise_hugepage`, numpy 1.20 and later); without it nothing changes."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
+    switch = getattr(multiarray, "_set_madvise_hugepage", None)
+    if switch is None:
+        return False
+    switch(False)
+    return True
+
+
 def keep_freed_memory() -> bool:
     """Let this process keep the memory that large tensors free for the next ones (glibc's malloc), instead of
     handing it back to the OS and faulting it in again page by page; True where that was set.

@@ -37,3 +37,20 @@ def test_freed_memory_is_reused_without_page_faults():
     assert kept == "True", run.stderr
     assert int(default) > pages // 2, run.stdout  # each page faulted in again by default
     assert int(after) < pages // 32, run.stdout
+
+
+def test_a_query_process_asks_numpy_for_no_huge_pages(tmp_path):
+    """A fresh query's unpacked feature maps stalled 100-220 ms at random on huge-page compaction
+    (`small_pages_for_a_short_run`); the query command turns numpy's advice off, other processes keep it."""
+    probe = f"""
+from numpy._core import multiarray
+from blipsearch.retrieval.cli import main
+before = multiarray._get_madvise_hugepage()
+try:
+    main(["query", "a red circle", "--index", {str(tmp_path / "none")!r}], standalone_mode=False)
+except (Exception, SystemExit):
+    pass  # no index there: the setting is made before the index is opened
+print(before, multiarray._get_madvise_hugepage())
+"""
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["True", "False"], run.stderr

@@ -81,8 +81,10 @@ def query_command(text, image_path, add, subtract, add_image, subtract_image, to
     """
     from ..api import Index, folders
     from ..dates import date_range
+    from ..device import small_pages_for_a_short_run
     from ..search import SearchOptions
 
+    small_pages_for_a_short_run()  # one answer, then exit: no huge-page compaction stalls (its docstring)
     if text is not None and image_path is not None:
         raise InvalidInputError("give either a query TEXT or --image PATH, not both")
     if text is None and image_path is None and keyword is None:
