@@ -144,7 +144,9 @@ class IndexWriter:
                 if rebuild:
                     _drop(path)  # also what repairs a damaged index
                 if not has_data(path) and read_manifest(path) is None:
-                    write_manifest(path, Manifest.new(info))  # tables follow in `_Tables.read`
+                    fresh = Manifest.new(info)
+                    fresh.run.writing = True  # from its first moment: readers see a run under way, not an empty index
+                    write_manifest(path, fresh)  # tables follow in `_Tables.read`
                 manifest = read_index_manifest(path)
                 check_model(manifest, info, path)
                 tables = _Tables.read(path, manifest, create=manifest.run.generation == 0, upgrade=True)

@@ -34,7 +34,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .dates import format_date
-from .errors import FieldError, ImageLoadError, IndexDamagedError, InvalidInputError, StoreError, printable
+from .errors import (
+    FieldError,
+    ImageLoadError,
+    IndexDamagedError,
+    IndexMissingError,
+    InvalidInputError,
+    StoreError,
+    printable,
+)
 from .models.base import RetrievalModel, TextTokens
 from .search import Filters, Hit, Searcher, SearchOptions
 
@@ -203,6 +211,7 @@ class Index:
         if len(terms) > MAX_TERMS:  # the one check: the CLI's and the server's terms all come through here
             raise InvalidInputError(f"a query has at most {MAX_TERMS} terms (each text term is an ITM pass over "
                                     "every candidate)")
+        self.refresh()  # a run or a --rebuild in another process since the last query
         view = self._view
         with self._model_lock:
             self._check_not_empty(view.reader)
@@ -224,6 +233,7 @@ class Index:
                 words = next((t.text for t in terms if t.text is not None and t.weight > 0), None)
                 hits = searcher.search_vector(vector, texts, options, words=words)
             results = self._results(view, hits, options.filters)
+        self._check_same_build(view)
         if options.sort == "date":
             results.sort(key=lambda r: -r.date)
         return results
@@ -274,6 +284,19 @@ class Index:
             return True
 
     # ---- internals --------------------------------------------------------------------------------
+
+    def _check_same_build(self, view: _View) -> None:
+        """A --rebuild numbers its feature segments from 1 again: one that began while a query read them may
+        have handed it other images' features. The manifest names a new build from the rebuild's start."""
+        from blipsearch.indexer.layout import read_index_manifest
+
+        try:
+            build = read_index_manifest(self.location).run.build
+        except (IndexMissingError, IndexDamagedError):
+            build = None  # a rebuild drops the old index first: for a moment there is none, or a damaged one
+        if build != view.reader.manifest.run.build:
+            raise StoreError(f"the index at {self.location} was rebuilt while this query ran; ask again once "
+                             "the rebuild has stored images")
 
     def _check_not_empty(self, reader) -> None:
         if reader.counts()[1] == 0:

@@ -179,6 +179,61 @@ def test_a_rebuild_is_picked_up_where_its_generation_matches_the_one_open(tmp_pa
 
 
 
+def test_an_open_index_answers_from_a_rebuild_made_since_without_being_refreshed(tmp_path, tiny_model_dir):
+    """An index opened but not yet searched mapped the rebuilt index's feature segments (numbered from 1
+    again) under its old view: other images' features, scores of -3 for the best match, no error."""
+    make_folder(tmp_path / "photos", 2)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    index = Index.open(tmp_path / "index", device="cpu")
+    make_folder(tmp_path / "other", 3, seed=5)
+    blipsearch("index", str(tmp_path / "other"), "--rebuild", "-q", index=tmp_path / "index")
+    assert {Path(r.path).parent.name for r in index.search(QUERY, SearchOptions(top=10))} == {"other"}
+    fresh = Index.open(tmp_path / "index", device="cpu")
+    ours, theirs = (i.search(QUERY, SearchOptions(top=10)) for i in (index, fresh))
+    assert [(r.path, r.score) for r in ours] == [(r.path, r.score) for r in theirs]
+
+
+def test_a_query_during_which_a_rebuild_began_is_refused(tmp_path, tiny_model_dir, monkeypatch):
+    """Its features may come from the rebuild's new segments: an error, never mixed results."""
+    from blipsearch.indexer.manifest import read_manifest, write_manifest
+
+    make_folder(tmp_path / "photos", 2)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    index = Index.open(tmp_path / "index", device="cpu")
+    reader, fetch = index.reader, index.reader.token_features
+
+    def rebuild_begins(hashes):
+        manifest = read_manifest(tmp_path / "index")
+        manifest.run.build, manifest.run.generation, manifest.run.writing = "another", 0, True
+        write_manifest(tmp_path / "index", manifest)
+        return fetch(hashes)
+
+    monkeypatch.setattr(reader, "token_features", rebuild_begins)
+    with pytest.raises(StoreError, match="was rebuilt while this query ran; ask again"):
+        index.search(QUERY)
+    assert len(index.search(QUERY)) == 2  # the next query opens the index anew (here its tables are unchanged)
+
+
+def test_a_new_index_reads_as_a_run_under_way_from_its_first_moment(tmp_path, tiny_model_dir, monkeypatch):
+    """Between its manifest and its tables (~1 s) a new index read as finished and empty: a reader that opened
+    it then said "add images" for the whole first run (a refresh keeps a view while a run is under way)."""
+    from blipsearch.indexer import store
+    from blipsearch.retrieval.models import load_model
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store._Tables, "read", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.IndexWriter.open(tmp_path / "index", load_model(str(tiny_model_dir), "cpu", "fp32").info)
+    monkeypatch.undo()
+    with pytest.raises(StoreError, match="no images yet: its first indexing run"):
+        Index.open(tmp_path / "index", device="cpu").search(QUERY)
+    make_folder(tmp_path / "photos", 2)
+    blipsearch("index", str(tmp_path / "photos"), "-q", index=tmp_path / "index")
+    assert len(Index.open(tmp_path / "index", device="cpu").search(QUERY)) == 2
+
+
 def test_an_index_whose_first_run_stored_nothing_yet_says_so(tmp_path, tiny_model_dir):
     """As a --rebuild (or a first run) leaves it before its first images are stored: a StoreError (the server's
     503), not the empty index's "add images"."""

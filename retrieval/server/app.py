@@ -160,8 +160,7 @@ def _options(top: int, candidates: int, rerank: bool, min_prob: float | None, un
 def _answer(index: Index, query: str, terms: list[Term], options: SearchOptions) -> dict:
     from ..errors import printable
 
-    index.refresh()
-    results = index.search(terms, options)
+    results = index.search(terms, options)  # on the latest finished generation (it refreshes)
     return {"query": printable(query), "model": printable(index.model.info.model_id),
             "results": [r.to_json(details=True) for r in results]}
 
