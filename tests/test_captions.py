@@ -194,15 +194,27 @@ def test_snapshot_round_trip_of_captions_dates_and_cameras(tmp_path, captions_in
 
 
 def test_a_captioner_that_fails_to_load_is_not_remembered(tmp_path, tiny_model_dir):
-    """It once stayed in the manifest, so that every later plain run failed on it too."""
+    """It once stayed in the manifest, so that every later plain run failed on it too. What its config.json
+    shows is no captioner (a retrieval checkpoint) is refused before the run starts: at the run's first new
+    image it left the run unfinished ("interrupted"), and the process sometimes aborted (exit 134)."""
     from blipsearch.indexer.manifest import read_manifest
 
     from runner import blipsearch, one_line_error
 
     make_folder(tmp_path / "photos", 2)
     blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    make_folder(tmp_path / "photos", 3, seed=7)  # new images: the captioner is needed at the first batch
     failed = blipsearch("index", str(tmp_path / "photos"), "--captioner", str(tiny_model_dir), "-q",
-                        index=tmp_path / "index", expect=1)  # a retrieval checkpoint: refused at load
+                        index=tmp_path / "index", expect=1)
     one_line_error(failed, "not a BLIP or BLIP-2 captioner")
+    run = read_manifest(tmp_path / "index").run
+    assert (run.captioner, run.writing, run.generation) == (None, False, 1)  # refused before the run began
+    damaged = tmp_path / "damaged-captioner"  # a captioner by its config, whose weights fail to load
+    shutil.copytree(Path(__file__).parents[1] / "training" / "demo_captioner", damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    failed = blipsearch("index", str(tmp_path / "photos"), "--captioner", str(damaged), "-q",
+                        index=tmp_path / "index", expect=1)
+    one_line_error(failed, "cannot load the captioner")
     assert read_manifest(tmp_path / "index").run.captioner is None
     blipsearch("index", str(tmp_path / "photos"), "-q", index=tmp_path / "index")

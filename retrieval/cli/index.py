@@ -64,13 +64,18 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
     location = index_location(index_path)
     resolve_roots(folders)  # a missing folder, a damaged or foreign index: all fail before the model loads
     _check_ray(ray_address, ray_actors, captions, captioner_name)
-    model_name = model_to_write(location, model_name, rebuild) or DEFAULT_MODEL
-    model = load(model_name, device, precision)
     if captions is False and captioner_name is not None:
         raise InvalidInputError("--captioner names the model for --captions; drop one of --captioner and --no-captions")
     recorded = _recorded_captioner(location)  # before a --rebuild drops the manifest
+    chosen = _chosen_captioner(recorded, captions, captioner_name)
+    if chosen is not None and chosen != recorded:  # newly named: refused now, not at the run's first new image
+        from ..models.captioner import check_captioner  # (that left the run unfinished, and could abort the process)
+
+        check_captioner(chosen)
+    model_name = model_to_write(location, model_name, rebuild) or DEFAULT_MODEL
+    model = load(model_name, device, precision)
     store = IndexWriter.open(location, model.info, rebuild=rebuild)
-    captioner = _captioner(store, recorded, captions, captioner_name, device, precision)
+    captioner = _captioner(store, recorded, chosen, device, precision)
     options = IndexOptions(
         batch_size=batch_size or (64 if model.device.type != "cpu" else 16),
         workers=workers,
@@ -139,18 +144,21 @@ def _recorded_captioner(location) -> str | None:
     return manifest.run.captioner if manifest is not None else None
 
 
-def _captioner(store, recorded: str | None, captions: bool | None, name: str | None, device: str, precision: str):
-    """The run's captioner (None: no captions), as asked, else as the index remembers; remembered for the
-    next run at once (a run that is killed still leaves the choice), and forgotten again where it fails to
-    load (else every later run would fail on it). Loaded only when the run has something to caption."""
+def _chosen_captioner(recorded: str | None, captions: bool | None, name: str | None) -> str | None:
+    """The run's captioner's name (None: no captions): as asked, else as the index remembers."""
+    if captions is False:
+        return None
+    if name is not None or captions:
+        return _absolute_name(name) if name is not None else recorded or DEFAULT_CAPTIONER
+    return recorded
+
+
+def _captioner(store, recorded: str | None, chosen: str | None, device: str, precision: str):
+    """The run's captioner (None: no captions); remembered for the next run at once (a run that is killed
+    still leaves the choice), and forgotten again where it fails to load (else every later run would fail on
+    it). Loaded only when the run has something to caption."""
     from blipsearch.indexer.pipeline import CaptionerSource
 
-    if captions is False:
-        chosen = None
-    elif name is not None or captions:
-        chosen = _absolute_name(name) if name is not None else recorded or DEFAULT_CAPTIONER
-    else:
-        chosen = recorded
     store.remember_captioner(chosen)
     if chosen is None:
         return None

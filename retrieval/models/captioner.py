@@ -157,6 +157,12 @@ class Captioner:
         return [" ".join(text.split()) for text in captions]
 
 
+def check_captioner(name: str) -> None:
+    """Refuse (`ModelLoadError`) what cannot be a captioner, from its config.json alone (no weights are read):
+    a run that names one checks it before it starts, not at its first new image."""
+    _check_architecture(name, read_config(local_directory(resolve(name)), name))
+
+
 def load_captioner(name: str, device: str | torch.device = "auto", precision: str = "auto",
                    **kwargs: Any) -> Captioner:
     """`Captioner.load`: a BLIP captioning checkpoint (hub id or local directory) ready for `caption`."""
