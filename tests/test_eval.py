@@ -371,3 +371,51 @@ def test_annotation_files_of_the_wrong_shape_are_one_line_naming_the_file(tmp_pa
     with pytest.raises(InvalidInputError, match=re.escape(message)) as refused:
         load_annotations(tmp_path / "ann.json")
     assert str(tmp_path / "ann.json") in str(refused.value) and "\n" not in str(refused.value)
+
+
+TERM_DRIVER = """
+import sys
+from pathlib import Path
+from blipsearch.retrieval import cli, evaluation
+
+fifo, marker = sys.argv[1:3]
+
+def fill_cache(*args, **kwargs):  # stops inside the run, its temporary feature folder made
+    Path(marker).touch()
+    open(fifo, "rb")
+
+evaluation.fill_cache = fill_cache
+sys.argv = ["blipsearch", *sys.argv[3:]]
+cli.run()
+"""
+
+
+def test_sigterm_stops_eval_as_ctrl_c_does_and_its_temporary_features_go(dataset, tiny_model_dir, tmp_path):
+    """SIGTERM ended the process outright: the temporary feature folder (4.4 GB on COCO) stayed behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "tmp").mkdir()
+    os.mkfifo(tmp_path / "never-written")
+    (tmp_path / "driver.py").write_text(TERM_DRIVER)
+    process = subprocess.Popen(
+        [sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "never-written"), str(tmp_path / "inside"),
+         "eval", "--images", str(dataset / "images"), "--ann", str(dataset / "flickr30k_test.json"), "--model",
+         str(tiny_model_dir), "--device", "cpu", "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "inside").exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert [p.name[:16] for p in (tmp_path / "tmp").iterdir()] == ["blipsearch-eval-"]
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert (process.returncode, stderr.strip().splitlines()[-1]) == (143, "blipsearch: terminated"), stderr
+    assert list((tmp_path / "tmp").iterdir()) == []

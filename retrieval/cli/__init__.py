@@ -26,6 +26,17 @@ EXIT_ERROR = 1
 EXIT_SKIPPED = 3
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as for a process the closed pipe ended
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a service manager, a job scheduler), raised in the main thread by the `blipsearch`
+    executable: a command stops as on Ctrl-C and its clean-up runs (eval's temporary features, gigabytes on
+    COCO, were left behind when the signal ended the process outright)."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated
 
 
 # Commands of the optional training package, imported only when named (module, attribute).
@@ -59,10 +70,11 @@ class Group(click.Group):
         except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly, as `cat` would
             _silence_stdout()
             sys.exit(EXIT_BROKEN_PIPE)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             kept = "; finished batches are kept in the index" if ctx.invoked_subcommand == "index" else ""
-            click.echo(f"blipsearch: interrupted{kept}", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+            stopped = "terminated" if isinstance(exc, Terminated) else "interrupted"
+            click.echo(f"blipsearch: {stopped}{kept}", err=True)
+            sys.exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -101,9 +113,11 @@ def run() -> None:
     thread pools) took 0.4 s after a demo query had printed its answer at 1.27 s; the shell waited for it.
     Any other command, and a query that failed before its end, exits the ordinary way."""
     import os
+    import signal
 
     global _read_only_done
     _read_only_done = False
+    signal.signal(signal.SIGTERM, _terminated)  # stop as on Ctrl-C (`serve`'s uvicorn puts its own in place)
     try:
         main(prog_name="blipsearch")
         code = 0
