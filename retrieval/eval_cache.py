@@ -5,10 +5,11 @@ Layout of one cache entry, `CACHE/<key>/` where key hashes the manifest:
     manifest.json     model id + revision, dtype, preprocessing, images root and the full image list
     features.npy      (I, T, H) float16 ITM token features (5K x 577 x 768 COCO: 4.4 GB)
     embeddings.npy    (I, V, D) float32 L2-normalised ITC vectors
-    done.npy          (I,) int64, 0 until a row of both arrays is flushed, then the image file's size + 1
+    done.npy          (I, 2) int64, 0 until a row of both arrays is flushed, then the image file's size + 1
+                      and its modification time (ns)
 
 A batch's rows are flushed before their done marks are set, so a run killed at any point resumes with the
-rows it finished; a row whose file changed size since is computed again. The key covers the full image
+rows it finished; a row whose file changed since (its size or its modification time) is computed again. The key covers the full image
 list, so `--limit N` runs fill and reuse the first N rows of the full run's entry.
 """
 
@@ -32,7 +33,7 @@ from .models import RetrievalModel
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: done marks hold the modification time too (a same-size replacement was missed)
 FEATURE_DTYPE = np.float16  # bf16 -> fp16 is exact for the normal range; fp32 rounds to 11 mantissa bits
 _FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -44,15 +45,16 @@ class FeatureCache:
     directory: Path
     features: np.ndarray  # (I, T, H) float16 memmap
     embeddings: np.ndarray  # (I, V, D) float32 memmap
-    done: np.ndarray  # (I,) int64 memmap: 0, or the file size + 1 when the row was computed
+    done: np.ndarray  # (I, 2) int64 memmap: 0, or (file size + 1, mtime in ns) when the row was computed
 
-    def missing(self, sizes: np.ndarray) -> np.ndarray:
-        """Indices among the first len(sizes) rows not computed yet, or computed from a file since changed."""
-        return np.flatnonzero(self.done[:len(sizes)] != sizes + 1)
+    def missing(self, stamps: np.ndarray) -> np.ndarray:
+        """Indices among the first len(stamps) rows not computed yet, or computed from a file since changed;
+        `stamps` (N, 2): each file's size + 1 and modification time (`file_stamps`)."""
+        return np.flatnonzero((self.done[:len(stamps)] != stamps).any(axis=1))
 
-    def write(self, rows: np.ndarray, sizes: np.ndarray, embeddings: torch.Tensor,
+    def write(self, rows: np.ndarray, stamps: np.ndarray, embeddings: torch.Tensor,
               features: torch.Tensor) -> None:
-        """Store a batch's rows; `sizes` are their files' sizes, recorded once the data is on disk."""
+        """Store a batch's rows; `stamps` are their files' (`file_stamps`), recorded once the data is on disk."""
         half = features.to(torch.float16)
         if torch.isinf(half).any() and torch.isfinite(features).all():
             raise InvalidInputError(f"image features exceed the float16 range (|x| > {_FP16_MAX:.0f}); this "
@@ -60,8 +62,14 @@ class FeatureCache:
         self.features[rows] = half.cpu().numpy()
         self.embeddings[rows] = embeddings.float().cpu().numpy()
         _flush(self.features, self.embeddings)
-        self.done[rows] = sizes + 1
+        self.done[rows] = stamps
         _flush(self.done)
+
+
+def file_stamps(root: Path, paths: list[str]) -> np.ndarray:
+    """(N, 2) int64: each file's size + 1 (never 0, which marks a row not computed) and modification time."""
+    stats = [(root / p).stat() for p in paths]
+    return np.array([(st.st_size + 1, st.st_mtime_ns) for st in stats], dtype=np.int64).reshape(-1, 2)
 
 
 def image_manifest(model: RetrievalModel, root: Path, paths: list[str]) -> dict:
@@ -90,14 +98,14 @@ def open_cache(directory: Path, manifest: dict) -> FeatureCache:
     count = manifest["images"]
     shapes = {"features.npy": ((count, *manifest["feature_shape"]), FEATURE_DTYPE),
               "embeddings.npy": ((count, *manifest["embedding_shape"]), np.float32),
-              "done.npy": ((count,), np.int64)}
+              "done.npy": ((count, 2), np.int64)}
     try:
         entry.mkdir(parents=True, exist_ok=True)
         arrays = _open_arrays(entry, manifest, shapes)
     except OSError as exc:
         raise InvalidInputError(f"--cache {directory}: {exc.strerror or exc}") from exc
     cache = FeatureCache(entry, arrays["features.npy"], arrays["embeddings.npy"], arrays["done.npy"])
-    log.info("feature cache %s: %d of %d images done", entry, int((cache.done > 0).sum()), count)
+    log.info("feature cache %s: %d of %d images done", entry, int((cache.done[:, 0] > 0).sum()), count)
     return cache
 
 
@@ -139,15 +147,15 @@ def _flush(*arrays: np.ndarray) -> None:
 def fill_cache(model: RetrievalModel, cache: FeatureCache, root: Path, paths: list[str], batch_size: int,
                workers: int, progress: bool = True) -> int:
     """Encode the images among `paths` (the first rows of the cache) not cached yet; returns how many."""
-    sizes = np.array([(root / p).stat().st_size for p in paths], dtype=np.int64)
-    rows = cache.missing(sizes)
+    stamps = file_stamps(root, paths)
+    rows = cache.missing(stamps)
     if not len(rows):
         return 0
     with tqdm(total=len(rows), desc="image encoding", unit="img", disable=not progress) as bar:
         for batch_rows, pixels in decoded_batches(root, paths, rows, model.info.preprocessing, batch_size,
                                                   workers):
             encoding = model.encode_images(model.pixel_values(pixels))
-            cache.write(batch_rows, sizes[batch_rows], encoding.embeddings, encoding.features)
+            cache.write(batch_rows, stamps[batch_rows], encoding.embeddings, encoding.features)
             bar.update(len(batch_rows))
     return len(rows)
 

@@ -1,6 +1,7 @@
 """`blipsearch eval` end to end on tiny fixtures, checked against a port of LAVIS's own evaluation code."""
 
 import json
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from blipsearch.retrieval.annotations import load_annotations
 from blipsearch.retrieval.cli import evaluate as _registers_eval  # noqa: F401  (adds `eval` to main)
 from blipsearch.retrieval.cli import main
 from blipsearch.retrieval.errors import InvalidInputError
-from blipsearch.retrieval.eval_cache import fill_cache, image_manifest, open_cache
+from blipsearch.retrieval.eval_cache import file_stamps, fill_cache, image_manifest, open_cache
 from blipsearch.retrieval.eval_metrics import Recall
 from blipsearch.retrieval.eval_report import RunInfo, format_table, published_for, to_json
 from blipsearch.retrieval.evaluation import (
@@ -253,6 +254,14 @@ def test_limit_fills_the_full_runs_cache_and_a_changed_file_is_encoded_again(dat
     (changed / items[0].image).write_bytes((root / items[0].image).read_bytes() + b"\0" * 7)
     second = evaluate(tiny_model, items, changed, options, cache_dir=tmp_path / "c2")
     assert (first.images_encoded, second.images_encoded) == (6, 1)
+    # a file rewritten at the same size (uncompressed images of one shape all have one size): only its
+    # modification time tells; the cache once kept its row and reported the old recall
+    rewritten = changed / items[2].image
+    os.utime(rewritten, ns=(rewritten.stat().st_atime_ns, rewritten.stat().st_mtime_ns + 10**9))
+    third = evaluate(tiny_model, items, changed, options, cache_dir=tmp_path / "c2")
+    assert third.images_encoded == 1
+    assert file_stamps(changed, [items[2].image]).tolist() == [[rewritten.stat().st_size + 1,
+                                                                  rewritten.stat().st_mtime_ns]]
 
 
 def test_itc_similarity_takes_the_best_of_several_vectors_per_image(monkeypatch):
