@@ -9,8 +9,9 @@ Layout of one cache entry, `CACHE/<key>/` where key hashes the manifest:
                       and its modification time (ns)
 
 A batch's rows are flushed before their done marks are set, so a run killed at any point resumes with the
-rows it finished; a row whose file changed since (its size or its modification time) is computed again. The key covers the full image
-list, so `--limit N` runs fill and reuse the first N rows of the full run's entry.
+rows it finished; a row whose file changed since (its size or its modification time) is computed again.
+The key covers the full image list, so `--limit N` runs fill and reuse the first N rows of the full run's
+entry.
 """
 
 from __future__ import annotations
