@@ -268,3 +268,17 @@ def test_an_index_location_that_cannot_be_made_is_one_line(tmp_path, tiny_model_
     result = blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir),
                         index=tmp_path / "a-file" / "index", expect=1)
     assert "cannot create the index folder" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_quiet_run_on_a_new_index_prints_its_summary_alone(tmp_path, tiny_model_dir):
+    """LanceDB's own log printed two WARN lines ("No existing dataset ... it will be created") on every new
+    index, past `-q`."""
+    from photos import make_folder
+    from runner import run_cli
+
+    make_folder(tmp_path / "photos", 2)
+    done = run_cli("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "--index",
+                   str(tmp_path / "index"), "--device", "cpu", "-q", text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("blipsearch: indexed 2, "), done.stderr

@@ -150,6 +150,7 @@ def _quiet_third_party() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("LANCEDB_LOG", "error")  # its WARN lines ("No existing dataset ... will be created")
     if sys.platform == "darwin":  # torch and faiss each bring libomp; macOS aborts on the second one
         os.environ.setdefault("KMP_DUPLICATE_LIB_OK", "TRUE")
 
