@@ -63,6 +63,11 @@ class Indexed:
 
     path: str
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str | Path):
+            raise FieldError("path", f"must be a file path, not {type(self.path).__name__}")
+        object.__setattr__(self, "path", str(self.path))  # a Path names the same indexed file
+
 
 ImageSource = Path | bytes | Indexed  # a file, its bytes (an upload; a bytearray or memoryview too), an indexed file
 
@@ -91,6 +96,11 @@ class Term:
         if not (isinstance(self.weight, int | float) and MIN_WEIGHT <= abs(self.weight) <= MAX_WEIGHT):
             raise FieldError("weight", f"must be a number of size {MIN_WEIGHT:g} to {MAX_WEIGHT:g} (negative: "
                                        "less like this)")
+        if self.text is not None and not isinstance(self.text, str):
+            raise FieldError("text", f"must be a text, not {type(self.text).__name__}")
+        if self.image is not None and not isinstance(self.image, Path | str | bytes | bytearray | memoryview | Indexed):
+            raise FieldError("image", f"must be a file path, the image's bytes or an Indexed file, not "
+                                      f"{type(self.image).__name__}")
         if self.text is not None and not self.text.strip():
             raise InvalidInputError("the query text is empty")
 
@@ -204,7 +214,14 @@ class Index:
 
     def search(self, query: str | Sequence[Term], options: Options | None = None) -> list[Result]:
         """Images that best match a text, or a composed query (see the module docstring)."""
-        terms = [Term(text=query)] if isinstance(query, str) else list(query)
+        if isinstance(query, str):
+            terms = [Term(text=query)]
+        elif isinstance(query, list | tuple) and all(isinstance(t, Term) for t in query):
+            terms = list(query)
+        else:  # a list of texts is the likeliest slip: say what a list holds
+            raise FieldError("query", "must be a text, or a list of Term (Term(text=...), Term(image=...))")
+        if options is not None and not isinstance(options, Options):
+            raise FieldError("options", f"must be Options(...), not {type(options).__name__}")
         options = options or Options()
         if not terms and not options.keyword:
             raise InvalidInputError("the query has no terms")
@@ -240,13 +257,17 @@ class Index:
 
     def keyword_search(self, words: str, options: Options | None = None) -> list[Result]:
         """Images whose caption or paths hold every one of `words`, best BM25 first (no model involved)."""
+        if not isinstance(words, str):
+            raise FieldError("words", f"must be a text, not {type(words).__name__}")
+        if options is not None and not isinstance(options, Options):
+            raise FieldError("options", f"must be Options(...), not {type(options).__name__}")
         options = replace(options or Options(), keyword=words)
         return self.search([], options)
 
     def search_image(self, image: ImageSource, options: Options | None = None) -> list[Result]:
         return self.search([Term(image=image)], options)
 
-    def similar(self, path: str, options: Options | None = None) -> list[Result]:
+    def similar(self, path: str | Path, options: Options | None = None) -> list[Result]:
         """Images like the indexed file `path` (itself first), by its stored vectors (see `Indexed`)."""
         return self.search_image(Indexed(path), options)  # NotIndexedError for any other path
 

@@ -143,6 +143,25 @@ def test_errors_name_fields(index, tmp_path):
         index.search([])
 
 
+def test_arguments_of_the_wrong_type_are_field_errors(index, library):
+    """Each was an AttributeError or TypeError from inside the search."""
+    for query in (["a red dog", "blue"], b"a red dog", None, 5):
+        with pytest.raises(FieldError, match=r"^query must be a text, or a list of Term"):
+            index.search(query)
+    with pytest.raises(FieldError, match=r"^options must be Options\(...\), not dict"):
+        index.search(QUERY, {"top": 3})
+    with pytest.raises(FieldError, match=r"^text must be a text, not int"):
+        Term(text=5)
+    with pytest.raises(FieldError, match=r"^image must be a file path, the image's bytes or an Indexed file"):
+        index.search_image(5)
+    with pytest.raises(FieldError, match=r"^words must be a text, not int"):
+        index.keyword_search(5)
+    with pytest.raises(FieldError, match=r"^path must be a file path, not int"):
+        index.similar(5)
+    path = library / "photos" / "a" / "img000.png"  # a Path names the indexed file as its text does
+    assert [r.path for r in index.similar(path)] == [r.path for r in index.similar(str(path))]
+
+
 def test_weighted_term_syntax():
     assert weighted("2:sunset") == (2.0, "sunset")
     assert weighted("0.5:a:b") == (0.5, "a:b")
