@@ -7,8 +7,11 @@ Ordering of items for one query, highest first, by the key (tier, score):
 - `tier` lets the re-ranked ordering put every ITM candidate (tier 1) above every non-candidate (tier 0)
   whatever the fused score, even when ITM logit + ITC is below -100 (LAVIS's filler) or -inf.
 - Ties count against the query: a wrong item whose key equals the best relevant item's key ranks ahead of
-  it. The result does not depend on the order of images or captions in the file, and a model that gives
-  everything the same score gets recall 0, not recall by file order. NaN scores rank like -inf.
+  it. The ranking does not depend on the order of images or captions in the file, and a model that gives
+  everything the same score gets recall 0, not recall by file order. NaN scores rank like -inf. (Which
+  items become ITM candidates is `evaluation.top_candidates`'s choice: of items tied at the k_test-th
+  ITC score, the earlier in the file, as LAVIS's `topk`. Repeated captions are encoded once, so they tie
+  exactly.)
 """
 
 from __future__ import annotations

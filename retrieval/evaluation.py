@@ -124,11 +124,16 @@ def check_images(root: Path, paths: list[str]) -> None:
 
 def encode_captions(model: RetrievalModel, dataset: list[AnnotatedImage], batch_size: int,
                     progress: bool = True) -> TextSet:
-    """ITC embeddings and ITM tokens of every caption, in annotation order."""
-    captions = [pre_caption(c) for item in dataset for c in item.captions]
-    if not captions:
+    """ITC embeddings and ITM tokens of every caption, in annotation order. Each distinct caption (after
+    cleaning) is encoded once: repeated captions (COCO has them) get the very same embedding, where a
+    batch's row order once moved their last bits, and with them which of two equal captions ranked first."""
+    cleaned = [pre_caption(c) for item in dataset for c in item.captions]
+    if not cleaned:
         raise InvalidInputError("the annotation file has no captions for these images")
     image_of = torch.tensor([i for i, item in enumerate(dataset) for _ in item.captions], dtype=torch.long)
+    captions = list(dict.fromkeys(cleaned))  # distinct, in first-seen order
+    row = {caption: i for i, caption in enumerate(captions)}
+    of = torch.tensor([row[c] for c in cleaned], dtype=torch.long)  # each caption's distinct row
     embeddings, ids, masks = [], [], []
     with tqdm(total=len(captions), desc="text encoding", unit="caption", disable=not progress) as bar:
         for start in range(0, len(captions), batch_size):
@@ -138,9 +143,9 @@ def encode_captions(model: RetrievalModel, dataset: list[AnnotatedImage], batch_
             masks.append(encoding.tokens.attention_mask.cpu())
             bar.update(len(ids[-1]))
     length = max(t.shape[1] for t in ids)
-    tokens = TextTokens(input_ids=torch.cat([_pad(t, length) for t in ids]),
-                        attention_mask=torch.cat([_pad(m, length) for m in masks]))
-    return TextSet(torch.cat(embeddings), tokens, image_of)
+    tokens = TextTokens(input_ids=torch.cat([_pad(t, length) for t in ids])[of],
+                        attention_mask=torch.cat([_pad(m, length) for m in masks])[of])
+    return TextSet(torch.cat(embeddings)[of], tokens, image_of)
 
 
 def pre_caption(caption: str, max_words: int = 30) -> str:

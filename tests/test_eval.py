@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from blipsearch.indexer.images import load_image
-from blipsearch.retrieval.annotations import load_annotations
+from blipsearch.retrieval.annotations import AnnotatedImage, load_annotations
 from blipsearch.retrieval.cli import evaluate as _registers_eval  # noqa: F401  (adds `eval` to main)
 from blipsearch.retrieval.cli import main
 from blipsearch.retrieval.errors import InvalidInputError
@@ -428,3 +428,13 @@ def test_sigterm_stops_eval_as_ctrl_c_does_and_its_temporary_features_go(dataset
         process.kill()
     assert (process.returncode, stderr.strip().splitlines()[-1]) == (143, "blipsearch: terminated"), stderr
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_repeated_captions_are_encoded_once_and_tie_exactly(tiny_model):
+    """A batch's row order moved their embeddings' last bits, and with them which of two images with the same
+    caption ranked first (ITC TR@1 50 or 0 by the file's order)."""
+    items = [AnnotatedImage("a.png", ["A red dog.", "a blue cat"]), AnnotatedImage("b.png", ["a red dog"])]
+    encoded = encode_captions(tiny_model, items, batch_size=2, progress=False)
+    assert torch.equal(encoded.embeddings[0], encoded.embeddings[2])
+    assert torch.equal(encoded.tokens.input_ids[0], encoded.tokens.input_ids[2])
+    assert encoded.image_of.tolist() == [0, 0, 1] and len(encoded.embeddings) == 3
