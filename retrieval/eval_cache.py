@@ -171,7 +171,8 @@ def decoded_batches(root: Path, paths: list[str], rows: np.ndarray, preprocessin
         try:
             return load_image(root / paths[row], preprocessing).pixels
         except ImageLoadError as exc:
-            raise ImageLoadError(f"image {root / paths[row]}: {exc}") from exc
+            raise ImageLoadError(f"image {root / paths[row]}: {exc}; recall counts every annotated image: "
+                                 "replace the file, or remove its entry from the annotation file") from exc
 
     decoded = bounded_map(decode, rows, max(1, workers), ahead=batch_size)
     with closing(decoded):

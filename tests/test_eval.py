@@ -315,6 +315,18 @@ def test_split_is_refused_for_a_lavis_list_which_holds_one(dataset, tmp_path):
     assert len(load_annotations(lavis, default_split="train")) == 6  # training's default passes a LAVIS file by
 
 
+def test_an_image_that_does_not_decode_is_one_line_saying_what_to_do(dataset, tiny_model_dir, tmp_path):
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "bad.png").write_bytes(b"not an image")
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps([{"image": "test/bad.png", "caption": ["a red square"]}]))
+    result = _run(["--images", str(tmp_path), "--ann", str(ann), "--model", str(tiny_model_dir), "-q"])
+    assert result.exit_code == 1
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith(f"blipsearch: error: image {tmp_path / 'test' / 'bad.png'}: ") and line.endswith(
+        "recall counts every annotated image: replace the file, or remove its entry from the annotation file")
+
+
 def test_a_bad_annotation_file_is_one_line(dataset, tmp_path):
     ann = tmp_path / "ann.json"
     ann.write_text("{not json")
@@ -372,6 +384,9 @@ def test_captions_are_cleaned_as_blip_does():
     (b'[{"image": null, "caption": "a"}]', "'image' must be a file name"),
     (b'[{"image": ["a.png"], "caption": "a"}]', "'image' must be a file name"),
     (b'[{"image": "a.png", "caption": null}]', "'caption' a text or a list of texts"),
+    (b'[{"image": "a.png", "caption": []}]', "(a.png) has no caption, or an empty one; give each image"),
+    (b'[{"image": "a.png", "caption": ["a dog", " "]}]', "entry 0 of"),
+    (b'{"images": [{"split": "test", "filename": "a.png", "sentences": []}]}', "image 0 of"),
 ])
 def test_annotation_files_of_the_wrong_shape_are_one_line_naming_the_file(tmp_path, content, message):
     """Each once ended in a traceback (UnicodeDecodeError, AttributeError, TypeError) in eval, train or capfilt,
