@@ -77,6 +77,9 @@ def test_every_query_option(client, library):
     base = [("q", QUERY), ("top", 9), ("rerank", "false")]  # ITC alone: the composed vector decides
     assert paths(client.get("/api/search", params=[*base, ("like", f"5:{like}")]))[0] == like
     assert paths(client.get("/api/search", params=[*base, ("unlike", f"5:{unlike}")]))[-1] == unlike
+    alone = client.get("/api/search", params=[("like", like), ("top", 3)])  # as the CLI's --image alone
+    assert alone.status_code == 200 and paths(alone)[0] == like and alone.json()["query"] == f"(like {like})"
+    assert paths(alone) == paths(client.get("/api/similar", params={"path": like, "top": 3}))
 
 
 @pytest.mark.parametrize("params, status, fragment", [

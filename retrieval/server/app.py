@@ -80,11 +80,13 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
                under: str | None = None, keyword: str | None = None, after: str | None = None,
                before: str | None = None, sort: str = "score", hybrid: bool | None = None) -> dict:
         more = _more(add, subtract, like, unlike)
-        if q is None and (keyword is None or more):
-            raise FieldError("q", "is missing: give a query text (or keyword words alone)")
-        terms = [Term(text=q), *more] if q is not None else []
+        if q is None and not like and (keyword is None or more):
+            raise FieldError("q", "is missing: give a query text, like=PATH (an indexed image), or keyword words "
+                                  "alone")
+        terms = [Term(text=q), *more] if q is not None else more if like else []
         options = _options(top, candidates, rerank, min_prob, under, keyword, after, before, sort, hybrid)
-        return _answer(index, q if q is not None else keyword, terms, options)
+        label = q if q is not None else f"(like {', '.join(like)})" if like else keyword
+        return _answer(index, label, terms, options)
 
     @app.post("/api/search/image", summary="Images like the uploaded image (the request body)")
     async def search_image(request: Request, add: Texts = (), subtract: Texts = (), top: int = 10,
