@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,6 +70,9 @@ class Indexed:
 
 
 ImageSource = Path | bytes | Indexed  # a file, its bytes (an upload; a bytearray or memoryview too), an indexed file
+
+
+_DROPPED = object()  # the build of an index whose manifest is gone or marked damaged (a --rebuild dropping it)
 
 
 class NotIndexedError(InvalidInputError):
@@ -214,11 +217,9 @@ class Index:
 
     def search(self, query: str | Sequence[Term], options: Options | None = None) -> list[Result]:
         """Images that best match a text, or a composed query (see the module docstring)."""
-        if isinstance(query, str):
-            terms = [Term(text=query)]
-        elif isinstance(query, list | tuple) and all(isinstance(t, Term) for t in query):
-            terms = list(query)
-        else:  # a list of texts is the likeliest slip: say what a list holds
+        terms = [Term(text=query)] if isinstance(query, str) else \
+            list(query) if isinstance(query, Iterable) and not isinstance(query, bytes | bytearray) else None
+        if terms is None or not all(isinstance(t, Term) for t in terms):  # a list of texts: the likeliest slip
             raise FieldError("query", "must be a text, or a list of Term (Term(text=...), Term(image=...))")
         if options is not None and not isinstance(options, Options):
             raise FieldError("options", f"must be Options(...), not {type(options).__name__}")
@@ -228,7 +229,7 @@ class Index:
         if len(terms) > MAX_TERMS:  # the one check: the CLI's and the server's terms all come through here
             raise InvalidInputError(f"a query has at most {MAX_TERMS} terms (each text term is an ITM pass over "
                                     "every candidate)")
-        self.refresh()  # a run or a --rebuild in another process since the last query
+        self.refresh()  # a run or a --rebuild in another process since the last query (one manifest read)
         view = self._view
         with self._model_lock:
             self._check_not_empty(view.reader)
@@ -250,7 +251,8 @@ class Index:
                 words = next((t.text for t in terms if t.text is not None and t.weight > 0), None)
                 hits = searcher.search_vector(vector, texts, options, words=words)
             results = self._results(view, hits, options.filters)
-        self._check_same_build(view)
+        if terms:  # keywords alone read no stored features
+            self._check_same_build(view)
         if options.sort == "date":
             results.sort(key=lambda r: -r.date)
         return results
@@ -314,10 +316,10 @@ class Index:
         try:
             build = read_index_manifest(self.location).run.build
         except (IndexMissingError, IndexDamagedError):
-            build = None  # a rebuild drops the old index first: for a moment there is none, or a damaged one
-        if build != view.reader.manifest.run.build:
+            build = _DROPPED  # a rebuild drops the old index first: for a moment there is none, or a damaged one
+        if build != view.reader.manifest.run.build:  # (an index older than build ids has None: not _DROPPED)
             raise StoreError(f"the index at {self.location} was rebuilt while this query ran; ask again once "
-                             "the rebuild has stored images")
+                             "the rebuild has finished")
 
     def _check_not_empty(self, reader) -> None:
         if reader.counts()[1] == 0:

@@ -134,6 +134,7 @@ def small_pages_for_a_short_run() -> bool:
     return True
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Let this process keep the memory that large tensors free for the next ones (glibc's malloc), instead of
     handing it back to the OS and faulting it in again page by page; True where that was set.

@@ -158,6 +158,7 @@ def test_arguments_of_the_wrong_type_are_field_errors(index, library):
         index.keyword_search(5)
     with pytest.raises(FieldError, match=r"^path must be a file path, not int"):
         index.similar(5)
+    assert len(index.search(t for t in [Term(QUERY)])) == len(index.search(QUERY))  # any iterable of terms
     path = library / "photos" / "a" / "img000.png"  # a Path names the indexed file as its text does
     assert [r.path for r in index.similar(path)] == [r.path for r in index.similar(str(path))]
 

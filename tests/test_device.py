@@ -43,7 +43,10 @@ def test_a_query_process_asks_numpy_for_no_huge_pages(tmp_path):
     """A fresh query's unpacked feature maps stalled 100-220 ms at random on huge-page compaction
     (`small_pages_for_a_short_run`); the query command turns numpy's advice off, other processes keep it."""
     probe = f"""
-from numpy._core import multiarray
+try:
+    from numpy._core import multiarray
+except ImportError:  # numpy 1.x
+    from numpy.core import multiarray
 from blipsearch.retrieval.cli import main
 before = multiarray._get_madvise_hugepage()
 try:
