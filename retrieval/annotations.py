@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InvalidInputError, printable
+from .errors import InvalidInputError
 
 SPLITS = ("train", "val", "test")
 
@@ -63,9 +63,6 @@ def _lavis(entries: list, path: Path) -> list[AnnotatedImage]:
         if not (_name(entry["image"]) and all(isinstance(c, str) for c in captions)):
             raise InvalidInputError(f"LAVIS annotation entry {i} of {path}: 'image' must be a file name and "
                                     "'caption' a text or a list of texts")
-        if not captions or not all(c.strip() for c in captions):
-            raise InvalidInputError(f"LAVIS annotation entry {i} of {path} ({printable(entry['image'])}) "
-                                    f"{_EMPTY}")
         by_image.setdefault(entry["image"], AnnotatedImage(entry["image"])).captions.extend(captions)
     return list(by_image.values())
 
@@ -84,14 +81,8 @@ def _karpathy(entries: list, split: str, path: Path) -> list[AnnotatedImage]:
         entry_split = "train" if entry["split"] == "restval" else entry["split"]
         if entry_split == split:
             relative = str(Path(entry.get("filepath", "")) / entry["filename"])
-            if not sentences or not all(s["raw"].strip() for s in sentences):
-                raise InvalidInputError(f"Karpathy annotation image {i} of {path} ({printable(relative)}) {_EMPTY}")
             images.append(AnnotatedImage(relative, [s["raw"] for s in sentences]))
     return images
-
-
-# an image without captions would silently leave the image->text recall's count; an empty one is a query of nothing
-_EMPTY = "has no caption, or an empty one; give each image captions with words, or remove it from the file"
 
 
 def _name(value: object) -> bool:

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .annotations import AnnotatedImage
-from .errors import InvalidInputError
+from .errors import InvalidInputError, printable
 from .eval_cache import FeatureCache, fill_cache, image_manifest, open_cache
 from .eval_metrics import Recall, ranks, recall, row_blocks
 from .fusion import fuse
@@ -88,6 +88,7 @@ def evaluate(model: RetrievalModel, dataset: list[AnnotatedImage], root: Path, o
     subset = dataset[:limit]
     paths = [item.image for item in subset]
     check_images(root, paths)
+    check_captions(subset)
     timer = _Timer()
     with _cache_root(cache_dir) as directory:
         cache = open_cache(directory, image_manifest(model, root, [item.image for item in dataset]))
@@ -120,6 +121,16 @@ def check_images(root: Path, paths: list[str]) -> None:
     if missing:
         raise InvalidInputError(f"{len(missing)} of {len(paths)} annotated images are missing under {root}, "
                                 f"e.g. {missing[0]}; --images is the folder the annotation paths start in")
+
+
+def check_captions(dataset: list[AnnotatedImage]) -> None:
+    """Fail before loading a model when an image has no caption (it would silently leave the image->text
+    recall's count) or one that cleaning empties (a query of nothing)."""
+    for item in dataset:
+        if not item.captions or not all(pre_caption(c) for c in item.captions):
+            raise InvalidInputError(f"annotated image {printable(item.image)} has no caption, or one that is "
+                                    "empty once cleaned (BLIP's pre_caption); give each image captions with "
+                                    "words, or remove it from the annotation file")
 
 
 def encode_captions(model: RetrievalModel, dataset: list[AnnotatedImage], batch_size: int,

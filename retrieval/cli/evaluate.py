@@ -58,11 +58,12 @@ def evaluate_command(dataset: str, images_root: Path, annotations: Path, split: 
     """
     from ..annotations import load_annotations
     from ..eval_report import RunInfo, format_table, published_for, to_json
-    from ..evaluation import EvalOptions, check_images, default_k_test, evaluate
+    from ..evaluation import EvalOptions, check_captions, check_images, default_k_test, evaluate
 
     dataset = dataset.lower()
     items = load_annotations(annotations, split=split)
     check_images(images_root, [item.image for item in items[:limit]])  # before the slow model load
+    check_captions(items[:limit])
     model = load(model_name or DEFAULT_MODEL, device, precision)
     options = EvalOptions(k_test=k_test or default_k_test(model.info.family, dataset), image_batch=batch_size,
                           text_batch=256, itm_batch=itm_batch, workers=workers, progress=not quiet)
