@@ -346,23 +346,22 @@ def export_checkpoint(path: str | Path, out: str | Path, captioner: bool = True,
             raise InvalidInputError(f"output {out} already holds {', '.join(t.name + '/' for t in taken)}; pass "
                                     "--overwrite to replace it, or another output folder")
         for new, target in zip(written, targets, strict=True):
-            if target.exists() or target.is_symlink():
-                os.replace(target, staging / f"replaced-{target.name}")  # removed with the staging folder
-            os.replace(new, target)
+            try:
+                if target.exists() or target.is_symlink():
+                    os.replace(target, staging / f"replaced-{target.name}")  # removed with the staging folder
+                os.replace(new, target)
+            except OSError as exc:
+                raise InvalidInputError(f"output {target}: {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return targets
 
 
 def _check_run_folder(path: Path, cfg: TrainConfig) -> None:
-    """A checkpoint's vocabularies are not inside it: the run saved them beside it (a word-level tokenizer
-    built from the captions; InstructBLIP's Q-Former tokenizer grown by the instructions' words)."""
-    needed = []
-    if FAMILIES[cfg.model.family].prepare is None and not (cfg.model.tokenizer or cfg.model.init_from):
-        needed.append("tokenizer")
-    if cfg.model.family == "instructblip":
-        needed.append("qformer_tokenizer")
-    missing = [name + "/" for name in needed if not (path.parent / name).is_dir()]
-    if missing:
-        raise InvalidInputError(f"checkpoint {path}: the {' and '.join(missing)} folder its run saved is not "
-                                "beside it; export it from its run folder, or copy that folder next to it")
+    """A checkpoint's word-level vocabulary is not inside it: the run built it from its captions and saved it
+    beside the checkpoint. (InstructBLIP's grown Q-Former vocabulary, `qformer_tokenizer/`, is needed only
+    where the stage-1 tokenizer was word-level; a subword one exports without it.)"""
+    own_vocabulary = FAMILIES[cfg.model.family].prepare is None and not (cfg.model.tokenizer or cfg.model.init_from)
+    if own_vocabulary and not (path.parent / "tokenizer").is_dir():
+        raise InvalidInputError(f"checkpoint {path}: the tokenizer/ folder its run saved is not beside it; export "
+                                "it from its run folder, or copy that folder next to it")

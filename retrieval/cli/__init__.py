@@ -36,6 +36,9 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminated(signum, frame) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM, during the clean-up, ends the process
     raise Terminated
 
 
@@ -117,12 +120,17 @@ def run() -> None:
 
     global _read_only_done
     _read_only_done = False
-    signal.signal(signal.SIGTERM, _terminated)  # stop as on Ctrl-C (`serve`'s uvicorn puts its own in place)
+    # stop as on Ctrl-C (`serve`'s uvicorn puts its own in place; `index --ray`'s `ray.init` too)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         main(prog_name="blipsearch")
         code = 0
     except SystemExit as exc:
         code = exc.code
+    except KeyboardInterrupt:  # after the command's own handling (its teardown): no traceback
+        code = EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # an embedding program (a test) gets its own back
     if not _read_only_done or not isinstance(code, int | None):
         sys.exit(code)
     try:

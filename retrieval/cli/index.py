@@ -67,11 +67,7 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
     if captions is False and captioner_name is not None:
         raise InvalidInputError("--captioner names the model for --captions; drop one of --captioner and --no-captions")
     recorded = _recorded_captioner(location)  # before a --rebuild drops the manifest
-    chosen = _chosen_captioner(recorded, captions, captioner_name)
-    if chosen is not None and chosen != recorded:  # newly named: refused now, not at the run's first new image
-        from ..models.captioner import check_captioner  # (that left the run unfinished, and could abort the process)
-
-        check_captioner(chosen)
+    chosen = _chosen_captioner(recorded, captions, captioner_name)  # a new one checked before the model loads
     model_name = model_to_write(location, model_name, rebuild) or DEFAULT_MODEL
     model = load(model_name, device, precision)
     store = IndexWriter.open(location, model.info, rebuild=rebuild)
@@ -145,12 +141,19 @@ def _recorded_captioner(location) -> str | None:
 
 
 def _chosen_captioner(recorded: str | None, captions: bool | None, name: str | None) -> str | None:
-    """The run's captioner's name (None: no captions): as asked, else as the index remembers."""
+    """The run's captioner's name (None: no captions): as asked, else as the index remembers. One not
+    remembered yet is refused now if its config shows no captioner: at the run's first new image that left
+    the run unfinished, and could abort the process (exit 134)."""
+    from ..models.captioner import check_captioner
+
     if captions is False:
         return None
+    chosen = recorded
     if name is not None or captions:
-        return _absolute_name(name) if name is not None else recorded or DEFAULT_CAPTIONER
-    return recorded
+        chosen = _absolute_name(name) if name is not None else recorded or DEFAULT_CAPTIONER
+    if chosen is not None and chosen != recorded:
+        check_captioner(chosen)
+    return chosen
 
 
 def _captioner(store, recorded: str | None, chosen: str | None, device: str, precision: str):

@@ -158,8 +158,9 @@ class Captioner:
 
 
 def check_captioner(name: str) -> None:
-    """Refuse (`ModelLoadError`) what cannot be a captioner, from its config.json alone (no weights are read):
-    a run that names one checks it before it starts, not at its first new image."""
+    """Refuse (`ModelLoadError`) what cannot be a captioner, by its config.json (the weights are not loaded;
+    a hub id not in the local cache is fetched whole, as its load would): a run that names one checks it
+    before it starts, not at its first new image."""
     _check_architecture(name, read_config(local_directory(resolve(name)), name))
 
 

@@ -3,7 +3,7 @@
     GET  /                    the search page (page.html)
     GET  /api/search          text and composed queries: q, add, subtract, like, unlike, top, candidates,
                               rerank, min_prob, under, keyword, after, before, sort, hybrid (`query`'s
-                              flags; q may be left out where keyword is given)
+                              flags; q may be left out where keyword or like is given)
     POST /api/search/image    the request body is an image (at most MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS);
                               the same parameters compose with it, the filters too
     GET  /api/similar         images like the indexed file `path`
