@@ -4,6 +4,9 @@
   (`flickr30k_test.json`, `coco_karpathy_test.json`; training files have one caption per entry).
 - Karpathy: {"images": [{"filepath"?, "filename", "split", "sentences": [{"raw": ...}]}]}
   (`dataset_flickr30k.json`, `dataset_coco.json`); "restval" belongs to the training split.
+
+In both, an image listed more than once is one image with all its captions: as two images of the same file,
+each would tie with the other on every caption, and ties count against the query (`eval_metrics`).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def _lavis(entries: list, path: Path) -> list[AnnotatedImage]:
 def _karpathy(entries: list, split: str, path: Path) -> list[AnnotatedImage]:
     if split not in SPLITS:
         raise InvalidInputError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
-    images = []
+    images: dict[str, AnnotatedImage] = {}  # a file listed twice is one image with both lists of captions
     for i, entry in enumerate(entries):
         sentences = entry.get("sentences") if isinstance(entry, dict) else None
         if not (isinstance(entry, dict) and isinstance(entry.get("split"), str) and _name(entry.get("filename"))
@@ -81,8 +84,8 @@ def _karpathy(entries: list, split: str, path: Path) -> list[AnnotatedImage]:
         entry_split = "train" if entry["split"] == "restval" else entry["split"]
         if entry_split == split:
             relative = str(Path(entry.get("filepath", "")) / entry["filename"])
-            images.append(AnnotatedImage(relative, [s["raw"] for s in sentences]))
-    return images
+            images.setdefault(relative, AnnotatedImage(relative)).captions.extend(s["raw"] for s in sentences)
+    return list(images.values())
 
 
 def _name(value: object) -> bool:

@@ -301,6 +301,20 @@ def test_missing_images_are_reported_before_the_model_loads(dataset, tmp_path):
         "--images is the folder the annotation paths start in"]
 
 
+def test_an_image_listed_twice_is_one_image_in_both_forms(tmp_path):
+    """A Karpathy file made it two images of one file, which tied on every caption: each query missed at R@1."""
+    lavis = [{"image": "a.png", "caption": "one"}, {"image": "b.png", "caption": "two"},
+             {"image": "a.png", "caption": ["three"]}]
+    karpathy = {"images": [{"split": "test", "filename": "a.png", "sentences": [{"raw": "one"}]},
+                           {"split": "test", "filename": "b.png", "sentences": [{"raw": "two"}]},
+                           {"split": "test", "filename": "a.png", "sentences": [{"raw": "three"}]}]}
+    (tmp_path / "lavis.json").write_text(json.dumps(lavis))
+    (tmp_path / "karpathy.json").write_text(json.dumps(karpathy))
+    for name in ("lavis.json", "karpathy.json"):
+        read = [(i.image, i.captions) for i in load_annotations(tmp_path / name)]
+        assert read == [("a.png", ["one", "three"]), ("b.png", ["two"])], name
+
+
 def test_split_is_refused_for_a_lavis_list_which_holds_one(dataset, tmp_path):
     """`--split val` on a LAVIS file evaluated the whole file and reported it as the val split."""
     lavis = dataset / "flickr30k_test.json"
