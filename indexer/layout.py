@@ -61,30 +61,29 @@ def no_manifest(path: Location) -> IndexDamagedError:
                              f"it means is not); {rebuild_hint(recorded_model(path))}")
 
 
-def unmade_tables(path: Location) -> list[str]:
-    """The tables that were never made: no committed version (absent, or their creation was cut short)."""
-    return [name for name in (FILES, IMAGES) if not path.exists(f"{name}.lance/_versions")]
-
-
-def tables_pending(path: Location, manifest: Manifest) -> bool:
-    """A new index whose first run has not made both tables yet (stopped while the model loaded, a full disk
-    while it made them), with no row in any it made: empty, not damaged; the next run makes the rest. A table
-    that exists but cannot be read is damage, for `_Tables.read` to report."""
-    if manifest.run.generation != 0:  # first: `unmade_tables` lists object storage
-        return False
-    unmade = unmade_tables(path)
-    if not unmade:
-        return False
+def pending_tables(path: Location, manifest: Manifest) -> list[str]:
+    """The tables a new index's first run has not made yet (stopped while the model loaded, a full disk while
+    it made them: no committed version), where any it made holds no row: such an index is empty, not damaged,
+    and the next run makes them. [] otherwise: a table that exists but cannot be read is damage, for
+    `_Tables.read` to report."""
+    if manifest.run.generation != 0:  # first: the listing below reads object storage
+        return []
+    unmade = [name for name in (FILES, IMAGES) if not path.exists(f"{name}.lance/_versions")]
     made = [name for name in (FILES, IMAGES) if name not in unmade]
-    if not made:
-        return True
+    if not unmade or not made:
+        return unmade
     import lancedb
 
     try:
         db = lancedb.connect(path.lance_uri)
-        return not any(db.open_table(name).count_rows() for name in made)
+        return [] if any(db.open_table(name).count_rows() for name in made) else unmade
     except Exception:  # LanceDB: a made table that cannot be read
-        return False
+        return []
+
+
+def tables_pending(path: Location, manifest: Manifest) -> bool:
+    """`pending_tables` has any: a new index whose first run has not made its tables yet."""
+    return bool(pending_tables(path, manifest))
 
 
 def read_index_manifest(path: Location | Path | str) -> Manifest:

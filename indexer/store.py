@@ -35,9 +35,9 @@ from .layout import (
     check_folder,
     damaged_table,
     has_data,
+    pending_tables,
     read_index_manifest,
     tables_pending,
-    unmade_tables,
 )
 from .location import Location, location_of
 from .manifest import MANIFEST, Identity, Manifest, check_model, now, read_manifest, recorded_model, write_manifest
@@ -435,12 +435,10 @@ class _Tables:
 
 
 def _create_missing_tables(db, path: Location, manifest: Manifest) -> None:
-    """Make the tables that were never made where `tables_pending` says so (a table with rows beside a missing
-    one, or one that will not open, is damage, which `_Tables.read` reports)."""
-    if not tables_pending(path, manifest):
-        return
+    """Make the tables that `pending_tables` names (a table with rows beside a missing one, or one that will
+    not open, is damage, which `_Tables.read` reports)."""
     schemas = {FILES: FILES_SCHEMA, IMAGES: images_schema(_embedding_width(manifest.identity))}
-    for name in unmade_tables(path):
+    for name in pending_tables(path, manifest):
         log.info("index at %s: creating its %s table", path, name)
         db.create_table(name, schema=schemas[name], mode="overwrite")  # over any half-made one
 

@@ -221,9 +221,7 @@ class Index:
             list(query) if isinstance(query, Iterable) and not isinstance(query, bytes | bytearray) else None
         if terms is None or not all(isinstance(t, Term) for t in terms):  # a list of texts: the likeliest slip
             raise FieldError("query", "must be a text, or a list of Term (Term(text=...), Term(image=...))")
-        if options is not None and not isinstance(options, Options):
-            raise FieldError("options", f"must be Options(...), not {type(options).__name__}")
-        options = options or Options()
+        options = _checked(options)
         if not terms and not options.keyword:
             raise InvalidInputError("the query has no terms")
         if len(terms) > MAX_TERMS:  # the one check: the CLI's and the server's terms all come through here
@@ -261,9 +259,7 @@ class Index:
         """Images whose caption or paths hold every one of `words`, best BM25 first (no model involved)."""
         if not isinstance(words, str):
             raise FieldError("words", f"must be a text, not {type(words).__name__}")
-        if options is not None and not isinstance(options, Options):
-            raise FieldError("options", f"must be Options(...), not {type(options).__name__}")
-        options = replace(options or Options(), keyword=words)
+        options = replace(_checked(options), keyword=words)
         return self.search([], options)
 
     def search_image(self, image: ImageSource, options: Options | None = None) -> list[Result]:
@@ -385,6 +381,13 @@ class Index:
                                       first.size, first.mtime_ns, first.date, first.exif_dated, first.camera,
                                       reader.caption(hit.key)))
         return results
+
+
+def _checked(options: Options | None) -> Options:
+    """The options given (the defaults for None); anything else is a `FieldError`."""
+    if options is not None and not isinstance(options, Options):
+        raise FieldError("options", f"must be Options(...), not {type(options).__name__}")
+    return options or Options()
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:

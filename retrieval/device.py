@@ -117,12 +117,13 @@ _KEEP_UP_TO = 2**31 - 1  # bytes: mallopt takes a C int
 def small_pages_for_a_short_run() -> bool:
     """Stop numpy from asking for transparent huge pages (`madvise(MADV_HUGEPAGE)` on every array of 4 MB or
     more) in a process that lives for one answer; True where that was set. With THP in `madvise` mode, the
-    kernel may compact memory to find a 2 MB page at the first touch (the `defrag` default stalls for it), and
-    a fresh query's 57 MB of unpacked feature maps then took 100-220 ms instead of ~8 ms, at random; in 4 KB
-    pages it takes 31-47 ms every time. A fresh full-size `blipsearch query` (the 2-core AVX2 EPYC, 20
-    alternating runs each): 1.13-1.24 s against 1.13-1.79 s (the default's five slowest: 1.79, 1.40, 1.36,
-    1.23, 1.21 s), medians 1.16 and 1.17 s. Long-lived processes keep the default: they reuse their memory.
-    numpy's switch is private (`_set_madvise_hugepage`, numpy 1.20 and later); without it nothing changes."""
+    kernel may compact memory to find a 2 MB page at the first touch (the `defrag` default stalls for it):
+    filling a fresh process's 57 MB array (a query's unpacked feature maps) took 8-9 ms in five of eight
+    processes, 34, 100 and 216 ms in the others; in 4 KB pages 31-47 ms every time. A fresh full-size
+    `blipsearch query` (the 2-core AVX2 EPYC, 20 alternating runs each): 1.13-1.24 s against 1.13-1.79 s (the
+    default's five slowest: 1.79, 1.40, 1.36, 1.23, 1.21 s), medians 1.16 and 1.17 s. Long-lived processes
+    keep the default: they reuse their memory. numpy's switch is private (`_set_madvise_hugepage`, numpy 1.20
+    and later); without it nothing changes."""
     try:
         from numpy._core import multiarray
     except ImportError:  # numpy 1.x
