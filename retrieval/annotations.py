@@ -26,11 +26,22 @@ class AnnotatedImage:
     captions: list[str] = field(default_factory=list)
 
 
+@dataclass
+class AnnotationFile:
+    images: list[AnnotatedImage]
+    split: str | None  # the Karpathy split read; None for a LAVIS list, whose split its contents do not name
+
+
 def load_annotations(path: str | Path, split: str | None = None, default_split: str = "test"
                      ) -> list[AnnotatedImage]:
-    """Images with their captions, in file order. `split` chooses among a Karpathy file's splits (else
-    `default_split`) and is refused for a LAVIS list, which holds one: a caller that asks for a split must not
-    silently get the whole file. `default_split` alone applies to Karpathy files only."""
+    """Images with their captions, in file order (see `read_annotations`)."""
+    return read_annotations(path, split, default_split).images
+
+
+def read_annotations(path: str | Path, split: str | None = None, default_split: str = "test") -> AnnotationFile:
+    """Images with their captions, in file order, and the split they are. `split` chooses among a Karpathy
+    file's splits (else `default_split`) and is refused for a LAVIS list, which holds one: a caller that asks
+    for a split must not silently get the whole file. `default_split` alone applies to Karpathy files only."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -54,7 +65,7 @@ def load_annotations(path: str | Path, split: str | None = None, default_split: 
     if not images:
         raise InvalidInputError(f"annotation file {path} has no images" +
                                 (f" in the {split!r} split" if isinstance(data, dict) else ""))
-    return images
+    return AnnotationFile(images, split)
 
 
 def _lavis(entries: list, path: Path) -> list[AnnotatedImage]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .eval_metrics import Recall
 from .evaluation import EvalResult
@@ -49,7 +50,7 @@ class RunInfo:
     dataset: str
     annotations: str
     images_root: str
-    split: str
+    split: str | None  # None: a LAVIS list, which does not say which split it holds
 
 
 def published_for(model_id: str, dataset: str) -> Published | None:
@@ -57,7 +58,7 @@ def published_for(model_id: str, dataset: str) -> Published | None:
 
 
 def format_table(run: RunInfo, result: EvalResult, published: Published | None) -> str:
-    lines = [f"{run.model_id} on {run.dataset} ({run.split} split): {_count(result.images, 'image')}, "
+    lines = [f"{run.model_id} on {run.dataset} ({_split_label(run)}): {_count(result.images, 'image')}, "
              f"{_count(result.texts, 'caption')}, k_test {result.k_test}, {run.device} {run.dtype}", ""]
     lines.append(_row("", _COLUMNS))
     lines.append(_row("ITC", _recall_cells(result.itc)))
@@ -91,8 +92,13 @@ def _published_notes(run: RunInfo, result: EvalResult, published: Published | No
         return ["(pass --dataset coco or flickr30k to compare with the papers on those test sets)"]
     if published is not None and (result.images != published.images or run.split != "test"):
         return [f"(the published figure is for the {published.images}-image test split; this run used "
-                f"{result.images} images of the {run.split} split)"]
+                f"{_count(result.images, 'image')} of {_split_label(run, 'the ')})"]
     return []
+
+
+def _split_label(run: RunInfo, article: str = "") -> str:
+    """"test split", or the annotation file's name where it does not say (a LAVIS list)."""
+    return f"{article}{run.split} split" if run.split else Path(run.annotations).name
 
 
 def _stage_note(stage: str, result: EvalResult) -> str:

@@ -156,6 +156,8 @@ def test_both_annotation_forms_give_lavis_numbers(dataset, family_model_dir, fam
     karpathy = _eval_json(dataset, family_model_dir, "dataset_flickr30k.json", "--k-test", "64")
     assert lavis["model"]["family"] == family_model.info.family
     assert (lavis["dataset"]["images"], lavis["dataset"]["texts"]) == (6, 30)
+    # a LAVIS list does not say which split it holds (it said "test" for any file); a Karpathy file does
+    assert (lavis["dataset"]["split"], karpathy["dataset"]["split"]) == (None, "test")
     keys = ("itc", "rerank", "itm_pairs", "candidate_pairs")
     assert {k: lavis[k] for k in keys} == {k: karpathy[k] for k in keys}
     # k_test above the pool: every pair is a candidate both ways, and ITM scores each one once.
@@ -393,6 +395,10 @@ def test_published_figures_sit_beside_ours_with_a_note_on_subsets():
     assert "1 image, 1 caption, k_test" in format_table(run, one, published)  # it said "1 images, 1 captions"
     assert "1 image encoded, 0 from cache" in format_table(run, one, published)
     assert published_for("Salesforce/blip-itm-base-coco", "flickr30k") is None
+    lavis = replace(run, annotations="data/coco_karpathy_val.json", split=None)  # its split is its file's
+    table = format_table(lavis, _result(5000), published)
+    assert table.startswith("Salesforce/blip-itm-base-coco on coco (coco_karpathy_val.json): 5000 images")
+    assert "5000-image test split; this run used 5000 images of coco_karpathy_val.json)" in table
     assert published_for("/models/my-blip", "coco") is None
     data = to_json(run, _result(100), published)
     assert data["published"]["txt_r1"] == 82.0 and data["itm_pairs_per_second"] == 20.0

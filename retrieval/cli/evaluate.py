@@ -56,12 +56,13 @@ def evaluate_command(dataset: str, images_root: Path, annotations: Path, split: 
 
     Follows LAVIS: ITC over all pairs, ITM + ITC re-rank of each query's top k_test, per-stage timings.
     """
-    from ..annotations import load_annotations
+    from ..annotations import read_annotations
     from ..eval_report import RunInfo, format_table, published_for, to_json
     from ..evaluation import EvalOptions, check_captions, check_images, default_k_test, evaluate
 
     dataset = dataset.lower()
-    items = load_annotations(annotations, split=split)
+    annotation_file = read_annotations(annotations, split=split)
+    items = annotation_file.images
     check_images(images_root, [item.image for item in items[:limit]])  # before the slow model load
     check_captions(items[:limit])
     model = load(model_name or DEFAULT_MODEL, device, precision)
@@ -70,7 +71,7 @@ def evaluate_command(dataset: str, images_root: Path, annotations: Path, split: 
     result = evaluate(model, items, images_root, options, cache_dir=cache_dir, limit=limit)
     run = RunInfo(model_id=model.info.model_id, revision=model.info.revision, family=model.info.family,
                   device=str(model.device), dtype=_dtype_name(model), dataset=dataset,
-                  annotations=str(annotations), images_root=str(images_root), split=split or "test")
+                  annotations=str(annotations), images_root=str(images_root), split=annotation_file.split)
     published = published_for(run.model_id, dataset)
     if as_json:
         click.echo(json.dumps(to_json(run, result, published), indent=1))
