@@ -228,6 +228,22 @@ def itm_levers(model_dir: Path, repeats: int = 5) -> dict:
     return {name: _median_ms(build(), repeats) for name, build in levers.items()}  # one at a time
 
 
+def itm_matmuls_alone(model_dir: Path, queries: list[str]) -> dict:
+    """`itm_latencies` of the numpy text side with its element-wise steps (softmax, GELU, layer norms) made
+    free: what the pass's matrix products alone reach, at its shapes and in its threads. A ceiling for the
+    pass's fraction of the peak with this BLAS. The scores it computes are meaningless: unnormalised, its
+    values overflow to inf and NaN, which the CPU's vector units multiply at full speed."""
+    import warnings
+    from unittest import mock
+
+    from blipsearch.retrieval.models import blip_text_numpy
+
+    with mock.patch.multiple(blip_text_numpy, _softmax=lambda x: None, _gelu=lambda x: None,
+                             _layer_norm=lambda x, *args: x), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # from the pass's threads too (numpy's errstate is per thread)
+        return itm_latencies(model_dir, queries)
+
+
 def _median_ms(run, repeats: int) -> float:
     import torch
 
@@ -299,7 +315,8 @@ def main() -> None:
     parser.add_argument("--baseline-queries", type=int, default=3)
     parser.add_argument("--cold-runs", type=int, default=7,
                         help="fresh query processes per model (the machines' noise moves single runs by +-20%%)")
-    parser.add_argument("--levers", action="store_true", help="also time the ITM pass lever by lever")
+    parser.add_argument("--levers", action="store_true",
+                        help="also time the ITM pass lever by lever, and its matrix products alone")
     args = parser.parse_args()
 
     from blipsearch.retrieval.device import keep_freed_memory
@@ -325,6 +342,8 @@ def main() -> None:
         report["itm_torch_adapter_first_10_queries"] = report_torch
     if args.levers:
         report["itm_levers_ms"] = itm_levers(model)
+        if itm["runtime"] != "BlipRetrievalModel":
+            report["itm_matmuls_alone_first_10_queries"] = itm_matmuls_alone(model, QUERIES[:10])
     print_json(report)
     print(f"\nquery with ITM re-rank of {CANDIDATES} over {args.images} images: warm p50 {warm['p50_ms']:.0f} ms, "
           f"p95 {warm['p95_ms']:.0f} ms; transformers {baseline['p50_ms']:.0f} ms -> "
