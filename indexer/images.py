@@ -56,13 +56,27 @@ class LoadedImage:
     height: int
 
 
+# 16-bit greyscale (PNG, TIFF scans), and 32-bit integer pictures, read as 16-bit values
+_WIDE_GREY = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with transparent areas over white, as transformers' `convert_to_rgb` does."""
+    """RGB with transparent areas over white, as transformers' `convert_to_rgb` does; 16-bit greyscale is
+    first scaled to 8 bits (Pillow's conversion, and so transformers', clips every value above 255: such a
+    picture turned white)."""
     if image.mode == "RGB":
         return image
+    if image.mode in _WIDE_GREY:  # by the mode alone, so that a picture converted band by band is one picture
+        grey = np.clip(np.asarray(image), 0, 65535) >> 8
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
     rgba = image.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def exif_turn(image: Image.Image) -> Image.Transpose | None:
+    """The turn or flip that the picture's EXIF orientation asks for (None: none)."""
+    return _TRANSPOSE.get(image.getexif().get(_ORIENTATION, 1))
 
 
 def load_image(path: str | Path, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -228,6 +242,6 @@ def failure_reason(path: str | Path, exc: BaseException) -> str:
         except OSError:
             empty = False
         return "empty file (0 bytes)" if empty else "not an image, or a format Pillow cannot read"
-    if "truncated" in str(exc):
+    if "truncated" in str(exc).lower():  # Pillow: "image file is truncated", "Truncated File Read"
         return "truncated image data"
     return f"cannot decode ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})"

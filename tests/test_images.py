@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blipsearch.indexer.images import load_image
+from blipsearch.indexer.images import load_image, to_rgb
 from blipsearch.indexer.scan import content_hash, scan
 from blipsearch.retrieval.errors import ImageLoadError
 from blipsearch.retrieval.models.base import Preprocessing
@@ -40,6 +40,18 @@ def test_formats_decode_in_any_letter_case(tmp_path, ext):
 def test_transparency_goes_over_white(tmp_path):
     Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "t.png")
     assert (load_image(tmp_path / "t.png", PRE).pixels == 255).all()
+
+
+@pytest.mark.parametrize("suffix", ["png", "tif"])
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped_to_white(tmp_path, suffix):
+    values = (np.arange(64, dtype=np.uint32)[None, :] * 1024 + 300).repeat(8, axis=0).astype(np.uint16)  # 300..64812
+    Image.fromarray(values).save(tmp_path / f"g.{suffix}")
+    assert Image.open(tmp_path / f"g.{suffix}").mode == "I;16"
+    pre = Preprocessing(height=8, width=64, mean=(0.5,) * 3, std=(0.5,) * 3, resample="nearest")
+    pixels = load_image(tmp_path / f"g.{suffix}", pre).pixels
+    np.testing.assert_array_equal(pixels, np.repeat((values >> 8).astype(np.uint8)[..., None], 3, axis=-1))
+    wide = Image.fromarray(values.astype(np.int32))  # mode "I": read as 16-bit values too
+    np.testing.assert_array_equal(np.asarray(to_rgb(wide))[..., 0], values >> 8)
 
 
 def truncated_jpeg(path):
