@@ -62,11 +62,16 @@ class IndexReader:
         run = manifest.run
         view = None if run.writing else snapshot.Snapshot.load(path, run.generation)
         reader = cls(path, manifest, view or _from_tables(path, manifest), view is not None)
-        problem = None if path.remote else \
-            reader._features.check(needed_records(reader.view.segments, reader.view.slots))
-        if problem:
-            raise IndexDamagedError(f"the index at {path} is damaged: {problem}; {manifest.hint()}")
+        reader.check_features()
         return reader
+
+    def check_features(self) -> None:
+        """Raise `IndexDamagedError` where a feature segment this view reads is missing or cut short (a local
+        index: one stat per segment; a remote one's segments are checked only as candidates are read)."""
+        problem = None if self.path.remote else \
+            self._features.check(needed_records(self.view.segments, self.view.slots))
+        if problem:
+            raise IndexDamagedError(f"the index at {self.path} is damaged: {problem}; {self.manifest.hint()}")
 
     @property
     def interrupted(self) -> bool:

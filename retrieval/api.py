@@ -269,10 +269,15 @@ class Index:
         """Images like the indexed file `path` (itself first), by its stored vectors (see `Indexed`)."""
         return self.search_image(Indexed(path), options)  # NotIndexedError for any other path
 
-    def indexed(self, path: str) -> tuple[str, str]:
-        """(path, content hash) of an indexed file; raises `NotIndexedError` for any other path."""
-        digest = self._view.hash_of(path)
+    def indexed(self, path: str | Path) -> tuple[str, str]:
+        """(path, content hash) of an indexed file; raises `NotIndexedError` for any other path, and
+        `StoreError` while the index's first run (or a --rebuild) has stored no image yet."""
+        if not isinstance(path, str | Path):
+            raise FieldError("path", f"must be a file path, not {type(path).__name__}")
+        path, view = str(path), self._view
+        digest = view.hash_of(path)
         if digest is None:
+            self._check_not_building(view.reader)
             raise NotIndexedError(f"{printable(path)} is not in the index")
         return path, digest
 
@@ -319,12 +324,15 @@ class Index:
 
     def _check_not_empty(self, reader) -> None:
         if reader.counts()[1] == 0:
-            if reader.manifest.run.writing and reader.manifest.run.generation == 0:
-                raise StoreError(f"the index at {self.location} has no images yet: its first indexing run (or a "
-                                 "--rebuild) is under way, or stopped before storing any; wait for it, or run "
-                                 "`blipsearch index FOLDER`")
+            self._check_not_building(reader)
             raise InvalidInputError(f"the index at {self.location} is empty; add images with "
                                     "`blipsearch index FOLDER`")
+
+    def _check_not_building(self, reader) -> None:
+        if reader.counts()[1] == 0 and reader.manifest.run.writing and reader.manifest.run.generation == 0:
+            raise StoreError(f"the index at {self.location} has no images yet: its first indexing run (or a "
+                             "--rebuild) is under way, or stopped before storing any; wait for it, or run "
+                             "`blipsearch index FOLDER`")
 
     def _compose(self, view: _View, terms: Sequence[Term]) -> tuple[np.ndarray, list[tuple[float, TextTokens]]]:
         """(D,) normalised weighted sum of the terms' normalised vectors, and the text terms to re-rank with."""
@@ -413,7 +421,7 @@ def folders(path: Path | str) -> list[str]:
 
 def index_status(location: Location | Path | str, reader=None) -> tuple[dict, IndexDamagedError | None]:
     """What `blipsearch status` reports, and the damage found (if any). No model is loaded. With an open
-    `reader`, its counts are reported and nothing is checked again."""
+    `reader`, its counts are reported, and only its feature segments are checked again (not the tables)."""
     from blipsearch.indexer.layout import disk_bytes, read_index_manifest
     from blipsearch.indexer.reader import IndexReader
     from blipsearch.indexer.store import check_tables
@@ -425,7 +433,9 @@ def index_status(location: Location | Path | str, reader=None) -> tuple[dict, In
         reader = reader or IndexReader.open(location)
         files, images = reader.counts()
         captions = reader.caption_count()
-        if not checked:
+        if checked:
+            reader.check_features()  # what queries read (a few stats): a segment cut short or lost since it opened
+        else:
             check_tables(location, manifest)
     except IndexDamagedError as exc:
         damage = exc

@@ -264,6 +264,8 @@ def test_an_index_whose_first_run_stored_nothing_yet_says_so(tmp_path, tiny_mode
     index = Index.open(tmp_path / "index", device="cpu")
     with pytest.raises(StoreError, match="no images yet: its first indexing run"):
         index.search(QUERY)
+    with pytest.raises(StoreError, match="no images yet: its first indexing run"):  # was "not in the index"
+        index.indexed(str(tmp_path / "photos" / "a.png"))  # (the server's thumbnails and originals: 404s)
 
 
 def test_a_new_index_stopped_before_making_its_tables_is_empty_not_damaged(tmp_path, tiny_model_dir):

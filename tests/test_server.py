@@ -114,6 +114,14 @@ def test_search_by_an_uploaded_image(client, library, monkeypatch):
     assert paths(client.post("/api/search/image", content=target.read_bytes()))[0] == str(target)
     composed = client.post("/api/search/image", params={"add": QUERY, "top": 3}, content=target.read_bytes())
     assert len(paths(composed)) == 3 and composed.json()["results"][0]["itm_prob"] is not None
+    # the GET search's other parameters compose with it too (like, unlike, min_prob and hybrid were ignored)
+    kept = client.post("/api/search/image", params={"add": QUERY, "min_prob": 1.0}, content=target.read_bytes())
+    assert paths(kept) == []
+    unlike = client.post("/api/search/image", params=[("unlike", f"5:{target}"), ("rerank", "false"), ("top", 9)],
+                         content=target.read_bytes())
+    assert paths(unlike)[0] != str(target)
+    error(client.post("/api/search/image", params={"like": "/nonexistent"}, content=target.read_bytes()), 404,
+          "not in the index")
     error(client.post("/api/search/image", content=b""), 400, "image is missing")
     error(client.post("/api/search/image", content=b"\x89PNG not really"), 400, "image cannot be read")
     monkeypatch.setattr(server, "MAX_UPLOAD_BYTES", 1000)
@@ -133,6 +141,20 @@ def test_similar(client, library):
 def test_status(client, tiny_model_dir):
     status = client.get("/api/status").json()
     assert (status["files"], status["images"], status["model"]) == (8, 8, str(tiny_model_dir))
+
+
+def test_status_of_an_index_damaged_since_it_opened_is_a_503_that_says_so(tmp_path, tiny_model_dir):
+    """A feature segment cut short under a running server: every re-ranked search failed while the status said
+    healthy."""
+    make_folder(tmp_path / "photos", 2)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    client = TestClient(server.create_app(Index.open(tmp_path / "index", device="cpu"), tmp_path / "thumbs"))
+    assert client.get("/api/status").json()["damaged"] is None
+    segment, = (tmp_path / "index" / "features").glob("*.bin")
+    os.truncate(segment, 1000)
+    response = client.get("/api/status")
+    assert response.status_code == 503 and "is damaged: feature segment" in response.json()["damaged"]
+    assert response.json()["files"] == 2  # the rest of the report stays
 
 
 def test_thumbnails_are_small_oriented_jpegs_cached_on_disk(client, library, tmp_path):
@@ -186,6 +208,50 @@ def test_a_symlink_swapped_in_to_lead_out_is_refused(tmp_path, tiny_model_dir):
     victim.unlink()
     victim.symlink_to("/dev/zero")
     error(client.get("/api/original", params={"path": str(victim)}), 404, "leads out of the indexed folders")
+
+
+def test_indexed_files_changed_on_disk_are_409s_that_name_them_and_a_link_to_a_non_image_is_refused(
+        tmp_path, tiny_model_dir):
+    """A damaged EXIF block was a 500 with a traceback; a folder or FIFO in a file's place a 400 without its name;
+    a link swapped in to a text file beside the photos was served as the image."""
+    make_folder(tmp_path / "photos", 4)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 20), "navy").save(tmp_path / "photos" / "turned.jpg", exif=exif)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    client = TestClient(server.create_app(Index.open(tmp_path / "index", device="cpu"), tmp_path / "thumbs"))
+    turned = tmp_path / "photos" / "turned.jpg"
+    data = bytearray(turned.read_bytes())
+    at = data.find(b"MM\x00*")
+    data[at + 1] = ord("A")  # the EXIF block's byte order mark: Pillow's exif_transpose raised SyntaxError
+    turned.write_bytes(bytes(data))
+    response = client.get("/api/thumbnail", params={"path": str(turned)})  # read as the indexer reads it
+    assert response.status_code == 200 and Image.open(io.BytesIO(response.content)).size == (40, 20)
+    turned.write_bytes(bytes(data[:len(data) // 2]))
+    error(client.get("/api/thumbnail", params={"path": str(turned)}), 409, str(turned), "cannot be decoded now",
+          "truncated", "run `blipsearch index` again")
+    folder = tmp_path / "photos" / "img000.png"
+    folder.unlink()
+    folder.mkdir()
+    fifo = tmp_path / "photos" / "img001.png"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    for path, reason in ((folder, "a folder"), (fifo, "a FIFO")):
+        for endpoint in ("/api/original", "/api/thumbnail"):
+            error(client.get(endpoint, params={"path": str(path)}), 409, str(path), reason)
+    (tmp_path / "photos" / "notes.txt").write_text("not for the web")
+    link = tmp_path / "photos" / "img002.png"
+    link.unlink()
+    link.symlink_to(tmp_path / "photos" / "notes.txt")  # inside an indexed folder, but no file the scan indexes
+    for endpoint in ("/api/original", "/api/thumbnail"):
+        error(client.get(endpoint, params={"path": str(link)}), 404, "leads out of the indexed folders")
+
+
+def test_thumbnails_are_made_per_request_where_the_cache_cannot_be_written(index, library, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    client = TestClient(server.create_app(index, tmp_path / "a-file" / "thumbs"))  # was a 500
+    response = client.get("/api/thumbnail", params={"path": str(library / "photos" / "b" / "turned.jpg")})
+    assert response.status_code == 200 and Image.open(io.BytesIO(response.content)).size == (20, 40)
 
 
 def test_files_linked_from_a_store_outside_the_folders_are_served_while_their_bytes_are_the_indexed_ones(

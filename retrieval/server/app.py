@@ -7,7 +7,7 @@
     POST /api/search/image    the request body is an image (at most MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS);
                               the same parameters compose with it, the filters too
     GET  /api/similar         images like the indexed file `path`
-    GET  /api/status          `blipsearch status --json`
+    GET  /api/status          `blipsearch status --json` (503 where the index is damaged, as its exit status 1)
     GET  /api/thumbnail       a small JPEG of the indexed file `path`
     GET  /api/original        the indexed file `path` itself
     GET  /openapi.json        the OpenAPI schema (no /docs page: FastAPI's loads its script from a CDN, which
@@ -42,7 +42,7 @@ from ..api import FieldError, Index, Indexed, NotIndexedError, Term, folders, mo
 from ..dates import date_range
 from ..errors import BlipsearchError, ImageLoadError, InvalidInputError, ModelMismatchError, StoreError
 from ..search import SearchOptions
-from .files import ServedFiles
+from .files import ServedFiles, UnservableError
 
 log = logging.getLogger(__name__)
 
@@ -89,29 +89,34 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
         return _answer(index, label, terms, options)
 
     @app.post("/api/search/image", summary="Images like the uploaded image (the request body)")
-    async def search_image(request: Request, add: Texts = (), subtract: Texts = (), top: int = 10,
-                           candidates: int = 64, rerank: bool = True, under: str | None = None,
-                           keyword: str | None = None, after: str | None = None, before: str | None = None,
-                           sort: str = "score") -> JSONResponse:
+    async def search_image(request: Request, add: Texts = (), subtract: Texts = (), like: Texts = (),
+                           unlike: Texts = (), top: int = 10, candidates: int = 64, rerank: bool = True,
+                           min_prob: float | None = None, under: str | None = None, keyword: str | None = None,
+                           after: str | None = None, before: str | None = None, sort: str = "score",
+                           hybrid: bool | None = None) -> JSONResponse:
         data = await _upload(request)
-        terms = [Term(image=data), *_more(add, subtract, (), ())]
-        options = _options(top, candidates, rerank, None, under, keyword, after, before, sort)
+        terms = [Term(image=data), *_more(add, subtract, like, unlike)]
+        options = _options(top, candidates, rerank, min_prob, under, keyword, after, before, sort, hybrid)
         return JSONResponse(await run_in_threadpool(_answer, index, "(uploaded image)", terms, options))
 
     @app.get("/api/similar", summary="Images like an indexed image")
     def similar(path: str, top: int = 10, under: str | None = None) -> dict:
         return _answer(index, path, [Term(image=Indexed(path))], _options(top, 64, False, None, under))
 
-    @app.get("/api/status", summary="The index: model, counts, size, last update")
-    def status() -> dict:
+    @app.get("/api/status", summary="The index: model, counts, size, last update (503 where it is damaged)")
+    def status() -> JSONResponse:
         index.refresh()
-        return index.status()
+        report = index.status()
+        return JSONResponse(report, status_code=503 if report["damaged"] else 200)  # a health check fails
 
     @app.get("/api/thumbnail", summary="A small JPEG of an indexed image", response_class=FileResponse)
-    def thumbnail(path: str) -> FileResponse:
+    def thumbnail(path: str) -> Response:
         index.refresh()
-        return FileResponse(files.thumbnail(path), media_type="image/jpeg",
-                            headers={"Cache-Control": "private, max-age=3600"})
+        made = files.thumbnail(path)
+        headers = {"Cache-Control": "private, max-age=3600"}
+        if isinstance(made, bytes):  # the thumbnail cache cannot be written: made for this request
+            return Response(made, media_type="image/jpeg", headers=headers)
+        return FileResponse(made, media_type="image/jpeg", headers=headers)
 
     @app.get("/api/original", summary="An indexed image file itself")
     def original(path: str) -> StreamingResponse:
@@ -194,8 +199,8 @@ def _chunks(file, size: int = 1 << 20):
             yield chunk
 
 
-STATUS = ((TooLarge, 413), (NotIndexedError, 404), (ModelMismatchError, 409), (StoreError, 503),
-          (BlipsearchError, 400))
+STATUS = ((TooLarge, 413), (NotIndexedError, 404), (UnservableError, 409), (ModelMismatchError, 409),
+          (StoreError, 503), (BlipsearchError, 400))
 
 
 def _errors(app: FastAPI) -> None:

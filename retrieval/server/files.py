@@ -1,10 +1,12 @@
 """Which files the server hands out, and their thumbnails.
 
 Only indexed files are served: a path is looked up in the index (never joined to a folder), and its real
-location must lie in a folder that holds indexed files (followed through symlinks as the scan followed
-them), or its bytes must still be the indexed content (a link into a store of files, as git-annex keeps
-them), so a link swapped in to point elsewhere (`/etc/passwd`) is refused. Thumbnails are JPEGs of at most
-`THUMB_SIDE` pixels, EXIF-oriented, cached on disk by content hash.
+location must be a file the scan would index (an image's name, not hidden) in a folder that holds indexed
+files (followed through symlinks as the scan followed them), or its bytes must still be the indexed content
+(a link into a store of files, as git-annex keeps them), so a link swapped in to point elsewhere
+(`/etc/passwd`, a text file beside the photos) is refused. Thumbnails are JPEGs of at most `THUMB_SIDE`
+pixels, EXIF-oriented, cached on disk by content hash (made in memory for each request where that cache
+cannot be written).
 """
 
 from __future__ import annotations
@@ -17,16 +19,20 @@ import threading
 from pathlib import Path
 from typing import BinaryIO
 
-from blipsearch.indexer.images import check_header, to_rgb
-from blipsearch.indexer.scan import file_hash, open_regular, read_hashed
+from blipsearch.indexer.images import check_header, exif_turn, failure_reason, to_rgb
+from blipsearch.indexer.scan import file_hash, open_regular, read_hashed, supported_extensions
 
 from ..api import Index, NotIndexedError
-from ..errors import ImageLoadError, printable
+from ..errors import BlipsearchError, ImageLoadError, printable
 
 log = logging.getLogger(__name__)
 
 THUMB_SIDE = 320  # pixels: sharp in a ~160 px tile on a 2x screen, a few KB as JPEG
 THUMB_QUALITY = 80
+
+
+class UnservableError(BlipsearchError):
+    """An indexed file that cannot be read or decoded now (changed on disk since it was indexed)."""
 
 
 class ServedFiles:
@@ -37,18 +43,24 @@ class ServedFiles:
         self._folders: tuple[object, frozenset[str]] | None = None  # (reader, real folders)
 
     def open(self, path: str) -> BinaryIO:
-        """The indexed file `path`, opened; raises `NotIndexedError` (unknown, or leads out) or `ImageLoadError`.
+        """The indexed file `path`, opened; raises `NotIndexedError` (unknown, or leads out) or
+        `UnservableError` (no longer a file that can be read).
 
         A file whose real location lies outside the indexed folders (a link into a store of files, as
-        git-annex keeps them) is served only where its bytes are still the indexed content: read whole and
-        hashed, so a link swapped to point elsewhere is refused."""
+        git-annex keeps them), or is no file the scan would index there, is served only where its bytes are
+        still the indexed content: read whole and hashed, so a link swapped to point elsewhere is refused."""
         _, digest = self.index.indexed(path)
         real = os.path.realpath(path)
-        if os.path.dirname(real) in self._real_folders():
+        name = os.path.basename(real)
+        if os.path.dirname(real) in self._real_folders() and not name.startswith(".") \
+                and os.path.splitext(name)[1].lower() in supported_extensions():
             try:
                 return open_regular(real)
-            except OSError as exc:
+            except FileNotFoundError as exc:
                 raise NotIndexedError(f"{printable(path)} cannot be read: {exc.strerror}") from exc
+            except (OSError, ImageLoadError) as exc:  # a folder or a FIFO in its place, permission denied
+                raise UnservableError(f"{printable(path)} cannot be read now ({failure_reason(path, exc)}); it "
+                                      "changed since it was indexed: run `blipsearch index` again") from exc
         # outside: nothing about the target is told but "leads out", unless it holds the indexed bytes (hashed
         # from the descriptor that is then served: a link swapped meanwhile changes nothing)
         leads_out = NotIndexedError(f"{printable(path)} leads out of the indexed folders")
@@ -70,8 +82,9 @@ class ServedFiles:
             raise
         return file
 
-    def thumbnail(self, path: str) -> Path:
-        """A cached JPEG of the indexed image at `path` (made on first request).
+    def thumbnail(self, path: str) -> Path | bytes:
+        """A cached JPEG of the indexed image at `path` (made on first request), or the JPEG's bytes where the
+        cache cannot be written; raises as `open` does.
 
         Cached by the hash of the bytes it was made from: a file changed since it was indexed gets its own
         thumbnail, never one filed under the indexed content's hash (which its copies share)."""
@@ -80,11 +93,21 @@ class ServedFiles:
         if target.exists():
             return target
         with self.open(path) as file:
-            check_header(file, path)  # no image, or a decompression bomb: refused before reading it whole
-            data, actual = read_hashed(file)
+            try:
+                check_header(file, path)  # no image, or a decompression bomb: refused before reading it whole
+                data, actual = read_hashed(file)
+            except (OSError, ImageLoadError) as exc:
+                raise _changed(path, exc) from exc
         target = self._cached(actual)
-        if not target.exists():
-            _write_thumbnail(io.BytesIO(data), path, target)
+        if target.exists():
+            return target
+        jpeg = _thumbnail_jpeg(data, path)
+        try:
+            _store(jpeg, target)
+        except OSError as exc:
+            log.warning("the thumbnail cache %s cannot be written (%s): thumbnails are made for each request",
+                        self.cache, exc.strerror or exc)
+            return jpeg
         return target
 
     def _cached(self, digest: str) -> Path:
@@ -98,20 +121,35 @@ class ServedFiles:
         return self._folders[1]
 
 
-def _write_thumbnail(file: BinaryIO, path: str, target: Path) -> None:
-    from PIL import Image, ImageOps
+def _thumbnail_jpeg(data: bytes, path: str) -> bytes:
+    from PIL import Image
 
-    check_header(file, path)  # no image, or a decompression bomb: ImageLoadError
-    file.seek(0)
     try:
-        with Image.open(file) as image:
+        with Image.open(io.BytesIO(data)) as image:
+            turn = exif_turn(image)  # read as the indexer reads it
             image.draft("RGB", (THUMB_SIDE, THUMB_SIDE))  # JPEG: decode at a reduced scale
-            small = ImageOps.exif_transpose(image)
-            small.thumbnail((THUMB_SIDE, THUMB_SIDE))
-            small = to_rgb(small)
-    except (OSError, ValueError) as exc:
-        raise ImageLoadError(f"cannot decode: {exc}") from exc
+            image.thumbnail((THUMB_SIDE, THUMB_SIDE))
+            small = to_rgb(image)
+            out = io.BytesIO()
+            (small if turn is None else small.transpose(turn)).save(out, "JPEG", quality=THUMB_QUALITY,
+                                                                    optimize=True)
+    except Exception as exc:  # Pillow signals bad data with many exception types
+        raise _changed(path, exc) from exc
+    return out.getvalue()
+
+
+def _store(jpeg: bytes, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
-    small.save(tmp, "JPEG", quality=THUMB_QUALITY, optimize=True)
-    tmp.replace(target)  # concurrent makers write the same bytes; a reader never sees half a file
+    try:
+        tmp.write_bytes(jpeg)
+        tmp.replace(target)  # concurrent makers write the same bytes; a reader never sees half a file
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _changed(path: str, exc: BaseException) -> UnservableError:
+    reason = str(exc) if isinstance(exc, ImageLoadError) else failure_reason(path, exc)
+    return UnservableError(f"{printable(path)} cannot be decoded now ({reason}); it changed since it was "
+                           "indexed: run `blipsearch index` again")
