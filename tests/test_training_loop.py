@@ -117,6 +117,59 @@ def test_resume_gives_the_same_next_losses(scene_data, tmp_path):
             assert a[name] == pytest.approx(b[name], abs=1e-5), (a, b)
 
 
+def test_a_resumed_run_keeps_its_vocabulary_when_the_captions_changed(scene_data, tmp_path, caplog):
+    """The word-level vocabulary was built again from the data at each start and written over the run's: with
+    a word renamed, the checkpoint's rows silently meant other words; with a word added, the resume failed and
+    the run's checkpoint could no longer be exported."""
+    from blipsearch.training.loop import export_checkpoint
+
+    cfg = tiny_config(scene_data, tmp_path / "run", "optim.max_steps=2", "save_every=2")
+    run_steps(first := setup(cfg), wrap(first))
+    vocabulary = (tmp_path / "run" / "tokenizer" / "tokenizer.json").read_bytes()
+    changed = scene_data / "train-renamed-words.json"  # beside the images it names
+    entries = json.loads((scene_data / "train.json").read_text())
+    changed.write_text(json.dumps([{**e, "caption": f"zebra {e['caption']}".replace("circle", "aaacircle")}
+                                   for e in entries]))
+    for output in ("elsewhere", "run"):  # resumed from its checkpoint into another folder, or in its own
+        resumed_cfg = tiny_config(scene_data, tmp_path / output, "optim.max_steps=3", f"data.train={changed}")
+        resumed = setup(resumed_cfg, resume=str(tmp_path / "run" / "checkpoint-last.pt"))
+        assert resumed.tokenizer.convert_tokens_to_ids("circle") == first.tokenizer.convert_tokens_to_ids("circle")
+        run_steps(resumed, wrap(resumed))
+        assert (tmp_path / output / "tokenizer" / "tokenizer.json").read_bytes() == vocabulary
+        assert export_checkpoint(tmp_path / output / "checkpoint-last.pt", tmp_path / f"export-{output}")
+    assert "2 words of the training texts are not in the run's vocabulary (e.g. aaacircle, zebra)" in caplog.text
+
+
+def test_a_checkpoint_of_another_configuration_is_refused_in_one_line(scene_data, tmp_path):
+    """load_state_dict's RuntimeError (missing, unexpected, other-shaped tensors) was a traceback."""
+    other = tiny_config(scene_data, tmp_path / "other", "model.text_layers=3", "optim.max_steps=1", "save_every=1")
+    run_steps(first := setup(other), wrap(first))
+    torch.save({"model": {}, "config": {}, "state": {}}, tmp_path / "empty.pt")
+    for foreign in (tmp_path / "other" / "checkpoint-last.pt", tmp_path / "empty.pt"):
+        with pytest.raises(InvalidInputError, match=re.escape(f"checkpoint {foreign} does not fit this run's model")):
+            setup(tiny_config(scene_data, tmp_path / "run"), resume=str(foreign))
+
+
+def test_missing_and_undecodable_training_images_are_one_line_naming_the_file(scene_data, tmp_path):
+    """A missing image failed at the first batch that reached it (hours in, on real data) with a message that
+    named no file; from a loader worker, with the worker's whole traceback."""
+    from blipsearch.retrieval.errors import ImageLoadError
+
+    entries = json.loads((scene_data / "train.json").read_text())
+    (scene_data / "images" / "damaged.png").write_bytes(b"\x89PNG not an image")
+    for name, image, error, message in (
+            ("train-missing.json", "train/nope.png", InvalidInputError, "1 of 41 training images are missing, e.g. "),
+            ("train-damaged.json", "damaged.png", ImageLoadError, "training image ")):
+        (scene_data / name).write_text(json.dumps([*entries, {**entries[0], "image": image}]))
+        cfg = tiny_config(scene_data, tmp_path / name, f"data.train={scene_data / name}", "data.workers=2",
+                          "data.batch_size=41", "optim.max_steps=1")
+        with pytest.raises(error) as caught:
+            run = setup(cfg)
+            run_steps(run, wrap(run))
+        assert str(caught.value).startswith(message) and str(scene_data / "images" / image) in str(caught.value)
+        assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
+
+
 def test_a_resumed_run_logs_each_step_once(scene_data, tmp_path):
     """Steps logged after the checkpoint a run resumes from are computed again; they were logged twice."""
     import json

@@ -55,12 +55,31 @@ def read(path: str | Path) -> dict:
     return payload
 
 
-def restore(payload: dict, model, optimizer, scheduler) -> TrainState:
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    torch.set_rng_state(payload["torch_rng"])
-    return TrainState(**payload["state"])
+def restore(payload: dict, model, optimizer, scheduler, path: str | Path = "") -> TrainState:
+    """Raises `InvalidInputError` where the checkpoint at `path` does not fit the model and optimizer."""
+    load_weights(payload, model, path)
+    try:
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        torch.set_rng_state(payload["torch_rng"])
+        return TrainState(**payload["state"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise _foreign(path, exc) from exc
+
+
+def load_weights(payload: dict, model, path: str | Path = "") -> None:
+    """The checkpoint's weights into `model`; `InvalidInputError` naming `path` where they do not fit it."""
+    try:
+        model.load_state_dict(payload["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:  # missing, unexpected or other-shaped tensors
+        raise _foreign(path, exc) from exc
+
+
+def _foreign(path: str | Path, exc: BaseException) -> InvalidInputError:
+    detail = first_line(exc).removeprefix("Error(s) in loading state_dict for ").rstrip(":")
+    return InvalidInputError(f"checkpoint {path} does not fit this run's model ({detail}): it was written by a run "
+                             "of another model or configuration; resume it with the config it was trained with, "
+                             "or start a new run")
 
 
 def resolve_resume(resume: str | None, output: Path) -> Path | None:

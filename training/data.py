@@ -25,7 +25,7 @@ from PIL import Image
 from blipsearch.indexer.images import load_image
 from blipsearch.indexer.scan import supported_extensions  # the engine's formats (HEIC with pillow-heif)
 from blipsearch.retrieval.annotations import load_annotations
-from blipsearch.retrieval.errors import InvalidInputError
+from blipsearch.retrieval.errors import ImageLoadError, InvalidInputError, printable
 from blipsearch.retrieval.models import preprocessing
 from blipsearch.retrieval.models.base import Preprocessing
 from blipsearch.retrieval.models.preprocessing import BLIP_MEAN, BLIP_STD
@@ -138,6 +138,16 @@ def load_samples(source: str | Path | tuple[str, ...], images: str | Path | None
     return folder_samples(source) if source.is_dir() else json_samples(source, images, split)
 
 
+def check_images(samples: list[Sample]) -> None:
+    """Fail before training starts where images of the samples are missing (one stat per image file)."""
+    images = list(dict.fromkeys(s.image for s in samples))
+    missing = [image for image in images if not image.is_file()]
+    if missing:
+        raise InvalidInputError(f"{len(missing)} of {len(images)} training images are missing, e.g. "
+                                f"{printable(str(missing[0]))}; data.images is the folder the annotation paths "
+                                "start in")
+
+
 def _concatenate(parts: list[list[Sample]]) -> list[Sample]:
     """The parts' samples as one list; image and sample ids shifted so that no two parts share one."""
     samples: list[Sample] = []
@@ -172,7 +182,11 @@ class CaptionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        pixels = load_image(sample.image, self.pre).pixels  # (H, W, 3) uint8
+        try:
+            pixels = load_image(sample.image, self.pre).pixels  # (H, W, 3) uint8
+        except ImageLoadError as exc:
+            raise ImageLoadError(f"training image {printable(str(sample.image))}: {exc}; mend or remove it "
+                                 "(training data must decode), then resume the run (--resume auto)") from None
         rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
         pixels = augment(pixels, rng, self.crop_scale, self.hflip, self.randaugment)
         # a generator of its own, so that augmentation draws the same with or without negatives

@@ -65,7 +65,7 @@ def _export_blip2(model, tokenizer, out: Path, captioner: bool = True) -> list[P
 
 
 def _prepare_blip2_lm(cfg: TrainConfig, texts: list[str] = (), output: Path | None = None, is_main: bool = True,
-                      instruct: bool = False):
+                      instruct: bool = False, resumed_run: Path | None = None):
     """Stage 2 (or InstructBLIP): the stage-1 checkpoint (`init_from`: ViT, queries, Q-Former and its tokenizer),
     the LM (decoder-only or encoder-decoder) and its tokenizer (`language_model`)."""
     import transformers
@@ -85,20 +85,28 @@ def _prepare_blip2_lm(cfg: TrainConfig, texts: list[str] = (), output: Path | No
     model.prompt = lm_prompt(tokenizer, cfg.objective.caption_prompt, kind.is_encoder_decoder)
     model.qformer_tokenizer = None  # InstructBLIP: the Collate's, for the instructions
     if instruct:
-        model.qformer_tokenizer = _instruction_vocabulary(cfg, model, qformer_tokenizer, texts, output, is_main)
+        model.qformer_tokenizer = _instruction_vocabulary(cfg, model, qformer_tokenizer, texts, output, is_main,
+                                                          resumed_run)
         model.caption_instruction = cfg.data.caption_instructions[0]  # the export's captioning instruction
     return model, tokenizer
 
 
-def _instruction_vocabulary(cfg: TrainConfig, model, tokenizer, texts: list[str], output: Path | None, is_main: bool):
+def _instruction_vocabulary(cfg: TrainConfig, model, tokenizer, texts: list[str], output: Path | None, is_main: bool,
+                            resumed_run: Path | None = None):
     """The Q-Former's tokenizer with the words of the run's instructions and templates (saved in the run folder,
-    where an export of its checkpoint, which has no training texts, finds it again)."""
+    where an export of its checkpoint, which has no training texts, and a run that resumes it find it again)."""
     from transformers import AutoTokenizer
 
+    from .tokenizer import warn_unknown_words
+
     saved = Path(output) / "qformer_tokenizer" if output is not None else None
-    if not texts and saved is not None and saved.is_dir():
-        tokenizer = AutoTokenizer.from_pretrained(saved)
+    kept = resumed_run / "qformer_tokenizer" if resumed_run is not None and texts else saved
+    if (not texts or resumed_run is not None) and kept is not None and kept.is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(kept)
         grow_qformer_rows(model, len(tokenizer))
+        warn_unknown_words(tokenizer, texts)
+        if is_main and saved is not None and kept.resolve() != saved.resolve():
+            tokenizer.save_pretrained(saved)
         return tokenizer
     templates = [*cfg.data.caption_instructions, *(t.replace("{}", " ") for t in cfg.data.question_templates)]
     add_qformer_words(model, tokenizer, [*texts, *templates])

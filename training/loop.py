@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from blipsearch.retrieval.device import cpu_has_fast_bf16, select_device
-from blipsearch.retrieval.errors import InvalidInputError
+from blipsearch.retrieval.errors import ImageLoadError, InvalidInputError
 
 from . import checkpoint, distributed
 from .checkpoint import TrainState
@@ -32,13 +32,14 @@ from .data import (
     EpochBatches,
     InstructionTemplates,
     MixtureBatches,
+    check_images,
     load_mixture,
     load_samples,
 )
 from .export import preprocessing_of
 from .families import FAMILIES
 from .objectives import Progress, build_objective
-from .tokenizer import load_tokenizer, word_tokenizer
+from .tokenizer import load_tokenizer, warn_unknown_words, word_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,16 @@ class Run:
     state: TrainState
 
 
-def prepare_model(cfg: TrainConfig, captions: list[str], output: Path, is_main: bool):
+def prepare_model(cfg: TrainConfig, captions: list[str], output: Path, is_main: bool,
+                  resumed_run: Path | None = None):
     """(model, tokenizer) of the configured family: from a Hugging Face checkpoint, or random with the
-    configured tokenizer (no tokenizer configured: a word-level vocabulary of `captions`, or the one saved
-    in `output`)."""
+    configured tokenizer (no tokenizer configured: a word-level vocabulary of `captions`; or the one saved in
+    `output` when exporting, or in `resumed_run`, the folder of the checkpoint a run resumes, then copied into
+    `output`: one built again from data changed since would hand the checkpoint's embedding rows to other
+    words)."""
     family = FAMILIES[cfg.model.family]
     if family.prepare is not None:
-        return family.prepare(cfg, captions, output, is_main)
+        return family.prepare(cfg, captions, output, is_main, resumed_run=resumed_run)
     if cfg.model.init_from:
         config, state, tokenizer = family.read_checkpoint(cfg.model.init_from)
         model = family.build(cfg, tokenizer, config)
@@ -88,7 +92,12 @@ def prepare_model(cfg: TrainConfig, captions: list[str], output: Path, is_main: 
         tokenizer = load_tokenizer(cfg.model.tokenizer)
     elif not captions:  # exporting a checkpoint: the run's vocabulary lies beside it
         tokenizer = load_tokenizer(str(output / "tokenizer"))
-    else:  # deterministic in the captions, so every rank (and a resumed run) builds the same one
+    elif resumed_run is not None and (resumed_run / "tokenizer").is_dir():
+        tokenizer = load_tokenizer(str(resumed_run / "tokenizer"))
+        warn_unknown_words(tokenizer, [*captions, cfg.objective.caption_prompt])
+        if is_main and resumed_run.resolve() != output.resolve():  # where the export of this run looks for it
+            tokenizer.save_pretrained(output / "tokenizer")
+    else:  # deterministic in the captions, so every rank builds the same one
         # the prompt's words belong to the vocabulary too
         tokenizer = word_tokenizer([*captions, cfg.objective.caption_prompt],
                                    output / "tokenizer" if is_main else None)
@@ -132,7 +141,9 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
         samples = load_samples(cfg.data.train, cfg.data.images, cfg.data.split)
     texts = [s.caption for s in samples] + [n for s in samples for n in s.negative_captions]  # the vocabulary
     texts += [s.instruction for s in samples if s.instruction]  # InstructBLIP's questions
-    model, tokenizer = prepare_model(cfg, texts, output, world.is_main)
+    check_images(samples)  # before the model loads, not hours into the run
+    model, tokenizer = prepare_model(cfg, texts, output, world.is_main,
+                                     resumed_run=None if resume_path is None else Path(resume_path).parent)
     model.to(device)
     qformer_tokenizer = getattr(model, "qformer_tokenizer", None)  # InstructBLIP: each sample gets an instruction
     templates = InstructionTemplates(tuple(cfg.data.caption_instructions), tuple(cfg.data.question_templates)) \
@@ -159,7 +170,7 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
     scheduler = cosine_schedule(optimizer, opt.warmup_steps, total, opt.min_lr / opt.lr)
     state = TrainState()
     if resume_path is not None:
-        state = checkpoint.restore(checkpoint.read(resume_path), model, optimizer, scheduler)
+        state = checkpoint.restore(checkpoint.read(resume_path), model, optimizer, scheduler, resume_path)
         log.info("resumed from %s at step %d", resume_path, state.step)
     if resume is not None and world.is_main:  # `auto` without a checkpoint starts again from step 0
         _trim_log(output / "log.jsonl", state.step)
@@ -205,10 +216,21 @@ def batches(run: Run):
     while True:
         run.sampler.set_position(run.state.epoch, run.state.batch)
         run.loader.dataset.epoch = run.state.epoch
-        for batch in run.loader:
-            run.state.batch += 1
-            yield batch
+        try:
+            for batch in run.loader:
+                run.state.batch += 1
+                yield batch
+        except ImageLoadError as exc:  # from a loader worker, torch puts the worker's traceback in the message
+            raise ImageLoadError(_worker_message(str(exc))) from None
         run.state.epoch, run.state.batch = run.state.epoch + 1, 0
+
+
+def _worker_message(message: str) -> str:
+    """The error's own message: the last line of a traceback that a DataLoader worker's error carries."""
+    if "Original Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return last.split("Error: ", 1)[-1]
 
 
 def optimizer_step(run: Run, module: nn.Module, stream) -> dict[str, torch.Tensor]:
@@ -331,7 +353,7 @@ def export_checkpoint(path: str | Path, out: str | Path, captioner: bool = True,
     cfg = from_dict(payload["config"])
     _check_run_folder(Path(path), cfg)
     model, tokenizer = prepare_model(cfg, [], Path(path).parent, is_main=False)  # the run's tokenizer/ is beside
-    model.load_state_dict(payload["model"])
+    checkpoint.load_weights(payload, model, path)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,19 @@ def word_tokenizer(captions: Iterable[str], directory: str | Path | None = None)
     return tokenizer
 
 
+def warn_unknown_words(tokenizer, texts: Iterable[str]) -> list[str]:
+    """Words of `texts` that a word-level `tokenizer` (a run's, kept when it resumes) reads as [UNK], logged
+    once; a subword vocabulary spells any word. Returns them."""
+    known = tokenizer.get_vocab()
+    if any(t.startswith("##") for t in known):
+        return []
+    unknown = [w for w in words_of(texts) if w not in known]
+    if unknown:
+        log.warning("%d words of the training texts are not in the run's vocabulary (e.g. %s): they read as "
+                    "[UNK]; a new run (another output folder) learns them", len(unknown), ", ".join(unknown[:5]))
+    return unknown
+
+
 def load_tokenizer(name: str):
     """A tokenizer by directory or hub id, with `[DEC]` and `[ENC]` added when it lacks them."""
     from transformers import AutoTokenizer
