@@ -284,6 +284,11 @@ def test_token_is_required_when_set(index, tmp_path):
     assert client.get("/api/status").status_code == 200
     fresh = TestClient(server.create_app(index, tmp_path / "thumbs", token="s3cret"))
     assert fresh.get("/api/status", params={"token": "s3cret"}).status_code == 200
+    wide = TestClient(server.create_app(index, tmp_path / "thumbs", token="pässwörd"))  # refused in the header
+    header = {"Authorization": "Bearer pässwörd".encode()}  # its UTF-8 bytes, as curl sends them
+    assert wide.get("/api/status", headers=header).status_code == 200
+    assert wide.get("/api/status", params={"token": "pässwörd"}).status_code == 200
+    error(wide.get("/api/status", headers={"Authorization": "Bearer passwort"}), 401, "access token")
 
 
 def test_a_loopback_server_answers_only_to_loopback_names(index, tmp_path):

@@ -255,9 +255,10 @@ def _guard(app: FastAPI, token: str) -> None:
     async def check_token(request: Request, call_next) -> Response:
         header = request.headers.get("authorization", "")
         scheme, _, credentials = header.partition(" ")  # the scheme's case does not matter (RFC 9110)
-        given = (credentials if scheme.lower() == "bearer" else None) or request.query_params.get("token") \
-            or request.cookies.get(TOKEN_COOKIE) or ""
-        if not hmac.compare_digest(given.encode(), token.encode()):
+        # a header's bytes come decoded as latin-1: encoded back, a UTF-8 token matches its own bytes
+        given = (credentials.encode("latin-1") if scheme.lower() == "bearer" and credentials else None) \
+            or (request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE) or "").encode()
+        if not hmac.compare_digest(given, token.encode()):
             return JSONResponse({"error": "a valid access token is required (Authorization: Bearer TOKEN)"},
                                 status_code=401, headers={"WWW-Authenticate": "Bearer"})
         response = await call_next(request)
