@@ -52,6 +52,14 @@ def test_presets_and_overrides(tmp_path):
     ("optim.max_steps=0", "optim.max_steps must be at least 1"),
     ("data.batch_size=true", "data.batch_size must be a whole number, not True"),
     ("save_every=0", "save_every and log_every must be at least 1"),
+    # a list, a mapping or a range: TypeErrors, AttributeErrors and torch's RuntimeError from inside the run
+    ("data.crop_scale=0.5", "data.crop_scale must be a list of 2 numbers, not 0.5"),
+    ("optim.betas=[0.9, a]", "optim.betas must be a list of 2 numbers, not (0.9, 'a')"),
+    ("data.mixture=[a.json, b.json]", "data.mixture must map names to numbers (or null) ({name: 1.0, ...})"),
+    ("objective.losses=itc", "objective.losses must map names to numbers ({name: 1.0, ...}), not 'itc'"),
+    ("data.caption_instructions=x", "data.caption_instructions must be a list of any number of strings, not 'x'"),
+    ("objective.queue_size=-5", "objective.queue_size and data.workers must be at least 0"),
+    ("data.workers=-1", "objective.queue_size and data.workers must be at least 0"),
 ])
 def test_config_values_of_the_wrong_kind_are_one_line(override, message):
     """They once ended in a TypeError from deep inside the run, or (negative steps) exported the untrained

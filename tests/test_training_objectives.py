@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from blipsearch.retrieval.errors import InvalidInputError
 from blipsearch.training.objectives import (
     distillation_targets,
     itc_loss,
@@ -124,5 +125,5 @@ def test_hard_negatives_prefer_similar_ones():
 
 
 def test_hard_negatives_refuse_a_batch_without_negatives():
-    with pytest.raises(ValueError, match="no negative"):
+    with pytest.raises(InvalidInputError, match="no negative"):  # the CLI's one line (a ValueError: a traceback)
         sample_hard_negatives(torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool), torch.Generator())

@@ -14,6 +14,8 @@ from blipsearch.training.objectives import caption_loss, with_prompt
 from test_training_loop import scenes, tiny_config
 from test_training_model import batch_of, tiny
 
+pytestmark = pytest.mark.usefixtures("training_threads")  # its training run's config sets threads=1
+
 CLS, SEP, PAD = 2, 3, 0
 
 
@@ -26,6 +28,38 @@ def test_the_prompt_follows_the_first_token_and_is_masked_from_the_labels():
     assert labels[:, 1:].tolist() == [[-100, -100, 11, 12, SEP, -100]]  # targets after the shift
     unchanged, _, plain = with_prompt(ids, mask, ())
     assert torch.equal(unchanged, ids) and plain[:, 1:].tolist() == [[11, 12, SEP, -100]]
+
+
+def opt_like_tokenizer(texts: list[str]):
+    """A byte-level BPE as OPT's: no prefix space, its BOS (`</s>`) put first."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts * 20, vocab_size=300, special_tokens=["<pad>", "</s>"])
+    bpe._tokenizer.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="</s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def test_a_bpe_lm_learns_the_caption_as_it_reads_after_the_prompt_as_lavis_tokenises_them():
+    """Tokenised alone, a caption's first word lost its leading space ("a picture ofa red circle")."""
+    from blipsearch.retrieval.errors import InvalidInputError
+    from blipsearch.training.data import Collate
+    from blipsearch.training.families import lm_prompt
+
+    captions = ["a red circle", "two blue squares above a circle"]
+    tokenizer = opt_like_tokenizer([*captions, "a picture of"])
+    prompt = lm_prompt(tokenizer, "a picture of ", encoder_text=False)  # a trailing space is no token of its own
+    tokens = Collate(tokenizer, 35, prompt=("a picture of", prompt)).after_prompt(captions)
+    ids, mask, _ = with_prompt(tokens["input_ids"], tokens["attention_mask"], prompt)
+    lavis = tokenizer([f"a picture of {c}" for c in captions], padding="longest", return_tensors="pt")
+    assert torch.equal(ids, lavis["input_ids"]) and torch.equal(mask, lavis["attention_mask"])
+    assert tokenizer.decode(ids[0], skip_special_tokens=True) == "a picture of a red circle"
+    alone = Collate(tokenizer, 35).tokenize(captions)  # the caption tokenised alone, as it was
+    assert not torch.equal(with_prompt(alone["input_ids"], alone["attention_mask"], prompt)[0][:1], ids[:1])
+    with pytest.raises(InvalidInputError, match="tokenises differently before a caption"):  # tokens not its own
+        Collate(tokenizer, 35, prompt=("a picture of", (*prompt[:-1], 299))).after_prompt(captions)
 
 
 def test_caption_loss_predicts_the_caption_after_the_prompt_only():

@@ -202,18 +202,45 @@ def _build(cls, values: dict[str, Any], where: str):
 # a field's plain type -> the values it takes, and how a message names them
 _PLAIN = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
           "str": ((str,), "a string")}
+_PLURAL = {"int": "whole numbers", "float": "numbers", "bool": "true or false values", "str": "strings"}
 
 
 def _check_type(key: str, annotation: str, value: Any) -> None:
-    """Refuse a value of the wrong kind for a field typed int, float, bool or str (each maybe `| None`), in
-    one line: a string where a step count goes once ended in a traceback from deep inside the run."""
+    """Refuse a value of the wrong kind for a field typed int, float, bool or str (each maybe `| None`), a
+    tuple or a dict of them, in one line: a string where a step count goes, or a number where a pair goes,
+    once ended in a traceback from deep inside the run."""
+    if annotation.startswith(("tuple[", "dict[")):
+        _check_container(key, annotation, value)
+        return
     optional = annotation.endswith(" | None")
     plain = _PLAIN.get(annotation.removesuffix(" | None"))
     if plain is None or (value is None and optional):
         return
     kinds, what = plain
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+    if not _is(value, kinds):
         raise InvalidInputError(f"{key} must be {what}{' (or null)' if optional else ''}, not {value!r}")
+
+
+def _is(value: Any, kinds: tuple[type, ...]) -> bool:
+    return isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+
+
+def _check_container(key: str, annotation: str, value: Any) -> None:
+    """`tuple[float, float]`, `tuple[str, ...]`, `dict[str, float]`, `dict[str, float | None]`."""
+    inner = [part.strip() for part in annotation[annotation.index("[") + 1:-1].split(",")]
+    if annotation.startswith("dict["):
+        optional = inner[1].endswith(" | None")
+        kinds, what = _PLAIN[inner[1].removesuffix(" | None")][0], _PLURAL[inner[1].removesuffix(" | None")]
+        if not isinstance(value, dict) or not all(isinstance(k, str) and (_is(v, kinds) or (optional and v is None))
+                                                  for k, v in value.items()):
+            raise InvalidInputError(f"{key} must map names to {what}{' (or null)' if optional else ''} "
+                                    f"({{name: 1.0, ...}}), not {value!r}")
+        return
+    count = None if inner[-1] == "..." else len(inner)
+    kinds, what = _PLAIN[inner[0]][0], _PLURAL[inner[0]]
+    if not isinstance(value, tuple) or (count is not None and len(value) != count) \
+            or not all(_is(v, kinds) for v in value):
+        raise InvalidInputError(f"{key} must be a list of {count or 'any number of'} {what}, not {value!r}")
 
 
 def _float(text: str, key: str) -> float:
@@ -281,6 +308,8 @@ def validate(config: TrainConfig) -> None:
         raise InvalidInputError("optim.epochs must be positive and optim.warmup_steps at least 0")
     if config.save_every < 1 or config.log_every < 1:
         raise InvalidInputError("save_every and log_every must be at least 1")
+    if config.objective.queue_size < 0 or config.data.workers < 0:
+        raise InvalidInputError("objective.queue_size and data.workers must be at least 0")
 
 
 def validate_blip2(model: ModelConfig) -> None:

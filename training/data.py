@@ -242,13 +242,16 @@ class Collate:
     """Tokenises captions and normalises pixels into a `Batch`; a sample's negative caption (the one
     `CaptionDataset` drew, seeded per sample and epoch) goes into the batch's negative fields."""
 
-    def __init__(self, tokenizer, max_tokens: int, mean=BLIP_MEAN, std=BLIP_STD, qformer_tokenizer=None):
+    def __init__(self, tokenizer, max_tokens: int, mean=BLIP_MEAN, std=BLIP_STD, qformer_tokenizer=None,
+                 prompt: tuple[str, tuple[int, ...]] | None = None):
         self.tokenizer, self.max_tokens, self.mean, self.std = tokenizer, max_tokens, mean, std
         self.qformer_tokenizer = qformer_tokenizer  # InstructBLIP: instructions go to the Q-Former too
+        self.prompt = prompt  # BLIP-2's decoder-only LM: (text, its tokens) that the objective puts before captions
 
     def __call__(self, items: list[dict]) -> Batch:
         pixels = normalise(torch.stack([item["pixels"] for item in items]), self.mean, self.std)  # (B, 3, H, W)
-        tokens = self.tokenize([item["caption"] for item in items])
+        captions = [item["caption"] for item in items]
+        tokens = self.tokenize(captions) if self.prompt is None else self.after_prompt(captions)
         batch = Batch(pixel_values=pixels, input_ids=tokens["input_ids"],
                       attention_mask=tokens["attention_mask"],
                       image_ids=torch.tensor([item["image_id"] for item in items], dtype=torch.long),
@@ -280,6 +283,22 @@ class Collate:
     def tokenize(self, captions: list[str]):
         return self.tokenizer(captions, padding="longest", truncation=True, max_length=self.max_tokens,
                               return_tensors="pt")
+
+    def after_prompt(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """[BOS] caption, the caption's tokens as they come after the prompt in "prompt caption" tokenised as
+        one text (LAVIS `blip2_opt`), for `objectives.with_prompt` to put the prompt's tokens back between: a
+        byte-level BPE (OPT's) spells a caption's first word alone without its leading space ("a picture of"
+        + "a" decoded as "ofa"), and the LM would learn to continue the prompt that way."""
+        text, ids = self.prompt
+        joined = self.tokenizer([f"{text} {caption}" for caption in captions], padding="longest", truncation=True,
+                                max_length=self.max_tokens + len(ids), return_tensors="pt")
+        input_ids, mask = joined["input_ids"], joined["attention_mask"]
+        starts = input_ids[:, 1:1 + len(ids)]
+        if starts.shape[1] < len(ids) or not (starts == torch.tensor(ids, dtype=starts.dtype)).all():
+            raise InvalidInputError(f"objective.caption_prompt {text!r} tokenises differently before a caption than "
+                                    "alone; end it at a whole word")
+        keep = [0, *range(1 + len(ids), input_ids.shape[1])]  # [BOS], then the caption
+        return {"input_ids": input_ids[:, keep], "attention_mask": mask[:, keep]}
 
 
 class EpochBatches(torch.utils.data.Sampler):

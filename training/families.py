@@ -152,8 +152,10 @@ def lm_prompt(tokenizer, prompt: str, encoder_text: bool) -> tuple[int, ...]:
     """The caption prompt's LM tokens: after [BOS] for a decoder-only LM (no special tokens of its own); the
     encoder's whole text for an encoder-decoder one (with the tokenizer's special tokens, as LAVIS and
     `Blip2Processor` encode it)."""
-    if not prompt:
+    if not prompt.strip():
         return ()
+    if not encoder_text:  # a caption follows after a space (`data.Collate.after_prompt`), not a space token
+        prompt = prompt.strip()
     return tuple(int(i) for i in tokenizer(prompt, add_special_tokens=encoder_text)["input_ids"])
 
 

@@ -162,7 +162,8 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
     # the checkpoint restores for dropout (else a resumed run's masks would differ from an uninterrupted one's)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
                                          collate_fn=Collate(tokenizer, cfg.model.max_text_tokens,
-                                                            qformer_tokenizer=qformer_tokenizer),
+                                                            qformer_tokenizer=qformer_tokenizer,
+                                                            prompt=_lm_prompt(cfg, model)),
                                          generator=torch.Generator().manual_seed(cfg.seed))
     opt = cfg.optim
     total = opt.max_steps or math.ceil(opt.epochs * sampler.batches_per_epoch / opt.grad_accum)
@@ -177,6 +178,15 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
     log.info("%d pairs, %d batches per epoch and rank, %d optimizer steps", len(samples),
              sampler.batches_per_epoch, total)
     return Run(cfg, output, world, device, model, tokenizer, loader, sampler, optimizer, scheduler, total, state)
+
+
+def _lm_prompt(cfg: TrainConfig, model) -> tuple[str, tuple[int, ...]] | None:
+    """BLIP-2 stage 2 with a decoder-only LM and a caption prompt: (its text, its tokens), for the Collate to
+    tokenise each caption as it reads after the prompt."""
+    if cfg.model.family != "blip-2-lm" or not getattr(model, "prompt", ()) \
+            or not model.config.use_decoder_only_language_model:
+        return None
+    return cfg.objective.caption_prompt.strip(), tuple(model.prompt)
 
 
 def _trim_log(path: Path, step: int) -> None:

@@ -39,6 +39,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from blipsearch.retrieval.errors import InvalidInputError
+
 from . import distributed
 from .config import ObjectiveConfig
 
@@ -113,8 +115,9 @@ def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor, generator:
     weights = weights.masked_fill(positives, 0.0)
     empty = weights.sum(dim=1) == 0
     if bool(empty.any()):
-        raise ValueError(f"{int(empty.sum())} row(s) have no negative in the batch (every caption in it "
-                         "belongs to the same image); use larger or shuffled batches")
+        raise InvalidInputError(f"{int(empty.sum())} row(s) of a training batch have no negative (every caption "
+                                "in it belongs to the same image); use larger batches (data.batch_size) or data "
+                                "with more images")
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
