@@ -92,7 +92,7 @@ def scan(roots: Iterable[Path | str], extensions: frozenset[str] | None = None) 
             if reason:
                 result.skipped.append((printable(path), reason))
             else:  # a broken link or a vanished file (no status) is the loader's to report
-                result.files.append(FileStat(path, st.st_size if st else 0, st.st_mtime_ns if st else 0))
+                result.files.append(FileStat(path, st.st_size if st else 0, _mtime_ns(st) if st else 0))
     result.files.sort(key=lambda f: f.path)
     return result
 
@@ -106,6 +106,12 @@ def _scan_prefix(url: str, extensions: frozenset[str], seen: set[str], result: S
             result.skipped.append((path, f"file too large ({_size(size)}; the limit is {_size(MAX_FILE_BYTES)})"))
         else:
             result.files.append(FileStat(path, size, mtime_ns))
+
+
+def _mtime_ns(st: os.stat_result) -> int:
+    """The modification time, within the index's int64 nanoseconds (years 1677 to 2262): a file dated beyond
+    (a camera's clock gone wrong) failed every run that met it."""
+    return min(max(st.st_mtime_ns, -(1 << 63)), (1 << 63) - 1)
 
 
 def _stat(path: str) -> os.stat_result | None:

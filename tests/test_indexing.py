@@ -181,6 +181,19 @@ def test_an_idle_run_changes_nothing(tmp_path, model):
     assert IndexReader.open(index).from_snapshot
 
 
+def test_a_file_dated_past_2262_is_indexed_and_the_next_run_leaves_it(tmp_path, model):
+    """Its modification time overflowed the index's int64 nanoseconds: every run that met it ended in a
+    traceback, its batch unstored."""
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    make_folder(photos, 2)
+    far = 10_000_000_000 * 1_000_000_000  # year 2286
+    os.utime(photos / "img001.png", ns=(far, far))
+    assert run([photos], model, index).indexed == 2
+    assert IndexReader.open(index).counts() == (2, 2)
+    again = run([photos], model, index)
+    assert (again.indexed, again.unchanged, model.encoded) == (0, 2, 0)
+
+
 def test_an_emptied_folder_keeps_its_files_unless_allowed(tmp_path, model):
     photos, index = tmp_path / "photos", tmp_path / "index"
     make_folder(photos, 3)
