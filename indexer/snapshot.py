@@ -194,13 +194,21 @@ def snapshot_model(location: Location | Path | str) -> str | None:
 
 
 def from_tables(images, files, identity: Identity) -> Snapshot:
-    """A snapshot of the LanceDB tables as they are now (tables of an older blipsearch lack some columns)."""
-    table = images.to_arrow()
-    vectors = np.asarray(table.column("embedding").combine_chunks().flatten(), dtype=np.float32)
-    vectors = vectors.reshape(-1, identity.vectors_per_image, identity.embed_dim)
-    captions = table.column("caption").to_pylist() if "caption" in table.schema.names else [None] * len(table)
+    """A snapshot of the LanceDB tables as they are now (tables of an older blipsearch lack some columns).
+
+    Images that no file names are left out: a run removes them only as it finishes, so while one is under way
+    (or after one was killed) they would take places in a query's top N and then be dropped, for want of a
+    file to show (`--top 3` gave 2 results)."""
+    import pyarrow as pa  # here: a query that reads the snapshot files needs none
+
     rows = files.to_arrow()
     names = [f.name for f in fields(FileRow) if f.name in rows.schema.names]
     file_rows = [FileRow(**row) for row in rows.select(names).to_pylist()]
+    table = images.to_arrow()
+    named = {f.hash for f in file_rows}
+    table = table.filter(pa.array([h in named for h in table.column("hash").to_pylist()], pa.bool_()))
+    vectors = np.asarray(table.column("embedding").combine_chunks().flatten(), dtype=np.float32)
+    vectors = vectors.reshape(-1, identity.vectors_per_image, identity.embed_dim)
+    captions = table.column("caption").to_pylist() if "caption" in table.schema.names else [None] * len(table)
     return Snapshot.build(table.column("hash").to_pylist(), vectors, table.column("segment").to_numpy(),
                           table.column("slot").to_numpy(), captions, file_rows)

@@ -312,6 +312,23 @@ def test_readers_during_a_run_see_the_tables_and_the_same_answers(tmp_path, mode
     np.testing.assert_array_equal(during.token_features(keys), settled.token_features(keys))
 
 
+def test_readers_during_a_run_leave_out_images_whose_files_it_removed(tmp_path, model, family_model):
+    """A run removes an image whose last file went only as it finishes: until then (or for good, where it was
+    killed) such images took places in a query's top N and were dropped for want of a file, so `--top 3` gave
+    2 results, and a query for a removed picture none."""
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    make_folder(photos, 4)
+    run([photos], model, index)
+    query = family_model.encode_texts(["a dog"]).embeddings[0].numpy()
+    gone = str(photos / "img002.png")
+    writer = IndexWriter.open(index, model.info)
+    writer.delete_files([gone])  # as a run does, before it is killed
+    writer.close()
+    during = IndexReader.open(index)
+    assert not during.from_snapshot and during.counts() == (3, 3)
+    assert len(during.recall(query, 3)) == 3 and gone not in during.files()
+
+
 def test_decoding_threads_default_to_one_on_the_cpu_and_two_beside_a_gpu(tmp_path, tiny_model, monkeypatch):
     import types
 
