@@ -294,6 +294,17 @@ def test_paths_with_null_ends_carry_names_with_newlines(tmp_path, tiny_model_dir
     assert query(tmp_path, "--null").stdout_bytes == query(tmp_path, "--paths", "--null").stdout_bytes
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("args", [(TEXT,), (TEXT, "--paths"), (TEXT, "--json")])
+def test_output_that_cannot_be_written_is_one_line(library, args):
+    """`> /dev/full`, a full disk under the output file: a traceback from click's echo before."""
+    with open("/dev/full", "w") as full:
+        process = subprocess.run([*CLI, "query", *args, "--index", str(library / "index"), "--device", "cpu"],
+                                 stdout=full, stderr=subprocess.PIPE, timeout=300)
+    assert process.returncode == 1 and process.stderr.decode().splitlines() == [
+        "blipsearch: error: cannot write the output (No space left on device); free some space or send it elsewhere"]
+
+
 def test_a_closed_pipe_ends_the_command_quietly(library):
     process = subprocess.Popen([*CLI, "query", TEXT, "--paths", "--index", str(library / "index"), "--device",
                                 "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
