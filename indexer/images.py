@@ -92,13 +92,13 @@ def load_image(path: str | Path, pre: Preprocessing, max_pixels: int = DEFAULT_M
     a full-size RGB copy unless `reduced_decode`; conversion goes a band of rows at a time, and the
     orientation is applied to the resized result.
     """
-    with _reasons(path), _naming_warnings(path), _source(path, data) as source, _opened(source, max_pixels) as image:
+    with _reasons(path), naming_warnings(path), _source(path, data) as source, _opened(source, max_pixels) as image:
         return _prepare(image, pre, reduced_decode)
 
 
 def check_header(file: BinaryIO, path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     """Refuse a file that is no image, or a picture over `max_pixels`, from its header (a few KB read)."""
-    with _reasons(path), _naming_warnings(path), _opened(file, max_pixels):
+    with _reasons(path), naming_warnings(path), _opened(file, max_pixels):
         pass
 
 
@@ -177,10 +177,11 @@ def _opened(source: BinaryIO, max_pixels: int) -> Iterator[Image.Image]:
 
 _decoding = threading.local()  # .path: the file this thread decodes
 _setup_lock = threading.Lock()
+_warned_lock = threading.Lock()
 
 
 @contextmanager
-def _naming_warnings(path: str | Path) -> Iterator[None]:
+def naming_warnings(path: str | Path) -> Iterator[None]:
     _decoding.path = str(path)
     try:
         yield
@@ -208,12 +209,21 @@ def _setup_once() -> None:
         register_heif_opener()
     passed_on = warnings.showwarning
 
+    warned: dict[tuple[str, str], None] = {}  # the latest (file, message) pairs, in order
+
     def show(message, category, filename, lineno, file=None, line=None):
         path = getattr(_decoding, "path", None)
         if path is None:
             passed_on(message, category, filename, lineno, file, line)
-        else:
-            log.warning("%s: %s", path, message)
+            return
+        key = (path, str(message))
+        with _warned_lock:  # a file's header, metadata and pixels are read apart: its warning is said once
+            if key in warned:
+                return
+            warned[key] = None
+            if len(warned) > 256:
+                del warned[next(iter(warned))]
+        log.warning("%s: %s", path, message)
 
     warnings.showwarning = show
     warnings.filterwarnings("always", module=r"(PIL|pillow_heif)\b")  # every file's warning, not the first one

@@ -35,7 +35,7 @@ from blipsearch.retrieval.errors import BlipsearchError, ImageLoadError, Invalid
 from blipsearch.retrieval.models.base import RetrievalModel
 
 from . import codec
-from .images import LoadedImage, check_header, failure_reason, load_image
+from .images import LoadedImage, check_header, failure_reason, load_image, naming_warnings
 from .metadata import FileMeta, read_meta
 from .readahead import TooManyStuck, bounded_map
 from .scan import FileStat, ScanResult, is_under, open_regular, read_hashed, resolve_roots, scan
@@ -375,7 +375,8 @@ def read_file(stat: FileStat, known: Container[str], preprocessing: Preprocessin
         return _Read(stat, reason=str(exc)), None
     except OSError as exc:
         return _Read(stat, reason=failure_reason(stat.path, exc)), None
-    read = _Read(stat, digest, meta=read_meta(data, stat.mtime_ns))
+    with naming_warnings(stat.path):  # Pillow's warnings on odd EXIF data name the file
+        read = _Read(stat, digest, meta=read_meta(data, stat.mtime_ns))
     if digest not in known:
         try:
             read.image = load_image(stat.path, preprocessing, reduced_decode=reduced_decode, data=data)

@@ -410,6 +410,23 @@ def test_pillow_warnings_name_their_file_in_a_fresh_process(tmp_path):
     assert sorted(stderr.splitlines()) == [f"{p}: Tag data larger than file. Skipping tag 270" for p in paths]
 
 
+def test_an_index_run_names_the_file_of_a_metadata_warning_once(tmp_path, tiny_model_dir):
+    """Its date and camera are read apart from its pixels: that read's warning came out raw, without the file
+    (Python's two-line form), and the same warning once per read."""
+    from io import BytesIO
+
+    data = BytesIO()
+    Image.new("RGB", (32, 32), "red").save(data, "JPEG", exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "odd.jpg").write_bytes(data.getvalue())
+    result = subprocess.run([sys.executable, "-m", "blipsearch.retrieval.cli", "index", str(tmp_path / "photos"),
+                             "--model", str(tiny_model_dir), "--index", str(tmp_path / "index"), "-q"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if not line.startswith("blipsearch: indexed")]
+    assert len(warned) == 1 and warned[0].startswith(f"blipsearch: {tmp_path / 'photos' / 'odd.jpg'}: Corrupt EXIF")
+
+
 class KilledAfterFeatures:
     """A store that dies after its first batch's features, before that batch's file rows (as kill -9 there)."""
 
