@@ -59,6 +59,8 @@ def resolve_roots(roots: Iterable[str | Path]) -> list[Path | str]:
     never 'everything was deleted'."""
     resolved = []
     for root in roots:
+        if not str(root).strip():  # `index "$UNSET"`: not the current folder
+            raise InvalidInputError("a folder argument is empty; name the folder (`.` for the current one)")
         if objects.is_remote(str(root)):
             resolved.append(objects.check_prefix(str(root)))
             continue

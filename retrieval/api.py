@@ -406,6 +406,8 @@ def folders(path: Path | str) -> list[str]:
     """`Options.under` for one folder: its absolute path as given, and where its links lead (an index stores
     a root's real path, and the link paths of linked folders below it); raises `FieldError("under", ...)`
     where there is no folder. An `s3://bucket/prefix` stands for itself."""
+    if not isinstance(path, str | Path) or not str(path).strip():  # ("" read as the current folder)
+        raise FieldError("under", "must name a folder (`.` for the current one)")
     if str(path).startswith("s3://"):
         return [str(path).rstrip("/")]
     path = Path(path)

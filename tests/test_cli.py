@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import AutoTokenizer, BlipForImageTextRetrieval, BlipImageProcessorPil
 
 from photos import make_folder
-from runner import blipsearch, photo_library
+from runner import blipsearch, one_line_error, photo_library
 from tiny import save_tiny_blip
 
 QUERY = "a red dog on the beach"
@@ -116,6 +116,18 @@ def test_an_empty_index_model_or_captioner_is_a_usage_error(tmp_path, monkeypatc
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "is empty: name one, or leave the option out" in result.stderr, result.output
     assert not (tmp_path / "default").exists()
+
+
+def test_an_empty_folder_argument_is_refused_not_read_as_the_current_folder(library, tmp_path, monkeypatch):
+    """`index "$UNSET"` indexed the current folder (from a home folder: all of it); `--in ""` searched all."""
+    monkeypatch.chdir(library / "photos" / "trips")
+    result = blipsearch("index", "", index=tmp_path / "new", expect=1)
+    one_line_error(result, "a folder argument is empty; name the folder (`.` for the current one)")
+    assert not (tmp_path / "new").exists()
+    one_line_error(blipsearch("query", QUERY, "--in", "", index=library / "index", expect=1),
+                   "--in must name a folder")
+    result = blipsearch("index", ".", "--workers", "100000", index=tmp_path / "new", expect=2)  # was a traceback
+    assert "100000 is not in the range 0<=x<=64" in result.stderr
 
 
 def test_a_file_given_as_index_or_model_is_named_as_a_file(tmp_path):

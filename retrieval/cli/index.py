@@ -24,7 +24,7 @@ from .options import device_option, index_location, index_option, load, model_op
 @precision_option
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Images per encoder batch (and per index commit). Default: 16 on CPU, 64 on GPU.")
-@click.option("--workers", type=click.IntRange(0), default=None,
+@click.option("--workers", type=click.IntRange(0, 64), default=None,
               help="Decoding threads that run ahead of the encoder (0: decode in line). Default: 1 on CPU "
                    "(the encoder needs every core), 2 on GPU. Not used by --ray (Ray decodes in its tasks).")
 @click.option("--exact-decode", is_flag=True,
