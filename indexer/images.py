@@ -63,11 +63,14 @@ _WIDE_GREY = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB with transparent areas over white, as transformers' `convert_to_rgb` does; 16-bit greyscale is
     first scaled to 8 bits (Pillow's conversion, and so transformers', clips every value above 255: such a
-    picture turned white)."""
+    picture turned white), and float greyscale from 0..1 (it turned black)."""
     if image.mode == "RGB":
         return image
     if image.mode in _WIDE_GREY:  # by the mode alone, so that a picture converted band by band is one picture
         grey = np.clip(np.asarray(image), 0, 65535) >> 8
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+    if image.mode == "F":  # 32-bit float greyscale (TIFF), as float pictures mostly are: 0 black, 1 white
+        grey = np.rint(np.clip(np.nan_to_num(np.asarray(image)), 0.0, 1.0) * 255)
         return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
     rgba = image.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255))

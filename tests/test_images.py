@@ -54,6 +54,14 @@ def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped_to_white(tmp_path, suf
     np.testing.assert_array_equal(np.asarray(to_rgb(wide))[..., 0], values >> 8)
 
 
+def test_float_greyscale_reads_0_as_black_and_1_as_white(tmp_path):
+    values = np.linspace(0, 1, 64, dtype=np.float32)[None, :].repeat(4, axis=0)  # an all-black picture before
+    Image.fromarray(values).save(tmp_path / "f.tif")
+    assert Image.open(tmp_path / "f.tif").mode == "F"
+    pre = Preprocessing(height=4, width=64, mean=(0.5,) * 3, std=(0.5,) * 3, resample="nearest")
+    np.testing.assert_array_equal(load_image(tmp_path / "f.tif", pre).pixels[..., 1], np.rint(values * 255))
+
+
 def truncated_jpeg(path):
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(buffer, "JPEG")
