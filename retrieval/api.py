@@ -213,6 +213,13 @@ class Index:
     def reader(self):
         return self._view.reader
 
+    @property
+    def building(self) -> bool:
+        """The view open is of a first run (or a --rebuild) still under way: searches answer from the images
+        it has stored so far."""
+        run = self._view.reader.manifest.run
+        return run.writing and run.generation == 0
+
     # ---- queries ----------------------------------------------------------------------------------
 
     def search(self, query: str | Sequence[Term], options: Options | None = None) -> list[Result]:

@@ -268,6 +268,40 @@ def test_an_index_whose_first_run_stored_nothing_yet_says_so(tmp_path, tiny_mode
         index.indexed(str(tmp_path / "photos" / "a.png"))  # (the server's thumbnails and originals: 404s)
 
 
+def test_a_first_run_under_way_answers_from_what_it_stored_and_the_cli_says_so(tmp_path, tiny_model_dir):
+    """README promised a StoreError for the whole first run while searches answered from its first batches
+    without a word; they answer (a long first run is searchable), and say so."""
+    from blipsearch.indexer.pipeline import IndexOptions, index_folders
+    from blipsearch.indexer.store import IndexWriter
+    from blipsearch.retrieval.models import load_model
+
+    class Unfinished:  # a first run whose batches are stored, and which has not finished
+        def __init__(self, store):
+            self.store = store
+
+        def __getattr__(self, name):
+            return getattr(self.store, name)
+
+        def finish(self):
+            pass
+
+    make_folder(tmp_path / "photos", 3)
+    model = load_model(str(tiny_model_dir), "cpu", "fp32")
+    store = IndexWriter.open(tmp_path / "index", model.info)
+    try:
+        index_folders([tmp_path / "photos"], model, Unfinished(store), IndexOptions(batch_size=2, progress=False))
+    finally:
+        store.close()
+    index = Index.open(tmp_path / "index", device="cpu")
+    assert index.building and len(index.search(QUERY)) == 3
+    result = blipsearch("query", QUERY, "--paths", index=tmp_path / "index")
+    assert len(result.stdout.splitlines()) == 3
+    assert result.stderr.strip() == ("blipsearch: the index's first run (or a --rebuild) is under way: these results "
+                                     "come from the 3 images stored so far")
+    blipsearch("index", str(tmp_path / "photos"), "-q", index=tmp_path / "index")
+    assert not Index.open(tmp_path / "index", device="cpu").building
+
+
 def test_a_new_index_stopped_before_making_its_tables_is_empty_not_damaged(tmp_path, tiny_model_dir):
     """Ctrl-C while the model loaded leaves the manifest alone: status and query called that damaged (and asked
     for --rebuild), though a plain run finishes it."""
