@@ -390,12 +390,22 @@ class Index:
         results = []
         for hit in hits:
             inside = [f for f in files.get(hit.key, []) if reader.passes(f, where)]
+            if inside and where.keyword:  # the copy whose path holds the words shows first (`--paths` prints it)
+                inside.sort(key=_words_missing(where.keyword))
             if inside:
                 first, *copies = inside
                 results.append(Result(first.path, [c.path for c in copies], hit.score, hit.itc, hit.itm_prob,
                                       first.size, first.mtime_ns, first.date, first.exif_dated, first.camera,
                                       reader.caption(hit.key)))
         return results
+
+
+def _words_missing(words: str):
+    """A sort key of files: how many of `words` their path lacks (as the keyword index splits words)."""
+    from blipsearch.indexer.keywords import tokens
+
+    wanted = set(tokens(words))
+    return lambda file: len(wanted - set(tokens(file.path)))
 
 
 def _checked(options: Options | None) -> Options:

@@ -66,6 +66,20 @@ def test_keyword_filters_and_ranks_with_punctuation_and_accents(library):
     assert names(query(library, "--keyword", "giraffe", "--json")) == []
 
 
+def test_a_keyword_that_matches_one_copy_shows_that_copy(tmp_path, tiny_model_dir):
+    """Copies of one picture are one image: `--keyword dup_b --paths` printed whichever copy came first."""
+    from shutil import copy
+
+    make_folder(tmp_path / "photos", 1)
+    for name in ("dup_a.png", "dup_b.png", "Zürich.png"):
+        copy(tmp_path / "photos" / "img000.png", tmp_path / "photos" / name)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    for word in ("dup_b", "zurich", "dup a"):
+        shown = blipsearch("query", "--keyword", word, "--paths", index=tmp_path / "index").stdout.splitlines()
+        assert shown == [str(tmp_path / "photos" / {"dup_b": "dup_b.png", "zurich": "Zürich.png",
+                                                    "dup a": "dup_a.png"}[word])]
+
+
 def test_dates_filter_and_sort(library):
     in_2019 = names(query(library, "a photo", "--after", "2019", "--before", "2020", "--json"))
     assert sorted(in_2019) == ["Zürich café.jpg", "beach-sunset.jpg"]
