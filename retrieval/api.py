@@ -96,7 +96,8 @@ class Term:
     def __post_init__(self) -> None:
         if (self.text is None) == (self.image is None):
             raise InvalidInputError("a query term is a text or an image, not both or neither")
-        if not (isinstance(self.weight, int | float) and MIN_WEIGHT <= abs(self.weight) <= MAX_WEIGHT):
+        if not (isinstance(self.weight, int | float | np.integer | np.floating) and not isinstance(self.weight, bool)
+                and MIN_WEIGHT <= abs(self.weight) <= MAX_WEIGHT):
             raise FieldError("weight", f"must be a number of size {MIN_WEIGHT:g} to {MAX_WEIGHT:g} (negative: "
                                        "less like this)")
         if self.text is not None and not isinstance(self.text, str):
@@ -196,12 +197,19 @@ class Index:
 
         `with_vision=False` loads the text side only (quicker): such an index answers text terms only.
         """
-        from blipsearch.indexer.location import location_of
+        from blipsearch.indexer.location import Location, location_of
         from blipsearch.indexer.manifest import check_model, default_location
         from blipsearch.indexer.reader import IndexReader
 
+        from .device import DEVICES, PRECISIONS
         from .models import load_model
 
+        for name, value in (("location", location), ("model", model)):
+            if value is not None and not isinstance(value, str | Path | Location):
+                raise FieldError(name, f"must be a path (or a hub id), not {type(value).__name__}")
+        for name, value, choices in (("device", device, DEVICES), ("precision", precision, PRECISIONS)):
+            if value not in choices:
+                raise FieldError(name, f"must be one of {', '.join(choices)}, not {value!r}")
         location = location_of(location or default_location())
         reader = IndexReader.open(location)
         loaded = load_model(model or reader.manifest.identity.model_id, device=device, precision=precision,

@@ -21,6 +21,8 @@ _EPOCH = datetime(1970, 1, 1)
 
 def parse_date(text: str, field: str) -> tuple[int, int]:
     """The period `text` names, as [start, end) wall-clock seconds; raises `FieldError(field, ...)`."""
+    if not isinstance(text, str):
+        raise FieldError(field, f"must be a date as text: {FORMS} (got {text!r})")
     match = _DATE.fullmatch(text.strip())
     if match is None:
         raise FieldError(field, f"must be a date: {FORMS} (got {text!r})")

@@ -103,6 +103,11 @@ class SearchOptions:
             raise FieldError("min_prob", "needs the ITM re-rank, which is turned off")
         if self.sort not in SORTS:
             raise FieldError("sort", f"must be one of {', '.join(SORTS)}")
+        for name in ("rerank", "hybrid"):  # "no" is truthy: a re-rank asked off ran
+            if not isinstance(getattr(self, name), bool) and not (name == "hybrid" and self.hybrid is None):
+                raise FieldError(name, f"must be True or False, not {getattr(self, name)!r}")
+        if self.keyword is not None and not isinstance(self.keyword, str):
+            raise FieldError("keyword", f"must be a text, not {type(self.keyword).__name__}")
         if self.keyword is not None and not self.keyword.strip():
             raise FieldError("keyword", "is empty")
         if self.after is not None and self.before is not None and self.after >= self.before:

@@ -161,6 +161,23 @@ def test_arguments_of_the_wrong_type_are_field_errors(index, library):
     assert len(index.search(t for t in [Term(QUERY)])) == len(index.search(QUERY))  # any iterable of terms
     path = library / "photos" / "a" / "img000.png"  # a Path names the indexed file as its text does
     assert [r.path for r in index.similar(path)] == [r.path for r in index.similar(str(path))]
+    assert index.indexed(path) == index.indexed(str(path))
+    # options, dates and opening: AttributeErrors and TypeErrors, or (rerank="no", truthy) silently re-ranked
+    from blipsearch.retrieval.dates import date_range
+
+    for make, message in ((lambda: SearchOptions(keyword=5), r"^keyword must be a text, not int"),
+                          (lambda: SearchOptions(rerank="no"), r"^rerank must be True or False, not 'no'"),
+                          (lambda: SearchOptions(hybrid="x"), r"^hybrid must be True or False"),
+                          (lambda: date_range(2019, 2020), r"^after must be a date as text"),
+                          (lambda: date_range(None, b"2019"), r"^before must be a date as text"),
+                          (lambda: index.indexed(None), r"^path must be a file path, not NoneType"),
+                          (lambda: Index.open(123), r"^location must be a path"),
+                          (lambda: Index.open(library / "index", model=5), r"^model must be a path"),
+                          (lambda: Index.open(library / "index", device=None), r"^device must be one of auto"),
+                          (lambda: folders(None), r"^under must name a folder")):
+        with pytest.raises(FieldError, match=message):
+            make()
+    assert Term(QUERY, weight=np.float32(2)).weight == 2  # numpy numbers, as np.float64 already was
 
 
 def test_weighted_term_syntax():
