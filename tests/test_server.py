@@ -88,19 +88,29 @@ def test_every_query_option(client, library):
     ({"q": QUERY, "min_prob": 2}, 400, "min_prob must lie between 0 and 1"),
     ({"q": QUERY, "min_prob": 0.5, "rerank": "false"}, 400, "min_prob needs the ITM re-rank"),
     ({"q": QUERY, "under": "/no/such/folder"}, 400, "under /no/such/folder: no such folder"),
-    ({"q": "   "}, 400, "the query text is empty"),
+    ({"q": "   "}, 400, "q is empty"),
+    ({"q": QUERY, "add": " "}, 400, "add is refused: the query text is empty"),  # it read as q's error
+    ({"q": QUERY, "subtract": "0:x"}, 400, "subtract weight must be a number"),
+    ({"q": QUERY, "unlike": " "}, 400, "unlike path is empty"),
     ({"q": QUERY, "top": "many"}, 422, "top"),
     ({}, 400, "q is missing"),
     ({"q": QUERY, "like": "/etc/passwd"}, 404, "is not in the index"),
     ({"q": QUERY, "add": "1e999:x"}, 400, "weight must be"),
     ({"q": QUERY, "add": "1e39:x"}, 400, "weight must be a number of size 0.001 to 1000"),
     ({"q": QUERY, "under": "/tmp\0"}, 400, "no such folder"),  # was a 500: a NUL byte in a path
-    ({"q": QUERY, "like": ""}, 400, "image path is empty"),
+    ({"q": QUERY, "like": ""}, 400, "like path is empty"),
     ({"q": QUERY, "add": ["x"] * 16}, 400, "a query has at most 16 terms"),
 ])
 def test_bad_searches_are_4xx_with_a_json_error(client, params, status, fragment):
     error(client.get("/api/search", params=params), status, fragment)
     assert client.get("/api/status").status_code == 200  # still up
+
+
+def test_parameters_that_are_not_utf8_are_refused_naming_them(client):
+    """`q=%FF%FE` was searched as two replacement characters (the CLI and the library refuse it)."""
+    error(client.get("/api/search?q=%FF%FE"), 400, "q is not valid UTF-8")
+    error(client.get("/api/search?q=a&add=caf%E9"), 400, "add is not valid UTF-8")
+    assert client.get("/api/search?q=caf%C3%A9+au+lait").status_code == 200
 
 
 def test_unknown_routes_and_methods_are_json_errors(client):

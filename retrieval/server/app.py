@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -80,6 +81,8 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
                under: str | None = None, keyword: str | None = None, after: str | None = None,
                before: str | None = None, sort: str = "score", hybrid: bool | None = None) -> dict:
         more = _more(add, subtract, like, unlike)
+        if q is not None and not q.strip():
+            raise FieldError("q", "is empty: give a query text, or leave q out for like=PATH or keyword words")
         if q is None and not like and (keyword is None or more):
             raise FieldError("q", "is missing: give a query text, like=PATH (an indexed image), or keyword words "
                                   "alone")
@@ -125,6 +128,7 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
         kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
         return StreamingResponse(_chunks(file), media_type=kind, headers={"X-Content-Type-Options": "nosniff"})
 
+    _utf8_parameters(app)
     app.add_middleware(_HeadAsGet)  # the last added runs first: the token and host checks see the GET
     return app
 
@@ -148,8 +152,21 @@ class _HeadAsGet:
 
 def _more(add, subtract, like, unlike) -> list[Term]:
     """Added and subtracted terms; image terms name indexed files, by their stored vectors (no file is read:
-    any other path is `NotIndexedError`)."""
-    return more_terms(add, subtract, like, unlike, indexed=True)
+    any other path is `NotIndexedError`). A bad one is refused naming its parameter (`add=` said "the query
+    text is empty", as if `q` were)."""
+    terms = []
+    for name, values in (("add", add), ("subtract", subtract), ("like", like), ("unlike", unlike)):
+        given = {name: values}
+        try:
+            terms += more_terms(given.get("add", ()), given.get("subtract", ()), given.get("like", ()),
+                                given.get("unlike", ()), indexed=True)
+        except FieldError as exc:
+            raise FieldError(name, f"{exc.field} {exc.problem}" if exc.field != "image" else exc.problem) from exc
+        except NotIndexedError:
+            raise
+        except InvalidInputError as exc:
+            raise FieldError(name, f"is refused: {exc}") from exc
+    return terms
 
 
 def _options(top: int, candidates: int, rerank: bool, min_prob: float | None, under: str | None,
@@ -219,6 +236,25 @@ def _errors(app: FastAPI) -> None:
     def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in exc.errors())
         return JSONResponse({"error": problems}, status_code=422)
+
+
+def _utf8_parameters(app: FastAPI) -> None:
+    """A parameter whose percent-encoded bytes are not UTF-8 is refused, naming it: Starlette decodes them with
+    replacement characters, and `q=%FF%FE` was searched as "\ufffd\ufffd" (the CLI and the library refuse
+    such a query)."""
+
+    @app.middleware("http")
+    async def check_parameters(request: Request, call_next) -> Response:
+        for pair in request.scope.get("query_string", b"").split(b"&"):
+            name, _, value = pair.partition(b"=")
+            try:
+                unquote_to_bytes(name.replace(b"+", b" ")).decode("utf-8")
+                unquote_to_bytes(value.replace(b"+", b" ")).decode("utf-8")
+            except UnicodeDecodeError:
+                shown = unquote_to_bytes(name).decode("utf-8", "backslashreplace")
+                return JSONResponse({"error": f"{shown} is not valid UTF-8: percent-encode the text's UTF-8 bytes"},
+                                    status_code=400)
+        return await call_next(request)
 
 
 def _hosts(app: FastAPI, hosts: Sequence[str]) -> None:
