@@ -321,6 +321,15 @@ def test_page_and_openapi(client):
     schema = client.get("/openapi.json").json()
     assert {"/api/search", "/api/search/image", "/api/similar", "/api/status", "/api/thumbnail",
             "/api/original"} <= set(schema["paths"])
+    # what the server sends: the upload's body, {"error": ...} answers (not FastAPI's {"detail": [...]}), files
+    upload = schema["paths"]["/api/search/image"]["post"]
+    assert upload["requestBody"]["content"]["image/*"]["schema"]["format"] == "binary"
+    for route in ("/api/search", "/api/similar", "/api/thumbnail"):
+        answers = schema["paths"][route]["get"]["responses"]
+        assert {"400", "404", "422", "503"} <= set(answers)
+        assert answers["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    assert set(schema["paths"]["/api/original"]["get"]["responses"]["200"]["content"]) == {"image/*"}
+    assert schema["components"]["schemas"]["ErrorBody"]["required"] == ["error"]
     for url in ("/docs", "/redoc"):  # FastAPI's pages load their scripts from a CDN: none is served
         error(client.get(url), 404, "Not Found")
 

@@ -34,6 +34,7 @@ from urllib.parse import unquote_to_bytes
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -53,6 +54,19 @@ MAX_TOP = 500
 TOKEN_COOKIE = "blipsearch_token"
 
 Texts = Annotated[list[str], Query()]
+
+
+class ErrorBody(BaseModel):
+    error: str  # one line: what is wrong and what to do
+
+
+# every error answer, as the schema shows it (FastAPI's own 422 body, {"detail": [...]}, is not what we send)
+ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in (
+    (400, "a bad value, named"), (401, "no valid access token (with --token)"), (403, "a request from another site"),
+    (404, "not an indexed file"), (409, "an indexed file that changed since it was indexed, or an index rebuilt "
+                                        "with another model"),
+    (413, "an upload over the limits"), (422, "a malformed request"),
+    (503, "the index cannot be read now: damaged, or a first run or rebuild under way"))}
 
 
 class TooLarge(InvalidInputError):
@@ -75,7 +89,7 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
     def page() -> HTMLResponse:
         return HTMLResponse(resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8"))
 
-    @app.get("/api/search", summary="Images matching a text or a composed query")
+    @app.get("/api/search", summary="Images matching a text or a composed query", responses=ERRORS)
     def search(q: str | None = None, add: Texts = (), subtract: Texts = (), like: Texts = (), unlike: Texts = (),
                top: int = 10, candidates: int = 64, rerank: bool = True, min_prob: float | None = None,
                under: str | None = None, keyword: str | None = None, after: str | None = None,
@@ -91,7 +105,10 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
         label = q if q is not None else f"(like {', '.join(like)})" if like else keyword
         return _answer(index, label, terms, options)
 
-    @app.post("/api/search/image", summary="Images like the uploaded image (the request body)")
+    @app.post("/api/search/image", summary="Images like the uploaded image (the request body)", responses=ERRORS,
+              openapi_extra={"requestBody": {"required": True, "description": "the image file itself",
+                                             "content": {"image/*": {"schema": {"type": "string",
+                                                                                "format": "binary"}}}}})
     async def search_image(request: Request, add: Texts = (), subtract: Texts = (), like: Texts = (),
                            unlike: Texts = (), top: int = 10, candidates: int = 64, rerank: bool = True,
                            min_prob: float | None = None, under: str | None = None, keyword: str | None = None,
@@ -102,17 +119,19 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
         options = _options(top, candidates, rerank, min_prob, under, keyword, after, before, sort, hybrid)
         return JSONResponse(await run_in_threadpool(_answer, index, "(uploaded image)", terms, options))
 
-    @app.get("/api/similar", summary="Images like an indexed image")
+    @app.get("/api/similar", summary="Images like an indexed image", responses=ERRORS)
     def similar(path: str, top: int = 10, under: str | None = None) -> dict:
         return _answer(index, path, [Term(image=Indexed(path))], _options(top, 64, False, None, under))
 
-    @app.get("/api/status", summary="The index: model, counts, size, last update (503 where it is damaged)")
+    @app.get("/api/status", summary="The index: model, counts, size, last update (503 where it is damaged)",
+             responses=ERRORS)
     def status() -> JSONResponse:
         index.refresh()
         report = index.status()
         return JSONResponse(report, status_code=503 if report["damaged"] else 200)  # a health check fails
 
-    @app.get("/api/thumbnail", summary="A small JPEG of an indexed image", response_class=FileResponse)
+    @app.get("/api/thumbnail", summary="A small JPEG of an indexed image", response_class=Response,
+             responses={200: {"content": {"image/jpeg": {}}, "description": "the JPEG"}, **ERRORS})
     def thumbnail(path: str) -> Response:
         index.refresh()
         made = files.thumbnail(path)
@@ -121,7 +140,8 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
             return Response(made, media_type="image/jpeg", headers=headers)
         return FileResponse(made, media_type="image/jpeg", headers=headers)
 
-    @app.get("/api/original", summary="An indexed image file itself")
+    @app.get("/api/original", summary="An indexed image file itself", response_class=Response,
+             responses={200: {"content": {"image/*": {}}, "description": "the file's bytes"}, **ERRORS})
     def original(path: str) -> StreamingResponse:
         index.refresh()
         file = files.open(path)
