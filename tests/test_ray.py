@@ -124,7 +124,9 @@ def test_a_driver_killed_between_commits_leaves_a_usable_index_that_the_next_run
     blipsearch("index", str(photos), "-q", "--ray", "--batch-size", "2", "--model", str(tiny_model_dir),
                index=tmp_path / "ray", expect=130)
     monkeypatch.undo()
-    assert answers(tmp_path / "ray") == []  # image rows are stored, no file names them yet: nothing to show
+    # image rows are stored, no file names them yet: nothing to show, and the query says why
+    result = blipsearch("query", QUERY, index=tmp_path / "ray", expect=1)
+    assert "has no images yet: its first indexing run (or a --rebuild) is under way, or stopped" in result.stderr
     again = blipsearch("index", str(photos), "-q", "--ray", index=tmp_path / "ray")
     assert summary(again) == "blipsearch: indexed 7, reused 0 (moved or copied), unchanged 0, removed 0, skipped 0"
     assert_same_answers(answers(tmp_path / "ray"), answers(tmp_path / "single"))
