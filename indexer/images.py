@@ -107,8 +107,10 @@ def check_header(file: BinaryIO, path: str | Path, max_pixels: int = DEFAULT_MAX
 
 def _prepare(image: Image.Image, pre: Preprocessing, reduced_decode: bool) -> LoadedImage:
     width, height = image.size
-    orientation = image.getexif().get(_ORIENTATION, 1) if pre.exif_transpose else 1
-    turned = orientation in (5, 6, 7, 8)  # turned by 90 degrees: the model's width spans the file's height
+    turn = exif_turn(image) if pre.exif_transpose else None
+    # turned by 90 degrees: the model's width spans the file's height
+    turned = turn in (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                      Image.Transpose.ROTATE_90)
     size = (pre.height, pre.width) if turned else (pre.width, pre.height)
     if reduced_decode and image.format == "JPEG":
         side = max(pre.width, pre.height)
@@ -116,8 +118,8 @@ def _prepare(image: Image.Image, pre: Preprocessing, reduced_decode: bool) -> Lo
     factors = _factors(image.size, size) if reduced_decode else (1, 1)
     box = (0, 0, image.width / factors[0], image.height / factors[1])  # the reduced picture's last pixels are part ones
     resized = _rgb(image, factors).resize(size, resample=_FILTERS[pre.resample], box=box)
-    if orientation in _TRANSPOSE:
-        resized = resized.transpose(_TRANSPOSE[orientation])
+    if turn is not None:
+        resized = resized.transpose(turn)
     return LoadedImage(np.asarray(resized, dtype=np.uint8), *((height, width) if turned else (width, height)))
 
 

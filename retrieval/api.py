@@ -223,8 +223,8 @@ class Index:
 
     @property
     def building(self) -> bool:
-        """The view open is of a first run (or a --rebuild) still under way: searches answer from the images
-        it has stored so far."""
+        """The view open is of a first run (or a --rebuild) under way, or stopped before it finished: searches
+        answer from the images it has stored."""
         run = self._view.reader.manifest.run
         return run.writing and run.generation == 0
 

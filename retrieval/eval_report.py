@@ -90,7 +90,8 @@ def _published_row(published: Published | None) -> str:
 def _published_notes(run: RunInfo, result: EvalResult, published: Published | None) -> list[str]:
     if run.dataset == "custom":
         return ["(pass --dataset coco or flickr30k to compare with the papers on those test sets)"]
-    if published is not None and (result.images != published.images or run.split != "test"):
+    # a LAVIS list's split is its file's (the header names it): only its size is checked
+    if published is not None and (result.images != published.images or run.split not in ("test", None)):
         return [f"(the published figure is for the {published.images}-image test split; this run used "
                 f"{_count(result.images, 'image')} of {_split_label(run, 'the ')})"]
     return []

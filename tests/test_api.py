@@ -313,8 +313,8 @@ def test_a_first_run_under_way_answers_from_what_it_stored_and_the_cli_says_so(t
     assert index.building and len(index.search(QUERY)) == 3
     result = blipsearch("query", QUERY, "--paths", index=tmp_path / "index")
     assert len(result.stdout.splitlines()) == 3
-    assert result.stderr.strip() == ("blipsearch: the index's first run (or a --rebuild) is under way: these results "
-                                     "come from the 3 images stored so far")
+    assert result.stderr.strip() == ("blipsearch: the index's first run (or a --rebuild) is under way, or stopped: "
+                                     "these results come from the 3 images it has stored")
     blipsearch("index", str(tmp_path / "photos"), "-q", index=tmp_path / "index")
     assert not Index.open(tmp_path / "index", device="cpu").building
 

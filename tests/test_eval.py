@@ -395,10 +395,12 @@ def test_published_figures_sit_beside_ours_with_a_note_on_subsets():
     assert "1 image, 1 caption, k_test" in format_table(run, one, published)  # it said "1 images, 1 captions"
     assert "1 image encoded, 0 from cache" in format_table(run, one, published)
     assert published_for("Salesforce/blip-itm-base-coco", "flickr30k") is None
-    lavis = replace(run, annotations="data/coco_karpathy_val.json", split=None)  # its split is its file's
+    lavis = replace(run, annotations="data/coco_karpathy_test.json", split=None)  # its split is its file's
     table = format_table(lavis, _result(5000), published)
-    assert table.startswith("Salesforce/blip-itm-base-coco on coco (coco_karpathy_val.json): 5000 images")
-    assert "5000-image test split; this run used 5000 images of coco_karpathy_val.json)" in table
+    assert table.startswith("Salesforce/blip-itm-base-coco on coco (coco_karpathy_test.json): 5000 images")
+    assert table.splitlines()[6] == ""  # the test split's size: no note
+    assert "5000-image test split; this run used 100 images of coco_karpathy_test.json)" in \
+        format_table(lavis, _result(100), published)
     assert published_for("/models/my-blip", "coco") is None
     data = to_json(run, _result(100), published)
     assert data["published"]["txt_r1"] == 82.0 and data["itm_pairs_per_second"] == 20.0

@@ -302,7 +302,7 @@ def test_output_that_cannot_be_written_is_one_line(library, args):
         process = subprocess.run([*CLI, "query", *args, "--index", str(library / "index"), "--device", "cpu"],
                                  stdout=full, stderr=subprocess.PIPE, timeout=300)
     assert process.returncode == 1 and process.stderr.decode().splitlines() == [
-        "blipsearch: error: cannot write the output (No space left on device); free some space or send it elsewhere"]
+        "blipsearch: error: No space left on device; free some space, or send the output elsewhere"]
 
 
 def test_a_closed_pipe_ends_the_command_quietly(library):

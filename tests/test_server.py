@@ -299,6 +299,9 @@ def test_token_is_required_when_set(index, tmp_path):
     assert wide.get("/api/status", headers=header).status_code == 200
     assert wide.get("/api/status", params={"token": "pässwörd"}).status_code == 200
     error(wide.get("/api/status", headers={"Authorization": "Bearer passwort"}), 401, "access token")
+    euro = TestClient(server.create_app(index, tmp_path / "thumbs", token="п€ss"))  # beyond Latin-1: a 500 before
+    page = euro.get("/", params={"token": "п€ss"})
+    assert page.status_code == 200 and euro.get("/api/status").status_code == 200  # the cookie carries it
 
 
 def test_a_loopback_server_answers_only_to_loopback_names(index, tmp_path):

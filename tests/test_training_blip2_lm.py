@@ -141,6 +141,7 @@ def test_a_stage2_run_through_the_loop_trains_and_exports(checkpoints, tmp_path)
     cfg = stage2_config(checkpoints, tmp_path / "run", f"data.train={root / 'train.json'}", "optim.max_steps=6",
                         "optim.lr=5e-3", "save_every=1000")
     run = setup(cfg)
+    assert run.loader.collate_fn.prompt == (PROMPT, run.model.prompt)  # captions tokenised after the prompt
     lm = {n: p.clone() for n, p in run.model.language_model.named_parameters()}
     entries = run_steps(run, wrap(run))
     assert [set(e) >= {"lm_loss", "loss"} for e in entries] == [True] * 6 and "temp" not in entries[0]

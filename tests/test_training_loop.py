@@ -54,7 +54,8 @@ def test_presets_and_overrides(tmp_path):
     ("save_every=0", "save_every and log_every must be at least 1"),
     # a list, a mapping or a range: TypeErrors, AttributeErrors and torch's RuntimeError from inside the run
     ("data.crop_scale=0.5", "data.crop_scale must be a list of 2 numbers, not 0.5"),
-    ("optim.betas=[0.9, a]", "optim.betas must be a list of 2 numbers, not (0.9, 'a')"),
+    ("optim.betas=[0.9, a]", "optim.betas must be a number, not 'a'"),
+    ("optim.betas=[0.9]", "optim.betas must be a list of 2 numbers, not (0.9,)"),
     ("data.mixture=[a.json, b.json]", "data.mixture must map names to numbers (or null) ({name: 1.0, ...})"),
     ("objective.losses=itc", "objective.losses must map names to numbers ({name: 1.0, ...}), not 'itc'"),
     ("data.caption_instructions=x", "data.caption_instructions must be a list of any number of strings, not 'x'"),
@@ -129,6 +130,8 @@ def test_a_resumed_run_keeps_its_vocabulary_when_the_captions_changed(scene_data
     """The word-level vocabulary was built again from the data at each start and written over the run's: with
     a word renamed, the checkpoint's rows silently meant other words; with a word added, the resume failed and
     the run's checkpoint could no longer be exported."""
+    import shutil
+
     from blipsearch.training.loop import export_checkpoint
 
     cfg = tiny_config(scene_data, tmp_path / "run", "optim.max_steps=2", "save_every=2")
@@ -146,6 +149,18 @@ def test_a_resumed_run_keeps_its_vocabulary_when_the_captions_changed(scene_data
         assert (tmp_path / output / "tokenizer" / "tokenizer.json").read_bytes() == vocabulary
         assert export_checkpoint(tmp_path / output / "checkpoint-last.pt", tmp_path / f"export-{output}")
     assert "2 words of the training texts are not in the run's vocabulary (e.g. aaacircle, zebra)" in caplog.text
+    # a checkpoint copied aside (no vocabulary beside it) resumes with the output folder's
+    shutil.copy(tmp_path / "run" / "checkpoint-last.pt", tmp_path / "aside.pt")
+    aside = setup(tiny_config(scene_data, tmp_path / "run", "optim.max_steps=4", f"data.train={changed}"),
+                  resume=str(tmp_path / "aside.pt"))
+    assert len(aside.tokenizer) == len(first.tokenizer)
+    # a checkpoint refused (another configuration, another vocabulary) leaves the run's vocabulary alone
+    other = tiny_config(scene_data, tmp_path / "other", "model.text_layers=3", "optim.max_steps=1", "save_every=1",
+                        f"data.train={changed}")
+    run_steps(third := setup(other), wrap(third))
+    with pytest.raises(InvalidInputError, match="does not fit this run's model"):
+        setup(tiny_config(scene_data, tmp_path / "run"), resume=str(tmp_path / "other" / "checkpoint-last.pt"))
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").read_bytes() == vocabulary
 
 
 def test_a_checkpoint_of_another_configuration_is_refused_in_one_line(scene_data, tmp_path):

@@ -76,7 +76,9 @@ def load_weights(payload: dict, model, path: str | Path = "") -> None:
 
 
 def _foreign(path: str | Path, exc: BaseException) -> InvalidInputError:
-    detail = first_line(exc).removeprefix("Error(s) in loading state_dict for ").rstrip(":")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # load_state_dict's first line names the class only; its second says what did not fit
+    detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else first_line(exc)
     return InvalidInputError(f"checkpoint {path} does not fit this run's model ({detail}): it was written by a run "
                              "of another model or configuration; resume it with the config it was trained with, "
                              "or start a new run")

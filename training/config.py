@@ -189,8 +189,13 @@ def _build(cls, values: dict[str, Any], where: str):
     if unknown:
         raise InvalidInputError(f"unknown {where} key(s) {', '.join(unknown)}; known: {', '.join(names)}")
     for key, value in values.items():
+        annotation = str(names[key].type)
         if isinstance(value, list):  # YAML/JSON have no tuples
-            values[key] = tuple(value)
+            values[key] = value = tuple(value)
+        if annotation.startswith("tuple[float") and isinstance(value, tuple):  # YAML reads 1e-4 as a string
+            values[key] = tuple(_float(v, f"{where}.{key}") if isinstance(v, str) else v for v in value)
+        elif annotation.startswith("dict[str, float") and isinstance(value, dict):
+            values[key] = {k: _float(v, f"{where}.{key}") if isinstance(v, str) else v for k, v in value.items()}
         elif isinstance(value, str) and str(names[key].type).startswith("float"):
             values[key] = _float(value, f"{where}.{key}")  # YAML reads 1e-4 (no dot) as a string
         elif value is None and str(names[key].type) == "str":

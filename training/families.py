@@ -37,7 +37,7 @@ class Family:
     export: Callable[..., list[Path]]  # (model, tokenizer, out folder, captioner: bool) -> folders written
     # a family that starts from more than one checkpoint builds model and tokenizer itself:
     # (cfg, the training texts (none when exporting), the run folder, is_main) -> (model, tokenizer)
-    prepare: Callable[[TrainConfig, list[str], Path, bool], tuple[nn.Module, Any]] | None = None
+    prepare: Callable[..., tuple[nn.Module, Any]] | None = None  # (cfg, texts, output, is_main, resumed_run=)
 
 
 def _build_blip(cfg: TrainConfig, tokenizer, config=None) -> nn.Module:
@@ -80,6 +80,7 @@ def _prepare_blip2_lm(cfg: TrainConfig, texts: list[str] = (), output: Path | No
     loader = transformers.AutoModelForSeq2SeqLM if kind.is_encoder_decoder else transformers.AutoModelForCausalLM
     language_model = load_pretrained(loader, directory, name)
     tokenizer = load_pretrained(transformers.AutoTokenizer, directory, name)
+    tokenizer.padding_side = tokenizer.truncation_side = "right"  # as LAVIS sets them (LLaMA-style ones pad left)
     add_image_token(tokenizer, language_model)
     model = build_blip2_lm(config, state, language_model, instruct)
     model.prompt = lm_prompt(tokenizer, cfg.objective.caption_prompt, kind.is_encoder_decoder)
@@ -100,17 +101,17 @@ def _instruction_vocabulary(cfg: TrainConfig, model, tokenizer, texts: list[str]
     from .tokenizer import warn_unknown_words
 
     saved = Path(output) / "qformer_tokenizer" if output is not None else None
-    kept = resumed_run / "qformer_tokenizer" if resumed_run is not None and texts else saved
+    # resumed: the checkpoint's run's, else the output's (written into `output` once the checkpoint was restored)
+    kept = next((f for f in (resumed_run / "qformer_tokenizer", saved) if f is not None and f.is_dir()), None) \
+        if resumed_run is not None and texts else saved
     if (not texts or resumed_run is not None) and kept is not None and kept.is_dir():
         tokenizer = AutoTokenizer.from_pretrained(kept)
         grow_qformer_rows(model, len(tokenizer))
         warn_unknown_words(tokenizer, texts)
-        if is_main and saved is not None and kept.resolve() != saved.resolve():
-            tokenizer.save_pretrained(saved)
         return tokenizer
     templates = [*cfg.data.caption_instructions, *(t.replace("{}", " ") for t in cfg.data.question_templates)]
     add_qformer_words(model, tokenizer, [*texts, *templates])
-    if saved is not None and is_main:
+    if saved is not None and is_main and resumed_run is None:
         tokenizer.save_pretrained(saved)
     return tokenizer
 

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from blipsearch.retrieval.device import cpu_has_fast_bf16, select_device
-from blipsearch.retrieval.errors import ImageLoadError, InvalidInputError
+from blipsearch.retrieval.errors import BlipsearchError, InvalidInputError
 
 from . import checkpoint, distributed
 from .checkpoint import TrainState
@@ -92,16 +92,32 @@ def prepare_model(cfg: TrainConfig, captions: list[str], output: Path, is_main: 
         tokenizer = load_tokenizer(cfg.model.tokenizer)
     elif not captions:  # exporting a checkpoint: the run's vocabulary lies beside it
         tokenizer = load_tokenizer(str(output / "tokenizer"))
-    elif resumed_run is not None and (resumed_run / "tokenizer").is_dir():
-        tokenizer = load_tokenizer(str(resumed_run / "tokenizer"))
+    elif resumed_run is not None and (kept := _kept(resumed_run, output, "tokenizer")) is not None:
+        tokenizer = load_tokenizer(str(kept))  # written into `output` once the checkpoint was restored
         warn_unknown_words(tokenizer, [*captions, cfg.objective.caption_prompt])
-        if is_main and resumed_run.resolve() != output.resolve():  # where the export of this run looks for it
-            tokenizer.save_pretrained(output / "tokenizer")
     else:  # deterministic in the captions, so every rank builds the same one
         # the prompt's words belong to the vocabulary too
         tokenizer = word_tokenizer([*captions, cfg.objective.caption_prompt],
-                                   output / "tokenizer" if is_main else None)
+                                   output / "tokenizer" if is_main and resumed_run is None else None)
     return family.build(cfg, tokenizer), tokenizer
+
+
+def _kept(resumed_run: Path, output: Path, name: str) -> Path | None:
+    """The vocabulary folder `name` of the run a checkpoint came from, else of the output folder (a checkpoint
+    copied aside), else None."""
+    return next((folder / name for folder in (resumed_run, output) if (folder / name).is_dir()), None)
+
+
+def keep_vocabularies(cfg: TrainConfig, model, tokenizer, output: Path, resumed_run: Path) -> None:
+    """After a checkpoint was restored: the vocabularies this run reads, written where an export of its own
+    checkpoints looks for them, unless they were read from there (written before the restore, a refused
+    checkpoint's would have replaced the run's own)."""
+    word_level = FAMILIES[cfg.model.family].prepare is None and not (cfg.model.tokenizer or cfg.model.init_from)
+    for name, vocabulary in (("tokenizer", tokenizer if word_level else None),
+                             ("qformer_tokenizer", getattr(model, "qformer_tokenizer", None))):
+        source = _kept(resumed_run, output, name)
+        if vocabulary is not None and (source is None or source.resolve() != (output / name).resolve()):
+            vocabulary.save_pretrained(output / name)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -160,11 +176,12 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
         sampler = EpochBatches(len(samples), cfg.data.batch_size, cfg.seed, world.rank, world.size, groups)
     # its own generator: starting an epoch's iterator must not draw from the global random state, which
     # the checkpoint restores for dropout (else a resumed run's masks would differ from an uninterrupted one's)
+    collate = Collate(tokenizer, cfg.model.max_text_tokens, qformer_tokenizer=qformer_tokenizer,
+                      prompt=_lm_prompt(cfg, model))
+    if collate.prompt is not None:
+        collate.after_prompt([samples[0].caption])  # a prompt that tokenises apart is refused here, not in a worker
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
-                                         collate_fn=Collate(tokenizer, cfg.model.max_text_tokens,
-                                                            qformer_tokenizer=qformer_tokenizer,
-                                                            prompt=_lm_prompt(cfg, model)),
-                                         generator=torch.Generator().manual_seed(cfg.seed))
+                                         collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed))
     opt = cfg.optim
     total = opt.max_steps or math.ceil(opt.epochs * sampler.batches_per_epoch / opt.grad_accum)
     optimizer = torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=opt.lr, betas=opt.betas)
@@ -173,6 +190,8 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
     if resume_path is not None:
         state = checkpoint.restore(checkpoint.read(resume_path), model, optimizer, scheduler, resume_path)
         log.info("resumed from %s at step %d", resume_path, state.step)
+        if world.is_main:
+            keep_vocabularies(cfg, model, tokenizer, output, Path(resume_path).parent)
     if resume is not None and world.is_main:  # `auto` without a checkpoint starts again from step 0
         _trim_log(output / "log.jsonl", state.step)
     log.info("%d pairs, %d batches per epoch and rank, %d optimizer steps", len(samples),
@@ -230,8 +249,14 @@ def batches(run: Run):
             for batch in run.loader:
                 run.state.batch += 1
                 yield batch
-        except ImageLoadError as exc:  # from a loader worker, torch puts the worker's traceback in the message
-            raise ImageLoadError(_worker_message(str(exc))) from None
+        except BlipsearchError as exc:  # from a loader worker, torch puts the worker's traceback in the message
+            if "Original Traceback" not in str(exc):
+                raise
+            try:
+                unwrapped = type(exc)(_worker_message(str(exc)))
+            except TypeError:  # an error class of other arguments (FieldError)
+                unwrapped = InvalidInputError(_worker_message(str(exc)))
+            raise unwrapped from None
         run.state.epoch, run.state.batch = run.state.epoch + 1, 0
 
 

@@ -28,7 +28,7 @@ EXIT_SKIPPED = 3
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as for a process the closed pipe ended
 EXIT_TERMINATED = 143  # 128 + SIGTERM
-_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}  # a write that the output's device refused
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a write that a full device or quota refused
 
 
 class Terminated(KeyboardInterrupt):
@@ -75,12 +75,13 @@ class Group(click.Group):
         except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly, as `cat` would
             _silence_stdout()
             sys.exit(EXIT_BROKEN_PIPE)
-        except OSError as exc:  # the output cannot be written (`> /dev/full`, a full disk or quota): one line
-            if exc.errno not in _FULL:  # the library reports its own files' errors, typed
+        except OSError as exc:  # a write refused for want of space (`> /dev/full`, a full disk or quota): one line
+            if exc.errno not in _FULL:
                 raise
             _silence_stdout()
-            click.echo(f"blipsearch: error: cannot write the output ({exc.strerror}); free some space or send it "
-                       "elsewhere", err=True)
+            where = f" writing {exc.filename}" if exc.filename else ""  # none: the output, or a file of a run
+            click.echo(f"blipsearch: error: {exc.strerror}{where}; free some space, or send the output elsewhere",
+                       err=True)
             sys.exit(EXIT_ERROR)
         except KeyboardInterrupt as exc:
             kept = "; finished batches are kept in the index" if ctx.invoked_subcommand == "index" else ""

@@ -105,8 +105,8 @@ def query_command(text, image_path, add, subtract, add_image, subtract_image, to
                            with_vision=any(t.image is not None for t in terms))
         results = index.search(terms, options)
     if index.building:  # on stderr: --json and --paths stay as they are
-        click.echo(f"blipsearch: the index's first run (or a --rebuild) is under way: these results come from the "
-                   f"{index.reader.counts()[1]} images stored so far", err=True)
+        click.echo(f"blipsearch: the index's first run (or a --rebuild) is under way, or stopped: these results come "
+                   f"from the {index.reader.counts()[1]} images it has stored", err=True)
     query = text if text is not None else str(image_path) if image_path is not None else keyword
     if as_paths:
         _print_paths(results, b"\0" if null else b"\n")

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -80,6 +80,7 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
                   docs_url=None, redoc_url=None)
     files = ServedFiles(index, cache)
     _errors(app)
+    _utf8_parameters(app)  # added first, so it runs after the token and host checks
     if token:
         _guard(app, token)
     if hosts:
@@ -148,7 +149,6 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
         kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
         return StreamingResponse(_chunks(file), media_type=kind, headers={"X-Content-Type-Options": "nosniff"})
 
-    _utf8_parameters(app)
     app.add_middleware(_HeadAsGet)  # the last added runs first: the token and host checks see the GET
     return app
 
@@ -313,11 +313,12 @@ def _guard(app: FastAPI, token: str) -> None:
         scheme, _, credentials = header.partition(" ")  # the scheme's case does not matter (RFC 9110)
         # a header's bytes come decoded as latin-1: encoded back, a UTF-8 token matches its own bytes
         given = (credentials.encode("latin-1") if scheme.lower() == "bearer" and credentials else None) \
-            or (request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE) or "").encode()
+            or (request.query_params.get("token") or unquote(request.cookies.get(TOKEN_COOKIE, ""))).encode()
         if not hmac.compare_digest(given, token.encode()):
             return JSONResponse({"error": "a valid access token is required (Authorization: Bearer TOKEN)"},
                                 status_code=401, headers={"WWW-Authenticate": "Bearer"})
         response = await call_next(request)
         if request.query_params.get("token"):
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+            # percent-encoded: a cookie's value is Latin-1 at most (a token in Cyrillic or with "€" was a 500)
+            response.set_cookie(TOKEN_COOKIE, quote(token, safe=""), httponly=True, samesite="strict")
         return response

@@ -59,8 +59,7 @@ class ServedFiles:
             except FileNotFoundError as exc:
                 raise NotIndexedError(f"{printable(path)} cannot be read: {exc.strerror}") from exc
             except (OSError, ImageLoadError) as exc:  # a folder or a FIFO in its place, permission denied
-                raise UnservableError(f"{printable(path)} cannot be read now ({failure_reason(path, exc)}); it "
-                                      "changed since it was indexed: run `blipsearch index` again") from exc
+                raise _changed(path, exc, "read") from exc
         # outside: nothing about the target is told but "leads out", unless it holds the indexed bytes (hashed
         # from the descriptor that is then served: a link swapped meanwhile changes nothing)
         leads_out = NotIndexedError(f"{printable(path)} leads out of the indexed folders")
@@ -149,7 +148,7 @@ def _store(jpeg: bytes, target: Path) -> None:
         raise
 
 
-def _changed(path: str, exc: BaseException) -> UnservableError:
+def _changed(path: str, exc: BaseException, what: str = "decoded") -> UnservableError:
     reason = str(exc) if isinstance(exc, ImageLoadError) else failure_reason(path, exc)
-    return UnservableError(f"{printable(path)} cannot be decoded now ({reason}); it changed since it was "
+    return UnservableError(f"{printable(path)} cannot be {what} now ({reason}); it changed since it was "
                            "indexed: run `blipsearch index` again")
