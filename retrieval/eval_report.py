@@ -59,7 +59,8 @@ def published_for(model_id: str, dataset: str) -> Published | None:
 
 def format_table(run: RunInfo, result: EvalResult, published: Published | None) -> str:
     lines = [f"{run.model_id} on {run.dataset} ({_split_label(run)}): {_count(result.images, 'image')}, "
-             f"{_count(result.texts, 'caption')}, k_test {result.k_test}, {run.device} {run.dtype}", ""]
+             f"{_count(result.texts, 'caption')}, k_test {result.k_test}{_capped(result)}, {run.device} {run.dtype}",
+             ""]
     lines.append(_row("", _COLUMNS))
     lines.append(_row("ITC", _recall_cells(result.itc)))
     lines.append(_row("ITC + ITM re-rank", _recall_cells(result.rerank)))
@@ -69,6 +70,14 @@ def format_table(run: RunInfo, result: EvalResult, published: Published | None) 
     for key, label in _STAGES:
         lines.append(f"{label:<18}{result.seconds.get(key, 0.0):>9.1f}   {_stage_note(key, result)}".rstrip())
     return "\n".join(lines)
+
+
+def _capped(result: EvalResult) -> str:
+    """Where the pool is smaller than k_test, the candidates each query really had."""
+    if result.k_test <= min(result.images, result.texts):
+        return ""
+    return f" (capped at {min(result.k_test, result.images)} images per caption, " \
+           f"{min(result.k_test, result.texts)} captions per image)"
 
 
 def _row(label: str, cells) -> str:

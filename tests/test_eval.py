@@ -283,7 +283,8 @@ def test_table_on_stdout_and_limit(dataset, tiny_model_dir):
                    "--model", str(tiny_model_dir), "--device", "cpu", "--precision", "fp32", "--limit", "3"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].startswith(f"{tiny_model_dir} on custom (test split): 3 images, 15 captions, k_test 128")
+    assert lines[0].startswith(f"{tiny_model_dir} on custom (test split): 3 images, 15 captions, k_test 128 "
+                               "(capped at 3 images per caption, 15 captions per image)")
     assert lines[2].split() == ["TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "mean"]
     assert lines[3].startswith("ITC ") and lines[4].startswith("ITC + ITM re-rank")
     assert lines[5].split()[:8] == ["published"] + ["-"] * 7 and "none known" in lines[5]
