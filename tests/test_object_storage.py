@@ -76,6 +76,29 @@ def test_runs_on_s3_are_incremental_and_queries_follow_them(tmp_path, photos, s3
     assert sorted(p.name.split("-")[0] for p in cache_folder(ObjectPrefix(remote)).iterdir()) == ["2", "3"]
 
 
+def test_the_server_shows_photos_indexed_from_object_storage(tmp_path, photos, s3_bucket, tiny_model_dir):
+    """Every thumbnail and original of an `s3://` photo was a 404 ("No such file or directory")."""
+    from fastapi.testclient import TestClient
+
+    from blipsearch.retrieval.api import Index
+    from blipsearch.retrieval.server import app as server
+
+    client = boto3.client("s3")
+    for path in sorted(photos.rglob("*.png")):
+        client.upload_file(str(path), s3_bucket, f"library/{path.relative_to(photos)}")
+    blipsearch("index", f"s3://{s3_bucket}/library", "-q", "--model", str(tiny_model_dir), index=tmp_path / "index")
+    served = TestClient(server.create_app(Index.open(tmp_path / "index", device="cpu"), tmp_path / "thumbs"))
+    first = served.get("/api/search", params={"q": "a photo", "top": 1}).json()["results"][0]["path"]
+    assert first.startswith(f"s3://{s3_bucket}/library/")
+    original = served.get("/api/original", params={"path": first})
+    key = first.removeprefix(f"s3://{s3_bucket}/")
+    assert original.status_code == 200 and original.content == client.get_object(Bucket=s3_bucket,
+                                                                                 Key=key)["Body"].read()
+    thumbnail = served.get("/api/thumbnail", params={"path": first})
+    assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
+    assert served.get("/api/original", params={"path": f"s3://{s3_bucket}/library/nope.png"}).status_code == 404
+
+
 def test_a_second_writer_is_refused_until_the_lease_is_stale(s3_bucket, tiny_model, monkeypatch):
     remote = f"s3://{s3_bucket}/idx"
     first = IndexWriter.open(remote, tiny_model.info)

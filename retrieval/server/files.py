@@ -4,9 +4,9 @@ Only indexed files are served: a path is looked up in the index (never joined to
 location must be a file the scan would index (an image's name, not hidden) in a folder that holds indexed
 files (followed through symlinks as the scan followed them), or its bytes must still be the indexed content
 (a link into a store of files, as git-annex keeps them), so a link swapped in to point elsewhere
-(`/etc/passwd`, a text file beside the photos) is refused. Thumbnails are JPEGs of at most `THUMB_SIDE`
-pixels, EXIF-oriented, cached on disk by content hash (made in memory for each request where that cache
-cannot be written).
+(`/etc/passwd`, a text file beside the photos) is refused; an `s3://` object is opened as the index names it
+(object storage has no links). Thumbnails are JPEGs of at most `THUMB_SIDE` pixels, EXIF-oriented, cached on
+disk by content hash (made in memory for each request where that cache cannot be written).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from blipsearch.indexer.images import check_header, exif_turn, failure_reason, to_rgb
+from blipsearch.indexer.objects import is_remote
 from blipsearch.indexer.scan import file_hash, open_regular, read_hashed, supported_extensions
 
 from ..api import Index, NotIndexedError
@@ -50,6 +51,11 @@ class ServedFiles:
         git-annex keeps them), or is no file the scan would index there, is served only where its bytes are
         still the indexed content: read whole and hashed, so a link swapped to point elsewhere is refused."""
         _, digest = self.index.indexed(path)
+        if is_remote(path):  # an object the index names (object storage has no links to follow)
+            try:
+                return open_regular(path)
+            except (OSError, ImageLoadError) as exc:
+                raise _changed(path, exc, "read") from exc
         real = os.path.realpath(path)
         name = os.path.basename(real)
         if os.path.dirname(real) in self._real_folders() and not name.startswith(".") \
