@@ -184,9 +184,10 @@ class ObjectSegments:
         try:
             data = self.location.read_range(self._name(segment), slot * self.record_bytes, self.record_bytes)
         except FileNotFoundError:
-            raise ValueError(f"feature segment {self.location}/{self._name(segment)} is missing") from None
+            raise SegmentCutShort(f"feature segment {self.location}/{self._name(segment)} is missing") from None
         if len(data) != self.record_bytes:
-            raise ValueError(f"feature segment {self.location}/{self._name(segment)} has no record {slot}")
+            raise SegmentCutShort(f"feature segment {self.location}/{self._name(segment)} has no record {slot}: "
+                                  "it was cut short")
         return data
 
     def read_many(self, places: Sequence[tuple[int, int]]) -> list[bytes]:

@@ -65,13 +65,26 @@ class IndexReader:
         reader.check_features()
         return reader
 
-    def check_features(self) -> None:
+    def check_features(self, remote: bool = False) -> None:
         """Raise `IndexDamagedError` where a feature segment this view reads is missing or cut short (a local
-        index: one stat per segment; a remote one's segments are checked only as candidates are read)."""
-        problem = None if self.path.remote else \
-            self._features.check(needed_records(self.view.segments, self.view.slots))
+        index: one stat per segment; a remote one's only where `remote`, by a fresh listing: a query checks
+        only the candidates it reads)."""
+        if self.path.remote and not remote:
+            return
+        segments = segments_at(self.path, self.manifest.identity.record_bytes) if self.path.remote else self._features
+        problem = segments.check(needed_records(self.view.segments, self.view.slots))
         if problem:
             raise IndexDamagedError(f"the index at {self.path} is damaged: {problem}; {self.manifest.hint()}")
+
+    def _changed_since_open(self) -> bool:
+        """Whether a run began or finished since this view was read (it may have retired segments the view
+        reads), as opposed to damage; an unreadable manifest counts as a change (the next open says more)."""
+        try:
+            run = read_index_manifest(self.path).run
+        except StoreError:
+            return True
+        ours = self.manifest.run
+        return (run.build, run.generation, run.writing) != (ours.build, ours.generation, ours.writing)
 
     @property
     def interrupted(self) -> bool:
@@ -156,9 +169,9 @@ class IndexReader:
             places.append((int(self.view.segments[row]), int(self.view.slots[row])))
         try:
             records = self._features.read_many(places)
-        except SegmentCutShort as exc:
-            raise IndexDamagedError(f"the index at {self.path} is damaged: {exc}; {self.manifest.hint()}") from exc
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # SegmentCutShort among them
+            if isinstance(exc, SegmentCutShort | FileNotFoundError) and not self._changed_since_open():
+                raise IndexDamagedError(f"the index at {self.path} is damaged: {exc}; {self.manifest.hint()}") from exc
             raise StoreError(f"the index at {self.path} changed during the query ({exc}); run it again") from exc
         return codec.unpack_records(records, identity.feature_tokens, identity.feature_dim)
 

@@ -461,7 +461,7 @@ def index_status(location: Location | Path | str, reader=None) -> tuple[dict, In
         files, images = reader.counts()
         captions = reader.caption_count()
         if checked:
-            reader.check_features()  # what queries read (a few stats): a segment cut short or lost since it opened
+            reader.check_features(remote=True)  # a segment lost or cut short since it opened (stats, or a LIST)
         else:
             check_tables(location, manifest)
     except IndexDamagedError as exc:

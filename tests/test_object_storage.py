@@ -99,6 +99,29 @@ def test_the_server_shows_photos_indexed_from_object_storage(tmp_path, photos, s
     assert served.get("/api/original", params={"path": f"s3://{s3_bucket}/library/nope.png"}).status_code == 404
 
 
+def test_a_segment_lost_or_cut_short_on_s3_is_damage_that_queries_and_the_server_name(
+        tmp_path, photos, s3_bucket, tiny_model_dir):
+    """It read as "changed during the query; run it again" (run again: the same), or as a network problem to check
+    AWS_ENDPOINT_URL for, and the server's status called the index healthy."""
+    from fastapi.testclient import TestClient
+
+    from blipsearch.retrieval.api import Index
+    from blipsearch.retrieval.server import app as server
+
+    remote = f"s3://{s3_bucket}/dmg"
+    blipsearch("index", str(photos), "--model", str(tiny_model_dir), "-q", "--batch-size", "4", index=remote)
+    served = TestClient(server.create_app(Index.open(remote, device="cpu"), tmp_path / "thumbs"))
+    first, second, _ = sorted(k for k in keys(s3_bucket, "dmg/") if "/features/" in k)
+    client = boto3.client("s3")
+    client.delete_object(Bucket=s3_bucket, Key=first)
+    data = client.get_object(Bucket=s3_bucket, Key=second)["Body"].read()
+    client.put_object(Bucket=s3_bucket, Key=second, Body=data[:1000])
+    result = blipsearch("query", QUERY, "--candidates", "9", index=remote, expect=1)
+    one_line_error(result, f"the index at {remote} is damaged: feature segment", "rebuild it with")
+    status = served.get("/api/status")
+    assert status.status_code == 503 and "is damaged: feature segment" in status.json()["damaged"]
+
+
 def test_a_second_writer_is_refused_until_the_lease_is_stale(s3_bucket, tiny_model, monkeypatch):
     remote = f"s3://{s3_bucket}/idx"
     first = IndexWriter.open(remote, tiny_model.info)
