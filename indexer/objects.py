@@ -31,8 +31,9 @@ def _split(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-def check_prefix(url: str) -> str:
-    """`url` without a trailing slash; `InvalidInputError` where nothing is stored under it."""
+def check_prefix(url: str, allow_empty: bool = False) -> str:
+    """`url` without a trailing slash; `InvalidInputError` where nothing is stored under it (unless
+    `allow_empty`: the bucket must still be there)."""
     url = url.rstrip("/")
     bucket, key = _split(url)
     if not bucket:
@@ -44,7 +45,7 @@ def check_prefix(url: str) -> str:
     except (OSError, ValueError) as exc:  # pyarrow: OSError from S3, ArrowInvalid (a ValueError) from the URI
         raise InvalidInputError(f"{url}: cannot be listed ({first_line(exc)}); check the address, "
                                 "AWS_ENDPOINT_URL and the credentials") from exc
-    if info.type == fs.FileType.NotFound:
+    if info.type == fs.FileType.NotFound and not (allow_empty and key and check_prefix(f"{SCHEME}{bucket}")):
         raise InvalidInputError(f"{url}: no such object or prefix")
     return url
 
@@ -58,7 +59,7 @@ def list_prefix(url: str) -> list[tuple[str, int, int]]:
     base = f"{bucket}/{key}" if key else bucket
     try:
         info = filesystem.get_file_info(base)
-        found = [info] if info.type == fs.FileType.File else \
+        found = [info] if info.type == fs.FileType.File else [] if info.type == fs.FileType.NotFound else \
             filesystem.get_file_info(fs.FileSelector(base, recursive=True))
     except OSError as exc:
         raise InvalidInputError(f"{url}: cannot be listed ({first_line(exc)}); check the credentials and run "

@@ -115,7 +115,7 @@ def plan(roots: Sequence[str | Path], store: IndexWriter, options: IndexOptions,
          summary: IndexSummary) -> tuple[ScanResult, list[FileStat]]:
     """Scan the roots, remove the rows of vanished files, and return the scan and the files to read (new or
     changed); skipped and unchanged files are counted in `summary`."""
-    folders = [str(f) for f in resolve_roots(roots)]
+    folders = [str(f) for f in resolve_roots(roots, options.allow_empty)]
     found = scan(folders)
     for path, reason in found.skipped:
         skip_file(path, reason, options, summary)

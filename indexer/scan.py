@@ -54,15 +54,16 @@ class ScanResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): found but not indexable
 
 
-def resolve_roots(roots: Iterable[str | Path]) -> list[Path | str]:
+def resolve_roots(roots: Iterable[str | Path], allow_empty: bool = False) -> list[Path | str]:
     """Absolute folders (or single files), and `s3://` prefixes as given (objects.py); a missing one is an error,
-    never 'everything was deleted'."""
+    never 'everything was deleted'. An `s3://` prefix with nothing under it is missing too, unless
+    `allow_empty` (object storage keeps no empty folders: an emptied prefix is gone)."""
     resolved = []
     for root in roots:
         if not str(root).strip():  # `index "$UNSET"`: not the current folder
             raise InvalidInputError("a folder argument is empty; name the folder (`.` for the current one)")
         if objects.is_remote(str(root)):
-            resolved.append(objects.check_prefix(str(root)))
+            resolved.append(objects.check_prefix(str(root), allow_empty))
             continue
         path = Path(root).expanduser()
         if not path.exists():

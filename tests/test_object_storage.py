@@ -122,6 +122,25 @@ def test_a_segment_lost_or_cut_short_on_s3_is_damage_that_queries_and_the_server
     assert status.status_code == 503 and "is damaged: feature segment" in status.json()["damaged"]
 
 
+def test_an_emptied_s3_prefix_keeps_its_files_unless_allowed(tmp_path, photos, s3_bucket, tiny_model_dir):
+    """Object storage keeps no empty folders: a prefix whose photos were all deleted was "no such object or
+    prefix", so `--allow-empty` could never remove its files."""
+    client = boto3.client("s3")
+    for path in sorted(photos.rglob("*.png")):
+        client.upload_file(str(path), s3_bucket, f"library/{path.relative_to(photos)}")
+    library = f"s3://{s3_bucket}/library"
+    blipsearch("index", library, "-q", "--model", str(tiny_model_dir), index=tmp_path / "index")
+    for key in [k for k in keys(s3_bucket, "library/b/")]:
+        client.delete_object(Bucket=s3_bucket, Key=key)
+    one_line_error(blipsearch("index", f"{library}/b", "-q", index=tmp_path / "index", expect=1),
+                   "no such object or prefix")
+    removed = blipsearch("index", f"{library}/b", "-q", "--allow-empty", index=tmp_path / "index")
+    assert "removed 4" in removed.stderr
+    assert json.loads(blipsearch("status", "--json", index=tmp_path / "index").stdout)["files"] == 5
+    one_line_error(blipsearch("index", "s3://no-such-bucket-here/b", "-q", "--allow-empty", index=tmp_path / "index",
+                              expect=1), "s3://no-such-bucket-here")
+
+
 def test_a_second_writer_is_refused_until_the_lease_is_stale(s3_bucket, tiny_model, monkeypatch):
     remote = f"s3://{s3_bucket}/idx"
     first = IndexWriter.open(remote, tiny_model.info)

@@ -62,7 +62,7 @@ def index_command(folders, model_name, index_path, device, precision, batch_size
     from blipsearch.indexer.store import IndexWriter, model_to_write
 
     location = index_location(index_path)
-    resolve_roots(folders)  # a missing folder, a damaged or foreign index: all fail before the model loads
+    resolve_roots(folders, allow_empty)  # a missing folder, a damaged or foreign index: all fail before the model loads
     _check_ray(ray_address, ray_actors, captions, captioner_name)
     if captions is False and captioner_name is not None:
         raise InvalidInputError("--captioner names the model for --captions; drop one of --captioner and --no-captions")
