@@ -199,7 +199,7 @@ def check_model(manifest: Manifest, info: ModelInfo, path: Location | Path) -> N
     raise ModelMismatchError(
         f"the index at {path} holds vectors of the {stored.family} model {stored.model_id} (revision "
         f"{stored.revision}), not of the {asked.family} model {asked.model_id} (revision {asked.revision}); "
-        f"query without --model to use the index's model, or {rebuild_hint(asked.model_id)} "
+        f"leave out --model to use the index's model, or {rebuild_hint(asked.model_id)} "
         "(or pick another --index)")
 
 

@@ -150,6 +150,7 @@ def test_model_mismatch_says_how_to_rebuild(library, tmp_path):
     other = save_tiny_blip(tmp_path / "other", seed=5)
     result = blipsearch("query", QUERY, "--model", str(other), index=library / "index", expect=1)
     assert f"rebuild it with `blipsearch index --rebuild --model {other} FOLDER...`" in result.stderr
+    assert "leave out --model to use the index's model" in result.stderr  # it said "query without", to index too
 
 
 def test_a_changed_model_folder_and_a_hand_edited_manifest_are_named_as_such(tmp_path, tiny_model_dir):
@@ -164,7 +165,7 @@ def test_a_changed_model_folder_and_a_hand_edited_manifest_are_named_as_such(tmp
         config.write(" ")
     result = blipsearch("query", QUERY, index=tmp_path / "index", expect=1)
     assert f"the model {model} has changed since it built the index at {tmp_path / 'index'} (revision " in \
-        result.stderr and "query without --model" not in result.stderr
+        result.stderr and "leave out --model" not in result.stderr
     (tmp_path / "index" / "manifest.json").write_text(json.dumps(manifest | {"embedding": {
         **manifest["embedding"], "dim": 64}}))
     (model / "config.json").write_text((tiny_model_dir / "config.json").read_text())
