@@ -45,8 +45,10 @@ def check_prefix(url: str, allow_empty: bool = False) -> str:
     except (OSError, ValueError) as exc:  # pyarrow: OSError from S3, ArrowInvalid (a ValueError) from the URI
         raise InvalidInputError(f"{url}: cannot be listed ({first_line(exc)}); check the address, "
                                 "AWS_ENDPOINT_URL and the credentials") from exc
-    if info.type == fs.FileType.NotFound and not (allow_empty and key and check_prefix(f"{SCHEME}{bucket}")):
-        raise InvalidInputError(f"{url}: no such object or prefix")
+    if info.type == fs.FileType.NotFound:
+        if not (allow_empty and key):
+            raise InvalidInputError(f"{url}: no such object or prefix")
+        check_prefix(f"{SCHEME}{bucket}")  # an emptied prefix is gone, but its bucket must be there
     return url
 
 

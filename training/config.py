@@ -196,11 +196,11 @@ def _build(cls, values: dict[str, Any], where: str):
             values[key] = tuple(_float(v, f"{where}.{key}") if isinstance(v, str) else v for v in value)
         elif annotation.startswith("dict[str, float") and isinstance(value, dict):
             values[key] = {k: _float(v, f"{where}.{key}") if isinstance(v, str) else v for k, v in value.items()}
-        elif isinstance(value, str) and str(names[key].type).startswith("float"):
+        elif isinstance(value, str) and annotation.startswith("float"):
             values[key] = _float(value, f"{where}.{key}")  # YAML reads 1e-4 (no dot) as a string
-        elif value is None and str(names[key].type) == "str":
+        elif value is None and annotation == "str":
             values[key] = ""  # `--set key=` (YAML reads nothing as null): the empty string
-        _check_type(f"{where}.{key}" if where != "config" else key, str(names[key].type), values[key])
+        _check_type(f"{where}.{key}" if where != "config" else key, annotation, values[key])
     return cls(**values)
 
 

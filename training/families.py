@@ -98,12 +98,11 @@ def _instruction_vocabulary(cfg: TrainConfig, model, tokenizer, texts: list[str]
     where an export of its checkpoint, which has no training texts, and a run that resumes it find it again)."""
     from transformers import AutoTokenizer
 
-    from .tokenizer import warn_unknown_words
+    from .tokenizer import kept_vocabulary, warn_unknown_words
 
     saved = Path(output) / "qformer_tokenizer" if output is not None else None
-    # resumed: the checkpoint's run's, else the output's (written into `output` once the checkpoint was restored)
-    kept = next((f for f in (resumed_run / "qformer_tokenizer", saved) if f is not None and f.is_dir()), None) \
-        if resumed_run is not None and texts else saved
+    # resumed: written into `output` only once the checkpoint was restored (`loop.keep_vocabularies`)
+    kept = kept_vocabulary(resumed_run, output, "qformer_tokenizer") if resumed_run is not None and texts else saved
     if (not texts or resumed_run is not None) and kept is not None and kept.is_dir():
         tokenizer = AutoTokenizer.from_pretrained(kept)
         grow_qformer_rows(model, len(tokenizer))

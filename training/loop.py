@@ -39,7 +39,7 @@ from .data import (
 from .export import preprocessing_of
 from .families import FAMILIES
 from .objectives import Progress, build_objective
-from .tokenizer import load_tokenizer, warn_unknown_words, word_tokenizer
+from .tokenizer import kept_vocabulary, load_tokenizer, warn_unknown_words, word_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def prepare_model(cfg: TrainConfig, captions: list[str], output: Path, is_main: 
         tokenizer = load_tokenizer(cfg.model.tokenizer)
     elif not captions:  # exporting a checkpoint: the run's vocabulary lies beside it
         tokenizer = load_tokenizer(str(output / "tokenizer"))
-    elif resumed_run is not None and (kept := _kept(resumed_run, output, "tokenizer")) is not None:
+    elif resumed_run is not None and (kept := kept_vocabulary(resumed_run, output, "tokenizer")) is not None:
         tokenizer = load_tokenizer(str(kept))  # written into `output` once the checkpoint was restored
         warn_unknown_words(tokenizer, [*captions, cfg.objective.caption_prompt])
     else:  # deterministic in the captions, so every rank builds the same one
@@ -102,12 +102,6 @@ def prepare_model(cfg: TrainConfig, captions: list[str], output: Path, is_main: 
     return family.build(cfg, tokenizer), tokenizer
 
 
-def _kept(resumed_run: Path, output: Path, name: str) -> Path | None:
-    """The vocabulary folder `name` of the run a checkpoint came from, else of the output folder (a checkpoint
-    copied aside), else None."""
-    return next((folder / name for folder in (resumed_run, output) if (folder / name).is_dir()), None)
-
-
 def keep_vocabularies(cfg: TrainConfig, model, tokenizer, output: Path, resumed_run: Path) -> None:
     """After a checkpoint was restored: the vocabularies this run reads, written where an export of its own
     checkpoints looks for them, unless they were read from there (written before the restore, a refused
@@ -115,7 +109,7 @@ def keep_vocabularies(cfg: TrainConfig, model, tokenizer, output: Path, resumed_
     word_level = FAMILIES[cfg.model.family].prepare is None and not (cfg.model.tokenizer or cfg.model.init_from)
     for name, vocabulary in (("tokenizer", tokenizer if word_level else None),
                              ("qformer_tokenizer", getattr(model, "qformer_tokenizer", None))):
-        source = _kept(resumed_run, output, name)
+        source = kept_vocabulary(resumed_run, output, name)
         if vocabulary is not None and (source is None or source.resolve() != (output / name).resolve()):
             vocabulary.save_pretrained(output / name)
 

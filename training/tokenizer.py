@@ -53,6 +53,13 @@ def word_tokenizer(captions: Iterable[str], directory: str | Path | None = None)
     return tokenizer
 
 
+def kept_vocabulary(resumed_run: Path, output: Path | None, name: str) -> Path | None:
+    """The vocabulary folder `name` (`tokenizer`, `qformer_tokenizer`) that a resumed run reads: its
+    checkpoint's run's, else the output folder's (a checkpoint copied aside), else None."""
+    folders = (resumed_run, output) if output is not None else (resumed_run,)
+    return next((Path(folder) / name for folder in folders if (Path(folder) / name).is_dir()), None)
+
+
 def warn_unknown_words(tokenizer, texts: Iterable[str]) -> list[str]:
     """Words of `texts` that a word-level `tokenizer` (a run's, kept when it resumes) reads as [UNK], logged
     once; a subword vocabulary spells any word. Returns them."""

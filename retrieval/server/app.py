@@ -175,11 +175,10 @@ def _more(add, subtract, like, unlike) -> list[Term]:
     any other path is `NotIndexedError`). A bad one is refused naming its parameter (`add=` said "the query
     text is empty", as if `q` were)."""
     terms = []
-    for name, values in (("add", add), ("subtract", subtract), ("like", like), ("unlike", unlike)):
-        given = {name: values}
+    for name, given in (("add", {"add": add}), ("subtract", {"subtract": subtract}), ("like", {"add_images": like}),
+                        ("unlike", {"subtract_images": unlike})):
         try:
-            terms += more_terms(given.get("add", ()), given.get("subtract", ()), given.get("like", ()),
-                                given.get("unlike", ()), indexed=True)
+            terms += more_terms(**given, indexed=True)
         except FieldError as exc:
             raise FieldError(name, f"{exc.field} {exc.problem}" if exc.field != "image" else exc.problem) from exc
         except NotIndexedError:

@@ -42,6 +42,7 @@ class ServedFiles:
     def __init__(self, index: Index, cache: Path):
         self.index, self.cache = index, cache
         self._folders: tuple[object, frozenset[str]] | None = None  # (reader, real folders)
+        self._cache_refused = False  # said once: the thumbnail cache cannot be written
 
     def open(self, path: str) -> BinaryIO:
         """The indexed file `path`, opened; raises `NotIndexedError` (unknown, or leads out) or
@@ -110,8 +111,10 @@ class ServedFiles:
         try:
             _store(jpeg, target)
         except OSError as exc:
-            log.warning("the thumbnail cache %s cannot be written (%s): thumbnails are made for each request",
-                        self.cache, exc.strerror or exc)
+            if not self._cache_refused:
+                log.warning("the thumbnail cache %s cannot be written (%s): thumbnails are made for each request",
+                            self.cache, exc.strerror or exc)
+                self._cache_refused = True
             return jpeg
         return target
 
