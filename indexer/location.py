@@ -99,8 +99,9 @@ class Location(ABC):
         """`write(folder)` fills a folder with the snapshot of `generation`; make it the one readers find."""
 
     @abstractmethod
-    def snapshot_folder(self) -> Path | None:
-        """A local folder holding the current snapshot, None where there is none."""
+    def snapshot_folder(self, refresh: bool = False) -> Path | None:
+        """A local folder holding the current snapshot, None where there is none. `refresh`: the one given
+        before would not load, so fetch it again where it is a copy (a remote index's cache)."""
 
 
 def location_of(where: Location | Path | str) -> Location:
@@ -215,8 +216,8 @@ class Folder(Location):
         durable.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
 
-    def snapshot_folder(self) -> Path | None:
-        return self.path / SNAPSHOT
+    def snapshot_folder(self, refresh: bool = False) -> Path | None:
+        return self.path / SNAPSHOT  # the snapshot itself, not a copy: a damaged one waits for the next run
 
 
 class ObjectPrefix(Location):
@@ -357,14 +358,20 @@ class ObjectPrefix(Location):
             if name.isdigit() and int(name) < generation - 1:
                 self.remove(f"{SNAPSHOT}/{name}")
 
-    def snapshot_folder(self) -> Path | None:
-        """The current generation's snapshot, downloaded once into the user's cache folder."""
+    def snapshot_folder(self, refresh: bool = False) -> Path | None:
+        """The current generation's snapshot, downloaded once into the user's cache folder (again where
+        `refresh`: a cached copy that does not load was damaged on this machine, and nothing else mends it)."""
         try:
             pointer = json.loads(self.read_bytes(f"{SNAPSHOT}/snapshot.json"))
             generation, token = int(pointer["generation"]), str(pointer["token"])
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None
         folder = cache_folder(self) / f"{generation}-{token}"
+        if refresh and folder.is_dir():  # set aside first: another reader may be downloading it afresh too
+            aside = folder.with_name(f".stale-{uuid.uuid4().hex}")
+            with contextlib.suppress(OSError):
+                folder.rename(aside)
+            shutil.rmtree(aside, ignore_errors=True)
         if not folder.is_dir():  # folders appear whole (renamed into place), so one that is there is complete
             self._download(f"{SNAPSHOT}/{generation}/", folder)
         return folder

@@ -138,12 +138,19 @@ class Snapshot:
 
     @classmethod
     def load(cls, location: Location | Path | str, generation: int) -> Snapshot | None:
-        """The saved snapshot if it mirrors `generation`, else None."""
+        """The saved snapshot if it mirrors `generation`, else None. A remote index's cached copy that does
+        not load is downloaded again, once: otherwise every query would read the slower tables for good."""
         location = location_of(location)
+        if saved_generation(location) != generation:
+            return None
+        loaded = cls._read(_folder(location), generation)
+        if loaded is None and location.remote:
+            loaded = cls._read(_folder(location, refresh=True), generation)
+        return loaded
+
+    @classmethod
+    def _read(cls, folder: Path | None, generation: int) -> Snapshot | None:
         try:
-            if saved_generation(location) != generation:
-                return None
-            folder = location.snapshot_folder()
             if folder is None or json.loads((folder / "snapshot.json").read_text())["generation"] != generation:
                 return None
             with np.load(folder / "rows.npz") as rows:
@@ -164,6 +171,13 @@ class Snapshot:
             return None
         return cls(hashes, segments, slots, recall, captions, path_rows, paths, sizes, mtimes, dates, exif, cameras,
                    _keywords=keywords)
+
+
+def _folder(location: Location, refresh: bool = False) -> Path | None:
+    try:
+        return location.snapshot_folder(refresh)
+    except Exception:  # a remote one that cannot be fetched: the tables answer instead, or say why they cannot
+        return None
 
 
 def _texts(path: Path, count: int) -> list[str]:

@@ -190,3 +190,18 @@ def test_a_rebuilt_index_is_never_answered_from_the_old_ones_cached_snapshot(tmp
     assert {p for p, _, _ in ranked(remote)} == {str(p) for p in (tmp_path / "old").iterdir()}  # generation 1, cached
     blipsearch("index", str(tmp_path / "new"), "--rebuild", "-q", index=remote)  # generation 1 again
     assert {p for p, _, _ in ranked(remote)} == {str(p) for p in (tmp_path / "new").iterdir()}
+
+
+def test_a_damaged_cached_copy_of_the_snapshot_is_downloaded_again(tmp_path, s3_bucket, tiny_model_dir):
+    """A cached copy damaged on this machine was trusted for good: every query read the slower tables, and
+    `status` advised an index run that, finding nothing changed, rewrote nothing."""
+    remote = f"s3://{s3_bucket}/idx"
+    make_folder(tmp_path / "photos", 3, seed=1)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=remote)
+    first = ranked(remote)
+    [cached] = cache_folder(ObjectPrefix(remote)).iterdir()
+    (cached / "rows.npz").write_bytes(b"not a zip")
+    status = json.loads(blipsearch("status", "--json", index=remote).stdout)
+    assert status["snapshot"] is True and status["damaged"] is None
+    assert (cached / "rows.npz").read_bytes() != b"not a zip"
+    assert ranked(remote) == first
