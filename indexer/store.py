@@ -483,7 +483,7 @@ def _drop(path: Location) -> None:
     except IndexDamagedError:
         manifest = None  # damaged already: it says so
     if manifest is not None:
-        manifest.run.damaged = "a --rebuild was interrupted"
+        manifest.run.damaged = "a --rebuild is under way, or was interrupted"
         write_manifest(path, manifest)
     for name in sorted(INDEX_NAMES - {LOCK, MANIFEST}):
         path.remove(name)
