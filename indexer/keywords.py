@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 PREFIX = "keywords"
-MAX_TOKEN = 40  # characters; longer runs are hashes or junk, never typed into a query
+MAX_TOKEN = 64  # characters a stored word has at most (a SHA-256 file name); longer runs are junk, and a query
+# word that long matches nothing
 K1, B = 1.2, 0.75  # BM25, as Lucene's defaults
 _NAMES = ("vocab", "vocab_offsets", "starts", "rows", "freqs", "lengths")
 
@@ -52,12 +53,14 @@ def tokens(text: str) -> list[str]:
     return [w.decode() for w in _split(text)]
 
 
-def _split(text: str) -> list[bytes]:
-    """`tokens` in UTF-8, the form the vocabulary keeps. ASCII text (most paths and captions) takes a bytes
-    path with the same result, 3x faster than the regex: it is most of the time of building at 1M rows."""
+def _split(text: str, limit: int | None = MAX_TOKEN) -> list[bytes]:
+    """`tokens` in UTF-8, the form the vocabulary keeps (words over `limit` characters left out). ASCII text
+    (most paths and captions) takes a bytes path with the same result, 3x faster than the regex: it is most
+    of the time of building at 1M rows."""
+    limit = limit or math.inf
     if text.isascii():
-        return [w for w in text.encode().translate(_ASCII_WORDS).split() if len(w) <= MAX_TOKEN]
-    return [w.encode() for w in _TOKEN.findall(_fold(text)) if len(w) <= MAX_TOKEN]
+        return [w for w in text.encode().translate(_ASCII_WORDS).split() if len(w) <= limit]
+    return [w.encode() for w in _TOKEN.findall(_fold(text)) if len(w) <= limit]
 
 
 def _fold(text: str) -> str:
@@ -144,8 +147,8 @@ class KeywordIndex:
         return len(self.lengths)
 
     def _words(self, text: str) -> list[int | None]:
-        """Vocabulary ids of the distinct words of `text` (None: a word no row has)."""
-        return [self.vocabulary.find(w) for w in dict.fromkeys(_split(text))]
+        """Vocabulary ids of the distinct words of `text` (None: a word no row has, as one too long to be kept)."""
+        return [self.vocabulary.find(w) for w in dict.fromkeys(_split(text, limit=None))]
 
     def _postings(self, word: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.starts[word], self.starts[word + 1]

@@ -39,7 +39,8 @@ from .recall import RecallIndex
 if TYPE_CHECKING:
     from .manifest import Identity
 
-FORMAT = 3  # 2: sizes and modification times of the files; 3: captions, dates, cameras, keywords
+FORMAT = 4  # 2: sizes and modification times of the files; 3: captions, dates, cameras, keywords;
+# 4: keywords of up to 64 characters (40 before)
 
 
 @dataclass

@@ -44,7 +44,7 @@ from .errors import (
     printable,
 )
 from .models.base import RetrievalModel, TextTokens
-from .search import Filters, Hit, Searcher, SearchOptions
+from .search import Filters, Hit, Searcher, SearchOptions, blank
 
 if TYPE_CHECKING:
     import torch
@@ -105,12 +105,13 @@ class Term:
         if self.image is not None and not isinstance(self.image, Path | str | bytes | bytearray | memoryview | Indexed):
             raise FieldError("image", f"must be a file path, the image's bytes or an Indexed file, not "
                                       f"{type(self.image).__name__}")
-        if self.text is not None and not self.text.strip():
+        if self.text is not None and blank(self.text):
             raise InvalidInputError("the query text is empty")
 
 
 def weighted(spec: str) -> tuple[float, str]:
-    """`"2:sunset"` -> (2.0, "sunset"); a prefix that is no number is part of the term (`"time: 5pm"`)."""
+    """`"2:sunset"` -> (2.0, "sunset"); a prefix that is no number is part of the term (`"time: 5pm"`). A text
+    that itself begins with a number and a colon needs its weight written: `"1:10:30 meeting"`."""
     head, sep, tail = spec.partition(":")
     try:
         return (float(head), tail) if sep and tail else (1.0, spec)
@@ -118,17 +119,33 @@ def weighted(spec: str) -> tuple[float, str]:
         return 1.0, spec
 
 
+def weighted_path(spec: str) -> tuple[float, str]:
+    """`weighted` for an image's path, `~` expanded; a file named by the whole of `spec` is taken as it is
+    (`"12:30.png"`; `"2:12:30.png"` weighs it 2)."""
+    if spec.strip() and Path(spec).expanduser().is_file():
+        return 1.0, os.path.expanduser(spec)
+    weight, path = weighted(spec)
+    return weight, os.path.expanduser(path) if path.strip() else path
+
+
 def more_terms(add: Sequence[str] = (), subtract: Sequence[str] = (), add_images: Sequence[str] = (),
                subtract_images: Sequence[str] = (), indexed: bool = False) -> list[Term]:
     """The added and subtracted terms of a query, each `[WEIGHT:]TEXT` or `[WEIGHT:]PATH`, in that order;
-    `indexed`: the paths name indexed files, searched by their stored vectors (`Indexed`)."""
-    image = Indexed if indexed else Path
-    if any(not weighted(p)[1].strip() for p in (*add_images, *subtract_images)):
-        raise FieldError("image", "path is empty")
-    terms = [Term(text=t, weight=w) for w, t in map(weighted, add)]
-    terms += [Term(text=t, weight=-w) for w, t in map(weighted, subtract)]
-    terms += [Term(image=image(p), weight=w) for w, p in map(weighted, add_images)]
-    return terms + [Term(image=image(p), weight=-w) for w, p in map(weighted, subtract_images)]
+    `indexed`: the paths name indexed files, searched by their stored vectors (`Indexed`). A bad one is
+    refused naming its field (`add`, `subtract`, `add_images`, `subtract_images`), not the query's text."""
+    terms = []
+    for field, specs, sign in (("add", add, 1), ("subtract", subtract, -1), ("add_images", add_images, 1),
+                               ("subtract_images", subtract_images, -1)):
+        for spec in specs:
+            weight, value = (weighted_path if field.endswith("images") else weighted)(spec)
+            if blank(value):
+                raise FieldError(field, "path is empty" if field.endswith("images") else "text is empty")
+            try:
+                terms.append(Term(text=value, weight=sign * weight) if not field.endswith("images") else
+                             Term(image=Indexed(value) if indexed else Path(value), weight=sign * weight))
+            except FieldError as exc:  # its weight
+                raise FieldError(field, f"{exc.field} {exc.problem}") from exc
+    return terms
 
 
 @dataclass
@@ -263,7 +280,8 @@ class Index:
                     raise FieldError("min_prob", "needs a text term of positive weight to re-rank with")
                 words = next((t.text for t in terms if t.text is not None and t.weight > 0), None)
                 hits = searcher.search_vector(vector, texts, options, words=words)
-            results = self._results(view, hits, options.filters)
+            named = {t.image.path for t in terms if isinstance(t.image, Indexed) and t.weight > 0}
+            results = self._results(view, hits, options.filters, named)
         if terms:  # keywords alone read no stored features
             self._check_same_build(view)
         if options.sort == "date":
@@ -390,16 +408,17 @@ class Index:
         return self.model.pixel_values([loaded.pixels])
 
     @staticmethod
-    def _results(view: _View, hits: list[Hit], where: Filters) -> list[Result]:
+    def _results(view: _View, hits: list[Hit], where: Filters, named: set[str]) -> list[Result]:
         """Hits with their files, best first; copies outside the folders and dates asked for are not shown,
-        nor hits without one."""
+        nor hits without one. Of an image's copies, one that the query `named` (`similar` of a copy shows
+        that copy) or whose path holds the keywords shows first (`--paths` prints it)."""
         reader = view.reader
         files = reader.files_by_hash([h.key for h in hits])
+        words_missing = _words_missing(where.keyword) if where.keyword else lambda file: 0
         results = []
         for hit in hits:
             inside = [f for f in files.get(hit.key, []) if reader.passes(f, where)]
-            if inside and where.keyword:  # the copy whose path holds the words shows first (`--paths` prints it)
-                inside.sort(key=_words_missing(where.keyword))
+            inside.sort(key=lambda f: (f.path not in named, words_missing(f)))
             if inside:
                 first, *copies = inside
                 results.append(Result(first.path, [c.path for c in copies], hit.score, hit.itc, hit.itm_prob,

@@ -13,6 +13,7 @@ and a `RetrievalModel`, so tests can pass fakes.
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -137,13 +138,18 @@ def rrf_scores(*rankings: Sequence[str], k: int = RRF_K) -> dict[str, float]:
 
 
 
+def blank(text: str) -> bool:
+    """No character but spaces, controls and invisible formatting ones (a zero-width space): nothing to match."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
+
+
 class Searcher:
     def __init__(self, model: RetrievalModel, source: CandidateSource):
         self.model = model
         self.source = source
 
     def search_text(self, text: str, options: SearchOptions) -> list[Hit]:
-        if not text.strip():
+        if blank(text):
             raise InvalidInputError("the query text is empty")
         encoded = self.model.encode_texts([text])
         return self.search_vector(np.asarray(encoded.embeddings[0]), [(1.0, encoded.tokens)], options, words=text)

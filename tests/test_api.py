@@ -11,7 +11,16 @@ import torch
 from blipsearch.indexer import snapshot
 from blipsearch.indexer.images import load_image
 from blipsearch.indexer.reader import IndexReader
-from blipsearch.retrieval.api import FieldError, Index, NotIndexedError, Term, folders, weighted
+from blipsearch.retrieval.api import (
+    FieldError,
+    Index,
+    NotIndexedError,
+    Term,
+    folders,
+    more_terms,
+    weighted,
+    weighted_path,
+)
 from blipsearch.retrieval.errors import InvalidInputError, StoreError
 from blipsearch.retrieval.search import SearchOptions
 
@@ -185,6 +194,22 @@ def test_weighted_term_syntax():
     assert weighted("0.5:a:b") == (0.5, "a:b")
     assert weighted("time: 5pm") == (1.0, "time: 5pm")
     assert weighted("sunset") == (1.0, "sunset")
+    assert weighted("1:10:30 meeting") == (1.0, "10:30 meeting")  # a text that begins "N:" has its weight written
+
+
+def test_a_bad_added_term_names_its_field_and_a_blank_text_is_empty(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "12:30.png").write_bytes(b"")
+    assert weighted_path("12:30.png") == (1.0, "12:30.png") and weighted_path("2:12:30.png") == (2.0, "12:30.png")
+    monkeypatch.setenv("HOME", "/home/me")
+    assert weighted_path("0.5:~/a.jpg") == (0.5, "/home/me/a.jpg")
+    for given, message in (({"add": ["red", ""]}, "^add text is empty"), ({"subtract": ["\u200b "]}, "^subtract text"),
+                           ({"add_images": ["2: "]}, "^add_images path is empty"),
+                           ({"subtract_images": ["1e9:x.png"]}, "^subtract_images weight must be")):
+        with pytest.raises(FieldError, match=message):
+            more_terms(**given)
+    with pytest.raises(InvalidInputError, match=r"^the query text is empty"):
+        Term("\u200b\u2060 \t")  # invisible characters only: nothing to match
 
 
 def test_a_finished_run_in_another_process_is_picked_up(tmp_path, tiny_model_dir):
@@ -395,7 +420,7 @@ def test_the_cli_composes_as_the_api_does(library, index):
     terms = [Term(QUERY), Term("sunset", weight=2), Term("people", weight=-1), Term(image=Path(image), weight=-0.5)]
     assert cli["results"] == [r.to_json() for r in index.search(terms)]
     result = blipsearch("query", QUERY, "--add", "inf:x", index=library / "index", expect=1)
-    assert "WEIGHT: must be a number of size 0.001 to 1000" in result.stderr
+    assert "--add weight must be a number of size 0.001 to 1000" in result.stderr
     result = blipsearch("query", QUERY, "--top", "3", "--in", str(library / "nowhere"), index=library / "index",
                         expect=1)
     assert "--in " + str(library / "nowhere") + ": no such folder" in result.stderr

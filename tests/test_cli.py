@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, BlipForImageTextRetrieval, BlipImageProcessorPil
 
+from blipsearch.retrieval.api import Index
+
 from photos import make_folder
 from runner import blipsearch, one_line_error, photo_library
 from tiny import save_tiny_blip
@@ -85,13 +87,40 @@ def test_copies_are_listed_once(tmp_path, tiny_model_dir):
     assert len(answer["results"]) == 2
     assert answer["results"][0]["path"] == str(tmp_path / "photos" / "again.png")
     assert answer["results"][0]["copies"] == [str(a)]
+    # `similar` of a copy shows that copy first, its twin among the copies (the twin led, in file order)
+    for asked, twin in ((a, tmp_path / "photos" / "again.png"), (tmp_path / "photos" / "again.png", a)):
+        found = Index.open(tmp_path / "index", device="cpu").similar(asked)[0]
+        assert (found.path, found.copies) == (str(asked), [str(twin)])
+
+
+def test_min_prob_with_an_image_query_needs_an_added_text(library, tmp_path, monkeypatch):
+    """`--image P --add TEXT` is re-ranked by TEXT, so --min-prob applies; it was refused as for --image alone."""
+    image = library / "photos" / "family" / "img002.png"
+
+    def ranked(*args):
+        out = blipsearch("query", "--image", str(image), "--add", QUERY, "--json", "--top", "9", "--candidates", "9",
+                         *args, index=library / "index").stdout
+        return json.loads(out)["results"]
+
+    every = ranked()
+    threshold = sorted(r["itm_prob"] for r in every)[4]
+    kept = ranked("--min-prob", str(threshold))
+    assert kept == [r for r in every if r["itm_prob"] >= threshold] and 0 < len(kept) < len(every)
+    alone = blipsearch("query", "--image", str(image), "--min-prob", "0.5", index=library / "index", expect=1)
+    one_line_error(alone, "--min-prob needs a text term of positive weight to re-rank with")
+    # a term's flag is named, not the query's text; `~` is expanded in W:PATH; a file named "12:30.png" is a path
+    one_line_error(blipsearch("query", QUERY, "--add", " ", index=library / "index", expect=1), "--add text is empty")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "12:30.png").write_bytes(image.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    for spec in ("0.5:~/12:30.png", "12:30.png"):
+        assert len(query_json(library, "--add-image", spec, "--top", "3")["results"]) == 3
 
 
 @pytest.mark.parametrize("args, message", [
     (["query", QUERY], "no index at"),
     (["status"], "no index at"),
     (["query", QUERY, "--no-rerank", "--min-prob", "0.5"], "--min-prob needs the ITM re-rank"),
-    (["query", "--image", "x.jpg", "--min-prob", "0.5"], "--image ranks by ITC similarity only"),
     (["query"], "give a query TEXT, --image PATH or --keyword WORDS"),
     (["index", "/no/such/folder"], "/no/such/folder: no such file or folder"),
 ])

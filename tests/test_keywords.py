@@ -41,7 +41,7 @@ def test_tokens_split_at_punctuation_underscores_and_dashes():
     assert tokens("/photos/2019/IMG_2019-05-04 dog-on-beach.jpg") == [
         "photos", "2019", "img", "2019", "05", "04", "dog", "on", "beach", "jpg"]
     assert tokens("Hello, World! (it's) a+b=c\tx\ny") == ["hello", "world", "it", "s", "a", "b", "c", "x", "y"]
-    assert tokens("x" * 40 + " " + "y" * 41 + " z") == ["x" * 40, "z"]  # longer than 40 characters: dropped
+    assert tokens("x" * 64 + " " + "y" * 65 + " z") == ["x" * 64, "z"]  # longer than 64 characters: dropped
     assert tokens("") == tokens(" _-/ ") == []
 
 
@@ -54,7 +54,7 @@ def test_tokens_fold_accents_and_keep_letters_of_every_script():
 
 
 def test_ascii_shortcut_equals_the_general_rule():
-    text = "".join(map(chr, range(128))) + " IMG_2019-05-04 dog-on-beach.JPG " + "q" * 41
+    text = "".join(map(chr, range(128))) + " IMG_2019-05-04 dog-on-beach.JPG " + "q" * 65
     general = [w.encode() for w in keywords._TOKEN.findall(keywords._fold(text)) if len(w) <= keywords.MAX_TOKEN]
     assert keywords._split(text) == general
     assert len(general) > 10
@@ -104,6 +104,14 @@ def test_rows_with_all_intersects():
     assert index.rows_with_all("photos 2019 jpg").tolist() == [0, 1]
     assert index.rows_with_all("dog zebra").tolist() == []
     assert index.rows_with_all("dog").dtype == np.int64
+    # a word too long to be kept matches nothing (it was left out, so "dog" + 65 x's found the dogs)
+    assert index.rows_with_all("dog " + "x" * 65).tolist() == [] and index.rows_with_all("x" * 65).tolist() == []
+
+
+def test_a_sha256_file_name_is_a_word():
+    name = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    index = KeywordIndex.build(["/photos/dog.jpg", f"/photos/{name}.jpg"])
+    assert index.rows_with_all(name.upper()).tolist() == [1] and index.search(name, 5)[0].tolist() == [1]
     with pytest.raises(ValueError, match="no word to search for"):
         index.rows_with_all(" -_/ ")
 
@@ -155,6 +163,6 @@ def test_empty_corpus_and_empty_documents(tmp_path):
 
 def test_query_without_a_known_word_is_empty():
     index = KeywordIndex.build(CORPUS)
-    for query in ("zebra", "", "!!!", "a" * 41):
+    for query in ("zebra", "", "!!!", "a" * 65):
         rows, scores = index.search(query, 5)
         assert (rows.dtype, scores.dtype, len(rows), len(scores)) == (np.int64, np.float64, 0, 0)

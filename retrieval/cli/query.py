@@ -20,16 +20,17 @@ if TYPE_CHECKING:
     from ..api import Result, Term
 
 
-# library field -> the flag that sets it (`image` stays as it is: several flags give image terms)
-FLAGS = {"top": "--top", "candidates": "--candidates", "min_prob": "--min-prob", "under": "--in",
-         "weight": "a term's WEIGHT:", "keyword": "--keyword", "after": "--after", "before": "--before",
+# library field -> the flag that sets it
+FLAGS = {"add": "--add", "subtract": "--subtract", "add_images": "--add-image", "subtract_images": "--subtract-image",
+         "top": "--top", "candidates": "--candidates", "min_prob": "--min-prob", "under": "--in",
+         "keyword": "--keyword", "after": "--after", "before": "--before",
          "sort": "--sort"}
 
 
 @main.command("query")
 @click.argument("text", required=False)
 @click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
-              help="Query by an image instead of text (ITC similarity, no re-rank).")
+              help="Query by an image instead of text (ITC similarity; re-ranked only with --add TEXT).")
 @click.option("--add", "add", multiple=True, metavar="[W:]TEXT",
               help="Also like TEXT (weight W, default 1); repeatable.")
 @click.option("--subtract", "subtract", multiple=True, metavar="[W:]TEXT",
@@ -49,7 +50,7 @@ FLAGS = {"top": "--top", "candidates": "--candidates", "min_prob": "--min-prob",
 @click.option("--keyword", metavar="WORDS", default=None,
               help="Only images whose caption or file path holds every one of WORDS; without TEXT, rank by them.")
 @click.option("--after", metavar="DATE", default=None,
-              help="Only photos taken (EXIF, else file time) on or after DATE: YYYY, YYYY-MM, YYYY-MM-DD[THH:MM].")
+              help="Only photos taken (EXIF, else file time) on or after DATE: YYYY, YYYY-MM, YYYY-MM-DD[THH:MM[:SS]].")
 @click.option("--before", metavar="DATE", default=None, help="Only photos taken before DATE (same forms).")
 @click.option("--sort", type=click.Choice(["score", "date"]), default="score", show_default=True,
               help="Order of the results: best first, or the best --top newest first.")
@@ -77,7 +78,8 @@ def query_command(text, image_path, add, subtract, add_image, subtract_image, to
     text term's weighted ITM match logit (subtracted terms subtract theirs) when a positive text term exists.
 
     Where the index has captions (`index --captions`), TEXT also finds images by keyword (captions and file
-    paths), fused with the vector recall by reciprocal rank before the re-rank (--no-hybrid: vectors only).
+    paths): the best keyword hits join the ITC candidates of the re-rank, or, with --no-rerank, the two lists
+    are fused by reciprocal rank (--no-hybrid: vectors only).
     """
     from ..api import Index, folders
     from ..dates import date_range
@@ -89,9 +91,6 @@ def query_command(text, image_path, add, subtract, add_image, subtract_image, to
         raise InvalidInputError("give either a query TEXT or --image PATH, not both")
     if text is None and image_path is None and keyword is None:
         raise InvalidInputError("give a query TEXT, --image PATH or --keyword WORDS")
-    if image_path is not None and min_prob is not None:
-        raise InvalidInputError("--min-prob filters on the ITM match probability of a text query; "
-                                "--image ranks by ITC similarity only")
     as_paths = as_paths or null
     if as_json and as_paths:
         raise InvalidInputError("--json and --paths (or --null) exclude each other")

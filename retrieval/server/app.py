@@ -172,20 +172,12 @@ class _HeadAsGet:
 
 def _more(add, subtract, like, unlike) -> list[Term]:
     """Added and subtracted terms; image terms name indexed files, by their stored vectors (no file is read:
-    any other path is `NotIndexedError`). A bad one is refused naming its parameter (`add=` said "the query
-    text is empty", as if `q` were)."""
-    terms = []
-    for name, given in (("add", {"add": add}), ("subtract", {"subtract": subtract}), ("like", {"add_images": like}),
-                        ("unlike", {"subtract_images": unlike})):
-        try:
-            terms += more_terms(**given, indexed=True)
-        except FieldError as exc:
-            raise FieldError(name, f"{exc.field} {exc.problem}" if exc.field != "image" else exc.problem) from exc
-        except NotIndexedError:
-            raise
-        except InvalidInputError as exc:
-            raise FieldError(name, f"is refused: {exc}") from exc
-    return terms
+    any other path is `NotIndexedError`). A bad one is refused naming its parameter."""
+    try:
+        return more_terms(add, subtract, like, unlike, indexed=True)
+    except FieldError as exc:
+        name = {"add_images": "like", "subtract_images": "unlike"}.get(exc.field, exc.field)
+        raise FieldError(name, exc.problem) from exc
 
 
 def _options(top: int, candidates: int, rerank: bool, min_prob: float | None, under: str | None,
