@@ -44,8 +44,8 @@ def date_range(after: str | None, before: str | None) -> tuple[int | None, int |
     low = parse_date(after, "after")[0] if after is not None else None
     high = parse_date(before, "before")[0] if before is not None else None
     if low is not None and high is not None and low >= high:
-        raise FieldError("before", f"must be later than after: nothing is from {format_date(low)} on "
-                                   f"and before {format_date(high)}")
+        raise FieldError("before", f"must be a later date than the start ({after}): nothing is from "
+                                   f"{format_date(low)} on and before {format_date(high)}")
     return low, high
 
 

@@ -68,14 +68,14 @@ def test_an_empty_range_is_blamed_on_before(after, before):
     with pytest.raises(FieldError) as caught:
         date_range(after, before)
     assert caught.value.field == "before"
-    assert str(caught.value).startswith("before must be later than after: ")
+    assert str(caught.value).startswith(f"before must be a later date than the start ({after}): ")
 
 
 def test_the_empty_range_message_shows_both_bounds():
     with pytest.raises(FieldError) as caught:
         date_range("2019-05-04", "2019-05")
-    assert caught.value.problem == ("must be later than after: nothing is from 2019-05-04T00:00:00 on "
-                                    "and before 2019-05-01T00:00:00")
+    assert caught.value.problem == ("must be a later date than the start (2019-05-04): nothing is from "
+                                    "2019-05-04T00:00:00 on and before 2019-05-01T00:00:00")
 
 
 def test_a_bad_bound_names_its_own_field():

@@ -97,8 +97,9 @@ def test_dates_filter_and_sort(library):
 
 @pytest.mark.parametrize("args, fragments", [
     (["a", "--after", "May 2019"], ["--after", "YYYY-MM-DD"]),
-    (["a", "--after", "2020", "--before", "2019"], ["--before"]),
+    (["a", "--after", "2020", "--before", "2019"], ["--before must be a later date than the start (2020)"]),
     (["a", "--keyword", "  "], ["--keyword", "empty"]),
+    (["a", "--keyword", "\udcff dog"], ["--keyword is not valid UTF-8"]),  # argv bytes of Latin-1: dropped unsaid
     (["--keyword", "!!!"], ["no word"]),
     ([], ["TEXT", "--keyword"]),
 ])
