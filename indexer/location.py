@@ -115,7 +115,7 @@ def location_of(where: Location | Path | str) -> Location:
         raise InvalidInputError(f"the index location {text} is not supported: name a folder or s3://bucket/prefix")
     if "\0" in text:
         raise InvalidInputError(f"the index location {text!r} holds a NUL byte: name a folder")
-    return Folder(Path(text).expanduser())
+    return Folder(Path(os.path.expanduser(text)))  # (Path.expanduser raises for an unknown ~user)
 
 
 class Folder(Location):

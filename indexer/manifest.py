@@ -32,7 +32,7 @@ MANIFEST = "manifest.json"
 def default_location() -> Path:
     """$BLIPSEARCH_INDEX, else the user data folder (e.g. ~/.local/share/blipsearch/index)."""
     if os.environ.get("BLIPSEARCH_INDEX"):
-        return Path(os.environ["BLIPSEARCH_INDEX"]).expanduser()
+        return Path(os.path.expanduser(os.environ["BLIPSEARCH_INDEX"]))
     import platformdirs
 
     return platformdirs.user_data_path("blipsearch") / "index"

@@ -65,7 +65,7 @@ def resolve_roots(roots: Iterable[str | Path], allow_empty: bool = False) -> lis
         if objects.is_remote(str(root)):
             resolved.append(objects.check_prefix(str(root), allow_empty))
             continue
-        path = Path(root).expanduser()
+        path = Path(os.path.expanduser(root))  # (Path.expanduser raises for an unknown ~user)
         if not path.exists():
             raise InvalidInputError(f"{root}: no such file or folder")
         resolved.append(path.resolve())

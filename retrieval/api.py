@@ -122,7 +122,7 @@ def weighted(spec: str) -> tuple[float, str]:
 def weighted_path(spec: str) -> tuple[float, str]:
     """`weighted` for an image's path, `~` expanded; a file named by the whole of `spec` is taken as it is
     (`"12:30.png"`; `"2:12:30.png"` weighs it 2)."""
-    if spec.strip() and Path(spec).expanduser().is_file():
+    if spec.strip() and Path(os.path.expanduser(spec)).is_file():
         return 1.0, os.path.expanduser(spec)
     weight, path = weighted(spec)
     return weight, os.path.expanduser(path) if path.strip() else path
@@ -456,13 +456,13 @@ def folders(path: Path | str) -> list[str]:
         return [str(path).rstrip("/")]
     path = Path(path)
     try:
-        resolved = path.expanduser().resolve()
+        resolved = Path(os.path.expanduser(path)).resolve()  # an unknown ~user stays as written
         found = resolved.is_dir()
     except (OSError, ValueError):  # ValueError: a NUL in the name
         found = False
     if not found:
         raise FieldError("under", f"{printable(str(path))}: no such folder")
-    return list(dict.fromkeys([os.path.abspath(path.expanduser()), str(resolved)]))
+    return list(dict.fromkeys([os.path.abspath(os.path.expanduser(path)), str(resolved)]))
 
 
 def index_status(location: Location | Path | str, reader=None) -> tuple[dict, IndexDamagedError | None]:

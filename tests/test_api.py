@@ -183,7 +183,8 @@ def test_arguments_of_the_wrong_type_are_field_errors(index, library):
                           (lambda: Index.open(123), r"^location must be a path"),
                           (lambda: Index.open(library / "index", model=5), r"^model must be a path"),
                           (lambda: Index.open(library / "index", device=None), r"^device must be one of auto"),
-                          (lambda: folders(None), r"^under must name a folder")):
+                          (lambda: folders(None), r"^under must name a folder"),
+                          (lambda: folders("~nosuchuser-b/x"), r"^under ~nosuchuser-b/x: no such folder")):
         with pytest.raises(FieldError, match=message):
             make()
     assert Term(QUERY, weight=np.float32(2)).weight == 2  # numpy numbers, as np.float64 already was

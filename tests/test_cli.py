@@ -123,11 +123,25 @@ def test_min_prob_with_an_image_query_needs_an_added_text(library, tmp_path, mon
     (["query", QUERY, "--no-rerank", "--min-prob", "0.5"], "--min-prob needs the ITM re-rank"),
     (["query"], "give a query TEXT, --image PATH or --keyword WORDS"),
     (["index", "/no/such/folder"], "/no/such/folder: no such file or folder"),
+    # an unknown ~user: Path.expanduser raised RuntimeError (a traceback)
+    (["index", "~nosuchuser-b"], "~nosuchuser-b: no such file or folder"),
 ])
 def test_errors_are_one_line(tmp_path, args, message):
     result = blipsearch(*args, index=tmp_path / "missing", expect=1)
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert message in result.stderr
+
+
+def test_an_index_under_an_unknown_user_is_one_line(monkeypatch):
+    from click.testing import CliRunner
+
+    from blipsearch.retrieval.cli import main
+
+    for args in (["status"], ["status", "--index", "~nosuchuser-b/index"]):
+        monkeypatch.setenv("BLIPSEARCH_INDEX", "~nosuchuser-b/index")
+        result = CliRunner().invoke(main, args)
+        assert (result.exit_code, result.stderr) == (1, "blipsearch: error: no index at ~nosuchuser-b/index; create "
+                                                        "one with `blipsearch index FOLDER`\n"), result.output
 
 
 @pytest.mark.parametrize("args", [["query", QUERY, "--index", ""], ["status", "--index", " "],

@@ -124,7 +124,7 @@ def _index_on_ray(folders, model_name: str, model, store, options, address: str,
                   batch_size: int | None, device: str, precision: str):
     from blipsearch.indexer.cluster import RayOptions, index_on_ray
 
-    name = _absolute_name(model_name) if Path(model_name).expanduser().exists() else model_name
+    name = _absolute_name(model_name) if Path(os.path.expanduser(model_name)).exists() else model_name
     ray_options = RayOptions(address=address or None, model=name, device=device, precision=precision, actors=actors,
                              batch_size=batch_size or 64, reduced_decode=options.reduced_decode)
     return index_on_ray(folders, store, options, ray_options, model.info.preprocessing)
@@ -181,7 +181,7 @@ def _captioner(store, recorded: str | None, chosen: str | None, device: str, pre
 def _absolute_name(name: str) -> str:
     """A local folder by its absolute path (a later run from elsewhere finds it, and one folder has one name);
     a hub id as given."""
-    path = Path(name).expanduser()
+    path = Path(os.path.expanduser(name))
     if path.exists():
         return str(path.resolve())
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):

@@ -56,7 +56,7 @@ class Checkpoint:
 
 def resolve(name: str) -> Checkpoint:
     """A local directory wins over a hub id of the same spelling."""
-    path = Path(name).expanduser()
+    path = Path(os.path.expanduser(name))  # (an unknown ~user stays as it is: Path.expanduser raises)
     if path.is_file():
         raise ModelLoadError(f"model {name} is a file; pass the folder that holds its config.json and weights "
                              "(written by save_pretrained or `blipsearch train`), or a hub id")
