@@ -66,6 +66,12 @@ def test_search_mirrors_query_json(client, library, tiny_model_dir):
 def test_every_query_option(client, library):
     under = str(library / "photos" / "b")
     assert all(p.startswith(under) for p in paths(client.get("/api/search", params={"q": QUERY, "under": under})))
+    # a prefix of the indexed paths: a folder that exists and one that does not answer alike (no probing)
+    for folder in ("/root", "/no/such/folder", under + "/../c", "s3://bucket/x"):
+        answer = client.get("/api/search", params={"q": QUERY, "under": folder})
+        assert (answer.status_code, answer.json()["results"]) == (200, [])
+    assert paths(client.get("/api/search", params={"q": QUERY, "under": under + "/../b/"})) == \
+        paths(client.get("/api/search", params={"q": QUERY, "under": under}))
     itc = client.get("/api/search", params={"q": QUERY, "rerank": "false"}).json()["results"]
     assert all(r["itm_prob"] is None for r in itc)
     kept = client.get("/api/search", params={"q": QUERY, "min_prob": 1.0, "candidates": 3}).json()["results"]
@@ -87,7 +93,9 @@ def test_every_query_option(client, library):
     ({"q": QUERY, "candidates": 10_000}, 400, "candidates must lie between"),
     ({"q": QUERY, "min_prob": 2}, 400, "min_prob must lie between 0 and 1"),
     ({"q": QUERY, "min_prob": 0.5, "rerank": "false"}, 400, "min_prob needs the ITM re-rank"),
-    ({"q": QUERY, "under": "/no/such/folder"}, 400, "under /no/such/folder: no such folder"),
+    ({"q": QUERY, "under": ""}, 400, "under must name a folder"),  # it searched everything
+    ({"q": QUERY, "under": "photos"}, 400, "under photos is not an absolute path"),  # the server's own cwd
+    ({"q": QUERY, "under": "~"}, 400, "under ~ is not an absolute path"),
     ({"q": "   "}, 400, "q is empty"),
     ({"q": QUERY, "add": " "}, 400, "add text is empty"),  # it read as q's error
     ({"q": QUERY, "subtract": "0:x"}, 400, "subtract weight must be a number"),
@@ -97,7 +105,7 @@ def test_every_query_option(client, library):
     ({"q": QUERY, "like": "/etc/passwd"}, 404, "is not in the index"),
     ({"q": QUERY, "add": "1e999:x"}, 400, "weight must be"),
     ({"q": QUERY, "add": "1e39:x"}, 400, "weight must be a number of size 0.001 to 1000"),
-    ({"q": QUERY, "under": "/tmp\0"}, 400, "no such folder"),  # was a 500: a NUL byte in a path
+    ({"q": QUERY, "under": "/tmp\0"}, 400, "under must name a folder"),  # was a 500: a NUL byte in a path
     ({"q": QUERY, "like": ""}, 400, "like path is empty"),
     ({"q": QUERY, "add": ["x"] * 16}, 400, "a query has at most 16 terms"),
 ])
@@ -173,7 +181,21 @@ def test_thumbnails_are_small_oriented_jpegs_cached_on_disk(client, library, tmp
     assert Image.open(io.BytesIO(response.content)).size == (20, 40) and len(response.content) < 20_000
     assert len(list((tmp_path / "thumbs").rglob("*.jpg"))) == 1
     again = client.get("/api/thumbnail", params={"path": str(library / "photos" / "b" / "turned.jpg")})
-    assert again.content == response.content
+    assert again.content == response.content and again.headers["etag"].strip('"').endswith("-320")
+    # a thumbnail is sent whole: a bad Range header was answered in plain text, not {"error": ...}
+    ranged = client.get("/api/thumbnail", params={"path": str(library / "photos" / "b" / "turned.jpg")},
+                        headers={"Range": "bytes=5-1"})
+    assert (ranged.status_code, ranged.content) == (200, response.content)
+
+
+def test_a_defect_is_a_json_500_and_its_traceback_goes_to_the_log(index, tmp_path, monkeypatch, caplog):
+    """An unexpected exception was a plain-text "Internal Server Error"."""
+    monkeypatch.setattr(Index, "status", lambda self: 1 / 0)
+    client = TestClient(server.create_app(index, tmp_path / "thumbs"), raise_server_exceptions=False)
+    response = client.get("/api/status")
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal error (ZeroDivisionError); the server's log has the details"}
+    assert "GET /api/status failed" in caplog.text and "ZeroDivisionError" in caplog.text
 
 
 def test_a_file_changed_since_indexing_never_files_its_thumbnail_under_the_indexed_hash(tmp_path, tiny_model_dir):
@@ -183,12 +205,15 @@ def test_a_file_changed_since_indexing_never_files_its_thumbnail_under_the_index
     blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
     index = Index.open(tmp_path / "index", device="cpu")
     indexed = index.indexed(str(photo))[1]
-    make_photo(photo, 2, size=(30, 60))  # edited after indexing
     client = TestClient(server.create_app(index, tmp_path / "thumbs"))
+    assert client.get("/api/thumbnail", params={"path": str(photo)}).status_code == 200  # cached as indexed
+    make_photo(photo, 2, size=(30, 60))  # edited after indexing
     response = client.get("/api/thumbnail", params={"path": str(photo)})
     assert Image.open(io.BytesIO(response.content)).size == (30, 60)  # the edited picture, not the indexed one
-    cached = [p.name for p in (tmp_path / "thumbs").rglob("*.jpg")]
-    assert cached == [f"{content_hash(photo)}-320.jpg"] and not cached[0].startswith(indexed)
+    cached = sorted(p.name for p in (tmp_path / "thumbs").rglob("*.jpg"))
+    assert cached == sorted([f"{content_hash(photo)}-320.jpg", f"{indexed}-320.jpg"])
+    photo.unlink()  # its cached thumbnails were still served
+    error(client.get("/api/thumbnail", params={"path": str(photo)}), 404, "cannot be read")
 
 
 def test_originals_are_the_files(client, library):
@@ -332,6 +357,9 @@ def test_page_and_openapi(client):
         assert {"400", "404", "422", "503"} <= set(answers)
         assert answers["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
     assert set(schema["paths"]["/api/original"]["get"]["responses"]["200"]["content"]) == {"image/*"}
+    assert "content" not in schema["paths"]["/api/status"]["get"]["responses"]["503"]  # the status object, not an error
+    search = {p["name"]: p["schema"] for p in schema["paths"]["/api/search"]["get"]["parameters"]}
+    assert (search["top"]["minimum"], search["top"]["maximum"], search["sort"]["enum"]) == (1, 500, ["score", "date"])
     assert schema["components"]["schemas"]["ErrorBody"]["required"] == ["error"]
     for url in ("/docs", "/redoc"):  # FastAPI's pages load their scripts from a CDN: none is served
         error(client.get(url), 404, "Not Found")

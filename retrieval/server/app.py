@@ -25,6 +25,7 @@ import hmac
 import io
 import logging
 import mimetypes
+import os
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -33,16 +34,16 @@ from urllib.parse import quote, unquote, unquote_to_bytes
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from blipsearch.indexer.images import check_header
 
-from ..api import FieldError, Index, Indexed, NotIndexedError, Term, folders, more_terms
+from ..api import FieldError, Index, Indexed, NotIndexedError, Term, more_terms
 from ..dates import date_range
-from ..errors import BlipsearchError, ImageLoadError, InvalidInputError, ModelMismatchError, StoreError
+from ..errors import BlipsearchError, ImageLoadError, InvalidInputError, ModelMismatchError, StoreError, printable
 from ..search import SearchOptions
 from .files import ServedFiles, UnservableError
 
@@ -54,6 +55,9 @@ MAX_TOP = 500
 TOKEN_COOKIE = "blipsearch_token"
 
 Texts = Annotated[list[str], Query()]
+# bounds and choices shown in the OpenAPI document; checked by `_options` and SearchOptions, which name them
+Count = Annotated[int, Query(json_schema_extra={"minimum": 1, "maximum": MAX_TOP})]
+Sort = Annotated[str, Query(json_schema_extra={"enum": ["score", "date"]})]
 
 
 class ErrorBody(BaseModel):
@@ -92,9 +96,9 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
 
     @app.get("/api/search", summary="Images matching a text or a composed query", responses=ERRORS)
     def search(q: str | None = None, add: Texts = (), subtract: Texts = (), like: Texts = (), unlike: Texts = (),
-               top: int = 10, candidates: int = 64, rerank: bool = True, min_prob: float | None = None,
+               top: Count = 10, candidates: Count = 64, rerank: bool = True, min_prob: float | None = None,
                under: str | None = None, keyword: str | None = None, after: str | None = None,
-               before: str | None = None, sort: str = "score", hybrid: bool | None = None) -> dict:
+               before: str | None = None, sort: Sort = "score", hybrid: bool | None = None) -> dict:
         more = _more(add, subtract, like, unlike)
         if q is not None and not q.strip():
             raise FieldError("q", "is empty: give a query text, or leave q out for like=PATH or keyword words")
@@ -111,9 +115,9 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
                                              "content": {"image/*": {"schema": {"type": "string",
                                                                                 "format": "binary"}}}}})
     async def search_image(request: Request, add: Texts = (), subtract: Texts = (), like: Texts = (),
-                           unlike: Texts = (), top: int = 10, candidates: int = 64, rerank: bool = True,
+                           unlike: Texts = (), top: Count = 10, candidates: Count = 64, rerank: bool = True,
                            min_prob: float | None = None, under: str | None = None, keyword: str | None = None,
-                           after: str | None = None, before: str | None = None, sort: str = "score",
+                           after: str | None = None, before: str | None = None, sort: Sort = "score",
                            hybrid: bool | None = None) -> JSONResponse:
         data = await _upload(request)
         terms = [Term(image=data), *_more(add, subtract, like, unlike)]
@@ -121,11 +125,12 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
         return JSONResponse(await run_in_threadpool(_answer, index, "(uploaded image)", terms, options))
 
     @app.get("/api/similar", summary="Images like an indexed image", responses=ERRORS)
-    def similar(path: str, top: int = 10, under: str | None = None) -> dict:
+    def similar(path: str, top: Count = 10, under: str | None = None) -> dict:
         return _answer(index, path, [Term(image=Indexed(path))], _options(top, 64, False, None, under))
 
     @app.get("/api/status", summary="The index: model, counts, size, last update (503 where it is damaged)",
-             responses=ERRORS)
+             responses={**ERRORS, 503: {"description": "the index is damaged (the status object: its `damaged` "
+                                                       "says why), or cannot be read now ({\"error\": ...})"}})
     def status() -> JSONResponse:
         index.refresh()
         report = index.status()
@@ -139,7 +144,8 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
         headers = {"Cache-Control": "private, max-age=3600"}
         if isinstance(made, bytes):  # the thumbnail cache cannot be written: made for this request
             return Response(made, media_type="image/jpeg", headers=headers)
-        return FileResponse(made, media_type="image/jpeg", headers=headers)
+        # a few KB, whole: FileResponse answered a bad Range header in plain text, not {"error": ...}
+        return Response(made.read_bytes(), media_type="image/jpeg", headers={**headers, "ETag": f'"{made.stem}"'})
 
     @app.get("/api/original", summary="An indexed image file itself", response_class=Response,
              responses={200: {"content": {"image/*": {}}, "description": "the file's bytes"}, **ERRORS})
@@ -188,12 +194,24 @@ def _options(top: int, candidates: int, rerank: bool, min_prob: float | None, un
             raise FieldError(name, f"must lie between 1 and {MAX_TOP}")
     start, end = date_range(after, before)
     return SearchOptions(top=top, candidates=candidates, rerank=rerank, min_prob=min_prob,
-                         under=folders(under) if under else None, keyword=keyword, after=start, before=end,
-                         sort=sort, hybrid=hybrid)
+                         under=_under(under) if under is not None else None, keyword=keyword, after=start,
+                         before=end, sort=sort, hybrid=hybrid)
+
+
+def _under(folder: str) -> list[str]:
+    """`under` as a prefix of the indexed paths, written as results show them. The server reads no folder for
+    it, and expands no `~`: an answer would tell a client which folders exist on this machine (`under=""`
+    once searched everything)."""
+    if not folder.strip() or "\0" in folder:
+        raise FieldError("under", "must name a folder: an absolute path as the results show it")
+    if folder.startswith("s3://"):
+        return [folder.rstrip("/")]
+    if not os.path.isabs(folder):
+        raise FieldError("under", f"{printable(folder)} is not an absolute path: give a folder as the results show it")
+    return [os.path.normpath(folder)]
 
 
 def _answer(index: Index, query: str, terms: list[Term], options: SearchOptions) -> dict:
-    from ..errors import printable
 
     results = index.search(terms, options)  # on the latest finished generation (it refreshes)
     return {"query": printable(query), "model": printable(index.model.info.model_id),
@@ -242,6 +260,12 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # unknown route, wrong method
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    def internal_error(request: Request, exc: Exception) -> JSONResponse:  # a defect: its traceback goes to the log
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server's log has the details"},
+                            status_code=500)
 
     @app.exception_handler(RequestValidationError)
     def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:

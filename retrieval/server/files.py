@@ -95,10 +95,10 @@ class ServedFiles:
         Cached by the hash of the bytes it was made from: a file changed since it was indexed gets its own
         thumbnail, never one filed under the indexed content's hash (which its copies share)."""
         _, digest = self.index.indexed(path)
-        target = self._cached(digest)
-        if target.exists():
-            return target
-        with self.open(path) as file:
+        with self.open(path) as file:  # still there, and no link leading out (a cached thumbnail outlived them)
+            target = self._cached(digest)
+            if target.exists() and self._as_indexed(path, digest, file):
+                return target
             try:
                 check_header(file, path)  # no image, or a decompression bomb: refused before reading it whole
                 data, actual = read_hashed(file)
@@ -117,6 +117,17 @@ class ServedFiles:
                 self._cache_refused = True
             return jpeg
         return target
+
+    def _as_indexed(self, path: str, digest: str, file: BinaryIO) -> bool:
+        """The open file has the size (and, on a disk, the modification time) it was indexed with: its
+        thumbnail is the one filed under the indexed content's hash."""
+        known = next((f for f in self.index.reader.files_by_hash([digest])[digest] if f.path == path), None)
+        if known is None:
+            return False
+        if is_remote(path):
+            return file.size() == known.size
+        status = os.fstat(file.fileno())
+        return (status.st_size, status.st_mtime_ns) == (known.size, known.mtime_ns)
 
     def _cached(self, digest: str) -> Path:
         return self.cache / digest[:2] / f"{digest}-{THUMB_SIDE}.jpg"
