@@ -36,13 +36,20 @@ def is_junk(name: str) -> bool:
 
 def check_folder(path: Location | Path | str) -> None:
     """Refuse a location holding anything but an index (and junk): it is not ours to write into or delete."""
+    foreign = _foreign(path)
+    if foreign:
+        raise InvalidInputError(f"{path} holds files that are not a blipsearch index ({foreign}); "
+                                "choose another --index location")
+
+
+def _foreign(path: Location | Path | str) -> str | None:
+    """The names (the first three) in a location that are neither an index's nor junk; None where there are none."""
     names = location_of(path).names() or []
     foreign = sorted(name for name in names if name not in INDEX_NAMES and not is_junk(name))
-    if foreign:
-        shown = ", ".join(printable(name) for name in foreign[:3]) + (f" and {len(foreign) - 3} more"
-                                                                       if len(foreign) > 3 else "")
-        raise InvalidInputError(f"{path} holds files that are not a blipsearch index ({shown}); "
-                                "choose another --index location")
+    if not foreign:
+        return None
+    return ", ".join(printable(name) for name in foreign[:3]) + (f" and {len(foreign) - 3} more"
+                                                                 if len(foreign) > 3 else "")
 
 
 def disk_bytes(path: Location | Path | str) -> int:
@@ -96,6 +103,10 @@ def read_index_manifest(path: Location | Path | str) -> Manifest:
         if not path.remote and Path(str(path)).is_file():
             raise IndexMissingError(f"no index at {path}: it is a file; name an index folder (a new one is made "
                                     "by `blipsearch index FOLDER --index NEW_FOLDER`)")
+        foreign = _foreign(path)
+        if foreign:  # a folder of photos named as the index: `index` would refuse it too
+            raise IndexMissingError(f"no index at {path}: it holds other files ({foreign}); name the index "
+                                    "folder with --index")
         raise IndexMissingError(f"no index at {path}; create one with `blipsearch index FOLDER`")
     if manifest.run.damaged:
         raise IndexDamagedError(f"the index at {path} is damaged ({manifest.run.damaged}); {manifest.hint()}")

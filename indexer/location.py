@@ -254,7 +254,8 @@ class ObjectPrefix(Location):
                 import boto3
                 from botocore.config import Config
             except ImportError:
-                raise InvalidInputError("an index on s3:// needs boto3: pip install 'blipsearch[s3]'") from None
+                raise InvalidInputError("an index on s3:// needs boto3, the s3 extra: pip install -e '.[s3]' in the "
+                                        "blipsearch checkout") from None
             self._client = boto3.client("s3", config=Config(max_pool_connections=32))
         return self._client
 

@@ -206,7 +206,7 @@ def test_a_captioner_that_fails_to_load_is_not_remembered(tmp_path, tiny_model_d
     make_folder(tmp_path / "photos", 3, seed=7)  # new images: the captioner is needed at the first batch
     failed = blipsearch("index", str(tmp_path / "photos"), "--captioner", str(tiny_model_dir), "-q",
                         index=tmp_path / "index", expect=1)
-    one_line_error(failed, "not a BLIP or BLIP-2 captioner")
+    one_line_error(failed, "the captioner of --captions: model ", "not a BLIP or BLIP-2 captioner", "(--captioner DIR)")
     run = read_manifest(tmp_path / "index").run
     assert (run.captioner, run.writing, run.generation) == (None, False, 1)  # refused before the run began
     damaged = tmp_path / "damaged-captioner"  # a captioner by its config, whose weights fail to load

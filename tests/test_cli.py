@@ -132,6 +132,14 @@ def test_errors_are_one_line(tmp_path, args, message):
     assert message in result.stderr
 
 
+def test_a_folder_of_photos_named_as_the_index_is_said_to_be_one(tmp_path):
+    """`status --index PHOTOS` said "create one with `blipsearch index FOLDER`", which then refused that folder."""
+    make_folder(tmp_path / "photos", 2)
+    for args in (["status"], ["query", QUERY]):
+        result = blipsearch(*args, index=tmp_path / "photos", expect=1)
+        one_line_error(result, f"no index at {tmp_path / 'photos'}: it holds other files (img000.png, img001.png)")
+
+
 def test_an_index_under_an_unknown_user_is_one_line(monkeypatch):
     from click.testing import CliRunner
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from .. import DEFAULT_CAPTIONER, DEFAULT_MODEL
-from ..errors import BlipsearchError, InvalidInputError, one_line
+from ..errors import BlipsearchError, InvalidInputError, ModelLoadError, one_line
 from . import EXIT_SKIPPED, main
 from .options import device_option, index_location, index_option, load, model_option, not_empty, precision_option
 
@@ -117,7 +117,8 @@ def _check_ray(address: str | None, actors: int | None, captions: bool | None, c
         import lance_ray  # noqa: F401
         import ray  # noqa: F401
     except ImportError:
-        raise InvalidInputError("--ray needs Ray Data and lance-ray: pip install 'blipsearch[ray]'") from None
+        raise InvalidInputError("--ray needs Ray Data and lance-ray, the ray extra: pip install -e '.[ray]' in the "
+                                "blipsearch checkout") from None
 
 
 def _index_on_ray(folders, model_name: str, model, store, options, address: str, actors: int | None,
@@ -152,7 +153,10 @@ def _chosen_captioner(recorded: str | None, captions: bool | None, name: str | N
     if name is not None or captions:
         chosen = _absolute_name(name) if name is not None else recorded or DEFAULT_CAPTIONER
     if chosen is not None and chosen != recorded:
-        check_captioner(chosen)
+        try:
+            check_captioner(chosen)
+        except ModelLoadError as exc:  # the library's words speak of "a model": say which flag names this one
+            raise ModelLoadError(f"the captioner of --captions: {exc} (--captioner DIR)") from exc
     return chosen
 
 

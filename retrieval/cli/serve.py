@@ -39,7 +39,7 @@ def serve_command(index_path, host, port, token, model_name, device, precision):
         from ..server.app import create_app
     except ImportError as exc:
         raise InvalidInputError(f"`blipsearch serve` needs the serve extra ({exc.name} is missing): "
-                                "pip install 'blipsearch[serve]'") from exc
+                                "pip install -e '.[serve]' in the blipsearch checkout") from exc
     import platformdirs
 
     from ..api import Index
