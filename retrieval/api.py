@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -200,26 +200,47 @@ class Index:
     time, while path look-ups, status and refreshes go on beside it (each works on the view it started with;
     a refresh swaps in a new view in one assignment)."""
 
-    def __init__(self, location: Location, model: RetrievalModel, reader):
+    def __init__(self, location: Location, model: RetrievalModel | None, reader,
+                 load: Callable[[], RetrievalModel] | None = None):
+        """`model`, or None and `load`: the model is loaded by the first search that needs one."""
         self.location = location
-        self.model = model
+        self._model, self._load = model, load
         self._view = _View(reader)
         self._model_lock = threading.Lock()  # one model, one query at a time
         self._refresh_lock = threading.Lock()  # one reopening at a time
 
+    @property
+    def model(self) -> RetrievalModel:
+        """The model (loaded now where `Index.open(lazy=True)` deferred it; checked against the index then)."""
+        from blipsearch.indexer.manifest import check_model
+
+        if self._model is None:
+            with self._refresh_lock:
+                if self._model is None:
+                    loaded = self._load()
+                    check_model(self.reader.manifest, loaded.info, self.location)
+                    self._model = loaded
+        return self._model
+
+    @property
+    def model_id(self) -> str:
+        """The model's id: the loaded one's, else the one the index was built with."""
+        return self._model.info.model_id if self._model is not None else self.reader.manifest.identity.model_id
+
     @classmethod
     def open(cls, location: Location | Path | str | None = None, model: str | None = None, device: str = "auto",
-             precision: str = "auto", with_vision: bool = True) -> Index:
+             precision: str = "auto", with_vision: bool = True, lazy: bool = False) -> Index:
         """Raises `IndexMissingError`, `IndexDamagedError`, `ModelLoadError` or `ModelMismatchError`.
 
         `with_vision=False` loads the text side only (quicker): such an index answers text terms only.
+        `lazy=True` loads the model at the first search that needs one (a keyword search needs none), and
+        raises the model's errors there.
         """
         from blipsearch.indexer.location import Location, location_of
         from blipsearch.indexer.manifest import check_model, default_location
         from blipsearch.indexer.reader import IndexReader
 
         from .device import DEVICES, PRECISIONS
-        from .models import load_model
 
         for name, value in (("location", location), ("model", model)):
             if value is not None and not isinstance(value, str | Path | Location):
@@ -229,8 +250,16 @@ class Index:
                 raise FieldError(name, f"must be one of {', '.join(choices)}, not {value!r}")
         location = location_of(location or default_location())
         reader = IndexReader.open(location)
-        loaded = load_model(model or reader.manifest.identity.model_id, device=device, precision=precision,
-                            with_vision=with_vision)
+
+        def load() -> RetrievalModel:
+            from .models import load_model
+
+            return load_model(model or reader.manifest.identity.model_id, device=device, precision=precision,
+                              with_vision=with_vision)
+
+        if lazy:
+            return cls(location, None, reader, load)
+        loaded = load()
         check_model(reader.manifest, loaded.info, location)
         return cls(location, loaded, reader)
 
@@ -263,8 +292,8 @@ class Index:
         view = self._view
         with self._model_lock:
             self._check_not_empty(view.reader)
-            searcher = Searcher(self.model, view.reader)
-            if not terms:  # keywords alone
+            searcher = Searcher(self.model if terms else None, view.reader)
+            if not terms:  # keywords alone: no model
                 if options.min_prob is not None:
                     raise FieldError("min_prob", "needs a text term of positive weight to re-rank with")
                 hits = searcher.search_keywords(options)
@@ -335,7 +364,8 @@ class Index:
             if run.build == ours.build and run.generation == ours.generation and (run.writing or not ours.writing):
                 return False
             reader = IndexReader.open(self.location)
-            check_model(reader.manifest, self.model.info, self.location)
+            if self._model is not None:  # (a model loaded later is checked then)
+                check_model(reader.manifest, self._model.info, self.location)
             self._view = _View(reader)
             log.info("index at %s: generation %d opened", self.location, run.generation)
             return True

@@ -155,7 +155,7 @@ def blank(text: str) -> bool:
 
 
 class Searcher:
-    def __init__(self, model: RetrievalModel, source: CandidateSource):
+    def __init__(self, model: RetrievalModel | None, source: CandidateSource):  # None: keyword searches alone
         self.model = model
         self.source = source
 

@@ -425,3 +425,9 @@ def test_the_cli_composes_as_the_api_does(library, index):
     result = blipsearch("query", QUERY, "--top", "3", "--in", str(library / "nowhere"), index=library / "index",
                         expect=1)
     assert "--in " + str(library / "nowhere") + ": no such folder" in result.stderr
+
+
+def test_a_lazy_index_loads_its_model_at_the_first_search_that_needs_one(library, index):
+    lazy = Index.open(library / "index", device="cpu", precision="fp32", lazy=True)
+    assert lazy.keyword_search("img000") and lazy._model is None and lazy.model_id == index.model_id
+    assert lazy.search(QUERY) == index.search(QUERY) and lazy._model is not None

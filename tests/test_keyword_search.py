@@ -203,3 +203,17 @@ def test_filters_and_options_are_checked():
         SearchOptions(sort="name")
     with pytest.raises(InvalidInputError, match="before"):
         SearchOptions(after=10, before=10)
+
+
+def test_a_keyword_search_loads_no_model(tmp_path, tiny_model_dir):
+    """README says a keyword search involves no model; it loaded one, and failed where that had moved away."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    make_folder(tmp_path / "photos" / "beach", 2)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(model), "-q", index=tmp_path / "index")
+    model.rename(tmp_path / "moved")
+    found = json.loads(blipsearch("query", "--keyword", "beach", "--json", index=tmp_path / "index").stdout)
+    assert (found["model"], len(found["results"])) == (str(model), 2)
+    one_line_error(blipsearch("query", "a beach", index=tmp_path / "index", expect=1), str(model), "neither")

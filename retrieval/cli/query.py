@@ -101,7 +101,7 @@ def query_command(text, image_path, add, subtract, add_image, subtract_image, to
                                 under=folders(under) if under is not None else None, keyword=keyword, after=start,
                                 before=end, hybrid=hybrid, sort=sort)
         index = Index.open(index_location(index_path), model_name, device, precision,
-                           with_vision=any(t.image is not None for t in terms))
+                           with_vision=any(t.image is not None for t in terms), lazy=not terms)  # keywords: no model
         results = index.search(terms, options)
     if index.building:  # on stderr: --json and --paths stay as they are
         click.echo(f"blipsearch: the index's first run (or a --rebuild) is under way, or stopped: these results come "
@@ -110,7 +110,7 @@ def query_command(text, image_path, add, subtract, add_image, subtract_image, to
     if as_paths:
         _print_paths(results, b"\0" if null else b"\n")
     elif as_json:
-        answer = {"query": printable(query), "model": printable(index.model.info.model_id),
+        answer = {"query": printable(query), "model": printable(index.model_id),
                   "results": [r.to_json() for r in results]}
         click.echo(json.dumps(answer, ensure_ascii=False))  # valid UTF-8 for any name
     else:

@@ -214,7 +214,7 @@ def _under(folder: str) -> list[str]:
 def _answer(index: Index, query: str, terms: list[Term], options: SearchOptions) -> dict:
 
     results = index.search(terms, options)  # on the latest finished generation (it refreshes)
-    return {"query": printable(query), "model": printable(index.model.info.model_id),
+    return {"query": printable(query), "model": printable(index.model_id),
             "results": [r.to_json(details=True) for r in results]}
 
 
