@@ -428,3 +428,45 @@ def test_one_image_may_hold_the_same_answer_to_two_questions(tmp_path):
     samples = json_samples(tmp_path / "qa.json")
     assert sorted((s.caption, s.instruction) for s in samples) == [
         ("a red circle", None), ("red", "what colour is the circle ?"), ("red", "what colour is the square ?")]
+
+
+def test_a_stage2_run_names_the_captioner_it_exports_and_its_export_refuses_no_captioner(checkpoints, tmp_path):
+    """`train` printed "retrieval model: OUT/retrieval", a folder a stage-2 run never writes; `export
+    --no-captioner` of its checkpoint wrote the captioner anyway."""
+    from click.testing import CliRunner
+
+    from blipsearch.training.cli import cli
+
+    stage1, lm = checkpoints
+    root = tmp_path / "data"
+    scenes().write_dataset(root, seed=3, size=32, sizes={"train": 8})
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", str(ROOT / "training" / "configs" / "blip2-lm-tiny.yaml"),
+                                      "--set", f"model.init_from={stage1}", "--set", f"model.language_model={lm}",
+                                      "--set", f"data.train={root / 'train.json'}", "--set", "optim.max_steps=1",
+                                      "--set", "threads=1", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"captioner model: {out / 'captioner'}" in result.output and "retrieval" not in result.output
+    refused = CliRunner().invoke(cli, ["export", str(out / "checkpoint-last.pt"), str(tmp_path / "e"),
+                                       "--no-captioner"])
+    assert refused.exit_code == 1 and "leave out --no-captioner" in refused.output
+    assert not (tmp_path / "e").exists()
+
+
+def test_train_lm_refuses_a_folder_that_holds_files_unless_overwrite(tmp_path):
+    from click.testing import CliRunner
+
+    from blipsearch.training.cli import cli
+
+    root = tmp_path / "data"
+    scenes().write_dataset(root, seed=6, size=32, sizes={"train": 4})
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "notes.md").write_text("mine")
+    args = ["train-lm", str(root / "train.json"), str(tmp_path / "lm"), "--steps", "1", "--hidden", "8"]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 1 and "is not empty; name a new folder, or pass --overwrite" in refused.output
+    assert (tmp_path / "lm" / "notes.md").read_text() == "mine"  # it was overwritten, silently
+    replaced = CliRunner().invoke(cli, [*args, "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert (tmp_path / "lm" / "config.json").is_file() and not (tmp_path / "lm" / "notes.md").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left

@@ -36,9 +36,9 @@ def train_command(config: str | None, overrides: tuple[str, ...], output: str | 
     """Train or fine-tune BLIP, BLIP-2 stage 1 (model.family: blip-2), BLIP-2 stage 2 (blip-2-lm) or
     InstructBLIP (instructblip) from a YAML/JSON CONFIG (see training/configs/).
 
-    Writes checkpoints and log.jsonl to the run folder, then the exported Hugging Face models to
-    OUTPUT/retrieval (for `blipsearch index --model`) and, for BLIP with a decoder, stage 2 and InstructBLIP,
-    OUTPUT/captioner (for `blipsearch index --captions --captioner`).
+    Writes checkpoints and log.jsonl to the run folder, then the exported Hugging Face models: OUTPUT/retrieval
+    (for `blipsearch index --model`; BLIP and BLIP-2 stage 1) and OUTPUT/captioner (for `blipsearch index
+    --captions --captioner`; BLIP with a decoder, stage 2 and InstructBLIP).
     """
     from . import distributed
     from .config import load_config
@@ -55,7 +55,9 @@ def train_command(config: str | None, overrides: tuple[str, ...], output: str | 
     finally:
         distributed.teardown()
     if is_main:
-        click.echo(f"retrieval model: {path / 'retrieval'}")
+        for name, use in (("retrieval", "blipsearch index --model"), ("captioner", "blipsearch index --captioner")):
+            if (path / name).is_dir():  # stage 2 and InstructBLIP export a captioner alone
+                click.echo(f"{name} model: {path / name}  ({use})")
 
 
 @click.command("capfilt")
@@ -115,7 +117,9 @@ def export_command(checkpoint: str, out: str, captioner: bool, overwrite: bool) 
 @click.option("--hidden", type=click.IntRange(8), default=128, show_default=True, help="Width of the model.")
 @click.option("--layers", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def train_lm_command(annotations: str, out: str, steps: int, hidden: int, layers: int, seed: int) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace OUT where it holds files (swapped whole for the new model).")
+def train_lm_command(annotations: str, out: str, steps: int, hidden: int, layers: int, seed: int,
+                     overwrite: bool) -> None:
     """Pre-train a small language model (an OPT over the words of ANNOTATIONS' captions and question/answer
     texts) for offline BLIP-2 stage 2 and InstructBLIP runs: their `model.language_model`."""
     from .text_lm import TextLMConfig, pretrain_lm, texts_of
@@ -123,7 +127,8 @@ def train_lm_command(annotations: str, out: str, steps: int, hidden: int, layers
     _show_training_logs()
     heads = 4 if hidden % 4 == 0 else 1
     path = pretrain_lm(texts_of(annotations), out, TextLMConfig(hidden=hidden, layers=layers, heads=heads,
-                                                                ffn=4 * hidden, steps=steps, seed=seed))
+                                                                ffn=4 * hidden, steps=steps, seed=seed),
+                       overwrite)
     click.echo(str(path))
 
 

@@ -38,6 +38,7 @@ class Family:
     # a family that starts from more than one checkpoint builds model and tokenizer itself:
     # (cfg, the training texts (none when exporting), the run folder, is_main) -> (model, tokenizer)
     prepare: Callable[..., tuple[nn.Module, Any]] | None = None  # (cfg, texts, output, is_main, resumed_run=)
+    captioner_only: bool = False  # exports a captioner and nothing else (an LM behind the Q-Former: no ITC/ITM)
 
 
 def _build_blip(cfg: TrainConfig, tokenizer, config=None) -> nn.Module:
@@ -170,6 +171,7 @@ FAMILIES = {
     "blip": Family(_build_blip, partial(read_hf_checkpoint, model_type="blip"), load_hf_weights, _export_blip),
     "blip-2": Family(_build_blip2, partial(read_hf_checkpoint, model_type="blip-2"), load_blip2_weights,
                      _export_blip2),
-    "blip-2-lm": Family(None, None, None, _export_blip2_lm, prepare=_prepare_blip2_lm),
-    "instructblip": Family(None, None, None, _export_blip2_lm, prepare=partial(_prepare_blip2_lm, instruct=True)),
+    "blip-2-lm": Family(None, None, None, _export_blip2_lm, prepare=_prepare_blip2_lm, captioner_only=True),
+    "instructblip": Family(None, None, None, _export_blip2_lm, prepare=partial(_prepare_blip2_lm, instruct=True),
+                           captioner_only=True),
 }

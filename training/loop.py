@@ -380,6 +380,9 @@ def export_checkpoint(path: str | Path, out: str | Path, captioner: bool = True,
 
     payload = checkpoint.read(path)
     cfg = from_dict(payload["config"])
+    if not captioner and FAMILIES[cfg.model.family].captioner_only:
+        raise InvalidInputError(f"{path} is a {cfg.model.family} checkpoint: its export is a captioner and nothing "
+                                "else; leave out --no-captioner")
     _check_run_folder(Path(path), cfg)
     model, tokenizer = prepare_model(cfg, [], Path(path).parent, is_main=False)  # the run's tokenizer/ is beside
     checkpoint.load_weights(payload, model, path)

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,11 +70,18 @@ def text_tokenizer(texts: list[str]):
     return BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
 
 
-def pretrain_lm(texts: list[str], out: str | Path, cfg: TextLMConfig | None = None) -> Path:
+def pretrain_lm(texts: list[str], out: str | Path, cfg: TextLMConfig | None = None, overwrite: bool = False) -> Path:
     """Train an OPT from scratch on `texts`; saves it with its tokenizer to `out` (loadable by
-    `AutoModelForCausalLM` / `AutoTokenizer`, as `model.language_model` of a stage-2 or InstructBLIP run)."""
+    `AutoModelForCausalLM` / `AutoTokenizer`, as `model.language_model` of a stage-2 or InstructBLIP run).
+
+    An `out` that holds files is refused before training, unless `overwrite`: then it is swapped whole for
+    the new model once that is written (no file of the old one stays beside it)."""
     from transformers import OPTConfig, OPTForCausalLM
 
+    out = Path(out)
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not overwrite):
+        raise InvalidInputError(f"output {out} is {'a file' if out.is_file() else 'not empty'}; name a new folder"
+                                f"{'' if out.is_file() else ', or pass --overwrite to replace it'}")
     cfg = cfg or TextLMConfig()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -98,14 +108,26 @@ def pretrain_lm(texts: list[str], out: str | Path, cfg: TextLMConfig | None = No
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == cfg.steps - 1:
             log.info("step %d  lm_loss %.4f", step, float(loss))
-    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        _save(model, tokenizer, cfg, len(texts), staging)
+        if out.exists():
+            os.replace(out, staging / "replaced")  # removed with the staging folder
+        os.replace(staging / "model", out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("language model written to %s", out)
+    return out
+
+
+def _save(model, tokenizer, cfg: TextLMConfig, texts: int, staging: Path) -> None:
+    out = staging / "model"
     model.eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "README.md").write_text(
         "# A small language model pre-trained by blipsearch\n\n"
         f"An OPT ({cfg.layers} layers, {cfg.hidden} wide, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-        f"parameters) trained from scratch for {cfg.steps} steps on {len(texts)} texts of its training data "
+        f"parameters) trained from scratch for {cfg.steps} steps on {texts} texts of its training data "
         "(captions, and questions with their answers). It knows those words and nothing else: a stand-in "
         "for a pre-trained LM in offline demos of BLIP-2 stage 2 and InstructBLIP.\n", encoding="utf-8")
-    log.info("language model written to %s", out)
-    return out
