@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from tqdm import tqdm
 
 from blipsearch.retrieval.errors import BlipsearchError, ImageLoadError, InvalidInputError, ModelLoadError, first_line
@@ -290,6 +291,10 @@ class _Run:
             digests = list(self.batch)
             images = [self.batch[d][0] for d in digests]
             encoded = self.model.encode_images(self.model.pixel_values([image.pixels for image in images]))
+            if not bool(torch.isfinite(encoded.embeddings).all()):  # LanceDB refused them with a traceback
+                raise ModelLoadError(f"the model {self.model.info.model_id} gives embeddings that are not finite "
+                                     f"numbers (NaN or inf), e.g. for {self.batch[digests[0]][1][0].stat.path}: its "
+                                     "weights are broken (a training run that diverged?); index with another model")
             packed = codec.pack(encoded.features)
             captions = self._caption({d: _Waiting(self.batch[d][1][0].stat.path, self.batch[d][0], self.batch[d][2])
                                       for d in digests})

@@ -293,3 +293,18 @@ def test_cli_index_with_a_processor_of_the_wrong_size(model_64, tmp_path):
 def test_resolve_keeps_local_directories_local(model_64):
     assert resolve(str(model_64)).is_local  # the revision of a directory is its content hash, not a hub commit
     assert loading.revision(resolve(str(model_64)), model_64).startswith("sha256:")
+
+
+def test_a_model_whose_embeddings_are_not_finite_is_refused_in_one_line(tmp_path):
+    """A model exported from a run that diverged: LanceDB refused its NaN vectors with a traceback."""
+    from safetensors.torch import load_file, save_file
+
+    model = save_tiny_blip(tmp_path / "model")
+    tensors = load_file(model / "model.safetensors")
+    tensors["vision_proj.weight"] = torch.full_like(tensors["vision_proj.weight"], float("nan"))
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    make_folder(tmp_path / "photos", 2)
+    result = CliRunner().invoke(main, ["index", str(tmp_path / "photos"), "--model", str(model), "--index",
+                                       str(tmp_path / "index"), "--device", "cpu", "-q"])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert "gives embeddings that are not finite numbers (NaN or inf), e.g. for " in result.stderr

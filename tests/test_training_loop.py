@@ -173,6 +173,43 @@ def test_a_checkpoint_of_another_configuration_is_refused_in_one_line(scene_data
             setup(tiny_config(scene_data, tmp_path / "run"), resume=str(foreign))
 
 
+def test_a_resumed_run_applies_a_changed_rate_and_refuses_a_changed_batch(scene_data, tmp_path, caplog):
+    """A changed optim.lr was ignored on resume (the optimizer's saved rate won) while config.json recorded it;
+    a changed batch size or seed was taken without a word."""
+    import json
+
+    args = ("optim.max_steps=4", "save_every=2", "optim.lr=1e-3", "optim.warmup_steps=2")
+    first = setup(tiny_config(scene_data, tmp_path / "run", *args))
+    run_steps(first, wrap(first), until=2)
+    for change in ("data.batch_size=4", "seed=3", "objective.temperature=0.05"):
+        with pytest.raises(InvalidInputError, match=f"trained with other values of {change.split('=')[0]}; resume"):
+            setup(tiny_config(scene_data, tmp_path / "run", *args, change), resume="auto")
+    resumed = setup(tiny_config(scene_data, tmp_path / "run", *args, "optim.lr=5e-4", "optim.weight_decay=0.01",
+                                "threads=1", "log_every=2"), resume="auto")
+    assert "resumed with changed optim.lr, optim.weight_decay: applied from step 2 on" in caplog.text
+    groups = resumed.optimizer.param_groups
+    assert resumed.scheduler.base_lrs == [5e-4, 5e-4] and [g["weight_decay"] for g in groups] == [0.01, 0.0]
+    assert groups[0]["lr"] == pytest.approx(5e-4 * resumed.scheduler.lr_lambdas[0](2))
+    run_steps(resumed, wrap(resumed))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    # each step logs the rate it trained at (it logged the next step's): warm-up 1e-3 * 1/2, then 1e-3
+    assert [e["lr"] for e in logged[:2]] == pytest.approx([5e-4, 1e-3])
+    assert logged[-1]["step"] == 4 and logged[-1]["lr"] == pytest.approx(5e-4 * resumed.scheduler.lr_lambdas[0](3))
+
+
+def test_a_run_whose_loss_is_no_longer_finite_stops_in_one_line(scene_data, tmp_path):
+    """It ran on, logged NaN, wrote a checkpoint and exported a model that the indexer then refused with a
+    traceback (or stopped with torch.multinomial's traceback where ITM sampled negatives)."""
+    from blipsearch.training.objectives import TrainingDivergedError
+
+    for i, losses in enumerate(("objective.losses={itc: 1.0}", "objective.losses={itc: 1.0, itm: 1.0}")):
+        run = setup(tiny_config(scene_data, tmp_path / f"run{i}", "optim.max_steps=6", "optim.lr=1e9",
+                                "optim.warmup_steps=1", "save_every=1000", losses))
+        with pytest.raises(TrainingDivergedError, match=r"lower optim.lr .* --resume auto"):
+            run_steps(run, wrap(run))
+        assert not (run.output / "checkpoint-last.pt").exists()
+
+
 def test_missing_and_undecodable_training_images_are_one_line_naming_the_file(scene_data, tmp_path):
     """A missing image failed at the first batch that reached it (hours in, on real data) with a message that
     named no file; from a loader worker, with the worker's whole traceback."""

@@ -55,16 +55,69 @@ def read(path: str | Path) -> dict:
     return payload
 
 
-def restore(payload: dict, model, optimizer, scheduler, path: str | Path = "") -> TrainState:
-    """Raises `InvalidInputError` where the checkpoint at `path` does not fit the model and optimizer."""
+# what a resumed run may change: where and how it runs, how long, and the optimizer's settings (applied from
+# the resumed step on: a run that diverged resumes at a lower rate); anything else changes what it trains
+RESUME_FREE = ("output", "device", "threads", "log_every", "save_every", "data.workers", "data.train", "data.images",
+               "data.split", "data.mixture", "optim.epochs", "optim.max_steps", "optim.precision", "model.init_from",
+               "model.vision_from", "model.qformer_from", "model.language_model", "model.tokenizer")
+RESUME_APPLIED = ("optim.lr", "optim.min_lr", "optim.weight_decay", "optim.betas", "optim.warmup_steps",
+                  "optim.clip_grad")
+
+
+def restore(payload: dict, model, optimizer, scheduler, path: str | Path = "", config: dict | None = None
+            ) -> TrainState:
+    """Raises `InvalidInputError` where the checkpoint at `path` does not fit the model and optimizer, or
+    where `config` (the run's, as `TrainConfig.to_dict`) changes what the checkpoint's run trained (see
+    RESUME_FREE); the optimizer settings of `config` apply from here on (RESUME_APPLIED)."""
     load_weights(payload, model, path)
+    changed = _changed(payload.get("config") or {}, config) if config is not None else []
+    refused = [key for key in changed if key not in RESUME_FREE + RESUME_APPLIED]
+    if refused:
+        raise InvalidInputError(f"checkpoint {path} was trained with other values of {', '.join(refused)}; resume "
+                                "with the values it was trained with (its run folder's config.json), or start a "
+                                "new run")
     try:
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         torch.set_rng_state(payload["torch_rng"])
-        return TrainState(**payload["state"])
+        state = TrainState(**payload["state"])
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise _foreign(path, exc) from exc
+    if any(key in RESUME_APPLIED for key in changed):
+        _apply_optim(optimizer, scheduler, config["optim"])
+        log.warning("resumed with changed %s: applied from step %d on", ", ".join(
+            k for k in changed if k in RESUME_APPLIED), state.step)
+    return state
+
+
+def _changed(saved: dict, now: dict) -> list[str]:
+    """Dotted keys whose values differ (tuples and lists alike)."""
+    import json
+
+    def flat(config: dict) -> dict:
+        out = {}
+        for key, value in config.items():
+            if isinstance(value, dict) and key in ("model", "objective", "data", "optim"):
+                out.update({f"{key}.{k}": json.dumps(v, sort_keys=True) for k, v in value.items()})
+            else:
+                out[key] = json.dumps(value, sort_keys=True)
+        return out
+
+    before, after = flat(saved), flat(now)
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
+def _apply_optim(optimizer, scheduler, optim: dict) -> None:
+    """The configured peak rate, weight decay and betas replace the checkpoint's (the schedule's shape,
+    warm-up and floor already come from the configuration: its function is not saved)."""
+    for i, group in enumerate(optimizer.param_groups):  # `loop.param_groups`: decayed, then never decayed
+        group["weight_decay"] = optim["weight_decay"] if i == 0 else 0.0
+        group["betas"] = tuple(optim["betas"])
+        group["initial_lr"] = optim["lr"]
+    scheduler.base_lrs = [optim["lr"]] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = optim["lr"] * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def load_weights(payload: dict, model, path: str | Path = "") -> None:

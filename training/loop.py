@@ -38,7 +38,7 @@ from .data import (
 )
 from .export import preprocessing_of
 from .families import FAMILIES
-from .objectives import Progress, build_objective
+from .objectives import Progress, TrainingDivergedError, build_objective
 from .tokenizer import kept_vocabulary, load_tokenizer, warn_unknown_words, word_tokenizer
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
     state: TrainState
+    step_lr: float = 0.0  # the learning rate of the last optimizer step (the scheduler has moved on since)
 
 
 def prepare_model(cfg: TrainConfig, captions: list[str], output: Path, is_main: bool,
@@ -182,7 +183,8 @@ def setup(cfg: TrainConfig, resume: str | None = None) -> Run:
     scheduler = cosine_schedule(optimizer, opt.warmup_steps, total, opt.min_lr / opt.lr)
     state = TrainState()
     if resume_path is not None:
-        state = checkpoint.restore(checkpoint.read(resume_path), model, optimizer, scheduler, resume_path)
+        state = checkpoint.restore(checkpoint.read(resume_path), model, optimizer, scheduler, resume_path,
+                                   cfg.to_dict())
         log.info("resumed from %s at step %d", resume_path, state.step)
         if world.is_main:
             keep_vocabularies(cfg, model, tokenizer, output, Path(resume_path).parent)
@@ -277,12 +279,25 @@ def optimizer_step(run: Run, module: nn.Module, stream) -> dict[str, torch.Tenso
             (sum(losses.values()) / accum).backward()
         for name, value in losses.items():
             totals[name] = totals.get(name, 0.0) + value.detach().float() / accum
+    _check_finite(run, totals)
     if run.cfg.optim.clip_grad:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.clip_grad)
+    run.step_lr = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return totals
+
+
+def _check_finite(run: Run, losses: dict[str, torch.Tensor]) -> None:
+    """A loss that is not finite on any rank stops every rank before the step applies it (no checkpoint, no
+    export of a broken model): the run diverged."""
+    bad = torch.stack([~torch.isfinite(v) for v in losses.values()]).any().float()
+    if float(distributed.all_reduce_sum(bad)) > 0:
+        names = ", ".join(n for n, v in losses.items() if not torch.isfinite(v)) or "on another rank"
+        raise TrainingDivergedError(f"the loss is not finite at step {run.state.step + 1} ({names}): the run "
+                                    "diverged; lower optim.lr (or raise optim.warmup_steps, set optim.clip_grad) "
+                                    "and resume from the last checkpoint with --resume auto")
 
 
 def log_window(run: Run, window: list[dict[str, torch.Tensor]], bar) -> dict:
@@ -292,7 +307,7 @@ def log_window(run: Run, window: list[dict[str, torch.Tensor]], bar) -> dict:
     entry = {"step": run.state.step, "epoch": round(run.state.epoch + run.state.batch /
                                                      run.sampler.batches_per_epoch, 4),
              **{n: round(float(v), 5) for n, v in zip(names, means, strict=True)},
-             "loss": round(float(means.sum()), 5), "lr": run.scheduler.get_last_lr()[0],
+             "loss": round(float(means.sum()), 5), "lr": run.step_lr,
              **({"temp": round(run.model.temp.item(), 5)} if hasattr(run.model, "temp") else {})}
     if run.world.is_main:
         with (run.output / "log.jsonl").open("a", encoding="utf-8") as f:

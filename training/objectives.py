@@ -108,9 +108,17 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_keys: torc
     return (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
 
 
+class TrainingDivergedError(InvalidInputError):
+    """The losses (or the similarities they come from) are no longer finite numbers."""
+
+
 def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """(N, M) similarities, (N, M) bool positives -> (N,) column indices drawn from softmax(sim) over
     the non-positive columns only: harder negatives (more similar) are drawn more often."""
+    if not bool(torch.isfinite(sim).all()):  # weights the previous step made inf or NaN: multinomial would raise
+        raise TrainingDivergedError("the ITC similarities are not finite numbers: the run diverged; lower optim.lr "
+                                    "(or raise optim.warmup_steps, set optim.clip_grad) and resume from the last "
+                                    "checkpoint with --resume auto")
     weights = F.softmax(sim.float(), dim=1) + 1e-6  # BLIP adds 1e-4: a row whose softmax underflows still samples
     weights = weights.masked_fill(positives, 0.0)
     empty = weights.sum(dim=1) == 0
