@@ -177,3 +177,16 @@ def test_sincos_position_init_is_refused_where_no_vit_is_trained_from_scratch(ov
 
     with pytest.raises(InvalidInputError, match="vision_position_init"):
         load_config(None, overrides)
+
+
+def test_the_word_level_vocabulary_holds_the_words_its_tokenizer_looks_up():
+    """"café" and "一只猫" were kept as words while the tokenizer looks up "cafe" and one word per character:
+    they read as [UNK], and no warning counted them."""
+    from blipsearch.training.tokenizer import warn_unknown_words, word_tokenizer
+
+    captions = ["A café in Zürich", "一只猫 on the mat.", "Straße über-cool"]
+    tokenizer = word_tokenizer(captions)
+    for caption in captions:
+        assert tokenizer.unk_token not in tokenizer.tokenize(caption), tokenizer.tokenize(caption)
+    assert tokenizer.tokenize("一只猫") == ["一", "只", "猫"] and warn_unknown_words(tokenizer, captions) == []
+    assert warn_unknown_words(tokenizer, ["a dog in Zürich"]) == ["dog"]

@@ -9,7 +9,6 @@ captions does the job: [PAD]=0, [UNK], [CLS], [SEP], [MASK], the words, [DEC], [
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,6 @@ from blipsearch.retrieval.errors import InvalidInputError
 log = logging.getLogger(__name__)
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-_WORD = re.compile(r"\w+|[^\w\s]")  # BERT's basic split: words and single punctuation marks
 
 
 @dataclass(frozen=True)
@@ -34,8 +32,15 @@ class SpecialIds:
 
 
 def words_of(captions: Iterable[str]) -> list[str]:
-    """Sorted distinct lower-cased words and punctuation marks."""
-    return sorted({w for caption in captions for w in _WORD.findall(caption.lower())})
+    """Sorted distinct words and punctuation marks as BERT's normaliser and pre-tokeniser split them
+    (lower-cased, accents stripped, each Chinese character a word): exactly what a word-level BertTokenizer
+    looks up. (A plain lower-cased split kept "café" and "一只猫", which the tokenizer reads as "cafe" and
+    three characters: [UNK], without a warning.)"""
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    normalizer, splitter = BertNormalizer(lowercase=True), BertPreTokenizer()
+    return sorted({w for caption in captions for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(caption))})
 
 
 def word_tokenizer(captions: Iterable[str], directory: str | Path | None = None):
