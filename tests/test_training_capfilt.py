@@ -42,6 +42,21 @@ def test_threshold_one_keeps_nothing_and_a_caption_folder_works(trained, tmp_pat
     assert json.loads(out.read_text()) == []
 
 
+def test_an_absolute_image_path_of_the_source_stays_absolute(trained, tmp_path):  # noqa: F811
+    """relative_to raised a traceback after every image before it was captioned, and nothing was written."""
+    source = trained.parent / "data" / "val.json"
+    entries = json.loads(source.read_text())[:2]
+    elsewhere = tmp_path / "elsewhere" / "x.png"  # outside the images' root
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes((trained.parent / "data" / "images" / entries[1]["image"]).read_bytes())
+    absolute = entries[1]["image"] = str(elsewhere.resolve())
+    (tmp_path / "abs.json").write_text(json.dumps(entries))
+    out = tmp_path / "clean.json"
+    _capfilt(tmp_path / "abs.json", out, trained, "--threshold", "0", "--images",
+             str(trained.parent / "data" / "images"))
+    assert {e["image"] for e in json.loads(out.read_text())} == {entries[0]["image"], absolute}
+
+
 def test_a_retrieval_checkpoint_is_refused_as_captioner(tiny_model_dir):
     import pytest
     import torch

@@ -28,6 +28,23 @@ def test_caption_folder_pairs_each_line_and_skips_images_without_captions(tmp_pa
     assert [s.sample_id for s in samples] == [0, 1, 2]
 
 
+def test_a_caption_file_that_is_not_utf8_is_one_line(tmp_path):
+    _image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(InvalidInputError, match=r"caption file .*a\.txt is not UTF-8 text \(byte 4\)"):
+        folder_samples(tmp_path)
+
+
+def test_one_image_spelled_two_ways_in_one_file_is_one_image(tmp_path):
+    """It got two ids, so its own captions were each other's ITC and ITM negatives."""
+    _image(tmp_path / "images" / "train" / "a.png")
+    _image(tmp_path / "images" / "train" / "b.png")
+    entries = [{"image": "train/a.png", "caption": "one"}, {"image": "train/../train/a.png", "caption": "two"},
+               {"image": "train/b.png", "caption": "three"}]
+    (tmp_path / "ann.json").write_text(json.dumps(entries))
+    assert [s.image_id for s in load_samples(tmp_path / "ann.json")] == [0, 0, 1]
+
+
 def test_folder_without_captions_is_an_error(tmp_path):
     _image(tmp_path / "a.png")
     with pytest.raises(InvalidInputError, match=r"photo\.txt"):

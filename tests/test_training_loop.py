@@ -61,6 +61,23 @@ def test_presets_and_overrides(tmp_path):
     ("data.caption_instructions=x", "data.caption_instructions must be a list of any number of strings, not 'x'"),
     ("objective.queue_size=-5", "objective.queue_size and data.workers must be at least 0"),
     ("data.workers=-1", "objective.queue_size and data.workers must be at least 0"),
+    # sections that are no mappings, and values of the right kind out of range: tracebacks, or accepted
+    ("model=5", "model must be a mapping of keys (key: value, ...), not 5"),
+    ("data=[1]", "data must be a mapping of keys"),
+    ("model.preset=[tiny]", "model.preset must be one of"),
+    ("data.train.x=1", "override 'data.train.x=1': data.train is a value, not a section with keys"),
+    ("objective.label_smoothing=2", "objective.label_smoothing must be in [0, 1)"),
+    ("objective.temperature=-0.5", "objective.temperature must be in [0.001, 0.5]"),
+    ("objective.momentum=-1", "objective.momentum must be in [0, 1]"),
+    ("objective.alpha=5", "objective.alpha must be in [0, 1]"),
+    ("model.text_heads=3", "must be positive multiples of model.text_heads"),
+    ("model.embed_dim=-4", "model.embed_dim must be at least 1"),
+    ("model.max_text_tokens=1", "model.max_text_tokens at least 2"),
+    ("model.max_positions=4", "model.max_positions must exceed model.max_text_tokens"),
+    ("data.crop_scale=[-1, 2]", "data.crop_scale must be [low, high] with 0 < low <= high <= 1"),
+    ("data.crop_scale=[0.9, 0.1]", "data.crop_scale must be [low, high]"),
+    ("optim.clip_grad=-1", "optim.clip_grad must be positive"),
+    ("threads=-2", "threads must be at least 1"),
 ])
 def test_config_values_of_the_wrong_kind_are_one_line(override, message):
     """They once ended in a TypeError from deep inside the run, or (negative steps) exported the untrained
@@ -68,6 +85,12 @@ def test_config_values_of_the_wrong_kind_are_one_line(override, message):
     with pytest.raises(InvalidInputError, match=re.escape(message)):
         load_config(TINY, [override])
     assert load_config(TINY, ["objective.caption_prompt="]).objective.caption_prompt == ""
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "c.yaml").write_bytes(b"output: caf\xe9\n")
+    with pytest.raises(InvalidInputError, match=r"c.yaml is not UTF-8 text \(byte 12\); save it as UTF-8"):
+        load_config(tmp_path / "c.yaml")
 
 
 def test_a_fresh_run_refuses_an_output_folder_that_holds_a_run(scene_data, tmp_path):

@@ -129,5 +129,11 @@ def capfilt(source: str, out: str | Path, captioner: Captioner, filter_model, im
 
 
 def _relative(image: Path, source: str, images: str | None) -> str:
+    """The image's path as the output names it: relative to the images' root, as the source named it; an
+    absolute path that lies elsewhere stays absolute (relative_to raised, after every image before it was
+    captioned, and nothing was written)."""
     root = Path(images) if images is not None else default_image_root(Path(source))
-    return str(image.relative_to(root))
+    try:
+        return str(image.relative_to(root))
+    except ValueError:
+        return str(image.resolve())

@@ -168,6 +168,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 def from_dict(data: dict[str, Any]) -> TrainConfig:
     sections = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig, "optim": OptimConfig}
     top = {k: v for k, v in data.items() if k not in sections}
+    for name in sections:  # `model: 5` was a traceback ('int' object has no attribute 'get')
+        if not isinstance(data.get(name) or {}, dict):
+            raise InvalidInputError(f"{name} must be a mapping of keys (key: value, ...), not {data[name]!r}")
     parts = {}
     family = (data.get("model") or {}).get("family", ModelConfig.family)
     for name, cls in sections.items():
@@ -175,7 +178,7 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
         if name == "objective" and family in FAMILY_LOSSES:  # the family's losses unless the file names some
             values.setdefault("losses", dict.fromkeys(FAMILY_LOSSES[family], 1.0))
         if name == "model" and values.get("preset") is not None:
-            preset = PRESETS.get(values["preset"])
+            preset = PRESETS.get(values["preset"]) if isinstance(values["preset"], str) else None
             if preset is None:
                 raise InvalidInputError(f"model.preset must be one of {', '.join(PRESETS)}, not {values['preset']!r}")
             values = {**preset, **values}
@@ -315,6 +318,37 @@ def validate(config: TrainConfig) -> None:
         raise InvalidInputError("save_every and log_every must be at least 1")
     if config.objective.queue_size < 0 or config.data.workers < 0:
         raise InvalidInputError("objective.queue_size and data.workers must be at least 0")
+    _check_ranges(config)
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    """Values of the right kind but outside what the model and the losses accept: each was a traceback from
+    deep inside the run (or a run that trained on nonsense, a negative temperature clamped to 0.001)."""
+    model, objective, data, optim = config.model, config.objective, config.data, config.optim
+    checks = (
+        (0.0 <= objective.label_smoothing < 1.0, "objective.label_smoothing must be in [0, 1)"),
+        (0.0 <= objective.momentum <= 1.0, "objective.momentum must be in [0, 1]"),
+        (0.0 <= objective.alpha <= 1.0, "objective.alpha must be in [0, 1]"),
+        (objective.alpha_ramp_epochs >= 0, "objective.alpha_ramp_epochs must be at least 0"),
+        (0.001 <= objective.temperature <= 0.5, "objective.temperature must be in [0.001, 0.5] (it is clamped there)"),
+        (model.embed_dim >= 1 and model.max_text_tokens >= 2,
+         "model.embed_dim must be at least 1 and model.max_text_tokens at least 2 ([CLS] or [ENC], and [SEP])"),
+        (model.max_positions >= model.max_text_tokens + 1,
+         "model.max_positions must exceed model.max_text_tokens (a caption's tokens, and the decoder's [DEC])"),
+        (all(w >= 1 and h >= 1 and w % h == 0 for w, h in ((model.text_width, model.text_heads),
+                                                          (model.vision_width, model.vision_heads))),
+         "model.text_width and model.vision_width must be positive multiples of model.text_heads and "
+         "model.vision_heads"),
+        (0.0 < data.crop_scale[0] <= data.crop_scale[1] <= 1.0,
+         "data.crop_scale must be [low, high] with 0 < low <= high <= 1"),
+        (optim.clip_grad is None or optim.clip_grad > 0, "optim.clip_grad must be positive (or null: no clipping)"),
+        (all(0.0 <= b < 1.0 for b in optim.betas), "optim.betas must each be in [0, 1)"),
+        (optim.weight_decay >= 0, "optim.weight_decay must be at least 0"),
+        (config.threads is None or config.threads >= 1, "threads must be at least 1 (or null: torch's default)"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise InvalidInputError(message)
 
 
 def validate_blip2(model: ModelConfig) -> None:
@@ -332,6 +366,9 @@ def _read(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InvalidInputError(f"config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"config file {path} is not UTF-8 text (byte {exc.start + 1}); save it as UTF-8"
+                                ) from exc
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
@@ -349,6 +386,9 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         raise InvalidInputError(f"override {item!r} must look like section.key=value")
     *parents, leaf = key.split(".")
     node = data
-    for part in parents:
+    for i, part in enumerate(parents):
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):  # `--set data.train.x=1` where data.train is a path
+            raise InvalidInputError(f"override {item!r}: {'.'.join(parents[:i + 1])} is a value, not a section "
+                                    "with keys")
     node[leaf] = yaml.safe_load(raw)  # numbers, booleans, lists and null parse as in the file

@@ -106,7 +106,11 @@ def folder_samples(folder: str | Path) -> list[Sample]:
     for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in supported_extensions()):
         text = image.with_suffix(".txt")
         if text.is_file():
-            lines = text.read_text(encoding="utf-8").splitlines()
+            try:
+                lines = text.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as exc:
+                raise InvalidInputError(f"caption file {text} is not UTF-8 text (byte {exc.start + 1}); save it as "
+                                        "UTF-8") from exc
             pairs += [(image, line.strip()) for line in lines if line.strip()]
     if not pairs:
         raise InvalidInputError(f"folder {folder} has no image with a caption file beside it (photo.jpg + photo.txt)")
@@ -114,9 +118,23 @@ def folder_samples(folder: str | Path) -> list[Sample]:
 
 
 def _number(pairs: list[tuple[Path, str]]) -> list[Sample]:
+    """One image id per image file, however its path is spelled ("train/../train/a.png" is "train/a.png"):
+    two ids for one image made its own captions ITC/ITM negatives."""
     image_ids: dict[Path, int] = {}
-    return [Sample(image, caption, image_ids.setdefault(image, len(image_ids)), i)
-            for i, (image, caption) in enumerate(pairs)]
+    files: dict[Path, Path] = {}  # as spelled -> resolved, once per spelling (COCO: 5 captions an image)
+    samples = []
+    for i, (image, caption) in enumerate(pairs):
+        if image not in files:
+            files[image] = _same_file(image)
+        samples.append(Sample(image, caption, image_ids.setdefault(files[image], len(image_ids)), i))
+    return samples
+
+
+def _same_file(image: Path) -> Path:
+    try:
+        return image.resolve()
+    except (OSError, RuntimeError):  # a link loop: the check for missing images names it later
+        return image
 
 
 def load_samples(source: str | Path | tuple[str, ...], images: str | Path | None = None,
