@@ -62,7 +62,8 @@ def stage2_config(checkpoints, output: Path, *overrides: str):
     stage1, lm = checkpoints
     return load_config(ROOT / "training" / "configs" / "blip2-lm-tiny.yaml",
                        [f"model.init_from={stage1}", f"model.language_model={lm}", f"output={output}",
-                        f"objective.caption_prompt={PROMPT}", "log_every=1", "threads=1", *overrides])
+                        f"objective.caption_prompt={PROMPT}", "log_every=1", "threads=1",
+                        "data.caption_instructions=[a picture of]", *overrides])  # words the tiny LM knows
 
 
 def batch(tokenizer, captions: list[str], seed: int = 0) -> Batch:
@@ -353,12 +354,16 @@ def test_blipsearch_train_lm_pretrains_a_language_model_that_stage2_takes(checkp
     assert len(run_steps(run, wrap(run))) == 2
 
 
-def test_instructblip_gives_the_qformer_the_instruction_words_a_word_level_stage1_lacks(checkpoints, tmp_path):
+def test_instructblip_gives_the_qformer_the_instruction_words_a_word_level_stage1_lacks(checkpoints, tmp_path,
+                                                                                        caplog):
     from blipsearch.training.loop import prepare_model
 
     cfg = stage2_config(checkpoints, tmp_path, "model.family=instructblip", "data.question_templates=['Q {}']",
-                        "data.caption_instructions=[describe zebra]")
+                        "data.caption_instructions=[a picture of, describe zebra]")
     model, _ = prepare_model(cfg, ["what colour is the dog ?", "a red dog"], tmp_path, is_main=True)
+    # the LM reads them too, and its word-level tokenizer lacks them: said (the exported one would be refused)
+    assert "data.caption_instructions 'describe zebra' has words that the language model" in caplog.text
+    assert "data.question_templates" in caplog.text
     qformer_tokenizer = model.qformer_tokenizer
     ids = qformer_tokenizer("what colour is the zebra dog q describe")["input_ids"]
     assert qformer_tokenizer.unk_token_id not in ids  # "colour", "zebra", "q", "describe" were added
@@ -470,3 +475,16 @@ def test_train_lm_refuses_a_folder_that_holds_files_unless_overwrite(tmp_path):
     assert replaced.exit_code == 0, replaced.output
     assert (tmp_path / "lm" / "config.json").is_file() and not (tmp_path / "lm" / "notes.md").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+
+
+@pytest.mark.parametrize("family, override", [("blip-2-lm", "objective.caption_prompt=a photograph of"),
+                                              ("instructblip", "data.caption_instructions=[a short caption]")])
+def test_a_prompt_the_language_model_cannot_read_is_refused_before_the_run(checkpoints, tmp_path, family, override):
+    """It trained as "a [UNK] of", and the export kept "a of" as its prompt (or one the engine then refused)."""
+    from blipsearch.retrieval.errors import InvalidInputError
+    from blipsearch.training.loop import prepare_model
+
+    cfg = stage2_config(checkpoints, tmp_path, f"model.family={family}", override)
+    with pytest.raises(InvalidInputError, match=r"has words that the language model .* does not know \((photograph|"
+                                                r"short, caption)\)"):
+        prepare_model(cfg, ["a red dog"], tmp_path, is_main=True)

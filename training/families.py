@@ -6,6 +6,7 @@ reads the checkpoints it can start from, loads their weights, and exports what t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from blipsearch.retrieval.errors import InvalidInputError
 
 from .blip2 import build_blip2_model
 from .config import TrainConfig
@@ -27,6 +30,8 @@ from .export import (
 )
 from .model import build_model
 from .tokenizer import special_ids
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,10 @@ def _prepare_blip2_lm(cfg: TrainConfig, texts: list[str] = (), output: Path | No
     tokenizer = load_pretrained(transformers.AutoTokenizer, directory, name)
     tokenizer.padding_side = tokenizer.truncation_side = "right"  # as LAVIS sets them (LLaMA-style ones pad left)
     add_image_token(tokenizer, language_model)
+    _check_lm_words(tokenizer, name, [("objective.caption_prompt", cfg.objective.caption_prompt)] + (
+        [("data.caption_instructions", t) for t in cfg.data.caption_instructions] +
+        [("data.question_templates", t.replace("{}", " ")) for t in cfg.data.question_templates] if instruct else []),
+        exported=cfg.data.caption_instructions[0] if instruct else cfg.objective.caption_prompt)
     model = build_blip2_lm(config, state, language_model, instruct)
     model.prompt = lm_prompt(tokenizer, cfg.objective.caption_prompt, kind.is_encoder_decoder)
     model.qformer_tokenizer = None  # InstructBLIP: the Collate's, for the instructions
@@ -91,6 +100,26 @@ def _prepare_blip2_lm(cfg: TrainConfig, texts: list[str] = (), output: Path | No
                                                           resumed_run)
         model.caption_instruction = cfg.data.caption_instructions[0]  # the export's captioning instruction
     return model, tokenizer
+
+
+def _check_lm_words(tokenizer, name: str, texts: list[tuple[str, str]], exported: str) -> None:
+    """The LM reads the prompt and the instructions: a word its tokenizer does not know reads as [UNK]. The
+    text the export keeps as its captioning prompt is refused before the run starts (the export held the
+    prompt without those words, and the engine refuses such a prompt); the other instructions are warned
+    of. A subword tokenizer (OPT's, T5's) spells any word."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return
+    for key, text in texts:
+        if not text.strip() or unk not in tokenizer(text, add_special_tokens=False)["input_ids"]:
+            continue
+        unknown = ", ".join(w for w in text.split() if unk in tokenizer(w, add_special_tokens=False)["input_ids"])
+        message = (f"{key} {text.strip()!r} has words that the language model {name} does not know ({unknown}): "
+                   "they read as its unknown token")
+        if text == exported:
+            raise InvalidInputError(f"{message}; use words of its vocabulary (a `train-lm` model knows those of "
+                                    "its data)")
+        log.warning("%s", message)
 
 
 def _instruction_vocabulary(cfg: TrainConfig, model, tokenizer, texts: list[str], output: Path | None, is_main: bool,
