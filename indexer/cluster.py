@@ -72,7 +72,7 @@ def index_on_ray(roots: Sequence[str | Path], store: IndexWriter, options: Index
             cause = getattr(exc, "cause", None) or exc
             raise StoreError(f"the Ray job failed ({first_line(cause)}); what it committed is kept, run again "
                              "once the cause is fixed") from exc
-    store.prune_images()
+    summary.count_moves(store)
     store.finish()
     return summary
 

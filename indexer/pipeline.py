@@ -5,7 +5,8 @@ The run receives the model and the store, so tests can pass fakes. Plan per file
   reused      new or changed file whose content hash is stored already
               (moved, renamed, copied, or touched)                    -> new file row only
   encode      content not stored                                      -> decode, encode, store
-  removed     stored path under a scanned folder that is gone         -> row deleted
+  removed     stored path under a scanned folder that is gone         -> row deleted (counted as removed
+              unless its content is still named: then it moved)
 
 Worker threads read each new or changed file once, hash its bytes, read its metadata (date taken, camera)
 and decode it if the content is new, while the main thread encodes the previous batch. Only regular files
@@ -60,10 +61,16 @@ class IndexSummary:
     indexed: int = 0  # files whose content was encoded (or stored by a killed run that did not name it yet)
     reused: int = 0  # new paths whose content was already stored (moved, renamed, copied)
     unchanged: int = 0
-    removed: int = 0
+    removed: int = 0  # paths that left the index, but the old paths of moved files (counted in `reused`)
     captioned: int = 0  # contents that received a caption
     uncaptioned: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of captions that failed
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    vanished: list[str] = field(default_factory=list, repr=False)  # content hashes of the paths removed as gone
+
+    def count_moves(self, store: IndexWriter) -> None:
+        """Prune the images no file names now; a vanished path whose content another path still names was
+        moved (or was one of its copies), not removed: "removed 130" once read as 130 photos lost."""
+        self.removed -= store.prune_images(self.vanished)[1]
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,7 @@ def index_folders(roots: Sequence[str | Path], model: RetrievalModel, store: Ind
     if options.captioner is not None:
         recaption = _to_caption(found.files, changed, stored, store.captioned(), options.captioner.name)
     _Run(store, model, stored, options, summary).process(changed, recaption)
-    store.prune_images()
+    summary.count_moves(store)
     store.finish()
     return summary
 
@@ -165,7 +172,7 @@ def _remove_vanished(store: IndexWriter, stored: dict[str, FileRecord], files: l
     present = {f.path for f in files}
     gone = [p for p in stored if is_under(p, folders) and p not in present and not is_under(p, unreadable)]
     store.delete_files(gone)
-    summary.removed = len(gone)
+    summary.removed, summary.vanished = len(gone), [stored[p].hash for p in gone]
 
 
 @dataclass
