@@ -56,8 +56,9 @@ class ScanResult:
 
 def resolve_roots(roots: Iterable[str | Path], allow_empty: bool = False) -> list[Path | str]:
     """Absolute folders (or single files), and `s3://` prefixes as given (objects.py); a missing one is an error,
-    never 'everything was deleted'. An `s3://` prefix with nothing under it is missing too, unless
-    `allow_empty` (object storage keeps no empty folders: an emptied prefix is gone)."""
+    never 'everything was deleted', unless `allow_empty` (a deleted folder: its stored files then go). An
+    `s3://` prefix with nothing under it is missing too (object storage keeps no empty folders: an emptied
+    prefix is gone)."""
     resolved = []
     for root in roots:
         if not str(root).strip():  # `index "$UNSET"`: not the current folder
@@ -66,9 +67,10 @@ def resolve_roots(roots: Iterable[str | Path], allow_empty: bool = False) -> lis
             resolved.append(objects.check_prefix(str(root), allow_empty))
             continue
         path = Path(os.path.expanduser(root))  # (Path.expanduser raises for an unknown ~user)
-        if not path.exists():
-            raise InvalidInputError(f"{root}: no such file or folder")
-        resolved.append(path.resolve())
+        if not path.exists() and not allow_empty:
+            raise InvalidInputError(f"{root}: no such file or folder (if it was deleted, --allow-empty removes "
+                                    "what the index holds from it)")
+        resolved.append(path.resolve() if path.exists() else Path(os.path.abspath(path)))  # (a deleted one: none)
     return resolved
 
 
@@ -193,6 +195,8 @@ def _hasher():
 def _walk(root: Path, result: ScanResult) -> Iterator[str]:
     if root.is_file():
         yield str(root)
+    elif not os.path.lexists(root):  # deleted, and named with --allow-empty (resolve_roots): nothing is there
+        return
     else:
         yield from _walk_folder(str(root), {}, result)
 
@@ -221,7 +225,13 @@ def _walk_folder(folder: str, above: dict[tuple[int, int], str], result: ScanRes
             result.skipped.append((printable(entry.path), f"cannot follow this link ({exc.strerror}); what is "
                                                           "stored from it stays"))
             continue
-        if not is_folder:
+        if not is_folder and entry.is_symlink() and not os.path.exists(entry.path):
+            # its target is gone (an unplugged drive): what is stored from it stays; it was removed (and the
+            # drive's photos encoded again once it was back)
+            result.unreadable_dirs.append(entry.path)
+            result.skipped.append((printable(entry.path), "this link leads nowhere now (its target is gone: an "
+                                                          "unplugged drive?); what is stored from it stays"))
+        elif not is_folder:
             yield entry.path
         elif (loop := _loop(entry, above)) is not None:
             log.warning("not following %s: it leads back to %s, which holds it (a loop)", entry.path, loop)

@@ -383,6 +383,24 @@ def test_a_linked_folder_that_can_no_longer_be_followed_keeps_its_stored_files(t
     assert len(IndexReader.open(tmp_path / "index").files()) == 3
 
 
+def test_a_linked_folder_whose_target_is_gone_keeps_its_stored_files(tmp_path, tiny_model):
+    """A link to an unplugged drive: its files were removed without a word, and encoded again once it was back."""
+    photos, drive = tmp_path / "photos", tmp_path / "usb"
+    make_folder(drive, 2)
+    make_folder(photos, 1)
+    (photos / "usb").symlink_to(drive)
+    assert index(photos, tiny_model, tmp_path / "index").indexed == 3
+    drive.rename(tmp_path / "unplugged")
+    summary = index(photos, tiny_model, tmp_path / "index")
+    assert (summary.removed, summary.unchanged) == (0, 1)
+    assert summary.skipped == [(str(photos / "usb"), "this link leads nowhere now (its target is gone: an "
+                                                     "unplugged drive?); what is stored from it stays")]
+    assert len(IndexReader.open(tmp_path / "index").files()) == 3
+    (tmp_path / "unplugged").rename(drive)
+    back = index(photos, tiny_model, tmp_path / "index")
+    assert (back.indexed, back.unchanged, back.removed, back.skipped) == (0, 3, 0, [])
+
+
 def corrupt_exif_jpeg(path):
     """A JPEG whose EXIF says a tag's data is longer than the EXIF block: Pillow warns, and decodes it."""
     exif = Image.Exif()

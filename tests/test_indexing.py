@@ -211,6 +211,27 @@ def test_an_emptied_folder_keeps_its_files_unless_allowed(tmp_path, model):
     assert summary.removed == 3 and IndexReader.open(index).counts() == (0, 0)
 
 
+def test_a_deleted_folder_is_refused_and_its_files_removed_with_allow_empty(tmp_path, model):
+    """Nothing removed a deleted folder's files: it was refused even with --allow-empty (as an emptied
+    s3:// prefix was until it was allowed), and its pictures kept coming back in queries."""
+    make_folder(tmp_path / "a", 3, seed=1)
+    make_folder(tmp_path / "b", 2, seed=2)
+    index = tmp_path / "index"
+    run([tmp_path / "a", tmp_path / "b"], model, index)
+    shutil.rmtree(tmp_path / "a")
+    with pytest.raises(InvalidInputError, match=r"a: no such file or folder \(if it was deleted, --allow-empty "
+                                                r"removes what the index holds from it\)"):
+        run([tmp_path / "a"], model, index)
+    assert IndexReader.open(index).counts() == (5, 5)
+    store = IndexWriter.open(index, model.info)
+    try:
+        summary = index_folders([tmp_path / "a"], model, store, IndexOptions(progress=False, allow_empty=True))
+    finally:
+        store.close()
+    assert (summary.removed, summary.skipped) == (3, [])
+    assert sorted(IndexReader.open(index).files()) == sorted(str(p) for p in (tmp_path / "b").iterdir())
+
+
 def test_file_names_that_are_not_utf8_are_skipped_with_a_reason(tmp_path, model):
     photos = tmp_path / "photos"
     make_folder(photos, 1)

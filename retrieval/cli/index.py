@@ -32,7 +32,8 @@ from .options import device_option, index_location, index_option, load, model_op
 @click.option("--rebuild", is_flag=True,
               help="Drop the index first: to switch models, or to repair a damaged index.")
 @click.option("--allow-empty", is_flag=True,
-              help="Let a folder that is now empty remove its indexed files (kept by default: an unmounted drive).")
+              help="Let a folder that is now empty, or deleted, remove its indexed files (kept by default: an "
+                   "unmounted drive).")
 @click.option("--captions/--no-captions", default=None,
               help="Write a caption per image (for keyword and hybrid search); the index remembers the choice "
                    "for later runs. Default: as the last run chose (off for a new index).")
