@@ -2,6 +2,7 @@
 BERT and checkpoint initialisation, and the export that transformers and the engine load."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -427,6 +428,9 @@ def test_qformer_from_refuses_checkpoints_without_a_text_encoder_to_start_from(t
         tiny_blip2([f"model.qformer_from={captioner}"])  # its text encoder would load as random weights
     with pytest.raises(ModelLoadError, match="blip-2 checkpoint"):
         tiny_blip2([f"model.qformer_from={tiny_blip2_dir}"])
+    wider = Path(__file__).resolve().parents[1] / "training" / "demo_model"  # 192 wide: a traceback (word rows)
+    with pytest.raises(ModelLoadError, match=r"has no tensor of this Q-Former's shapes \(it is 32 wide\)"):
+        tiny_blip2([f"model.qformer_from={wider}"])
 
 
 def test_init_from_a_blip2_retrieval_checkpoint(tiny_blip2_dir, tmp_path):

@@ -261,6 +261,10 @@ def load_bert(model: Blip2PretrainModel, name: str, tokenizer=None) -> list[str]
             skipped.append(key)
             continue
         usable[key] = torch.cat([value, target[value.shape[0]:]]) if value.ndim else value
+    if not usable:  # another width altogether: nothing would start from it
+        raise ModelLoadError(f"model.qformer_from {name} has no tensor of this Q-Former's shapes (it is "
+                             f"{model.config.qformer_config.hidden_size} wide); give a checkpoint of that width, "
+                             "or set the model's sizes (model.preset) to the checkpoint's")
     if skipped:
         log.warning("model.qformer_from %s: %d tensors of other shapes or without a place here stay random: %s",
                     name, len(skipped), ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
@@ -274,7 +278,10 @@ def load_bert(model: Blip2PretrainModel, name: str, tokenizer=None) -> list[str]
 
 def _rows_by_token(theirs: torch.Tensor, their_vocab: dict[str, int], our_vocab: dict[str, int],
                    ours: torch.Tensor) -> torch.Tensor:
-    """Our word embedding with each token's row taken from theirs where they have the token."""
+    """Our word embedding with each token's row taken from theirs where they have the token (theirs as it is
+    where its width differs: skipped with the other tensors of other shapes)."""
+    if theirs.shape[1:] != ours.shape[1:]:
+        return theirs
     out = ours.clone()
     for token, i in our_vocab.items():
         j = their_vocab.get(token)
