@@ -1,6 +1,7 @@
 """The loop on the tiny preset: configs, the loss falls, resume equals an uninterrupted run, export."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -284,6 +285,10 @@ def test_train_writes_log_checkpoint_and_hugging_face_exports(scene_data, tmp_pa
     assert [entry["step"] for entry in lines] == [1, 2]
     assert (out / "checkpoint-last.pt").is_file()
     assert (out / "retrieval" / "model.safetensors").is_file()
+    # as the umask makes any file (safetensors wrote the weights 0600: unreadable to a server of another user)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.glob("*/*") if p.is_file()} == {oct(0o666 & ~mask)}
     captioner = BlipForConditionalGeneration.from_pretrained(out / "captioner")
     retrieval = BlipForImageTextRetrieval.from_pretrained(out / "retrieval")
     # encoder and decoder shared their embeddings and cross-attention in training; both exports carry them
@@ -291,6 +296,16 @@ def test_train_writes_log_checkpoint_and_hugging_face_exports(scene_data, tmp_pa
                                retrieval.text_encoder.embeddings.word_embeddings.weight)
     torch.testing.assert_close(captioner.text_decoder.bert.encoder.layer[0].crossattention.self.key.weight,
                                retrieval.text_encoder.encoder.layer[0].crossattention.self.key.weight)
+    # the run folder named as a model, or as the checkpoint to resume, says what to name instead
+    from blipsearch.retrieval.errors import ModelLoadError
+    from blipsearch.retrieval.models import load_model
+
+    with pytest.raises(ModelLoadError, match=re.escape(f"is a training run's folder; pass the model it exported: "
+                                                       f"{out / 'retrieval'} (retrieval) or {out / 'captioner'}")):
+        load_model(str(out), device="cpu")
+    with pytest.raises(InvalidInputError, match=re.escape(f"is a folder: name its checkpoint file "
+                                                          f"({out / 'checkpoint-last.pt'})")):
+        setup(tiny_config(scene_data, tmp_path / "again", "optim.max_steps=2"), resume=str(out))
 
 
 def test_a_frozen_vit_stays_as_loaded_while_the_text_side_trains(scene_data, tmp_path, tiny_model_dir):
@@ -334,3 +349,22 @@ def test_fine_tuning_starts_from_a_hugging_face_checkpoint(scene_data, tmp_path,
         torch.testing.assert_close(ours[f"{module}_m.{rest}"], weights[key])
     assert run.model.text_decoder is None and run.model.ids.enc == run.tokenizer.convert_tokens_to_ids("[ENC]")
     run_steps(run, wrap(run))
+
+
+def test_export_of_a_fine_tuned_run_names_the_checkpoint_it_started_from(scene_data, tmp_path, tiny_model_dir):
+    """It said "model '...' is neither an existing directory nor a hub id", naming no key of the config."""
+    import shutil
+
+    from blipsearch.retrieval.errors import ModelLoadError
+    from blipsearch.training.checkpoint import LAST
+    from blipsearch.training.loop import export_checkpoint
+
+    start = shutil.copytree(tiny_model_dir, tmp_path / "start")
+    cfg = tiny_config(scene_data, tmp_path / "ft", f"model.init_from={start}", "optim.max_steps=1", "save_every=1",
+                      "objective.losses={itc: 1.0, itm: 1.0}")
+    run = setup(cfg)
+    run_steps(run, wrap(run))
+    start.rename(tmp_path / "moved")
+    with pytest.raises(ModelLoadError, match=re.escape(f"builds its model from what its run started from "
+                                                       f"(model.init_from={start}), and model ")):
+        export_checkpoint(tmp_path / "ft" / LAST, tmp_path / "out")

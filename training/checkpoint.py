@@ -146,5 +146,7 @@ def resolve_resume(resume: str | None, output: Path) -> Path | None:
         return last if last.is_file() else None
     path = Path(resume)
     if not path.is_file():
-        raise InvalidInputError(f"checkpoint {resume} does not exist")
+        raise InvalidInputError(f"checkpoint {resume} is a folder: name its checkpoint file ({path / LAST}), or "
+                                "give --resume auto with --output set to it" if path.is_dir() else
+                                f"checkpoint {resume} does not exist")
     return path

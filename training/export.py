@@ -10,6 +10,7 @@ class to go to) and starts from one.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -90,6 +91,17 @@ def export_blip2_retrieval(model, tokenizer, out: str | Path) -> Path:
     config = copy.deepcopy(model.config)
     config.image_token_index = None
     return _export(model, tokenizer, out, "Blip2ForImageTextRetrieval", config)
+
+
+def readable(folder: Path) -> Path:
+    """The folder's files with the permissions the user's umask gives any new file: safetensors writes its
+    weights as 0600, so a server run by another user could not read an exported model."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in Path(folder).rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, 0o666 & ~mask)
+    return Path(folder)
 
 
 def checkpoint_dir(name: str) -> Path:

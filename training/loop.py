@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from blipsearch.retrieval.device import cpu_has_fast_bf16, select_device
-from blipsearch.retrieval.errors import BlipsearchError, InvalidInputError
+from blipsearch.retrieval.errors import BlipsearchError, InvalidInputError, ModelLoadError
 
 from . import checkpoint, distributed
 from .checkpoint import TrainState
@@ -36,7 +36,7 @@ from .data import (
     load_mixture,
     load_samples,
 )
-from .export import preprocessing_of
+from .export import preprocessing_of, readable
 from .families import FAMILIES
 from .objectives import Progress, TrainingDivergedError, build_objective
 from .tokenizer import kept_vocabulary, load_tokenizer, warn_unknown_words, word_tokenizer
@@ -380,7 +380,8 @@ def train(cfg: TrainConfig, resume: str | None = None, until: int | None = None)
         (run.output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
     run_steps(run, wrap(run), until)
     if run.world.is_main and run.state.step >= run.total_steps:
-        FAMILIES[cfg.model.family].export(run.model, run.tokenizer, run.output)
+        for folder in FAMILIES[cfg.model.family].export(run.model, run.tokenizer, run.output):
+            readable(folder)
     return run.output
 
 
@@ -399,7 +400,15 @@ def export_checkpoint(path: str | Path, out: str | Path, captioner: bool = True,
         raise InvalidInputError(f"{path} is a {cfg.model.family} checkpoint: its export is a captioner and nothing "
                                 "else; leave out --no-captioner")
     _check_run_folder(Path(path), cfg)
-    model, tokenizer = prepare_model(cfg, [], Path(path).parent, is_main=False)  # the run's tokenizer/ is beside
+    try:
+        model, tokenizer = prepare_model(cfg, [], Path(path).parent, is_main=False)  # the run's tokenizer/ is beside
+    except ModelLoadError as exc:  # it builds the model from what the run started from, then loads the weights
+        starts = [f"{k}={v}" for k, v in (("model.init_from", cfg.model.init_from), ("model.vision_from",
+                  cfg.model.vision_from), ("model.language_model", cfg.model.language_model)) if v]
+        if not starts:
+            raise
+        raise ModelLoadError(f"exporting {path} builds its model from what its run started from "
+                             f"({', '.join(starts)}), and {exc}; put it back where the run found it") from exc
     checkpoint.load_weights(payload, model, path)
     out = Path(out)
     try:
@@ -408,7 +417,7 @@ def export_checkpoint(path: str | Path, out: str | Path, captioner: bool = True,
     except OSError as exc:
         raise InvalidInputError(f"output {out}: {exc.strerror or exc}") from exc
     try:
-        written = FAMILIES[cfg.model.family].export(model, tokenizer, staging, captioner)
+        written = [readable(p) for p in FAMILIES[cfg.model.family].export(model, tokenizer, staging, captioner)]
         targets = [out / p.name for p in written]
         taken = [t for t in targets if t.exists() and not (t.is_dir() and not any(t.iterdir()))]
         if taken and not overwrite:

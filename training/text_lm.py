@@ -24,6 +24,7 @@ import torch
 
 from blipsearch.retrieval.errors import InvalidInputError
 
+from .export import readable
 from .tokenizer import SPECIALS, words_of
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ def pretrain_lm(texts: list[str], out: str | Path, cfg: TextLMConfig | None = No
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         _save(model, tokenizer, cfg, len(texts), staging)
+        readable(staging / "model")
         if out.exists():
             os.replace(out, staging / "replaced")  # removed with the staging folder
         os.replace(staging / "model", out)

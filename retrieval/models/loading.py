@@ -61,6 +61,10 @@ def resolve(name: str) -> Checkpoint:
         raise ModelLoadError(f"model {name} is a file; pass the folder that holds its config.json and weights "
                              "(written by save_pretrained or `blipsearch train`), or a hub id")
     if path.exists():
+        exported = [sub for sub in ("retrieval", "captioner") if (path / sub / "config.json").is_file()]
+        if exported and (path / "log.jsonl").is_file():  # a run folder: its config.json is the training config
+            raise ModelLoadError(f"model {name} is a training run's folder; pass the model it exported: "
+                                 + " or ".join(f"{os.path.join(name, sub)} ({sub})" for sub in exported))
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model directory {name} has no config.json; pass a directory written by "
                                  "save_pretrained (or by `blipsearch train`) or a hub id")
