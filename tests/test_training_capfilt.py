@@ -57,6 +57,17 @@ def test_an_absolute_image_path_of_the_source_stays_absolute(trained, tmp_path):
     assert {e["image"] for e in json.loads(out.read_text())} == {entries[0]["image"], absolute}
 
 
+def test_a_source_none_of_whose_images_is_found_names_the_images_root(trained, tmp_path):  # noqa: F811
+    """It wrote an empty JSON and exited 3, with no word of --images."""
+    source = trained.parent / "data" / "val.json"
+    result = CliRunner().invoke(cli, ["capfilt", str(source), str(tmp_path / "out.json"), "--captioner",
+                                      str(trained / "captioner"), "--filter", str(trained / "retrieval"), "--device",
+                                      "cpu", "--images", str(tmp_path)])
+    assert result.exit_code == 1, result.output
+    assert f"--images names the folder its image paths start in (now {tmp_path})" in result.output
+    assert not (tmp_path / "out.json").exists()
+
+
 def test_a_retrieval_checkpoint_is_refused_as_captioner(tiny_model_dir):
     import pytest
     import torch

@@ -124,6 +124,10 @@ def capfilt(source: str, out: str | Path, captioner: Captioner, filter_model, im
         report.web_total, report.synthetic_total = report.web_total + len(web), report.synthetic_total + len(synthetic)
         report.web_kept += sum(keep[:len(web)])
         report.synthetic_kept += sum(keep[len(web):])
+    if report.skipped and not report.images and root is None:  # nothing read: most likely the wrong root
+        found = Path(images) if images is not None else default_image_root(Path(source))
+        raise InvalidInputError(f"no image of {source} could be read ({report.skipped} skipped, each named above); "
+                                f"--images names the folder its image paths start in (now {found})")
     out.write_text(json.dumps(entries, indent=0) + "\n", encoding="utf-8")
     return report
 
