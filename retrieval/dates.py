@@ -15,7 +15,8 @@ from datetime import datetime, timedelta
 from .errors import FieldError
 
 FORMS = "YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS]"
-_DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?)?)?")
+# ASCII digits only (re.ASCII): "١٢٣٤" (Arabic-Indic digits) was the year 1234
+_DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?)?)?", re.ASCII)
 _EPOCH = datetime(1970, 1, 1)
 
 

@@ -31,7 +31,7 @@ def test_a_date_names_its_whole_period(text, start, end):
 
 
 @pytest.mark.parametrize("text", ["May 2019", "19", "2019-5", "2019/05/04", "2019-05-04T10", "2019-05-04T10:30Z",
-                                  "2019-05-04T10:30+02:00", "", "today"])
+                                  "2019-05-04T10:30+02:00", "", "today", "\u0661\u0662\u0663\u0664"])
 def test_other_forms_are_refused_with_the_accepted_ones_shown(text):
     with pytest.raises(FieldError) as caught:
         parse_date(text, "after")
