@@ -120,9 +120,13 @@ def weighted(spec: str) -> tuple[float, str]:
 
 
 def weighted_path(spec: str) -> tuple[float, str]:
-    """`weighted` for an image's path, `~` expanded; a file named by the whole of `spec` is taken as it is
-    (`"12:30.png"`; `"2:12:30.png"` weighs it 2)."""
-    if spec.strip() and Path(os.path.expanduser(spec)).is_file():
+    """`weighted` for the path of an image file on this machine, `~` expanded; a file named by the whole of
+    `spec` is taken as it is (`"12:30.png"`; `"2:12:30.png"` weighs it 2)."""
+    try:
+        whole = bool(spec.strip()) and Path(os.path.expanduser(spec)).is_file()
+    except (OSError, ValueError):  # a name too long, a folder without permission, a NUL: not a file here
+        whole = False
+    if whole:
         return 1.0, os.path.expanduser(spec)
     weight, path = weighted(spec)
     return weight, os.path.expanduser(path) if path.strip() else path
@@ -131,18 +135,23 @@ def weighted_path(spec: str) -> tuple[float, str]:
 def more_terms(add: Sequence[str] = (), subtract: Sequence[str] = (), add_images: Sequence[str] = (),
                subtract_images: Sequence[str] = (), indexed: bool = False) -> list[Term]:
     """The added and subtracted terms of a query, each `[WEIGHT:]TEXT` or `[WEIGHT:]PATH`, in that order;
-    `indexed`: the paths name indexed files, searched by their stored vectors (`Indexed`). A bad one is
-    refused naming its field (`add`, `subtract`, `add_images`, `subtract_images`), not the query's text."""
+    `indexed`: the paths name indexed files, searched by their stored vectors (`Indexed`: read as given, on
+    no disk: a server's client learns nothing of its folders). A bad one is refused naming its field (`add`,
+    `subtract`, `add_images`, `subtract_images`), not the query's text."""
+    text = (weighted, lambda value, weight: Term(text=value, weight=weight), "text is empty")
+    image = (weighted if indexed else weighted_path,
+             lambda value, weight: Term(image=Indexed(value) if indexed else Path(value), weight=weight),
+             "path is empty")
     terms = []
-    for field, specs, sign in (("add", add, 1), ("subtract", subtract, -1), ("add_images", add_images, 1),
-                               ("subtract_images", subtract_images, -1)):
+    for field, specs, sign, (parse, make, empty) in (("add", add, 1, text), ("subtract", subtract, -1, text),
+                                                     ("add_images", add_images, 1, image),
+                                                     ("subtract_images", subtract_images, -1, image)):
         for spec in specs:
-            weight, value = (weighted_path if field.endswith("images") else weighted)(spec)
+            weight, value = parse(spec)
             if blank(value):
-                raise FieldError(field, "path is empty" if field.endswith("images") else "text is empty")
+                raise FieldError(field, empty)
             try:
-                terms.append(Term(text=value, weight=sign * weight) if not field.endswith("images") else
-                             Term(image=Indexed(value) if indexed else Path(value), weight=sign * weight))
+                terms.append(make(value, sign * weight))
             except FieldError as exc:  # its weight
                 raise FieldError(field, f"{exc.field} {exc.problem}") from exc
     return terms
@@ -208,6 +217,7 @@ class Index:
         self._view = _View(reader)
         self._model_lock = threading.Lock()  # one model, one query at a time
         self._refresh_lock = threading.Lock()  # one reopening at a time
+        self._load_lock = threading.Lock()  # one deferred model load
 
     @property
     def model(self) -> RetrievalModel:
@@ -215,7 +225,7 @@ class Index:
         from blipsearch.indexer.manifest import check_model
 
         if self._model is None:
-            with self._refresh_lock:
+            with self._load_lock:  # not the refresh lock: status and refreshes go on while a model loads
                 if self._model is None:
                     loaded = self._load()
                     check_model(self.reader.manifest, loaded.info, self.location)
@@ -292,8 +302,10 @@ class Index:
         view = self._view
         with self._model_lock:
             self._check_not_empty(view.reader)
-            searcher = Searcher(self.model if terms else None, view.reader)
-            if not terms:  # keywords alone: no model
+            # keywords alone, and indexed files alone (their stored vectors), need no model
+            needs_model = any(t.text is not None or not isinstance(t.image, Indexed) for t in terms)
+            searcher = Searcher(self.model if needs_model else None, view.reader)
+            if not terms:
                 if options.min_prob is not None:
                     raise FieldError("min_prob", "needs a text term of positive weight to re-rank with")
                 hits = searcher.search_keywords(options)

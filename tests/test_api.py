@@ -430,4 +430,6 @@ def test_the_cli_composes_as_the_api_does(library, index):
 def test_a_lazy_index_loads_its_model_at_the_first_search_that_needs_one(library, index):
     lazy = Index.open(library / "index", device="cpu", precision="fp32", lazy=True)
     assert lazy.keyword_search("img000") and lazy._model is None and lazy.model_id == index.model_id
+    some = sorted(index.reader.files())[0]
+    assert lazy.similar(some) == index.similar(some) and lazy._model is None  # stored vectors alone
     assert lazy.search(QUERY) == index.search(QUERY) and lazy._model is not None

@@ -103,6 +103,8 @@ def test_every_query_option(client, library):
     ({"q": QUERY, "top": "many"}, 422, "top"),
     ({}, 400, "q is missing"),
     ({"q": QUERY, "like": "/etc/passwd"}, 404, "is not in the index"),
+    ({"q": QUERY, "like": "~/x.jpg"}, 404, "~/x.jpg is not in the index"),  # the server's ~ is not expanded
+    ({"q": QUERY, "like": "x" * 300}, 404, "is not in the index"),  # a name too long for a disk: it was a 500
     ({"q": QUERY, "add": "1e999:x"}, 400, "weight must be"),
     ({"q": QUERY, "add": "1e39:x"}, 400, "weight must be a number of size 0.001 to 1000"),
     ({"q": QUERY, "under": "/tmp\0"}, 400, "under must name a folder"),  # was a 500: a NUL byte in a path
