@@ -138,14 +138,17 @@ def create_app(index: Index, cache: Path, token: str | None = None, hosts: Seque
 
     @app.get("/api/thumbnail", summary="A small JPEG of an indexed image", response_class=Response,
              responses={200: {"content": {"image/jpeg": {}}, "description": "the JPEG"}, **ERRORS})
-    def thumbnail(path: str) -> Response:
+    def thumbnail(path: str, request: Request) -> Response:
         index.refresh()
         made = files.thumbnail(path)
         headers = {"Cache-Control": "private, max-age=3600"}
         if isinstance(made, bytes):  # the thumbnail cache cannot be written: made for this request
             return Response(made, media_type="image/jpeg", headers=headers)
+        headers["ETag"] = f'"{made.stem}"'  # the content hash it was made from
+        if request.headers.get("if-none-match") == headers["ETag"]:
+            return Response(status_code=304, headers=headers)
         # a few KB, whole: FileResponse answered a bad Range header in plain text, not {"error": ...}
-        return Response(made.read_bytes(), media_type="image/jpeg", headers={**headers, "ETag": f'"{made.stem}"'})
+        return Response(made.read_bytes(), media_type="image/jpeg", headers=headers)
 
     @app.get("/api/original", summary="An indexed image file itself", response_class=Response,
              responses={200: {"content": {"image/*": {}}, "description": "the file's bytes"}, **ERRORS})
@@ -262,8 +265,8 @@ def _errors(app: FastAPI) -> None:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
-    def internal_error(request: Request, exc: Exception) -> JSONResponse:  # a defect: its traceback goes to the log
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # a defect: Starlette re-raises it after this answer, and the server (uvicorn) logs its traceback
         return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server's log has the details"},
                             status_code=500)
 
