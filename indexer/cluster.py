@@ -72,7 +72,8 @@ def index_on_ray(roots: Sequence[str | Path], store: IndexWriter, options: Index
             cause = getattr(exc, "cause", None) or exc
             raise StoreError(f"the Ray job failed ({first_line(cause)}); what it committed is kept, run again "
                              "once the cause is fixed") from exc
-    summary.count_moves(store)
+    store.prune_images()
+    summary.discount_moves()
     store.finish()
     return summary
 
@@ -166,6 +167,10 @@ def _count(out, options: IndexOptions, summary: IndexSummary) -> set[str]:
     counts = {row["kind"]: row["count()"] for row in out.groupby("kind").count().take_all()}
     summary.indexed += counts.get("indexed", 0)
     summary.reused += counts.get("reused", 0)
+    if counts.get("reused"):  # their contents: the moves among the removed paths (IndexSummary.discount_moves)
+        reused = out.map_batches(lambda t: t.filter(pc.equal(t["kind"], "reused")).select(["hash"]),
+                                 batch_format="pyarrow")
+        summary.reused_hashes += [row["hash"] for row in reused.take_all()]
     summary.unchanged += counts.get("touched", 0)
     skipped = out.map_batches(lambda t: t.filter(pc.equal(t["kind"], "skipped")).select(["path", "reason"]),
                               batch_format="pyarrow")

@@ -24,23 +24,24 @@ the fact). A caption that fails is left out, never the image; the next run tries
 from __future__ import annotations
 
 import logging
+import os
+from collections import Counter
 from collections.abc import Callable, Container, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from tqdm import tqdm
 
 from blipsearch.retrieval.errors import BlipsearchError, ImageLoadError, InvalidInputError, ModelLoadError, first_line
 from blipsearch.retrieval.models.base import RetrievalModel
 
-from . import codec
+from . import codec, objects
 from .images import LoadedImage, check_header, failure_reason, load_image, naming_warnings
 from .metadata import FileMeta, read_meta
 from .readahead import TooManyStuck, bounded_map
-from .scan import FileStat, ScanResult, is_under, open_regular, read_hashed, resolve_roots, scan
+from .scan import FileStat, ScanResult, is_under, open_regular, read_hashed, resolve_roots, scan, supported_extensions
 from .store import FileRecord, ImageRecord, IndexWriter
 
 if TYPE_CHECKING:
@@ -61,16 +62,18 @@ class IndexSummary:
     indexed: int = 0  # files whose content was encoded (or stored by a killed run that did not name it yet)
     reused: int = 0  # new paths whose content was already stored (moved, renamed, copied)
     unchanged: int = 0
-    removed: int = 0  # paths that left the index, but the old paths of moved files (counted in `reused`)
+    removed: int = 0  # paths that left the index, but the old paths of moved files (see `discount_moves`)
     captioned: int = 0  # contents that received a caption
     uncaptioned: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of captions that failed
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     vanished: list[str] = field(default_factory=list, repr=False)  # content hashes of the paths removed as gone
+    reused_hashes: list[str] = field(default_factory=list, repr=False)  # of the new paths counted in `reused`
 
-    def count_moves(self, store: IndexWriter) -> None:
-        """Prune the images no file names now; a vanished path whose content another path still names was
-        moved (or was one of its copies), not removed: "removed 130" once read as 130 photos lost."""
-        self.removed -= store.prune_images(self.vanished)[1]
+    def discount_moves(self) -> None:
+        """A vanished path whose content a new path of this run took (a move, a rename) was no removal:
+        "removed 130" once read as 130 photos lost where 120 had moved."""
+        taken = Counter(self.reused_hashes)
+        self.removed -= sum(min(n, taken[digest]) for digest, n in Counter(self.vanished).items())
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,8 @@ def index_folders(roots: Sequence[str | Path], model: RetrievalModel, store: Ind
     if options.captioner is not None:
         recaption = _to_caption(found.files, changed, stored, store.captioned(), options.captioner.name)
     _Run(store, model, stored, options, summary).process(changed, recaption)
-    summary.count_moves(store)
+    store.prune_images()
+    summary.discount_moves()
     store.finish()
     return summary
 
@@ -129,6 +133,11 @@ def plan(roots: Sequence[str | Path], store: IndexWriter, options: IndexOptions,
         skip_file(path, reason, options, summary)
     stored = store.file_records()
     kept = _empty_folders_with_files(folders, found, stored, options.allow_empty)
+    kept += _dangling_links_with_files(found.dangling, stored, options, summary)
+    for folder in folders:
+        if not objects.is_remote(folder) and not os.path.lexists(folder) and \
+                not any(is_under(p, [folder]) for p in stored):  # a name mistyped, most likely
+            log.warning("%s does not exist, and the index holds nothing from it: nothing to remove", folder)
     _remove_vanished(store, stored, found.files, folders, found.unreadable_dirs + kept, summary)
     changed = [f for f in found.files if not _unchanged(stored.get(f.path), f)]
     summary.unchanged = len(found.files) - len(changed)
@@ -145,6 +154,24 @@ def _empty_folders_with_files(folders: list[str], found, stored: dict[str, FileR
     for folder in held:
         log.warning("%s is empty, but the index holds files from it: kept (an unmounted drive?); "
                     "pass --allow-empty to remove them", folder)
+    return held
+
+
+def _dangling_links_with_files(links: list[str], stored: dict[str, FileRecord], options: IndexOptions,
+                               summary: IndexSummary) -> list[str]:
+    """Links whose target is gone but the index holds files from (an unplugged drive): kept, and skipped
+    (exit status 3), unless `allow_empty`. Their files were removed silently, and encoded again when the
+    drive came back. Of the others, one named as a picture is skipped as a broken link; the rest (a stale
+    `notes.txt` link) are none of the run's business."""
+    held = [link for link in links if any(is_under(p, [link]) for p in stored)]
+    for link in links:
+        if link not in held and Path(link).suffix.lower() in supported_extensions():
+            skip_file(link, "no such file (vanished, or a broken link)", options, summary)
+    if options.allow_empty:
+        return []
+    for link in held:
+        skip_file(link, "this link leads nowhere now (its target is gone: an unplugged drive?); what is stored "
+                        "from it stays (--allow-empty removes it)", options, summary)
     return held
 
 
@@ -298,7 +325,7 @@ class _Run:
             digests = list(self.batch)
             images = [self.batch[d][0] for d in digests]
             encoded = self.model.encode_images(self.model.pixel_values([image.pixels for image in images]))
-            if not bool(torch.isfinite(encoded.embeddings).all()):  # LanceDB refused them with a traceback
+            if not bool(encoded.embeddings.isfinite().all()):  # LanceDB refused them with a traceback
                 raise ModelLoadError(f"the model {self.model.info.model_id} gives embeddings that are not finite "
                                      f"numbers (NaN or inf), e.g. for {self.batch[digests[0]][1][0].stat.path}: its "
                                      "weights are broken (a training run that diverged?); index with another model")
@@ -350,6 +377,7 @@ class _Run:
             self.summary.unchanged += 1  # touched: same bytes, new mtime
         elif digest in self.named:
             self.summary.reused += 1  # moved, renamed or copied
+            self.summary.reused_hashes.append(digest)
         else:  # features a killed run stored before its file rows: this run finishes indexing the file
             self.summary.indexed += 1
         self.named.add(digest)

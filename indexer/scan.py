@@ -52,6 +52,7 @@ class ScanResult:
     files: list[FileStat] = field(default_factory=list)
     unreadable_dirs: list[str] = field(default_factory=list)  # their contents are neither added nor removed
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): found but not indexable
+    dangling: list[str] = field(default_factory=list)  # links whose target is gone (an unplugged drive?)
 
 
 def resolve_roots(roots: Iterable[str | Path], allow_empty: bool = False) -> list[Path | str]:
@@ -68,9 +69,11 @@ def resolve_roots(roots: Iterable[str | Path], allow_empty: bool = False) -> lis
             continue
         path = Path(os.path.expanduser(root))  # (Path.expanduser raises for an unknown ~user)
         if not path.exists() and not allow_empty:
-            raise InvalidInputError(f"{root}: no such file or folder (if it was deleted, --allow-empty removes "
-                                    "what the index holds from it)")
-        resolved.append(path.resolve() if path.exists() else Path(os.path.abspath(path)))  # (a deleted one: none)
+            raise InvalidInputError(f"{root}: " + (
+                "this link leads nowhere now (its target is gone: an unplugged drive?); plug it in again, or let "
+                "--allow-empty remove what the index holds from it" if path.is_symlink() else
+                "no such file or folder (if it was deleted, --allow-empty removes what the index holds from it)"))
+        resolved.append(path.resolve())  # (a deleted one too: through the links above it, as the index names it)
     return resolved
 
 
@@ -226,11 +229,7 @@ def _walk_folder(folder: str, above: dict[tuple[int, int], str], result: ScanRes
                                                           "stored from it stays"))
             continue
         if not is_folder and entry.is_symlink() and not os.path.exists(entry.path):
-            # its target is gone (an unplugged drive): what is stored from it stays; it was removed (and the
-            # drive's photos encoded again once it was back)
-            result.unreadable_dirs.append(entry.path)
-            result.skipped.append((printable(entry.path), "this link leads nowhere now (its target is gone: an "
-                                                          "unplugged drive?); what is stored from it stays"))
+            result.dangling.append(entry.path)  # the run decides, by what it stores from it (pipeline.plan)
         elif not is_folder:
             yield entry.path
         elif (loop := _loop(entry, above)) is not None:

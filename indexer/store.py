@@ -225,11 +225,9 @@ class IndexWriter:
             self._changed = True
 
     @_writes
-    def prune_images(self, vanished: Sequence[str] = ()) -> tuple[int, int]:
-        """Drop images that no file refers to any more. Returns how many, and how many of `vanished` (the
-        contents of paths removed this run) a file still names: the old paths of moved files."""
+    def prune_images(self) -> int:
+        """Drop images that no file refers to any more; returns how many."""
         referenced = set(self.files.to_arrow().column("hash").to_pylist())
-        moved = sum(h in referenced for h in vanished)
         orphans = [h for h in self._known if h not in referenced]
         if orphans:
             _delete_in(self.images, "hash", orphans)
@@ -237,7 +235,7 @@ class IndexWriter:
             for orphan in orphans:
                 self._captioned.pop(orphan, None)
             self._changed = True
-        return len(orphans), moved
+        return len(orphans)
 
     @_writes
     def compact(self) -> None:

@@ -394,11 +394,15 @@ def test_a_linked_folder_whose_target_is_gone_keeps_its_stored_files(tmp_path, t
     summary = index(photos, tiny_model, tmp_path / "index")
     assert (summary.removed, summary.unchanged) == (0, 1)
     assert summary.skipped == [(str(photos / "usb"), "this link leads nowhere now (its target is gone: an "
-                                                     "unplugged drive?); what is stored from it stays")]
+                                                     "unplugged drive?); what is stored from it stays (--allow-empty "
+                                                     "removes it)")]
     assert len(IndexReader.open(tmp_path / "index").files()) == 3
     (tmp_path / "unplugged").rename(drive)
+    (photos / "notes.txt").symlink_to(tmp_path / "nowhere.txt")  # dangling, but nothing stored from it: no word
     back = index(photos, tiny_model, tmp_path / "index")
     assert (back.indexed, back.unchanged, back.removed, back.skipped) == (0, 3, 0, [])
+    drive.rename(tmp_path / "unplugged")  # gone for good: --allow-empty removes its files
+    assert index(photos, tiny_model, tmp_path / "index", allow_empty=True).removed == 2
 
 
 def corrupt_exif_jpeg(path):

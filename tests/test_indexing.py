@@ -230,6 +230,15 @@ def test_a_deleted_folder_is_refused_and_its_files_removed_with_allow_empty(tmp_
         store.close()
     assert (summary.removed, summary.skipped) == (3, [])
     assert sorted(IndexReader.open(index).files()) == sorted(str(p) for p in (tmp_path / "b").iterdir())
+    # through a link above it, as the index names its files (resolved, not as typed)
+    (tmp_path / "via").symlink_to(tmp_path / "b")
+    shutil.rmtree(tmp_path / "b")
+    store = IndexWriter.open(index, model.info)
+    try:
+        summary = index_folders([tmp_path / "via"], model, store, IndexOptions(progress=False, allow_empty=True))
+    finally:
+        store.close()
+    assert summary.removed == 2 and IndexReader.open(index).counts() == (0, 0)
 
 
 def test_file_names_that_are_not_utf8_are_skipped_with_a_reason(tmp_path, model):
