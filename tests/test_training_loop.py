@@ -182,7 +182,7 @@ def test_a_resumed_run_keeps_its_vocabulary_when_the_captions_changed(scene_data
     other = tiny_config(scene_data, tmp_path / "other", "model.text_layers=3", "optim.max_steps=1", "save_every=1",
                         f"data.train={changed}")
     run_steps(third := setup(other), wrap(third))
-    with pytest.raises(InvalidInputError, match="does not fit this run's model"):
+    with pytest.raises(InvalidInputError, match=r"was trained with other values of model.text_layers"):
         setup(tiny_config(scene_data, tmp_path / "run"), resume=str(tmp_path / "other" / "checkpoint-last.pt"))
     assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").read_bytes() == vocabulary
 
@@ -192,8 +192,10 @@ def test_a_checkpoint_of_another_configuration_is_refused_in_one_line(scene_data
     other = tiny_config(scene_data, tmp_path / "other", "model.text_layers=3", "optim.max_steps=1", "save_every=1")
     run_steps(first := setup(other), wrap(first))
     torch.save({"model": {}, "config": {}, "state": {}}, tmp_path / "empty.pt")
-    for foreign in (tmp_path / "other" / "checkpoint-last.pt", tmp_path / "empty.pt"):
-        with pytest.raises(InvalidInputError, match=re.escape(f"checkpoint {foreign} does not fit this run's model")):
+    for foreign, message in ((tmp_path / "other" / "checkpoint-last.pt", "was trained with other values of "
+                              "model.text_layers; resume with the values it was trained with"),
+                             (tmp_path / "empty.pt", "does not fit this run's model")):
+        with pytest.raises(InvalidInputError, match=re.escape(f"checkpoint {foreign} {message}")):
             setup(tiny_config(scene_data, tmp_path / "run"), resume=str(foreign))
 
 
@@ -208,9 +210,13 @@ def test_a_resumed_run_applies_a_changed_rate_and_refuses_a_changed_batch(scene_
     for change in ("data.batch_size=4", "seed=3", "objective.temperature=0.05"):
         with pytest.raises(InvalidInputError, match=f"trained with other values of {change.split('=')[0]}; resume"):
             setup(tiny_config(scene_data, tmp_path / "run", *args, change), resume="auto")
+    from blipsearch.training.checkpoint import _changed
+
+    assert _changed({"objective": {"alpha": 1, "new": 2}}, {"objective": {"alpha": 1.0}, "seed": 0}) == []  # values
+    assert _changed({"optim": {"betas": [0.9, 0.99]}}, {"optim": {"betas": (0.9, 0.999)}}) == ["optim.betas"]
     resumed = setup(tiny_config(scene_data, tmp_path / "run", *args, "optim.lr=5e-4", "optim.weight_decay=0.01",
                                 "threads=1", "log_every=2"), resume="auto")
-    assert "resumed with changed optim.lr, optim.weight_decay: applied from step 2 on" in caplog.text
+    assert "resumed with changed optim.lr, optim.weight_decay: applied from step 3 on" in caplog.text
     groups = resumed.optimizer.param_groups
     assert resumed.scheduler.base_lrs == [5e-4, 5e-4] and [g["weight_decay"] for g in groups] == [0.01, 0.0]
     assert groups[0]["lr"] == pytest.approx(5e-4 * resumed.scheduler.lr_lambdas[0](2))
@@ -232,6 +238,22 @@ def test_a_run_whose_loss_is_no_longer_finite_stops_in_one_line(scene_data, tmp_
         with pytest.raises(TrainingDivergedError, match=r"lower optim.lr .* --resume auto"):
             run_steps(run, wrap(run))
         assert not (run.output / "checkpoint-last.pt").exists()
+    # a finite loss whose gradients are not finite (an overflow in backward) stops it too
+    run = setup(tiny_config(scene_data, tmp_path / "grads", "optim.max_steps=2", "save_every=1000"))
+    real = torch.autograd.backward
+
+    def overflowing(tensors, *args, **kwargs):
+        real(tensors, *args, **kwargs)
+        next(p for p in run.model.parameters() if p.grad is not None).grad.fill_(float("inf"))
+
+    trained = [p for p in run.model.parameters() if p.requires_grad]  # (momentum copies move in the forward)
+    torch.autograd.backward, before = overflowing, [p.detach().clone() for p in trained]
+    try:
+        with pytest.raises(TrainingDivergedError, match=r"at step 1 \(gradient norm\)"):
+            run_steps(run, wrap(run))
+    finally:
+        torch.autograd.backward = real
+    assert all(torch.equal(a, b) for a, b in zip(before, trained, strict=True))  # the step was not applied
 
 
 def test_missing_and_undecodable_training_images_are_one_line_naming_the_file(scene_data, tmp_path):

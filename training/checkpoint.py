@@ -57,9 +57,11 @@ def read(path: str | Path) -> dict:
 
 # what a resumed run may change: where and how it runs, how long, and the optimizer's settings (applied from
 # the resumed step on: a run that diverged resumes at a lower rate); anything else changes what it trains
+# (the checkpoints a run started from may move: the weights come from the checkpoint; a tokenizer or language
+# model may not, as their vocabularies number the embedding rows the checkpoint holds)
 RESUME_FREE = ("output", "device", "threads", "log_every", "save_every", "data.workers", "data.train", "data.images",
                "data.split", "data.mixture", "optim.epochs", "optim.max_steps", "optim.precision", "model.init_from",
-               "model.vision_from", "model.qformer_from", "model.language_model", "model.tokenizer")
+               "model.vision_from", "model.qformer_from")
 RESUME_APPLIED = ("optim.lr", "optim.min_lr", "optim.weight_decay", "optim.betas", "optim.warmup_steps",
                   "optim.clip_grad")
 
@@ -69,13 +71,13 @@ def restore(payload: dict, model, optimizer, scheduler, path: str | Path = "", c
     """Raises `InvalidInputError` where the checkpoint at `path` does not fit the model and optimizer, or
     where `config` (the run's, as `TrainConfig.to_dict`) changes what the checkpoint's run trained (see
     RESUME_FREE); the optimizer settings of `config` apply from here on (RESUME_APPLIED)."""
-    load_weights(payload, model, path)
     changed = _changed(payload.get("config") or {}, config) if config is not None else []
     refused = [key for key in changed if key not in RESUME_FREE + RESUME_APPLIED]
-    if refused:
+    if refused:  # before the weights: a key that changes shapes is named, not "does not fit"
         raise InvalidInputError(f"checkpoint {path} was trained with other values of {', '.join(refused)}; resume "
                                 "with the values it was trained with (its run folder's config.json), or start a "
                                 "new run")
+    load_weights(payload, model, path)
     try:
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
@@ -83,28 +85,34 @@ def restore(payload: dict, model, optimizer, scheduler, path: str | Path = "", c
         state = TrainState(**payload["state"])
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise _foreign(path, exc) from exc
-    if any(key in RESUME_APPLIED for key in changed):
+    if config is not None:  # always: a changed length (max_steps, epochs) changes the next step's rate too
         _apply_optim(optimizer, scheduler, config["optim"])
+    if any(key in RESUME_APPLIED for key in changed):
         log.warning("resumed with changed %s: applied from step %d on", ", ".join(
-            k for k in changed if k in RESUME_APPLIED), state.step)
+            k for k in changed if k in RESUME_APPLIED), state.step + 1)
     return state
 
 
 def _changed(saved: dict, now: dict) -> list[str]:
-    """Dotted keys whose values differ (tuples and lists alike)."""
-    import json
-
+    """Dotted keys whose values differ, compared as values (1 and 1.0, a tuple and a list alike). A key the
+    checkpoint's config lacks (written before that setting existed) counts as unchanged."""
     def flat(config: dict) -> dict:
         out = {}
         for key, value in config.items():
             if isinstance(value, dict) and key in ("model", "objective", "data", "optim"):
-                out.update({f"{key}.{k}": json.dumps(v, sort_keys=True) for k, v in value.items()})
+                out.update({f"{key}.{k}": _plain(v) for k, v in value.items()})
             else:
-                out[key] = json.dumps(value, sort_keys=True)
+                out[key] = _plain(value)
         return out
 
     before, after = flat(saved), flat(now)
-    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return sorted(k for k in before.keys() & after.keys() if before[k] != after[k])
+
+
+def _plain(value):
+    if isinstance(value, list | tuple):
+        return tuple(_plain(v) for v in value)
+    return {k: _plain(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 def _apply_optim(optimizer, scheduler, optim: dict) -> None:
@@ -146,7 +154,9 @@ def resolve_resume(resume: str | None, output: Path) -> Path | None:
         return last if last.is_file() else None
     path = Path(resume)
     if not path.is_file():
-        raise InvalidInputError(f"checkpoint {resume} is a folder: name its checkpoint file ({path / LAST}), or "
-                                "give --resume auto with --output set to it" if path.is_dir() else
-                                f"checkpoint {resume} does not exist")
+        if path.is_dir():
+            raise InvalidInputError(f"checkpoint {resume} is a folder: " + (
+                f"name its checkpoint file ({path / LAST})" if (path / LAST).is_file() else
+                f"it holds no {LAST} (a run writes one at its first save)"))
+        raise InvalidInputError(f"checkpoint {resume} does not exist")
     return path

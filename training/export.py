@@ -96,12 +96,24 @@ def export_blip2_retrieval(model, tokenizer, out: str | Path) -> Path:
 def readable(folder: Path) -> Path:
     """The folder's files with the permissions the user's umask gives any new file: safetensors writes its
     weights as 0600, so a server run by another user could not read an exported model."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = _umask()
     for file in Path(folder).rglob("*"):
         if file.is_file() and not file.is_symlink():
             os.chmod(file, 0o666 & ~mask)
     return Path(folder)
+
+
+def _umask() -> int:
+    """The process's umask, read where Linux shows it (setting it to read it back races with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def checkpoint_dir(name: str) -> Path:

@@ -279,9 +279,12 @@ def optimizer_step(run: Run, module: nn.Module, stream) -> dict[str, torch.Tenso
             (sum(losses.values()) / accum).backward()
         for name, value in losses.items():
             totals[name] = totals.get(name, 0.0) + value.detach().float() / accum
-    _check_finite(run, totals)
+    grads = [p.grad for p in run.model.parameters() if p.grad is not None]
     if run.cfg.optim.clip_grad:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.clip_grad)
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.clip_grad)
+    else:  # a finite loss may still give inf gradients (an overflow in backward): the step would apply them
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=run.device)
+    _check_finite(run, {**totals, "gradient norm": norm})
     run.step_lr = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
     run.scheduler.step()
@@ -290,9 +293,9 @@ def optimizer_step(run: Run, module: nn.Module, stream) -> dict[str, torch.Tenso
 
 
 def _check_finite(run: Run, losses: dict[str, torch.Tensor]) -> None:
-    """A loss that is not finite on any rank stops every rank before the step applies it (no checkpoint, no
-    export of a broken model): the run diverged."""
-    bad = torch.stack([~torch.isfinite(v) for v in losses.values()]).any().float()
+    """A loss (or the gradient norm) that is not finite on any rank stops every rank before the step applies
+    it (no checkpoint, no export of a broken model): the run diverged."""
+    bad = torch.stack([~torch.isfinite(v.detach().float().to(run.device)) for v in losses.values()]).any().float()
     if float(distributed.all_reduce_sum(bad)) > 0:
         names = ", ".join(n for n, v in losses.items() if not torch.isfinite(v)) or "on another rank"
         raise TrainingDivergedError(f"the loss is not finite at step {run.state.step + 1} ({names}): the run "
