@@ -12,6 +12,7 @@ each would tie with the other on every caption, and ties count against the query
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def read_annotations(path: str | Path, split: str | None = None, default_split: 
     for a split must not silently get the whole file. `default_split` alone applies to Karpathy files only."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # (a Windows editor's byte-order mark)
     except OSError as exc:
         raise InvalidInputError(f"annotation file {path}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError:
@@ -77,7 +78,8 @@ def _lavis(entries: list, path: Path) -> list[AnnotatedImage]:
         if not (_name(entry["image"]) and all(isinstance(c, str) for c in captions)):
             raise InvalidInputError(f"LAVIS annotation entry {i} of {path}: 'image' must be a file name and "
                                     "'caption' a text or a list of texts")
-        by_image.setdefault(entry["image"], AnnotatedImage(entry["image"])).captions.extend(captions)
+        name = os.path.normpath(entry["image"])  # "./a.jpg" is "a.jpg": one image, as a Karpathy file reads it
+        by_image.setdefault(name, AnnotatedImage(name)).captions.extend(captions)
     return list(by_image.values())
 
 

@@ -16,6 +16,7 @@ entry.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -119,11 +120,32 @@ def _open_arrays(entry: Path, manifest: dict, shapes: dict) -> dict[str, np.ndar
     manifest_path.unlink(missing_ok=True)  # invalid until every array exists
     arrays = {name: np.lib.format.open_memmap(entry / name, mode="w+", dtype=dtype, shape=shape)
               for name, (shape, dtype) in shapes.items()}
+    for name in shapes:
+        _reserve(entry / name)
     _flush(*arrays.values())
     tmp = manifest_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     os.replace(tmp, manifest_path)
     return arrays
+
+
+def _reserve(path: Path) -> None:
+    """Give the sparse file its blocks now: a disk that fills while the memory map writes into it kills the
+    process (SIGBUS: "Bus error", exit 135) instead of raising an error."""
+    with open(path, "r+b") as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise InvalidInputError(f"the disk holding {path.parent} is full: the feature cache needs "
+                                        f"{_total(path.parent) / 1e9:.1f} GB there; free space, or give --cache "
+                                        "another folder") from exc
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+                raise
+
+
+def _total(entry: Path) -> int:
+    return sum(f.stat().st_size for f in entry.glob("*.npy"))
 
 
 def _is_intact(entry: Path, manifest: dict, shapes: dict) -> bool:
@@ -135,7 +157,7 @@ def _is_intact(entry: Path, manifest: dict, shapes: dict) -> bool:
             if array.shape != shape or array.dtype != dtype:
                 return False
         return True
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # EOFError: an empty file
         return False
 
 

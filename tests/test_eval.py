@@ -307,7 +307,7 @@ def test_missing_images_are_reported_before_the_model_loads(dataset, tmp_path):
 def test_an_image_listed_twice_is_one_image_in_both_forms(tmp_path):
     """A Karpathy file made it two images of one file, which tied on every caption: each query missed at R@1."""
     lavis = [{"image": "a.png", "caption": "one"}, {"image": "b.png", "caption": "two"},
-             {"image": "a.png", "caption": ["three"]}]
+             {"image": "./a.png", "caption": ["three"]}]  # spelled another way: it was a second image
     karpathy = {"images": [{"split": "test", "filename": "a.png", "sentences": [{"raw": "one"}]},
                            {"split": "test", "filename": "b.png", "sentences": [{"raw": "two"}]},
                            {"split": "test", "filename": "a.png", "sentences": [{"raw": "three"}]}]}
@@ -359,6 +359,43 @@ def test_an_image_without_a_caption_with_words_is_refused_before_the_model_loads
     assert result.stderr.strip() == ("blipsearch: error: annotated image test/000_red.jpg has no caption, or one "
                                      "that is empty once cleaned (BLIP's pre_caption); give each image captions "
                                      "with words, or remove it from the annotation file")
+
+
+def test_a_caption_that_is_not_utf8_is_named_before_the_model_loads(dataset, tmp_path):
+    """It was refused as a "query text" to "type again in a terminal", after the images were encoded."""
+    ann = tmp_path / "ann.json"
+    ann.write_text('[{"image": "test/000_red.jpg", "caption": "a \\ud800 dog"}]')
+    result = _run(["--images", str(dataset / "images"), "--ann", str(ann), "--model", str(tmp_path / "none")])
+    assert result.exit_code == 1
+    assert "annotated image test/000_red.jpg has a caption that is not valid UTF-8 text" in result.stderr
+
+
+def test_an_annotation_file_with_a_byte_order_mark_reads(tmp_path):
+    (tmp_path / "ann.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([{"image": "a.png", "caption": "x"}]).encode())
+    assert [i.image for i in load_annotations(tmp_path / "ann.json")] == ["a.png"]
+
+
+def test_a_damaged_or_unreservable_cache_entry(dataset, tiny_model, tmp_path, monkeypatch):
+    """An empty file in an entry made every later run print "Aborted!" (np.load's EOFError); a disk that
+    filled while the memory maps wrote into the sparse files killed the process ("Bus error", exit 135)."""
+    import errno
+
+    from blipsearch.retrieval import eval_cache
+
+    items = load_annotations(dataset / "flickr30k_test.json")
+    root, options = dataset / "images", EvalOptions(k_test=4, image_batch=2, itm_batch=16, workers=2)
+    first = evaluate(tiny_model, items, root, options, cache_dir=tmp_path / "c")
+    [entry] = (tmp_path / "c").iterdir()
+    (entry / "done.npy").write_bytes(b"")
+    again = evaluate(tiny_model, items, root, options, cache_dir=tmp_path / "c")
+    assert again.images_encoded == 6 and (again.itc, again.rerank) == (first.itc, first.rerank)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(eval_cache.os, "posix_fallocate", full)
+    with pytest.raises(InvalidInputError, match=r"the disk holding .* is full: the feature cache needs [0-9.]+ GB"):
+        evaluate(tiny_model, items, root, options, cache_dir=tmp_path / "d")
 
 
 def test_a_bad_annotation_file_is_one_line(dataset, tmp_path):

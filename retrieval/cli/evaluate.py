@@ -44,7 +44,7 @@ _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
               help="Images per vision-tower forward.")
 @click.option("--itm-batch", type=click.IntRange(min=1), default=128, show_default=True,
               help="Image-text pairs per ITM forward.")
-@click.option("--workers", type=click.IntRange(min=1), default=min(4, os.cpu_count() or 1), show_default=True,
+@click.option("--workers", type=click.IntRange(1, 64), default=min(4, os.cpu_count() or 1), show_default=True,
               help="Image-decoding threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
