@@ -23,6 +23,7 @@ the fact). A caption that fails is left out, never the image; the next run tries
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections import Counter
@@ -34,7 +35,15 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from blipsearch.retrieval.errors import BlipsearchError, ImageLoadError, InvalidInputError, ModelLoadError, first_line
+from blipsearch.retrieval.errors import (
+    BlipsearchError,
+    ImageLoadError,
+    InvalidInputError,
+    ModelLoadError,
+    StoreError,
+    first_line,
+    printable,
+)
 from blipsearch.retrieval.models.base import RetrievalModel
 
 from . import codec, objects
@@ -55,6 +64,7 @@ log = logging.getLogger(__name__)
 COMPACT_EVERY = 64  # batches between compactions, to keep fragments few while a long run goes on
 READ_TIMEOUT_S = 60.0  # a file not read and decoded within this many seconds is skipped (a hung drive)
 MAX_STUCK_READS = 16  # reads that never returned before the run stops: each holds a thread for good
+MAX_UNREACHABLE = 16  # reads that the storage did not answer (a network error) before the run stops
 
 
 @dataclass
@@ -215,6 +225,7 @@ class _Read:
     meta: FileMeta | None = None
     caption_data: bytes | None = None  # the file's bytes, kept where its content needs a caption
     caption_only: bool = False  # an unchanged file read for its content's caption alone
+    unreachable: bool = False  # its storage did not answer (`reason` says so): what is stored of it stays
 
 
 class _Run:
@@ -233,6 +244,7 @@ class _Run:
         self.reused: list[FileRecord] = []  # files of known contents, written with the next commit
         self.captions: dict[str, _Waiting] = {}  # stored contents to caption
         self.batches = 0
+        self.unreachable = 0  # files whose storage did not answer
 
     def process(self, changed: list[FileStat], recaption: list[FileStat] = ()) -> None:
         work = [(stat, False) for stat in changed] + [(stat, True) for stat in recaption]
@@ -292,6 +304,8 @@ class _Run:
         stat, digest = item.stat, item.digest
         if item.caption_only:
             self._take_caption_only(item)
+        elif item.unreachable:
+            self._unreachable(item)
         elif item.reason is not None:
             self._skip(stat, item.reason)
         elif digest in self.known:
@@ -382,6 +396,18 @@ class _Run:
             self.summary.indexed += 1
         self.named.add(digest)
 
+    def _unreachable(self, item: _Read) -> None:
+        """Skipped, its stored row kept (it was deleted as if the file had changed into a broken one); after
+        MAX_UNREACHABLE of them the run stops: the storage is down, and every further file would fail too."""
+        self.unreachable += 1
+        skip_file(item.stat.path, item.reason, self.options, self.summary)
+        self.progress.update(1)
+        if self.unreachable >= MAX_UNREACHABLE:
+            self._commit()
+            raise StoreError(f"{self.unreachable} files could not be read (each named above), e.g. "
+                             f"{printable(item.stat.path)}: is the storage reachable? What is stored is kept; run "
+                             "again once it answers")
+
     def _skip(self, stat: FileStat, reason: str) -> None:
         old = self.stored.get(stat.path)
         # the stored older version of this path is stale now; one of the same size and mtime (read again only
@@ -414,6 +440,9 @@ def read_file(stat: FileStat, known: Container[str], preprocessing: Preprocessin
     except ImageLoadError as exc:
         return _Read(stat, reason=str(exc)), None
     except OSError as exc:
+        if _unreachable(exc):  # the storage did not answer: nothing is known of the file, so nothing changes
+            return _Read(stat, reason=f"cannot be read now ({first_line(exc)}); what is stored from it stays",
+                         unreachable=True), None
         return _Read(stat, reason=failure_reason(stat.path, exc)), None
     with naming_warnings(stat.path):  # Pillow's warnings on odd EXIF data name the file
         read = _Read(stat, digest, meta=read_meta(data, stat.mtime_ns))
@@ -424,6 +453,17 @@ def read_file(stat: FileStat, known: Container[str], preprocessing: Preprocessin
             read.reason = str(exc)
             return read, None
     return read, data
+
+
+# the errno values of storage that does not answer (a network drive, a failing disk), as opposed to a file that
+# is gone, forbidden or not a picture; pyarrow's S3 errors carry no errno but say "AWS Error"
+_UNREACHABLE = {getattr(errno, name) for name in ("EIO", "ETIMEDOUT", "ECONNRESET", "ECONNREFUSED", "ECONNABORTED",
+                                                  "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN", "ESTALE", "ENOTCONN")
+                if hasattr(errno, name)}
+
+
+def _unreachable(exc: OSError) -> bool:
+    return exc.errno in _UNREACHABLE or (exc.errno is None and "AWS Error" in str(exc))
 
 
 def _file_record(read: _Read) -> FileRecord:

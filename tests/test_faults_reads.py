@@ -534,3 +534,38 @@ def test_training_reads_heic_in_a_fresh_process(tmp_path):
         item = CaptionDataset([Sample(Path({str(tmp_path / "a.heic")!r}), "a phone photo", 0, 0)], pre)[0]
         print(tuple(item["pixels"].shape), item["caption"])
     """).strip() == "(16, 16, 3) a phone photo"
+
+
+def test_storage_that_does_not_answer_keeps_what_is_stored_and_stops_the_run(tmp_path, tiny_model, monkeypatch):
+    """A network error reading S3 photos was "cannot decode", and deleted the stored row of every file whose
+    listing had changed (re-uploaded): an unreachable endpoint emptied the index, file by file, without end."""
+    import errno
+
+    from blipsearch.indexer import pipeline
+    from blipsearch.retrieval.errors import StoreError
+
+    photos = tmp_path / "photos"
+    paths = make_folder(photos, 18)
+    assert index(photos, tiny_model, tmp_path / "index").indexed == 18
+    for path in paths:
+        os.utime(path, ns=(1, 2_000_000_000))  # changed as far as the listing tells: every file is read again
+    real = pipeline.open_regular
+
+    def failing(path, names=(str(paths[0]), str(paths[1]))):
+        if str(path) in names:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path)
+
+    monkeypatch.setattr(pipeline, "open_regular", failing)
+    summary = index(photos, tiny_model, tmp_path / "index")
+    assert (summary.removed, summary.unchanged, len(summary.skipped)) == (0, 16, 2)
+    assert summary.skipped[0] == (str(paths[0]), "cannot be read now ([Errno 5] Input/output error); what is "
+                                                 "stored from it stays")
+    assert len(IndexReader.open(tmp_path / "index").files()) == 18
+    for path in paths:
+        os.utime(path, ns=(1, 3_000_000_000))
+    monkeypatch.setattr(pipeline, "open_regular", lambda path: failing(path, names=[str(p) for p in paths]))
+    with pytest.raises(StoreError, match=r"^16 files could not be read \(each named above\), e\.g\. .*: is the "
+                                         r"storage reachable\?"):
+        index(photos, tiny_model, tmp_path / "index")
+    assert len(IndexReader.open(tmp_path / "index").files()) == 18
