@@ -98,6 +98,11 @@ class Location(ABC):
     def publish_snapshot(self, write: Callable[[Path], None], generation: int) -> None:
         """`write(folder)` fills a folder with the snapshot of `generation`; make it the one readers find."""
 
+    def check_writer(self) -> None:
+        """Raise `StoreError` where this process may no longer write (its lock on object storage is lost); a
+        folder's lock (flock) cannot be lost."""
+        return None
+
     @abstractmethod
     def snapshot_folder(self, refresh: bool = False) -> Path | None:
         """A local folder holding the current snapshot, None where there is none. `refresh`: the one given
@@ -294,10 +299,19 @@ class ObjectPrefix(Location):
             self.client.upload_file(str(source), self.bucket, self.key(name))
 
     def _check_lease(self) -> None:
-        """A writer whose lease another writer took over (it stalled past LEASE_STALE_S) writes nothing more."""
-        if self._lease is not None and self._lease.lost:
-            raise StoreError(f"this run lost its lock on the index at {self} ({self._lease.lost}): another "
-                             "writer took over; nothing more is written, run again once it is done")
+        """A writer whose lease another writer took over (it stalled past LEASE_STALE_S) writes nothing more;
+        nor one whose last renewal is so old that it may be taken over any moment (a process stopped and
+        resumed wrote one more batch before its renewal thread found the lease gone)."""
+        lease = self._lease
+        margin = max(LEASE_STALE_S - LEASE_RENEW_S, LEASE_RENEW_S)  # a renewal is due every LEASE_RENEW_S
+        if lease is not None and not lease.lost and time.monotonic() - lease.renewed >= margin:
+            lease.lost = f"not renewed for {time.monotonic() - lease.renewed:.0f} s"
+        if lease is not None and lease.lost:
+            raise StoreError(f"this run lost its lock on the index at {self} ({lease.lost}): another "
+                             "writer may have taken over; nothing more is written, run again once it is done")
+
+    def check_writer(self) -> None:
+        self._check_lease()
 
     def listing(self, folder: str = "") -> dict[str, int]:
         """name (relative to the index) -> size of every object below `folder`."""

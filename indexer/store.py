@@ -80,6 +80,7 @@ def _store_errors(path: Location) -> Iterator[None]:
 def _writes(method: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(method)
     def wrapper(self: IndexWriter, *args, **kwargs) -> T:
+        self.path.check_writer()  # the LanceDB commits too: a writer whose lock was taken over added rows
         with _store_errors(self.path):
             return method(self, *args, **kwargs)
 
