@@ -234,6 +234,9 @@ class ObjectPrefix(Location):
         bucket, _, prefix = url[len("s3://"):].partition("/")
         if not bucket:
             raise InvalidInputError(f"the index location {url} names no bucket: use s3://bucket/prefix")
+        if any(c in prefix for c in "?#%") or "//" in prefix.strip("/"):  # LanceDB reads the address as a URL:
+            raise InvalidInputError(f"the index location {url} holds ?, #, % or //, which LanceDB reads as part "
+                                    "of a URL (its tables went elsewhere); name a prefix without them")
         self.url = "s3://" + bucket + ("/" + prefix.strip("/") if prefix.strip("/") else "")
         self.bucket, self.prefix = bucket, prefix.strip("/") + "/" if prefix.strip("/") else ""
         self._client = None
