@@ -69,8 +69,10 @@ def _store_errors(path: Location) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and not str(exc).lower().startswith("lance error"):
-            raise  # not a storage failure
+        message = str(exc).lower()
+        if isinstance(exc, RuntimeError) and not (message.startswith("lance error") or any(
+                words in message for words in ("commit result for version", "s3 error", "object store error"))):
+            raise  # not a storage failure (LanceDB's failed commits to object storage say one of those)
         code = exc.errno if isinstance(exc, OSError) else _lance_errno(str(exc))
         what, todo = _WRITE_FAILURES.get(code, (first_line(exc), "run again (batches already committed are "
                                                  "kept); if it fails again, rebuild the index with --rebuild"))

@@ -223,3 +223,16 @@ def test_a_damaged_cached_copy_of_the_snapshot_is_downloaded_again(tmp_path, s3_
     assert status["snapshot"] is True and status["damaged"] is None
     assert (cached / "rows.npz").read_bytes() != b"not a zip"
     assert ranked(remote) == first
+
+
+def test_a_commit_that_object_storage_fails_is_one_line():
+    """LanceDB's 'Commit result for version 24 is unknown ... Generic S3 error' (the endpoint went down
+    mid-run) was a traceback."""
+    from blipsearch.indexer.store import _store_errors
+
+    where = location_module.location_of("s3://b/idx")
+    with pytest.raises(StoreError, match=r"^cannot write the index at s3://b/idx: Commit result for version 24 is "
+                                         r"unknown.*; run again"), _store_errors(where):
+        raise RuntimeError("Commit result for version 24 is unknown: Generic S3 error: connection refused")
+    with pytest.raises(RuntimeError, match="a defect"), _store_errors(where):  # not the storage's
+        raise RuntimeError("a defect")
