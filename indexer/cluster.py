@@ -36,7 +36,7 @@ from blipsearch.retrieval.errors import InvalidInputError, StoreError, first_lin
 from . import codec
 from .features import segments_at
 from .location import location_of
-from .pipeline import IndexOptions, IndexSummary, plan, read_file, skip_file
+from .pipeline import UNREACHABLE_REASON, IndexOptions, IndexSummary, plan, read_file, skip_file
 from .scan import FileStat
 from .store import FILES_SCHEMA, IndexWriter, images_schema
 
@@ -134,8 +134,10 @@ def _encode_changed(changed: list[FileStat], store: IndexWriter, options: IndexO
     images = out.map_batches(_image_rows, batch_format="pyarrow", fn_kwargs={"width": width})
     _write(images, store, "images", images_schema(width))
     # as the single-process path: a file read again gets a new row; a skipped one keeps its row unless it changed
-    stale = [f.path for f in changed if f.path in stored and (
-        f.path not in skipped or (stored[f.path].size, stored[f.path].mtime_ns) != (f.size, f.mtime_ns))]
+    # (one whose storage did not answer keeps its row: nothing is known of it)
+    stale = [f.path for f in changed if f.path in stored and not skipped.get(f.path, "").startswith(
+        UNREACHABLE_REASON) and (f.path not in skipped or (stored[f.path].size, stored[f.path].mtime_ns) != (
+            f.size, f.mtime_ns))]
     store.delete_files(stale)
     summary.removed += sum(path in skipped for path in stale)  # a changed file that no longer decodes left
     _write(out.map_batches(_file_rows, batch_format="pyarrow"), store, "files", FILES_SCHEMA)
@@ -152,6 +154,7 @@ def _absolute(location) -> str:
 
 def _write(rows, store: IndexWriter, table: str, schema: pa.Schema) -> None:
     """Rows as Lance fragments written by Ray tasks, committed to the table once."""
+    store.path.check_writer()  # as every write of the single-process path (store._writes)
     if not rows.count():
         return
     try:
@@ -162,8 +165,8 @@ def _write(rows, store: IndexWriter, table: str, schema: pa.Schema) -> None:
                          "run again (what was committed before is kept)") from exc
 
 
-def _count(out, options: IndexOptions, summary: IndexSummary) -> set[str]:
-    """Count the run's files into `summary`, report the skipped ones; returns their paths."""
+def _count(out, options: IndexOptions, summary: IndexSummary) -> dict[str, str]:
+    """Count the run's files into `summary`, report the skipped ones; returns their paths and reasons."""
     counts = {row["kind"]: row["count()"] for row in out.groupby("kind").count().take_all()}
     summary.indexed += counts.get("indexed", 0)
     summary.reused += counts.get("reused", 0)
@@ -174,10 +177,10 @@ def _count(out, options: IndexOptions, summary: IndexSummary) -> set[str]:
     summary.unchanged += counts.get("touched", 0)
     skipped = out.map_batches(lambda t: t.filter(pc.equal(t["kind"], "skipped")).select(["path", "reason"]),
                               batch_format="pyarrow")
-    paths = set()
+    paths = {}
     for row in skipped.take_all():
         skip_file(row["path"], row["reason"], options, summary)
-        paths.add(row["path"])
+        paths[row["path"]] = row["reason"]
     return paths
 
 

@@ -306,12 +306,15 @@ class ObjectPrefix(Location):
         nor one whose last renewal is so old that it may be taken over any moment (a process stopped and
         resumed wrote one more batch before its renewal thread found the lease gone)."""
         lease = self._lease
-        margin = max(LEASE_STALE_S - LEASE_RENEW_S, LEASE_RENEW_S)  # a renewal is due every LEASE_RENEW_S
-        if lease is not None and not lease.lost and time.monotonic() - lease.renewed >= margin:
-            lease.lost = f"not renewed for {time.monotonic() - lease.renewed:.0f} s"
-        if lease is not None and lease.lost:
-            raise StoreError(f"this run lost its lock on the index at {self} ({lease.lost}): another "
-                             "writer may have taken over; nothing more is written, run again once it is done")
+        if lease is None:
+            return
+        # a renewal is due every LEASE_RENEW_S; an old one is not marked `lost`: release() deletes a lease still ours
+        margin = max(LEASE_STALE_S - LEASE_RENEW_S, LEASE_RENEW_S)
+        why = lease.lost or (f"not renewed for {_clock() - lease.renewed:.0f} s"
+                             if _clock() - lease.renewed >= margin else None)
+        if why:
+            raise StoreError(f"this run lost its lock on the index at {self} ({why}): another writer may have "
+                             "taken over; nothing more is written, run again once it is done")
 
     def check_writer(self) -> None:
         self._check_lease()
@@ -444,6 +447,13 @@ def _s3_errors(location: ObjectPrefix, doing: str):
         raise StoreError(f"cannot {doing} of the index at {location}: {first_line(exc)}; {todo}") from exc
 
 
+def _clock() -> float:
+    """Seconds that go on while the machine sleeps (a suspended laptop's lease goes stale on the server):
+    Linux's CLOCK_BOOTTIME; elsewhere the wall clock."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.time()
+
+
 class _Lease:
     """The writer's lock on an object prefix: an object created only where none exists (If-None-Match),
     renewed every LEASE_RENEW_S by a thread, deleted on release. A lease not renewed for LEASE_STALE_S (by the
@@ -456,7 +466,7 @@ class _Lease:
         self.location, self.client, self.key = location, location.client, location.key(LOCK)
         self.etag: str | None = None
         self.lost: str | None = None  # why this writer no longer holds the lease
-        self.renewed = time.monotonic()  # last successful put
+        self.renewed = _clock()  # last successful put
         self.started = datetime.now(UTC).isoformat(timespec="seconds")
         self._stop = threading.Event()
 
@@ -507,7 +517,7 @@ class _Lease:
                                 f"{LEASE_STALE_S:g} s)")
 
     def _renew(self) -> None:
-        self.renewed = time.monotonic()
+        self.renewed = _clock()
         while not self._stop.wait(LEASE_RENEW_S) and self.renew():
             pass
 
@@ -518,10 +528,10 @@ class _Lease:
                 self.lost = "another writer took the lock over"
                 log.error("the lock of %s was taken over by another writer", self.location)
                 return False
-            self.renewed = time.monotonic()
+            self.renewed = _clock()
         except Exception as exc:  # a network error: try again at the next tick, until the lease is stale
             log.warning("cannot renew the lock of %s: %s", self.location, first_line(exc))
-            if time.monotonic() - self.renewed >= LEASE_STALE_S:
+            if _clock() - self.renewed >= LEASE_STALE_S:
                 self.lost = f"not renewed for {LEASE_STALE_S:g} s"
                 return False
         return True

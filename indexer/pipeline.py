@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 COMPACT_EVERY = 64  # batches between compactions, to keep fragments few while a long run goes on
 READ_TIMEOUT_S = 60.0  # a file not read and decoded within this many seconds is skipped (a hung drive)
 MAX_STUCK_READS = 16  # reads that never returned before the run stops: each holds a thread for good
-MAX_UNREACHABLE = 16  # reads that the storage did not answer (a network error) before the run stops
+MAX_UNREACHABLE = 16  # reads in a row that the storage did not answer (a network error) before the run stops
 
 
 @dataclass
@@ -244,7 +244,7 @@ class _Run:
         self.reused: list[FileRecord] = []  # files of known contents, written with the next commit
         self.captions: dict[str, _Waiting] = {}  # stored contents to caption
         self.batches = 0
-        self.unreachable = 0  # files whose storage did not answer
+        self.unreachable = 0  # files in a row whose storage did not answer
 
     def process(self, changed: list[FileStat], recaption: list[FileStat] = ()) -> None:
         work = [(stat, False) for stat in changed] + [(stat, True) for stat in recaption]
@@ -302,6 +302,8 @@ class _Run:
 
     def _take(self, item: _Read) -> None:
         stat, digest = item.stat, item.digest
+        if not item.unreachable:
+            self.unreachable = 0  # in a row: a few files of a failing disk stop nothing, a storage down does
         if item.caption_only:
             self._take_caption_only(item)
         elif item.unreachable:
@@ -404,7 +406,7 @@ class _Run:
         self.progress.update(1)
         if self.unreachable >= MAX_UNREACHABLE:
             self._commit()
-            raise StoreError(f"{self.unreachable} files could not be read (each named above), e.g. "
+            raise StoreError(f"{self.unreachable} files in a row could not be read (each named above), e.g. "
                              f"{printable(item.stat.path)}: is the storage reachable? What is stored is kept; run "
                              "again once it answers")
 
@@ -441,7 +443,7 @@ def read_file(stat: FileStat, known: Container[str], preprocessing: Preprocessin
         return _Read(stat, reason=str(exc)), None
     except OSError as exc:
         if _unreachable(exc):  # the storage did not answer: nothing is known of the file, so nothing changes
-            return _Read(stat, reason=f"cannot be read now ({first_line(exc)}); what is stored from it stays",
+            return _Read(stat, reason=f"{UNREACHABLE_REASON} ({first_line(exc)}); what is stored from it stays",
                          unreachable=True), None
         return _Read(stat, reason=failure_reason(stat.path, exc)), None
     with naming_warnings(stat.path):  # Pillow's warnings on odd EXIF data name the file
@@ -456,14 +458,17 @@ def read_file(stat: FileStat, known: Container[str], preprocessing: Preprocessin
 
 
 # the errno values of storage that does not answer (a network drive, a failing disk), as opposed to a file that
-# is gone, forbidden or not a picture; pyarrow's S3 errors carry no errno but say "AWS Error"
+# is gone, forbidden or not a picture; pyarrow's S3 errors carry no errno but name their kind
 _UNREACHABLE = {getattr(errno, name) for name in ("EIO", "ETIMEDOUT", "ECONNRESET", "ECONNREFUSED", "ECONNABORTED",
                                                   "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN", "ESTALE", "ENOTCONN")
                 if hasattr(errno, name)}
+_UNREACHABLE_S3 = ("NETWORK_CONNECTION", "REQUEST_TIMEOUT", "SERVICE_UNAVAILABLE", "SLOW_DOWN", "THROTTLING",
+                   "INTERNAL_FAILURE")  # not ACCESS_DENIED, NO_SUCH_KEY: those are the file's, and stay
+UNREACHABLE_REASON = "cannot be read now"
 
 
 def _unreachable(exc: OSError) -> bool:
-    return exc.errno in _UNREACHABLE or (exc.errno is None and "AWS Error" in str(exc))
+    return exc.errno in _UNREACHABLE or (exc.errno is None and any(kind in str(exc) for kind in _UNREACHABLE_S3))
 
 
 def _file_record(read: _Read) -> FileRecord:

@@ -565,7 +565,7 @@ def test_storage_that_does_not_answer_keeps_what_is_stored_and_stops_the_run(tmp
     for path in paths:
         os.utime(path, ns=(1, 3_000_000_000))
     monkeypatch.setattr(pipeline, "open_regular", lambda path: failing(path, names=[str(p) for p in paths]))
-    with pytest.raises(StoreError, match=r"^16 files could not be read \(each named above\), e\.g\. .*: is the "
-                                         r"storage reachable\?"):
+    with pytest.raises(StoreError, match=r"^16 files in a row could not be read \(each named above\), e\.g\. "
+                                         r".*: is the storage reachable\?"):
         index(photos, tiny_model, tmp_path / "index")
     assert len(IndexReader.open(tmp_path / "index").files()) == 18

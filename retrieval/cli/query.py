@@ -89,7 +89,7 @@ def query_command(text, image_path, add, subtract, add_image, subtract_image, to
     small_pages_for_a_short_run()  # one answer, then exit: no huge-page compaction stalls (its docstring)
     if text is not None and image_path is not None:
         raise InvalidInputError("give either a query TEXT or --image PATH, not both")
-    if image_path is not None and str(image_path).startswith("s3:"):  # (click's Path made "s3://b/k" "s3:/b/k")
+    if image_path is not None and str(image_path).startswith("s3:/"):  # (click's Path made "s3://b/k" "s3:/b/k")
         raise InvalidInputError("--image reads a picture file on this machine, not an s3:// object; copy it here "
                                 "first")
     if text is None and image_path is None and keyword is None:
