@@ -5,8 +5,8 @@ The run receives the model and the store, so tests can pass fakes. Plan per file
   reused      new or changed file whose content hash is stored already
               (moved, renamed, copied, or touched)                    -> new file row only
   encode      content not stored                                      -> decode, encode, store
-  removed     stored path under a scanned folder that is gone         -> row deleted (counted as removed
-              unless its content is still named: then it moved)
+  removed     stored path under a scanned folder that is gone         -> row deleted (not counted as removed
+              where a new path of the run took its content: it moved)
 
 Worker threads read each new or changed file once, hash its bytes, read its metadata (date taken, camera)
 and decode it if the content is new, while the main thread encodes the previous batch. Only regular files
@@ -144,10 +144,9 @@ def plan(roots: Sequence[str | Path], store: IndexWriter, options: IndexOptions,
     stored = store.file_records()
     kept = _empty_folders_with_files(folders, found, stored, options.allow_empty)
     kept += _dangling_links_with_files(found.dangling, stored, options, summary)
-    for folder in folders:
-        if not objects.is_remote(folder) and not os.path.lexists(folder) and \
-                not any(is_under(p, [folder]) for p in stored):  # a name mistyped, most likely
-            log.warning("%s does not exist, and the index holds nothing from it: nothing to remove", folder)
+    missing = [f for f in folders if not objects.is_remote(f) and not os.path.lexists(f)]
+    for folder in set(missing) - set(_holding(missing, stored)):  # a name mistyped, most likely
+        log.warning("%s does not exist, and the index holds nothing from it: nothing to remove", folder)
     _remove_vanished(store, stored, found.files, folders, found.unreadable_dirs + kept, summary)
     changed = [f for f in found.files if not _unchanged(stored.get(f.path), f)]
     summary.unchanged = len(found.files) - len(changed)
@@ -160,7 +159,7 @@ def _empty_folders_with_files(folders: list[str], found, stored: dict[str, FileR
     if allow_empty:
         return []
     empty = [f for f in folders if not any(is_under(x.path, [f]) for x in found.files)]
-    held = [f for f in empty if any(is_under(p, [f]) for p in stored)]
+    held = _holding(empty, stored)
     for folder in held:
         log.warning("%s is empty, but the index holds files from it: kept (an unmounted drive?); "
                     "pass --allow-empty to remove them", folder)
@@ -173,16 +172,21 @@ def _dangling_links_with_files(links: list[str], stored: dict[str, FileRecord], 
     (exit status 3), unless `allow_empty`. Their files were removed silently, and encoded again when the
     drive came back. Of the others, one named as a picture is skipped as a broken link; the rest (a stale
     `notes.txt` link) are none of the run's business."""
-    held = [link for link in links if any(is_under(p, [link]) for p in stored)]
+    held = set(_holding(links, stored))
     for link in links:
         if link not in held and Path(link).suffix.lower() in supported_extensions():
             skip_file(link, "no such file (vanished, or a broken link)", options, summary)
     if options.allow_empty:
         return []
-    for link in held:
+    for link in sorted(held):
         skip_file(link, "this link leads nowhere now (its target is gone: an unplugged drive?); what is stored "
                         "from it stays (--allow-empty removes it)", options, summary)
-    return held
+    return sorted(held)
+
+
+def _holding(places: list[str], stored: dict[str, FileRecord]) -> list[str]:
+    """The folders (or links) of `places` that the index holds files from."""
+    return [place for place in places if any(is_under(p, [place]) for p in stored)]
 
 
 def _unchanged(record: FileRecord | None, stat: FileStat) -> bool:
@@ -307,7 +311,7 @@ class _Run:
         if item.caption_only:
             self._take_caption_only(item)
         elif item.unreachable:
-            self._unreachable(item)
+            self._skip_unreachable(item)
         elif item.reason is not None:
             self._skip(stat, item.reason)
         elif digest in self.known:
@@ -398,7 +402,7 @@ class _Run:
             self.summary.indexed += 1
         self.named.add(digest)
 
-    def _unreachable(self, item: _Read) -> None:
+    def _skip_unreachable(self, item: _Read) -> None:
         """Skipped, its stored row kept (it was deleted as if the file had changed into a broken one); after
         MAX_UNREACHABLE of them the run stops: the storage is down, and every further file would fail too."""
         self.unreachable += 1

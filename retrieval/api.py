@@ -222,6 +222,9 @@ class Index:
     @property
     def model(self) -> RetrievalModel:
         """The model (loaded now where `Index.open(lazy=True)` deferred it; checked against the index then)."""
+        return self._ensure_model()
+
+    def _ensure_model(self) -> RetrievalModel:
         from blipsearch.indexer.manifest import check_model
 
         if self._model is None:
@@ -247,7 +250,7 @@ class Index:
         raises the model's errors there.
         """
         from blipsearch.indexer.location import Location, location_of
-        from blipsearch.indexer.manifest import check_model, default_location
+        from blipsearch.indexer.manifest import default_location
         from blipsearch.indexer.reader import IndexReader
 
         from .device import DEVICES, PRECISIONS
@@ -267,11 +270,10 @@ class Index:
             return load_model(model or reader.manifest.identity.model_id, device=device, precision=precision,
                               with_vision=with_vision)
 
-        if lazy:
-            return cls(location, None, reader, load)
-        loaded = load()
-        check_model(reader.manifest, loaded.info, location)
-        return cls(location, loaded, reader)
+        index = cls(location, None, reader, load)
+        if not lazy:
+            index._ensure_model()  # loaded and checked against the index now: its errors are the open's
+        return index
 
     @property
     def reader(self):

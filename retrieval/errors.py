@@ -46,6 +46,15 @@ class ImageLoadError(BlipsearchError):
     """One image file cannot be decoded; the message names the reason, the caller names the file."""
 
 
+def is_utf8(text: str) -> bool:
+    """False where `text` holds lone surrogates: bytes of another encoding (argv, a path) or JSON's "\\ud800"."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def printable(text: str) -> str:
     """`text` with the bytes a file system or command line gave that are not UTF-8 shown as \\xNN escapes."""
     try:

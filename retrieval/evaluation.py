@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .annotations import AnnotatedImage
-from .errors import InvalidInputError, printable
+from .errors import InvalidInputError, is_utf8, printable
 from .eval_cache import FeatureCache, fill_cache, image_manifest, open_cache
 from .eval_metrics import Recall, ranks, recall, row_blocks
 from .fusion import fuse
@@ -127,7 +127,7 @@ def check_captions(dataset: list[AnnotatedImage]) -> None:
     """Fail before loading a model when an image has no caption (it would silently leave the image->text
     recall's count) or one that cleaning empties (a query of nothing)."""
     for item in dataset:
-        bad = next((c for c in item.captions if not _utf8(c)), None)
+        bad = next((c for c in item.captions if not is_utf8(c)), None)
         if bad is not None:  # a lone surrogate (JSON's "\ud800"): refused by the tokenizer as a "query text"
             raise InvalidInputError(f"annotated image {printable(item.image)} has a caption that is not valid "
                                     f"UTF-8 text ({printable(bad)!r}); mend it in the annotation file")
@@ -135,14 +135,6 @@ def check_captions(dataset: list[AnnotatedImage]) -> None:
             raise InvalidInputError(f"annotated image {printable(item.image)} has no caption, or one that is "
                                     "empty once cleaned (BLIP's pre_caption); give each image captions with "
                                     "words, or remove it from the annotation file")
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def encode_captions(model: RetrievalModel, dataset: list[AnnotatedImage], batch_size: int,

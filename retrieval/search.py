@@ -20,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import FieldError, InvalidInputError
+from .errors import FieldError, InvalidInputError, is_utf8
 from .fusion import fuse, match_logit, match_probability
 from .models.base import RetrievalModel, TextTokens
 
@@ -111,7 +111,7 @@ class SearchOptions:
             raise FieldError("keyword", f"must be a text, not {type(self.keyword).__name__}")
         if self.keyword is not None and not self.keyword.strip():
             raise FieldError("keyword", "is empty")
-        if self.keyword is not None and not _utf8(self.keyword):  # argv bytes of another encoding: dropped unsaid
+        if self.keyword is not None and not is_utf8(self.keyword):  # argv bytes of another encoding: dropped unsaid
             raise FieldError("keyword", "is not valid UTF-8: type it again in a terminal set to UTF-8 "
                                         "(e.g. LANG=C.UTF-8)")
         if self.after is not None and self.before is not None and self.after >= self.before:
@@ -139,14 +139,6 @@ def rrf_scores(*rankings: Sequence[str], k: int = RRF_K) -> dict[str, float]:
             scores[key] = scores.get(key, 0.0) + 1.0 / (k + rank)
     return dict(sorted(scores.items(), key=lambda item: -item[1]))
 
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates
-        return False
-    return True
 
 
 def blank(text: str) -> bool:
