@@ -1,4 +1,4 @@
-"""Batches computed on the CPU in fp32 as chunks, one single-threaded torch per thread (models/chunks.py)."""
+"""Batches computed on the CPU (fp32, bf16) as chunks, one single-threaded torch per thread (models/chunks.py)."""
 
 import threading
 
@@ -56,7 +56,7 @@ def test_batches_split_alike_and_tuples_join_element_by_element(two_torch_thread
     torch.testing.assert_close(rows, torch.cat([batch, ids], dim=1), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["bf16", "grad", "one thread", "one image", "batches of other lengths",
+@pytest.mark.parametrize("case", ["fp16", "grad", "one thread", "one image", "batches of other lengths",
                                   "autocast", "a dispatch mode"])
 def test_where_chunks_were_not_measured_or_cannot_pay_the_batch_runs_whole_on_the_callers_thread(
         two_torch_threads, case):
@@ -64,7 +64,7 @@ def test_where_chunks_were_not_measured_or_cannot_pay_the_batch_runs_whole_on_th
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    batch = torch.ones(1 if case == "one image" else 6, 3, dtype=torch.bfloat16 if case == "bf16" else torch.float32)
+    batch = torch.ones(1 if case == "one image" else 6, 3, dtype=torch.float16 if case == "fp16" else torch.float32)
     if case == "one thread":
         torch.set_num_threads(1)
     encode = Recorder()
@@ -94,11 +94,13 @@ def test_an_error_in_one_chunk_reaches_the_caller_as_it_is(two_torch_threads):
         run_in_chunks(Recorder(fail_on=5), batch)
 
 
-@pytest.mark.parametrize("directory", ["tiny_model_dir", "tiny_blip2_dir"])
-def test_a_models_encodings_in_chunks_equal_the_batch_encoded_whole(directory, request, two_torch_threads):
+@pytest.mark.parametrize(("directory", "precision"), [("tiny_model_dir", "fp32"), ("tiny_blip2_dir", "fp32"),
+                                                       ("tiny_model_dir", "bf16")])
+def test_a_models_encodings_in_chunks_equal_the_batch_encoded_whole(directory, precision, request,
+                                                                    two_torch_threads):
     from blipsearch.retrieval.models import load_model
 
-    model = load_model(str(request.getfixturevalue(directory)), "cpu", "fp32")
+    model = load_model(str(request.getfixturevalue(directory)), "cpu", precision)
     size = model.info.preprocessing.height
     pixels = torch.randn(7, 3, size, size, generator=torch.Generator().manual_seed(0))
     sizes = []
@@ -111,13 +113,18 @@ def test_a_models_encodings_in_chunks_equal_the_batch_encoded_whole(directory, r
         assert sizes[4:] == [7]
     finally:
         hook.remove()
-    torch.testing.assert_close(chunked.features, whole.features, rtol=0, atol=1e-5)
-    torch.testing.assert_close(chunked.embeddings, whole.embeddings, rtol=0, atol=1e-5)
+    close = {"rtol": 0, "atol": 1e-5} if precision == "fp32" else {"rtol": 2**-7, "atol": 2**-7}  # bf16: an ulp
+    torch.testing.assert_close(chunked.features.float(), whole.features.float(), **close)
+    torch.testing.assert_close(chunked.embeddings, whole.embeddings, **close)
 
 
-def test_itm_scores_in_chunks_equal_the_candidates_scored_whole(tiny_model, two_torch_threads):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_itm_scores_in_chunks_equal_the_candidates_scored_whole(tiny_model_dir, precision, two_torch_threads):
+    from blipsearch.retrieval.models import load_model
+
+    tiny_model = load_model(str(tiny_model_dir), torch.device("cpu"), precision, with_vision=False)  # torch's side
     features = torch.randn(6, tiny_model.info.feature_tokens, tiny_model.info.feature_dim,
-                           generator=torch.Generator().manual_seed(1))
+                           generator=torch.Generator().manual_seed(1)).to(tiny_model.dtype)
     rows = []
     itm_logits = tiny_model.text.itm_logits
     tiny_model.text.itm_logits = lambda ids, mask, image: rows.append(len(image)) or itm_logits(ids, mask, image)
@@ -127,7 +134,8 @@ def test_itm_scores_in_chunks_equal_the_candidates_scored_whole(tiny_model, two_
             torch.set_num_threads(1)
             whole = tiny_model.itm_scores(tokens, features)
             torch.set_num_threads(2)
-            torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+            close = {"rtol": 0, "atol": 1e-5} if precision == "fp32" else {"rtol": 2**-7, "atol": 2**-7}
+            torch.testing.assert_close(chunked, whole, **close)
             assert sorted(rows) == [3, 3, 6]
             rows.clear()
     finally:
