@@ -242,12 +242,14 @@ class Index:
 
     @classmethod
     def open(cls, location: Location | Path | str | None = None, model: str | None = None, device: str = "auto",
-             precision: str = "auto", with_vision: bool = True, lazy: bool = False) -> Index:
+             precision: str = "auto", with_vision: bool = True, lazy: bool = False, one_shot: bool = False
+             ) -> Index:
         """Raises `IndexMissingError`, `IndexDamagedError`, `ModelLoadError` or `ModelMismatchError`.
 
         `with_vision=False` loads the text side only (quicker): such an index answers text terms only.
         `lazy=True` loads the model at the first search that needs one (a keyword search needs none), and
-        raises the model's errors there.
+        raises the model's errors there. `one_shot=True`: the process answers a search or a few and exits, so
+        what starts fastest is chosen (`load_model`'s `one_shot`).
         """
         from blipsearch.indexer.location import Location, location_of
         from blipsearch.indexer.manifest import default_location
@@ -268,7 +270,7 @@ class Index:
             from .models import load_model
 
             return load_model(model or reader.manifest.identity.model_id, device=device, precision=precision,
-                              with_vision=with_vision)
+                              with_vision=with_vision, one_shot=one_shot)
 
         index = cls(location, None, reader, load)
         if not lazy:

@@ -104,7 +104,8 @@ def query_command(text, image_path, add, subtract, add_image, subtract_image, to
                                 under=folders(under) if under is not None else None, keyword=keyword, after=start,
                                 before=end, hybrid=hybrid, sort=sort)
         index = Index.open(index_location(index_path), model_name, device, precision,
-                           with_vision=any(t.image is not None for t in terms), lazy=not terms)  # keywords: no model
+                           with_vision=any(t.image is not None for t in terms), lazy=not terms,  # keywords: no model
+                           one_shot=True)
         results = index.search(terms, options)
     if index.building:  # on stderr: --json and --paths stay as they are
         click.echo(f"blipsearch: the index's first run (or a --rebuild) is under way, or stopped: these results come "

@@ -28,13 +28,15 @@ __all__ = [
 
 
 def load_model(name: str, device: str | torch.device = "auto", precision: str = "auto",
-               with_vision: bool = True) -> RetrievalModel:
+               with_vision: bool = True, one_shot: bool = False) -> RetrievalModel:
     """Load a retrieval checkpoint (hub id or local directory) ready for `encode_*` and `itm_scores`.
 
     `with_vision=False` loads only what a text query needs (faster start, less memory). For a BLIP checkpoint
     that would compute in fp32 on the CPU, that is the numpy text side (blip_numpy.py), loaded without torch;
-    pass a `torch.device` to have the torch adapter in any case. `precision="int8"`: fp32 with the image
-    tower's linear layers in int8, checked against fp32 on the first batch (models/int8.py; CPU only).
+    pass a `torch.device` to have the torch adapter in any case. `one_shot`: the process answers a query or a
+    few and exits; auto precision then takes that side on x86 CPUs with bf16 units too, as it starts faster
+    (`device.numpy_text_side`). `precision="int8"`: fp32 with the image tower's linear layers in int8, checked
+    against fp32 on the first batch (models/int8.py; CPU only).
     """
     from ..device import numpy_text_side, select_device, select_dtype
     from .loading import local_directory, read_config
@@ -45,7 +47,8 @@ def load_model(name: str, device: str | torch.device = "auto", precision: str = 
     if model_type not in families:
         raise ModelLoadError(f"model {name} is of type {model_type!r}; blipsearch loads "
                              f"{', '.join(families)} retrieval checkpoints")
-    if model_type == "blip" and not with_vision and isinstance(device, str) and numpy_text_side(device, precision):
+    if model_type == "blip" and not with_vision and isinstance(device, str) and \
+            numpy_text_side(device, precision, one_shot):
         from .blip_numpy import BlipNumpyTextModel
 
         model = BlipNumpyTextModel.load(checkpoint)
