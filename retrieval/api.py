@@ -218,6 +218,7 @@ class Index:
         self._model_lock = threading.Lock()  # one model, one query at a time
         self._refresh_lock = threading.Lock()  # one reopening at a time
         self._load_lock = threading.Lock()  # one deferred model load
+        self._just_opened = False  # the next search may skip its refresh (`open(one_shot=True)`)
 
     @property
     def model(self) -> RetrievalModel:
@@ -249,7 +250,9 @@ class Index:
         `with_vision=False` loads the text side only (quicker): such an index answers text terms only.
         `lazy=True` loads the model at the first search that needs one (a keyword search needs none), and
         raises the model's errors there. `one_shot=True`: the process answers a search or a few and exits, so
-        what starts fastest is chosen (`load_model`'s `one_shot`).
+        what starts fastest is chosen (`load_model`'s `one_shot`), and the first search answers from the view
+        just opened, without reading the manifest again (a GET on object storage; a rebuild begun since is
+        still caught, as in any search).
         """
         from blipsearch.indexer.location import Location, location_of
         from blipsearch.indexer.manifest import default_location
@@ -273,6 +276,7 @@ class Index:
                               with_vision=with_vision, one_shot=one_shot)
 
         index = cls(location, None, reader, load)
+        index._just_opened = one_shot
         if not lazy:
             index._ensure_model()  # loaded and checked against the index now: its errors are the open's
         return index
@@ -302,7 +306,10 @@ class Index:
         if len(terms) > MAX_TERMS:  # the one check: the CLI's and the server's terms all come through here
             raise InvalidInputError(f"a query has at most {MAX_TERMS} terms (each text term is an ITM pass over "
                                     "every candidate)")
-        self.refresh()  # a run or a --rebuild in another process since the last query (one manifest read)
+        if self._just_opened:  # a one-shot process: the view was read a moment ago
+            self._just_opened = False
+        else:
+            self.refresh()  # a run or a --rebuild in another process since the last query (one manifest read)
         view = self._view
         with self._model_lock:
             self._check_not_empty(view.reader)

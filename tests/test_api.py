@@ -277,6 +277,34 @@ def test_a_query_during_which_a_rebuild_began_is_refused(tmp_path, tiny_model_di
     assert len(index.search(QUERY)) == 2  # the next query opens the index anew (here its tables are unchanged)
 
 
+def test_a_one_shot_search_reads_the_manifest_once_less_and_still_refuses_a_rebuild_begun_since(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """`blipsearch query` opens and searches at once: re-reading the manifest between the two (a GET on object
+    storage) told it nothing; the check after the features were read stays, and later searches refresh."""
+    from blipsearch.indexer import layout
+    from blipsearch.indexer import reader as reader_module
+
+    make_folder(tmp_path / "photos", 2)
+    blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    reads = []
+    original = layout.read_index_manifest
+    counted = lambda path: reads.append(path) or original(path)  # noqa: E731
+    monkeypatch.setattr(layout, "read_index_manifest", counted)
+    monkeypatch.setattr(reader_module, "read_index_manifest", counted)
+    for one_shot, expected in ((False, 3), (True, 2)):  # open, (refresh), the build check after the features
+        reads.clear()
+        index = Index.open(tmp_path / "index", device="cpu", one_shot=one_shot)
+        assert len(index.search(QUERY)) == 2 and len(reads) == expected
+    reads.clear()
+    assert len(index.search(QUERY)) == 2 and len(reads) == 2  # the next search refreshes (and checks) as any does
+    index = Index.open(tmp_path / "index", device="cpu", one_shot=True)
+    make_folder(tmp_path / "other", 3, seed=5)
+    blipsearch("index", str(tmp_path / "other"), "--rebuild", "-q", index=tmp_path / "index")
+    with pytest.raises(StoreError, match="was rebuilt while this query ran; ask again"):
+        index.search(QUERY)
+    assert {Path(r.path).parent.name for r in index.search(QUERY, SearchOptions(top=10))} == {"other"}
+
+
 def test_a_new_index_reads_as_a_run_under_way_from_its_first_moment(tmp_path, tiny_model_dir, monkeypatch):
     """Between its manifest and its tables (~1 s) a new index read as finished and empty: a reader that opened
     it then said "add images" for the whole first run (a refresh keeps a view while a run is under way)."""
