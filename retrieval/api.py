@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -83,6 +84,8 @@ class NotIndexedError(InvalidInputError):
 # these bounds keep every score well inside float32 (a weight of 1e30 once zeroed every cosine, 1e39 made NaN)
 MIN_WEIGHT, MAX_WEIGHT = 1e-3, 1e3
 MAX_TERMS = 16  # per query: 300 terms once held the server's one model for 11 s
+# a one-shot index's first search within this long of its open answers from the view it opened (no re-read)
+FRESH_VIEW_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,7 @@ class Index:
         self._model_lock = threading.Lock()  # one model, one query at a time
         self._refresh_lock = threading.Lock()  # one reopening at a time
         self._load_lock = threading.Lock()  # one deferred model load
-        self._just_opened = False  # the next search may skip its refresh (`open(one_shot=True)`)
+        self._opened_at: float | None = None  # a one-shot open's manifest read: its first search may skip its own
 
     @property
     def model(self) -> RetrievalModel:
@@ -250,9 +253,9 @@ class Index:
         `with_vision=False` loads the text side only (quicker): such an index answers text terms only.
         `lazy=True` loads the model at the first search that needs one (a keyword search needs none), and
         raises the model's errors there. `one_shot=True`: the process answers a search or a few and exits, so
-        what starts fastest is chosen (`load_model`'s `one_shot`), and the first search answers from the view
-        just opened, without reading the manifest again (a GET on object storage; a rebuild begun since is
-        still caught, as in any search).
+        what starts fastest is chosen (`load_model`'s `one_shot`), and a first search within `FRESH_VIEW_S` of
+        the open answers from the view just opened, without reading the manifest again (a GET on object storage;
+        a rebuild begun since is still caught, as in any search).
         """
         from blipsearch.indexer.location import Location, location_of
         from blipsearch.indexer.manifest import default_location
@@ -267,6 +270,7 @@ class Index:
             if value not in choices:
                 raise FieldError(name, f"must be one of {', '.join(choices)}, not {value!r}")
         location = location_of(location or default_location())
+        read_at = time.monotonic()
         reader = IndexReader.open(location)
 
         def load() -> RetrievalModel:
@@ -276,7 +280,7 @@ class Index:
                               with_vision=with_vision, one_shot=one_shot)
 
         index = cls(location, None, reader, load)
-        index._just_opened = one_shot
+        index._opened_at = read_at if one_shot else None
         if not lazy:
             index._ensure_model()  # loaded and checked against the index now: its errors are the open's
         return index
@@ -306,9 +310,8 @@ class Index:
         if len(terms) > MAX_TERMS:  # the one check: the CLI's and the server's terms all come through here
             raise InvalidInputError(f"a query has at most {MAX_TERMS} terms (each text term is an ITM pass over "
                                     "every candidate)")
-        if self._just_opened:  # a one-shot process: the view was read a moment ago
-            self._just_opened = False
-        else:
+        opened_at, self._opened_at = self._opened_at, None
+        if opened_at is None or time.monotonic() - opened_at >= FRESH_VIEW_S:  # (a one-shot's view is fresh)
             self.refresh()  # a run or a --rebuild in another process since the last query (one manifest read)
         view = self._view
         with self._model_lock:

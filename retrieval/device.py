@@ -34,10 +34,10 @@ def numpy_text_side(device: str, precision: str, one_shot: bool = False) -> bool
     `cpu_has_fast_bf16`, which is asked instead once torch is imported anyway; without such flags, e.g. on
     ARM, torch decides). `one_shot`: the process answers a query or a few and exits (`blipsearch query`); then
     auto precision computes in fp32 on x86 CPUs with bf16 units too, as numpy's fp32 starts faster there than
-    torch's bf16 computes. Measured on the 2-core AVX512-BF16 EPYC, a fresh full-size query of 32 candidates:
-    1.05 s (1.00-1.10, 7 runs) in fp32 numpy against 2.10 s (1.80-3.31) through torch in bf16, whose import and
-    first-call kernel set-up outweigh its faster pass (warm: 375 against 872 ms). A process that stays (the
-    server, the library) keeps bf16 there."""
+    torch's bf16 computes. Measured on the 2-core AVX512-BF16 EPYC, a fresh full-size query of 32 candidates
+    (medians of 7 runs, `benchmarks/bench_query.py`): 1.00 s (0.97-1.09) in fp32 numpy against 2.02 s
+    (1.79-2.48) through torch in bf16, whose import and first-call kernel set-up outweigh its faster pass
+    (warm: 359 against 872 ms). A process that stays (the server, the library) keeps bf16 there."""
     if device not in ("auto", "cpu") or precision not in ("auto", "fp32", "int8"):
         return False
     torch_loaded = "torch" in sys.modules

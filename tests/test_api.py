@@ -283,6 +283,7 @@ def test_a_one_shot_search_reads_the_manifest_once_less_and_still_refuses_a_rebu
     storage) told it nothing; the check after the features were read stays, and later searches refresh."""
     from blipsearch.indexer import layout
     from blipsearch.indexer import reader as reader_module
+    from blipsearch.retrieval import api
 
     make_folder(tmp_path / "photos", 2)
     blipsearch("index", str(tmp_path / "photos"), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
@@ -291,10 +292,16 @@ def test_a_one_shot_search_reads_the_manifest_once_less_and_still_refuses_a_rebu
     counted = lambda path: reads.append(path) or original(path)  # noqa: E731
     monkeypatch.setattr(layout, "read_index_manifest", counted)
     monkeypatch.setattr(reader_module, "read_index_manifest", counted)
+    monkeypatch.setattr(api, "FRESH_VIEW_S", 3600.0)  # however slow this machine
     for one_shot, expected in ((False, 3), (True, 2)):  # open, (refresh), the build check after the features
         reads.clear()
         index = Index.open(tmp_path / "index", device="cpu", one_shot=one_shot)
         assert len(index.search(QUERY)) == 2 and len(reads) == expected
+    monkeypatch.setattr(api, "FRESH_VIEW_S", 0.0)  # a first search long after its open refreshes as any does
+    reads.clear()
+    index = Index.open(tmp_path / "index", device="cpu", one_shot=True)
+    assert len(index.search(QUERY)) == 2 and len(reads) == 3
+    monkeypatch.setattr(api, "FRESH_VIEW_S", 3600.0)
     reads.clear()
     assert len(index.search(QUERY)) == 2 and len(reads) == 2  # the next search refreshes (and checks) as any does
     index = Index.open(tmp_path / "index", device="cpu", one_shot=True)

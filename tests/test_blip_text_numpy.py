@@ -25,7 +25,7 @@ from blipsearch.retrieval.models.loading import read_arrays
 from blipsearch.retrieval.models.text_config import TextTowerConfig
 from blipsearch.retrieval.search import SearchOptions
 
-from runner import photo_library
+from runner import blipsearch, photo_library
 
 TEXTS = ["a red dog on the beach", "a cat", "a photo of a blue car in the sea"]  # unequal lengths: padding
 TOLERANCE = 1e-5  # fp32 against fp32: both sum the same products in different orders
@@ -178,6 +178,24 @@ def test_the_rule_needs_fp32_on_the_cpu(monkeypatch):
     assert numpy_text_side("cpu", "auto")
     monkeypatch.setattr(device_module, "_cpu_flags", lambda: None)  # unknown: torch decides
     assert not numpy_text_side("cpu", "auto") and not numpy_text_side("cpu", "auto", one_shot=True)
+
+
+def test_a_one_shot_text_search_on_a_cpu_with_bf16_units_runs_numpy_and_others_keep_torchs_bf16(
+        library, monkeypatch):
+    """This CPU's flags patched to bf16 units: `Index.open(one_shot=True)`, as `blipsearch query` opens it (in
+    process here), loads the numpy side; without one_shot the library keeps torch in bf16."""
+    monkeypatch.setattr(device_module, "_cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(device_module, "_ACCELERATOR_FILES", ())  # device auto: the CPU, whatever this machine has
+    one_shot = Index.open(library / "index", with_vision=False, one_shot=True)
+    assert isinstance(one_shot.model, BlipNumpyTextModel)
+    kept = Index.open(library / "index", device="cpu", with_vision=False)
+    assert isinstance(kept.model, BlipRetrievalModel) and kept.model.dtype == torch.bfloat16
+    loaded = []
+    monkeypatch.setattr(BlipNumpyTextModel, "load", lambda checkpoint, load=BlipNumpyTextModel.load:
+                        loaded.append(checkpoint) or load(checkpoint))
+    blipsearch("query", "a red dog", "--json", index=library / "index")
+    assert len(loaded) == 1
 
 
 def test_weights_stored_in_half_precisions_read_as_float32(tmp_path):

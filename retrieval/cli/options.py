@@ -23,8 +23,8 @@ device_option = click.option("--device", type=click.Choice(DEVICES), default="au
                              help="auto picks cuda, then mps, then cpu.")
 precision_option = click.option(
     "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-    help="auto: bf16 on CPUs with bf16 units and on recent GPUs, fp16 on other GPUs, else fp32 (a `query` of "
-         "texts on an x86 CPU: fp32, which starts faster than bf16 computes). int8 (CPU): "
+    help="auto: bf16 on CPUs with bf16 units and on recent GPUs, fp16 on other GPUs, else fp32; a `query` of "
+         "texts with a BLIP model on an x86 Linux CPU: fp32 in numpy, without torch (it starts faster). int8 (CPU): "
          "fp32 with the image encoder's linear layers in int8, indexing 1.3-1.6x faster on an AVX2 CPU, checked "
          "against fp32 on the first batch (a captioner runs fp32).")
 

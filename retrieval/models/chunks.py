@@ -17,8 +17,9 @@ And in bf16 on the 2-core AVX512-BF16 EPYC (no AMX), two rounds in one process: 
 76% and 77% of the bf16 peak (418 GFLOP/s) with torch's threads, 81% and 80% in chunks of 4 (83%, 80% in
 chunks of 8); the ITM pass over 32 candidates 465 and 486 ms with torch's threads, 433 and 455 ms in two
 chunks of 16 (469, 495 in four of 8); features and logits bit-identical. `blipsearch index` of 160 12 MP
-photos there: 68% -> 70% of the peak (2.52 -> 2.60 images/s). CPUs with AMX: not measured.
-fp16 and other devices keep torch's own threads: not measured there. BLIP-2's ITM pass (the Q-Former) keeps
+photos there: 68% -> 70% of the peak (2.52 -> 2.60 images/s). CPUs with AMX keep torch's threads in bf16,
+as do fp16 and other devices: not measured there. BLIP-2's image tower in bf16 runs in chunks as BLIP's does
+(measured in fp32 only). BLIP-2's ITM pass (the Q-Former) keeps
 them too: not measured.
 """
 
@@ -33,14 +34,17 @@ from typing import Any, TypeVar
 
 import torch
 
+from . import layers
+
 Output = TypeVar("Output", torch.Tensor, tuple)
 
 
 def run_in_chunks(compute: Callable[..., Output], *batches: torch.Tensor, chunks_per_thread: int = 1) -> Output:
     """`compute(*batches)`, computed as chunks of the batches (each split alike along its first axis) in
-    parallel where that pays: the first batch in fp32 or bf16 on the CPU, every batch as long, torch allowed more than
-    one thread in the calling thread, grad off (inference mode or `no_grad`), and no autocast or dispatch mode
-    (a FLOP counter, say) on in the calling thread, which would not reach the pool's threads.
+    parallel where that pays: the first batch in fp32 on the CPU (or bf16 without AMX), every batch as long,
+    torch allowed more than one thread in the calling thread, grad off (inference mode or `no_grad`), and no
+    autocast or dispatch mode (a FLOP counter, say) on in the calling thread, which would not reach the pool's
+    threads.
     `chunks_per_thread` > 1 makes smaller chunks, so that a thread that finishes early takes another. The
     chunks' outputs (a tensor, or a tuple of tensors, batch first) are joined in order. Elsewhere
     `compute(*batches)` as it is."""
@@ -48,6 +52,7 @@ def run_in_chunks(compute: Callable[..., Output], *batches: torch.Tensor, chunks
     allowed = torch.get_num_threads()
     threads = min(allowed, first.shape[0])
     if (threads < 2 or first.device.type != "cpu" or first.dtype not in (torch.float32, torch.bfloat16)
+            or (first.dtype == torch.bfloat16 and layers._has_amx())
             or any(batch.shape[0] != first.shape[0] for batch in batches)
             or torch.is_grad_enabled() or _thread_local_modes()):
         return compute(*batches)
