@@ -12,8 +12,8 @@ random weights (speed does not depend on weight values). Prints, for the same 32
     where it has bf16 units, else fp32) that the FLOPs it executes reach;
   - cold: a fresh `blipsearch query` process, from start to printed answer, with this model and with the
     committed demo model over the README's 60-picture demo folder (7 runs each: the median, every run, and
-    how many met the speed issue's 1.5 s). A fresh query's text side runs in fp32 numpy (no torch) on x86
-    CPUs, with bf16 units or not (`device.numpy_text_side(one_shot=True)`); where warm processes compute in
+    how many met the speed issue's 1.5 s). A fresh query's BLIP text side runs in fp32 numpy (no torch) on x86
+    Linux CPUs, with bf16 units or not (`device.numpy_text_side(one_shot=True)`); where warm processes compute in
     bf16 (through torch), also the same query with `--precision bf16`, the torch route it replaced.
 """
 

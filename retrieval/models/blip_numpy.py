@@ -3,9 +3,8 @@ over stored features), loaded and run without torch.
 
 `load_model` picks it for a text-only load (`with_vision=False`: `blipsearch query TEXT`) that would compute
 in fp32 on the CPU anyway, or a one-shot one (`blipsearch query`) on an x86 Linux CPU with bf16 units (see
-`device.numpy_text_side`); anything that needs images (indexing, image
-queries, evaluation) loads the torch adapter. Its scores equal the torch adapter's in fp32 to rounding
-(tests/test_blip_text_numpy.py).
+`device.numpy_text_side`); anything that needs images (indexing, image queries, evaluation) loads the torch
+adapter. Its scores equal the torch adapter's in fp32 to rounding (tests/test_blip_text_numpy.py).
 """
 
 from __future__ import annotations

@@ -19,8 +19,7 @@ chunks of 8); the ITM pass over 32 candidates 465 and 486 ms with torch's thread
 chunks of 16 (469, 495 in four of 8); features and logits bit-identical. `blipsearch index` of 160 12 MP
 photos there: 68% -> 70% of the peak (2.52 -> 2.60 images/s). CPUs with AMX keep torch's threads in bf16,
 as do fp16 and other devices: not measured there. BLIP-2's image tower in bf16 runs in chunks as BLIP's does
-(measured in fp32 only). BLIP-2's ITM pass (the Q-Former) keeps
-them too: not measured.
+(measured in fp32 only); its ITM pass (the Q-Former) keeps torch's threads: not measured.
 """
 
 from __future__ import annotations
