@@ -43,6 +43,11 @@ from .store import FILES_SCHEMA, IndexWriter, images_schema
 log = logging.getLogger(__name__)
 
 READ_BATCH = 32  # files per read task
+# What a read task asks of a node's memory beside its CPU: one photo read and decoded at a time (a 50 MP PNG
+# decodes to 150 MB) and READ_BATCH model inputs. It also keeps decoding out of the encoder actors: Ray Data
+# fuses a task map into the next map wherever their requests agree, and an encoder actor on a small node asks
+# for one CPU, as a read task does.
+READ_TASK_MEMORY = 256 * 2**20
 
 
 @dataclass
@@ -115,10 +120,9 @@ def _encode_changed(changed: list[FileStat], store: IndexWriter, options: IndexO
     actors = ray_options.actors or gpus or max(1, cpus // 8)
     per_actor = {"num_gpus": 1} if gpus else {"num_cpus": max(1, min(8, cpus // (actors + 1)))}
     ds = ray.data.from_arrow(rows).repartition(max(1, len(changed) // READ_BATCH))
-    # Resources given by a function: Ray Data fuses a map into the next when their resources are equal, and
-    # decoding must run in tasks beside the encoder actors, not inside them one after the other.
-    ds = ds.map_batches(_read_batch, batch_format="pyarrow", batch_size=READ_BATCH,
-                        ray_remote_args_fn=lambda: {"num_cpus": 1},
+    # decoding runs in tasks beside the encoder actors, not inside them one after the other (READ_TASK_MEMORY)
+    ds = ds.map_batches(_read_batch, batch_format="pyarrow", batch_size=READ_BATCH, num_cpus=1,
+                        memory=READ_TASK_MEMORY,
                         fn_kwargs={"known": known, "preprocessing": preprocessing,
                                    "reduced_decode": ray_options.reduced_decode})
     ds = ds.map_batches(_Encoder, batch_format="pyarrow", batch_size=ray_options.batch_size,
