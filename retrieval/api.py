@@ -353,6 +353,13 @@ class Index:
     def search_image(self, image: ImageSource, options: Options | None = None) -> list[Result]:
         return self.search([Term(image=image)], options)
 
+    def holds_under(self, under: Sequence[str]) -> bool:
+        """Whether the index holds a file under one of these folders (absolute paths, as `folders` gives), on
+        disk now or not (an unplugged drive's files stay indexed)."""
+        from blipsearch.indexer.scan import is_under
+
+        return any(is_under(str(path), under) for path in self._view.reader.view.paths)
+
     def similar(self, path: str | Path, options: Options | None = None) -> list[Result]:
         """Images like the indexed file `path` (itself first), by its stored vectors (see `Indexed`)."""
         return self.search_image(Indexed(path), options)  # NotIndexedError for any other path

@@ -61,6 +61,21 @@ def test_paths_in_and_min_prob(library):
     assert [r["path"] for r in kept] == [r["path"] for r in full if r["itm_prob"] >= threshold]
 
 
+def test_in_a_folder_gone_since_it_was_indexed_searches_its_indexed_files(tmp_path, tiny_model_dir):
+    """An unplugged drive's (or a deleted folder's) files stay in the index until a run removes them: `--in`
+    such a folder answers from them; a folder the index holds nothing from is still refused in one line."""
+    photos = tmp_path / "photos"
+    make_folder(photos / "drive", 3, seed=1)
+    make_folder(photos / "home", 3, seed=2)
+    blipsearch("index", str(photos), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    (photos / "drive").rename(tmp_path / "unplugged")
+    out = blipsearch("query", QUERY, "--in", str(photos / "drive"), "--paths", index=tmp_path / "index").stdout
+    assert sorted(out.splitlines()) == [str(photos / "drive" / f"img{i:03d}.png") for i in range(3)]
+    for missing in (photos / "dri", tmp_path / "nowhere"):  # a prefix of a name is not its folder
+        one_line_error(blipsearch("query", QUERY, "--in", str(missing), index=tmp_path / "index", expect=1),
+                       f"--in {missing}: no such folder, and the index holds no files under it")
+
+
 def test_table_output_and_status(library, family_model_dir):
     lines = blipsearch("query", QUERY, "--top", "3", index=library / "index").stdout.splitlines()
     assert lines[0].split() == ["#", "score", "match", "date", "path"] and len(lines) == 4

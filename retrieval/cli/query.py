@@ -81,7 +81,7 @@ def query_command(text, image_path, add, subtract, add_image, subtract_image, to
     paths): the best keyword hits join the ITC candidates of the re-rank, or, with --no-rerank, the two lists
     are fused by reciprocal rank (--no-hybrid: vectors only).
     """
-    from ..api import Index, folders
+    from ..api import FieldError, Index
     from ..dates import date_range
     from ..device import small_pages_for_a_short_run
     from ..search import SearchOptions
@@ -100,12 +100,14 @@ def query_command(text, image_path, add, subtract, add_image, subtract_image, to
     with flags():
         terms = _terms(text, image_path, add, subtract, add_image, subtract_image)
         start, end = date_range(after, before)
+        within, gone = _within(under)
         options = SearchOptions(top=top, candidates=candidates, rerank=not no_rerank, min_prob=min_prob,
-                                under=folders(under) if under is not None else None, keyword=keyword, after=start,
-                                before=end, hybrid=hybrid, sort=sort)
+                                under=within, keyword=keyword, after=start, before=end, hybrid=hybrid, sort=sort)
         index = Index.open(index_location(index_path), model_name, device, precision,
                            with_vision=any(t.image is not None for t in terms), lazy=not terms,  # keywords: no model
                            one_shot=True)
+        if gone is not None and not index.holds_under(within):
+            raise FieldError("under", f"{printable(under)}: no such folder, and the index holds no files under it")
         results = index.search(terms, options)
     if index.building:  # on stderr: --json and --paths stay as they are
         click.echo(f"blipsearch: the index's first run (or a --rebuild) is under way, or stopped: these results come "
@@ -131,6 +133,21 @@ def flags() -> Iterator[None]:
         yield
     except FieldError as exc:
         raise InvalidInputError(f"{FLAGS.get(exc.field, exc.field)} {exc.problem}") from exc
+
+
+def _within(under: str | None) -> tuple[list[str] | None, Exception | None]:
+    """--in's folders, and the error where there is no such folder: the index may still hold files from it (an
+    unplugged drive, a folder deleted since the last run), so its path as given filters alone."""
+    from ..api import FieldError, folders
+
+    if under is None:
+        return None, None
+    try:
+        return folders(under), None
+    except FieldError as exc:
+        if not under.strip() or "\0" in under or under.startswith("s3://"):
+            raise
+        return [os.path.abspath(os.path.expanduser(under))], exc
 
 
 def _terms(text, image_path, add, subtract, add_image, subtract_image) -> list[Term]:
