@@ -354,10 +354,12 @@ class Index:
         return self.search([Term(image=image)], options)
 
     def holds_under(self, under: Sequence[str]) -> bool:
-        """Whether the index holds a file under one of these folders (absolute paths, as `folders` gives), on
-        disk now or not (an unplugged drive's files stay indexed)."""
+        """Whether the generation open here (as for `indexed`) holds a file under one of these folders
+        (absolute paths, as `folders` gives), on disk now or not (an unplugged drive's files stay indexed)."""
         from blipsearch.indexer.scan import is_under
 
+        if not isinstance(under, list | tuple) or not all(isinstance(f, str) and os.path.isabs(f) for f in under):
+            raise FieldError("under", "must be a list of absolute folder paths (`api.folders(path)` gives one's)")
         return any(is_under(str(path), under) for path in self._view.reader.view.paths)
 
     def similar(self, path: str | Path, options: Options | None = None) -> list[Result]:

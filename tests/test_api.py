@@ -184,6 +184,8 @@ def test_arguments_of_the_wrong_type_are_field_errors(index, library):
                           (lambda: Index.open(library / "index", model=5), r"^model must be a path"),
                           (lambda: Index.open(library / "index", device=None), r"^device must be one of auto"),
                           (lambda: folders(None), r"^under must name a folder"),
+                          (lambda: index.holds_under("/"), r"^under must be a list of absolute folder paths"),
+                          (lambda: index.holds_under(["photos"]), r"^under must be a list of absolute folder paths"),
                           (lambda: folders("~nosuchuser-b/x"), r"^under ~nosuchuser-b/x: no such folder")):
         with pytest.raises(FieldError, match=message):
             make()

@@ -68,12 +68,20 @@ def test_in_a_folder_gone_since_it_was_indexed_searches_its_indexed_files(tmp_pa
     make_folder(photos / "drive", 3, seed=1)
     make_folder(photos / "home", 3, seed=2)
     blipsearch("index", str(photos), "--model", str(tiny_model_dir), "-q", index=tmp_path / "index")
+    make_folder(tmp_path / "media" / "pictures", 2, seed=3)  # a root reached through a link: stored by its target
+    (tmp_path / "linked").symlink_to(tmp_path / "media" / "pictures")
+    blipsearch("index", str(tmp_path / "linked"), "-q", index=tmp_path / "index")
     (photos / "drive").rename(tmp_path / "unplugged")
+    (tmp_path / "media" / "pictures").rename(tmp_path / "unplugged-too")  # the link now dangles
     out = blipsearch("query", QUERY, "--in", str(photos / "drive"), "--paths", index=tmp_path / "index").stdout
     assert sorted(out.splitlines()) == [str(photos / "drive" / f"img{i:03d}.png") for i in range(3)]
+    out = blipsearch("query", QUERY, "--in", str(tmp_path / "linked"), "--paths", index=tmp_path / "index").stdout
+    assert sorted(out.splitlines()) == [str(tmp_path / "media" / "pictures" / f"img{i:03d}.png") for i in range(2)]
     for missing in (photos / "dri", tmp_path / "nowhere"):  # a prefix of a name is not its folder
         one_line_error(blipsearch("query", QUERY, "--in", str(missing), index=tmp_path / "index", expect=1),
                        f"--in {missing}: no such folder, and the index holds no files under it")
+    one_line_error(blipsearch("query", QUERY, "--in", str(photos / "home" / "img000.png"), index=tmp_path / "index",
+                              expect=1), "--in", "img000.png: no such folder")  # a file: refused as before
 
 
 def test_table_output_and_status(library, family_model_dir):

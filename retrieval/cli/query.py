@@ -104,7 +104,8 @@ def query_command(text, image_path, add, subtract, add_image, subtract_image, to
         options = SearchOptions(top=top, candidates=candidates, rerank=not no_rerank, min_prob=min_prob,
                                 under=within, keyword=keyword, after=start, before=end, hybrid=hybrid, sort=sort)
         index = Index.open(index_location(index_path), model_name, device, precision,
-                           with_vision=any(t.image is not None for t in terms), lazy=not terms,  # keywords: no model
+                           with_vision=any(t.image is not None for t in terms),
+                           lazy=not terms or gone is not None,  # keywords: no model; a bad --in: none before it
                            one_shot=True)
         if gone is not None and not index.holds_under(within):
             raise FieldError("under", f"{printable(under)}: no such folder, and the index holds no files under it")
@@ -137,7 +138,8 @@ def flags() -> Iterator[None]:
 
 def _within(under: str | None) -> tuple[list[str] | None, Exception | None]:
     """--in's folders, and the error where there is no such folder: the index may still hold files from it (an
-    unplugged drive, a folder deleted since the last run), so its path as given filters alone."""
+    unplugged drive, a folder deleted since the last run), so its path as given, and where a link there leads
+    (an index stores a linked root's real path), filter alone."""
     from ..api import FieldError, folders
 
     if under is None:
@@ -145,9 +147,10 @@ def _within(under: str | None) -> tuple[list[str] | None, Exception | None]:
     try:
         return folders(under), None
     except FieldError as exc:
-        if not under.strip() or "\0" in under or under.startswith("s3://"):
+        expanded = os.path.expanduser(under) if under.strip() and "\0" not in under else None
+        if expanded is None or os.path.exists(expanded):  # blank, or a file: no folder to have been
             raise
-        return [os.path.abspath(os.path.expanduser(under))], exc
+        return list(dict.fromkeys([os.path.abspath(expanded), str(Path(expanded).resolve())])), exc
 
 
 def _terms(text, image_path, add, subtract, add_image, subtract_image) -> list[Term]:
