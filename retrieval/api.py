@@ -511,23 +511,25 @@ def _unit(vector: np.ndarray) -> np.ndarray:
     return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
 
-def folders(path: Path | str) -> list[str]:
+def folders(path: Path | str, gone: bool = False) -> list[str]:
     """`Options.under` for one folder: its absolute path as given, and where its links lead (an index stores
     a root's real path, and the link paths of linked folders below it); raises `FieldError("under", ...)`
-    where there is no folder. An `s3://bucket/prefix` stands for itself."""
+    where there is no folder. `gone=True`: a path where nothing is now (an unplugged drive, a folder deleted
+    since it was indexed) gives its paths too, as the index may still hold files from it (`holds_under`).
+    An `s3://bucket/prefix` stands for itself."""
     if not isinstance(path, str | Path) or not str(path).strip():  # ("" read as the current folder)
         raise FieldError("under", "must name a folder (`.` for the current one)")
     if str(path).startswith("s3://"):
         return [str(path).rstrip("/")]
-    path = Path(path)
+    expanded = os.path.expanduser(path)  # an unknown ~user stays as written
     try:
-        resolved = Path(os.path.expanduser(path)).resolve()  # an unknown ~user stays as written
-        found = resolved.is_dir()
+        resolved = Path(expanded).resolve()
+        found = resolved.is_dir() or (gone and not os.path.exists(expanded))
     except (OSError, ValueError):  # ValueError: a NUL in the name
         found = False
     if not found:
         raise FieldError("under", f"{printable(str(path))}: no such folder")
-    return list(dict.fromkeys([os.path.abspath(os.path.expanduser(path)), str(resolved)]))
+    return list(dict.fromkeys([os.path.abspath(expanded), str(resolved)]))
 
 
 def index_status(location: Location | Path | str, reader=None) -> tuple[dict, IndexDamagedError | None]:

@@ -138,8 +138,7 @@ def flags() -> Iterator[None]:
 
 def _within(under: str | None) -> tuple[list[str] | None, Exception | None]:
     """--in's folders, and the error where there is no such folder: the index may still hold files from it (an
-    unplugged drive, a folder deleted since the last run), so its path as given, and where a link there leads
-    (an index stores a linked root's real path), filter alone."""
+    unplugged drive, a folder deleted since the last run), so its paths filter alone (`folders(gone=True)`)."""
     from ..api import FieldError, folders
 
     if under is None:
@@ -147,10 +146,7 @@ def _within(under: str | None) -> tuple[list[str] | None, Exception | None]:
     try:
         return folders(under), None
     except FieldError as exc:
-        expanded = os.path.expanduser(under) if under.strip() and "\0" not in under else None
-        if expanded is None or os.path.exists(expanded):  # blank, or a file: no folder to have been
-            raise
-        return list(dict.fromkeys([os.path.abspath(expanded), str(Path(expanded).resolve())])), exc
+        return folders(under, gone=True), exc  # (a blank or a file is refused again)
 
 
 def _terms(text, image_path, add, subtract, add_image, subtract_image) -> list[Term]:
