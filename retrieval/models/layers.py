@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
+
 
 def _parameter(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
@@ -58,17 +60,22 @@ def _fused_linear_available() -> bool:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over (B, heads, T, d), every position valid (a ViT's self-attention).
 
-    bf16 on CPU runs through oneDNN Graph's fused attention: TorchScript hands the matmul-scale-softmax-matmul
-    pattern to oneDNN, which keeps each block of scores in cache. It computes in fp32 inside (inputs widened,
-    output rounded to bf16 once), so it is as exact as torch's bf16 flash kernel or more (max error against
-    float64 on random inputs: 0.0019 against the flash kernel's 0.0050; on peaked attention 0.0078 against
-    0.0095) and still faster:
+    bf16 on CPUs with AVX512-BF16 and no AMX: first `native.attention`, which multiplies bf16 pairs in hardware
+    with fp32 scores and softmax (its error that of torch's bf16 flash kernel; about twice as fast as what
+    follows, see native.py), where the machine can build it and the heads are 64 wide. Else oneDNN Graph's
+    fused attention: TorchScript hands the matmul-scale-softmax-matmul pattern to oneDNN, which keeps each
+    block of scores in cache. It computes in fp32 inside (inputs widened, output rounded to bf16 once), so it
+    is as exact as torch's bf16 flash kernel or more (max error against float64 on random inputs: 0.0019
+    against the flash kernel's 0.0050; on peaked attention 0.0078 against 0.0095) and still faster:
     577 tokens of 64-wide heads, batch 16, 101 ms against 126-150 ms for `F.scaled_dot_product_attention` on a
     2-core AVX512-BF16 CPU (bf16 scores inside would take ~60 ms, with 3-5x the flash kernel's error).
     CPUs with AMX keep the flash kernel: it runs its bf16 matmuls on AMX tiles, which fp32 inside cannot
     use, and the fused path has not been measured there. Elsewhere, or where torch cannot build it, the
     flash kernel too."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not torch.is_grad_enabled() and not _has_amx():
+        computed = native.attention(q, k, v)  # bf16 products with fp32 scores, where it could be built
+        if computed is not None:
+            return computed
         fused = _fused_attention_for(q, k, v)
         if fused is not None:
             return fused(q, k, v)

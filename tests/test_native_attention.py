@@ -1,0 +1,148 @@
+"""The bf16 attention kernel built on the machine (`models/native.py`): its results against float64 and
+torch's kernels, and every way it steps aside (no compiler, other CPUs, shapes it does not take, a failed
+check). The numeric tests need a CPU with AVX512-BF16 and no AMX, where the engine uses the kernel."""
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blipsearch.retrieval.models import layers, native
+
+SUPPORTED = native._unsupported() is None
+needs_kernel = pytest.mark.skipif(not SUPPORTED, reason=f"the kernel does not run here: {native._unsupported()}")
+needs_compiler = pytest.mark.skipif(native._compiler() is None or native.platform.machine() != "x86_64",
+                                    reason="building it needs an x86-64 C compiler")
+
+
+def _qkv(batch: int, tokens: int, heads: int, seed: int, peak: float = 1.0):
+    """q, k, v as a ViT's qkv projection hands them over: strided (B, heads, T, 64) views of one tensor."""
+    qkv = torch.randn(batch, tokens, 3, heads, 64, generator=torch.Generator().manual_seed(seed))
+    qkv[:, :, 0] *= peak
+    return qkv.bfloat16().permute(2, 0, 3, 1, 4)
+
+
+def _exact(q, k, v):
+    return torch.softmax(q.double() @ k.double().transpose(-1, -2) / 8, dim=-1) @ v.double()
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 2, 15, 16, 17, 37, 65, 577])
+def test_kernel_matches_float64_as_closely_as_torchs_bf16_flash_kernel(tokens):
+    """Flat and peaked attention (queries x1 and x4), token counts around the kernel's blocks of 16 keys and 6
+    rows; its error within 1.5x that of torch's own bf16 kernel, and a few bf16 steps at most."""
+    for peak in (1.0, 4.0):
+        q, k, v = _qkv(2, tokens, 3, seed=tokens, peak=peak)
+        with torch.inference_mode():
+            got = native.attention(q, k, v)
+            flash = F.scaled_dot_product_attention(q, k, v)
+        assert got is not None and got.dtype == torch.bfloat16 and got.shape == q.shape
+        exact = _exact(q, k, v)
+        error, flash_error = (got.double() - exact).abs().max().item(), (flash.double() - exact).abs().max().item()
+        assert error <= 1.5 * flash_error + 1e-3, (peak, error, flash_error)
+        torch.testing.assert_close(got.double(), exact, atol=0.02, rtol=0.01)
+        assert got.transpose(1, 2).is_contiguous()  # the heads merge without a copy
+
+
+@needs_kernel
+def test_kernel_rows_do_not_depend_on_batch_or_threads():
+    """An image's attention is the same bits whatever batch it came in, and however many threads split it."""
+    q, k, v = _qkv(5, 37, 4, seed=1)
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        try:
+            torch.set_num_threads(1)
+            alone = [native.attention(q[i:i + 1], k[i:i + 1], v[i:i + 1]) for i in range(5)]
+            torch.set_num_threads(2)
+            split = native.attention(q, k, v)  # two threads, each a part of the 20 heads
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(torch.cat(alone), split)
+
+
+@needs_kernel
+def test_vit_uses_the_kernel_and_stays_near_fp32(monkeypatch):
+    """A ViT of 64-wide heads in bf16 goes through the kernel, and its features and embeddings stay within
+    bf16's reach of the same tower in fp32."""
+    from blipsearch.retrieval.models.blip_vision import BlipVisionTower, VisionTowerConfig
+
+    config = VisionTowerConfig(image_size=32, patch_size=8, hidden_size=128, num_layers=2, num_heads=2,
+                               intermediate_size=256, embed_dim=32)
+    generator = torch.Generator().manual_seed(0)
+    tower = BlipVisionTower(config)
+    for name, tensor in tower.state_dict().items():
+        tensor.copy_(torch.ones_like(tensor) if name.endswith("norm1.weight") or name.endswith("norm2.weight")
+                     or name.endswith("layernorm.weight") else torch.randn(tensor.shape, generator=generator) * 0.1)
+    calls = []
+    real = native.attention
+    monkeypatch.setattr(native, "attention", lambda *a: calls.append(out := real(*a)) or out)
+    pixels = torch.randn(3, 3, 32, 32, generator=generator)
+    with torch.inference_mode():
+        features32, embeddings32 = tower(pixels)
+        features, embeddings = tower.to(torch.bfloat16)(pixels.bfloat16())
+    assert len(calls) == 2 and all(c is not None for c in calls)  # both layers, through the kernel
+    torch.testing.assert_close(features.float(), features32, atol=0.1, rtol=0.05)
+    assert F.cosine_similarity(embeddings, embeddings32).min() > 0.999
+    assert features32.std(dim=0).mean() > 0.1  # images differ: the comparison has teeth
+
+
+def test_kernel_steps_aside_for_shapes_and_layouts_it_does_not_take():
+    q, k, v = _qkv(2, 9, 2, seed=2)
+    assert native.attention(q.float(), k.float(), v.float()) is None  # fp32
+    narrow = torch.randn(2, 2, 9, 88).bfloat16()  # BLIP-2's ViT-g heads
+    assert native.attention(narrow, narrow, narrow) is None
+    odd = torch.randn(2, 2, 9, 65).bfloat16()[..., 1:]  # rows starting at odd elements
+    assert native.attention(odd, odd, odd) is None
+    assert native.attention(q, k[:, :, :5], v[:, :, :5]) is None  # not a self-attention
+    with torch.inference_mode():  # layers.attention computes all of them anyway
+        for shape in [(2, 2, 9, 88), (2, 2, 9, 64)]:
+            x = torch.randn(*shape).bfloat16()
+            torch.testing.assert_close(layers.attention(x, x, x).double(), _exact_any(x), atol=0.02, rtol=0.01)
+
+
+def _exact_any(x):
+    return torch.softmax(x.double() @ x.double().transpose(-1, -2) / x.shape[-1] ** 0.5, dim=-1) @ x.double()
+
+
+def test_without_a_compiler_attention_falls_back(monkeypatch):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    native._built_kernel.cache_clear()
+    try:
+        assert native._built_kernel() is None
+        q, k, v = _qkv(1, 17, 2, seed=3)
+        with torch.inference_mode():
+            assert native.attention(q, k, v) is None
+            torch.testing.assert_close(layers.attention(q, k, v).double(), _exact(q, k, v), atol=0.02, rtol=0.01)
+    finally:
+        native._built_kernel.cache_clear()
+
+
+@needs_compiler
+def test_build_goes_to_the_first_writable_cache_folder_and_is_reused(tmp_path, monkeypatch):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the folder would be")
+    monkeypatch.setattr(native, "_folders", lambda: [blocked / "kernels", tmp_path / "cache"])
+    built = native._build()
+    assert built.parent == tmp_path / "cache" and built.suffix == ".so"
+    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no partial file left behind
+    stamp = built.stat().st_mtime_ns
+    assert native._build() == built and built.stat().st_mtime_ns == stamp  # built once
+    symbols = subprocess.run(["nm", "-D", str(built)], capture_output=True, text=True).stdout \
+        if shutil.which("nm") else "attention_bf16"
+    assert "attention_bf16" in symbols
+
+
+@needs_kernel
+def test_a_kernel_that_fails_its_check_is_not_used(monkeypatch):
+    """A broken build (here: one that leaves its output unwritten) is caught before any use."""
+    def broken(*args):
+        return 0  # writes nothing: the output keeps torch.empty's contents
+    monkeypatch.setattr(native, "_load", lambda path: broken)
+    monkeypatch.setattr(native.torch, "empty", torch.zeros)  # deterministic: an all-zero output
+    native._built_kernel.cache_clear()
+    try:
+        assert native._built_kernel() is None
+    finally:
+        native._built_kernel.cache_clear()
