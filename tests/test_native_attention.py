@@ -2,7 +2,9 @@
 torch's kernels, and every way it steps aside (no compiler, other CPUs, shapes it does not take, a failed
 check). The numeric tests need a CPU with AVX512-BF16 and no AMX, where the engine uses the kernel."""
 
+import os
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -60,6 +62,33 @@ def test_kernel_rows_do_not_depend_on_batch_or_threads():
         finally:
             torch.set_num_threads(threads)
     assert torch.equal(torch.cat(alone), split)
+
+
+@needs_kernel
+def test_a_forked_child_splits_heads_over_threads_of_its_own():
+    """The parent's pool threads do not exist in a forked child (a Ray worker, a forking server): the child
+    makes its own rather than waiting on them for ever."""
+    q, k, v = _qkv(2, 37, 3, seed=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            expected = native.attention(q, k, v)  # the parent's pool of two now exists
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # the child: one call, its answer down the pipe, then out without the parent's teardown
+            signal.alarm(20)
+            with torch.inference_mode():
+                os.write(write, native.attention(q, k, v).contiguous().view(torch.int16).numpy().tobytes())
+            os._exit(0)
+    finally:
+        torch.set_num_threads(threads)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        answer = pipe.read()
+    _, status = os.waitpid(child, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert answer == expected.contiguous().view(torch.int16).numpy().tobytes()
 
 
 @needs_kernel

@@ -97,6 +97,14 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         return _POOLS[threads]
 
 
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's threads (a pool's, or one holding a lock): it starts afresh;
+    the loaded library stays valid."""
+    global _LOCK, _BUILD_LOCK
+    _POOLS.clear()
+    _LOCK, _BUILD_LOCK = threading.Lock(), threading.Lock()
+
+
 def _kernel():
     """The built, loaded and checked kernel function, or None (the reason logged); once per process."""
     with _BUILD_LOCK:  # chunks' threads meet here on the first batch: one builds, the others wait
@@ -194,3 +202,7 @@ def _check(kernel) -> str | None:
     if not error <= bound:  # NaN fails too
         return f"its check failed (error {error:.4f} against float64, allowed {bound:.4f})"
     return None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
