@@ -36,7 +36,8 @@ from common import (
 )
 
 CLI = [sys.executable, "-m", "blipsearch.retrieval.cli"]
-# Cumulative levers, each a `blipsearch index` run: (name, extra options).
+# Cumulative levers, each a `blipsearch index` run: (name, extra options). All but the last run with the bf16
+# attention kernel off (BLIPSEARCH_NATIVE=0; it applies only on CPUs with AVX512-BF16 and no AMX, with a C compiler).
 LEVERS = [
     ("own ViT (SDPA), fp32, full decode, no overlap, batch 8",
      ["--precision", "fp32", "--exact-decode", "--workers", "0", "--batch-size", "8"]),
@@ -46,13 +47,15 @@ LEVERS = [
     ("+ decode/encode overlap (2 threads)", ["--batch-size", "8", "--workers", "2"]),
     ("+ batch 16 (the default)", ["--workers", "2"]),
     ("+ the default decoding threads (1 beside a CPU encoder, 2 beside a GPU)", []),
+    ("+ the bf16 attention kernel blipsearch builds (`models/native.py`): the default", []),
 ]
+KERNEL_OFF = {"BLIPSEARCH_NATIVE": "0"}
 
 
-def index_run(photos: Path, model: Path, index: Path, extra: list[str]) -> dict:
+def index_run(photos: Path, model: Path, index: Path, extra: list[str], env: dict | None = None) -> dict:
     shutil.rmtree(index, ignore_errors=True)
     run = run_measured([*CLI, "index", str(photos), "--model", str(model), "--index", str(index), "-q",
-                        "--device", "cpu", *extra])
+                        "--device", "cpu", *extra], env=env)
     match = re.search(r"indexed (\d+), .* in ([\d.]+) s", run["stderr"])
     images, seconds = int(match.group(1)), float(match.group(2))
     result = {"images": images, "pipeline_seconds": seconds, "pipeline_images_per_s": images / seconds,
@@ -161,8 +164,9 @@ def main() -> None:
     if args.levers:
         small = subset(photos, args.workdir / f"photos-{args.lever_images}", args.lever_images)
         report["levers"] = {"transformers fp32 batch 8 (baseline)": baseline_run(small, model)["images_per_s"]}
-        for name, extra in LEVERS:
-            report["levers"][name] = index_run(small, model, args.workdir / "index-lever", extra)[
+        for i, (name, extra) in enumerate(LEVERS):
+            env = None if i == len(LEVERS) - 1 else KERNEL_OFF
+            report["levers"][name] = index_run(small, model, args.workdir / "index-lever", extra, env)[
                 "pipeline_images_per_s"]
     print_json(report)
     print(f"\nindexing {args.images} photos of 4000x3000: blipsearch {ours['pipeline_images_per_s']:.2f} img/s "

@@ -148,6 +148,31 @@ def test_without_a_compiler_attention_falls_back(monkeypatch):
         native._built_kernel.cache_clear()
 
 
+def test_the_environment_switch_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setenv("BLIPSEARCH_NATIVE", "0")
+    native._built_kernel.cache_clear()
+    try:
+        assert native._built_kernel() is None
+        q, k, v = _qkv(1, 17, 2, seed=5)
+        with torch.inference_mode():
+            assert native.attention(q, k, v) is None
+    finally:
+        native._built_kernel.cache_clear()
+
+
+@needs_kernel
+def test_a_damaged_cached_build_is_built_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "_folders", lambda: [tmp_path])
+    built = native._build()
+    built.write_bytes(b"not a shared library")  # a damaged file where the build was
+    native._built_kernel.cache_clear()
+    try:
+        assert native._built_kernel() is not None
+        assert built.read_bytes()[:4] == b"\x7fELF"
+    finally:
+        native._built_kernel.cache_clear()
+
+
 @needs_compiler
 def test_build_goes_to_the_first_writable_cache_folder_and_is_reused(tmp_path, monkeypatch):
     blocked = tmp_path / "blocked"

@@ -13,7 +13,8 @@ flags, then loaded with ctypes; each process checks it against float64 on a smal
 use. Only on x86-64 Linux CPUs with AVX512-BF16 and without AMX (AMX CPUs keep torch's flash kernel, which
 runs on the tiles), for heads 64 wide (BLIP's ViT-B and ViT-L; BLIP-2's ViT-g has 88). Without a C compiler,
 or where building or the check fails, `attention` returns None and the caller keeps torch's kernels; the
-reason is logged at debug level.
+reason is logged at debug level. `BLIPSEARCH_NATIVE=0` in the environment turns the kernel off (to compare,
+or to rule it out).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ FLAGS = ("-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512
          "-fPIC", "-shared")
 HEAD_SIZE = 64  # the kernel's head width
 COMPILE_TIMEOUT_S = 120
+SWITCH = "BLIPSEARCH_NATIVE"  # 0: never build or use the kernel (torch's kernels, as without a compiler)
 # the check before first use: max error against float64, as a multiple of torch's own bf16 flash kernel's
 CHECK_MARGIN = 1.5
 
@@ -119,7 +121,12 @@ def _built_kernel():
     reason = _unsupported()
     if reason is None:
         try:
-            kernel = _load(_build())
+            built = _build()
+            try:
+                kernel = _load(built)
+            except OSError:  # a cached build that no longer loads (a damaged file): built again, once
+                built.unlink(missing_ok=True)
+                kernel = _load(_build())
             reason = _check(kernel)
             if reason is None:
                 return kernel
@@ -130,6 +137,8 @@ def _built_kernel():
 
 
 def _unsupported() -> str | None:
+    if os.environ.get(SWITCH, "1") == "0":
+        return f"turned off ({SWITCH}=0)"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return "not x86-64 Linux"
     if not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
