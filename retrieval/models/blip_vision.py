@@ -4,8 +4,10 @@
 Parameter names mirror transformers' `BlipForImageTextRetrieval` (`vision_model.*`, `vision_proj.*`), so
 a checkpoint's tensors load as they are. The computation is transformers' `BlipVisionModel` with its
 eager attention (a materialised T x T score matrix per head) replaced by a fused kernel (`layers.attention`:
-oneDNN Graph's in bf16 on CPU, else `F.scaled_dot_product_attention`) and the MLP's gelu applied inside its
-first linear layer; tests/test_blip_vision.py compares them with transformers and with fp32.
+in bf16 on CPUs with AVX512-BF16 and no AMX the kernel blipsearch builds (`native.py`) where it can, else
+oneDNN Graph's; elsewhere `F.scaled_dot_product_attention`) and the MLP's gelu applied inside its first linear
+layer; tests/test_blip_vision.py and tests/test_native_attention.py compare them with transformers, float64
+and fp32.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ use. Only on x86-64 Linux CPUs with AVX512-BF16 and without AMX (AMX CPUs keep t
 runs on the tiles), for heads 64 wide (BLIP's ViT-B and ViT-L; BLIP-2's ViT-g has 88). Without a C compiler,
 or where building or the check fails, `attention` returns None and the caller keeps torch's kernels; the
 reason is logged at debug level. `BLIPSEARCH_NATIVE=0` in the environment turns the kernel off (to compare,
-or to rule it out).
+or to rule it out). The check holds the kernel to torch's own bf16 flash kernel's error (times CHECK_MARGIN):
+a torch whose bf16 attention grew more exact would turn it off, never let a worse one through.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -37,8 +39,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("attention_bf16.c")
-FLAGS = ("-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
-         "-fPIC", "-shared")
+FLAGS = ("-O3", "-std=gnu11", "-fno-strict-aliasing", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+         "-mavx512bf16", "-mfma", "-fPIC", "-shared")  # bf16 pairs are read as 32-bit words: no aliasing rules
 HEAD_SIZE = 64  # the kernel's head width
 COMPILE_TIMEOUT_S = 120
 SWITCH = "BLIPSEARCH_NATIVE"  # 0: never build or use the kernel (torch's kernels, as without a compiler)
@@ -71,24 +73,29 @@ def _suits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 def _run(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     b, heads, t, d = q.shape
-    out = torch.empty(b, t, heads, d, dtype=torch.bfloat16)
+    out = _output(b, t, heads, d)
     strides = [s for x in (q, k, v) for s in (x.stride(0), x.stride(2), x.stride(1))] + \
         [out.stride(0), out.stride(1), out.stride(2)]
     array = (ctypes.c_int64 * 12)(*strides)
     pointers = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr())
     total = b * heads
-    parts = max(1, min(torch.get_num_threads(), total))
+    threads = torch.get_num_threads()
+    parts = max(1, min(threads, total))
 
     def part(i: int) -> int:  # ctypes releases the GIL for the call: the parts run in parallel
         return kernel(*pointers, heads, total * i // parts, total * (i + 1) // parts, t, array, d ** -0.5)
 
-    codes = [part(0)] if parts == 1 else list(_pool(parts).map(part, range(parts)))
+    codes = [part(0)] if parts == 1 else list(_pool(threads).map(part, range(parts)))
     if any(codes):
         raise MemoryError("attention kernel: out of memory for its packing buffers")
     return out.transpose(1, 2)
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+def _output(*shape: int) -> torch.Tensor:
+    return torch.empty(*shape, dtype=torch.bfloat16)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}  # by the calling thread's torch thread count
 _LOCK = threading.Lock()
 
 
@@ -130,8 +137,8 @@ def _built_kernel():
             reason = _check(kernel)
             if reason is None:
                 return kernel
-        except (OSError, subprocess.SubprocessError) as exc:
-            reason = f"could not build or load it ({exc})"
+        except Exception as exc:  # a missing symbol, memory, a failed build: any failure only costs speed
+            reason = f"could not build, load or check it ({type(exc).__name__}: {exc})"
     log.debug("bf16 attention kernel not used: %s", reason)
     return None
 
@@ -150,13 +157,17 @@ def _unsupported() -> str | None:
     return None
 
 
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc"))
+def _compiler() -> list[str] | None:
+    """The C compiler's command ($CC may carry arguments, e.g. `ccache gcc`); None where there is none."""
+    command = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+    found = shutil.which(command[0])
+    return [found, *command[1:]] if found else None
 
 
 def _build() -> Path:
-    """The shared library, built into the user's cache folder unless already there (a temporary folder
-    where that cannot be written)."""
+    """The shared library, built into the user's cache folder unless already there; where that cannot be
+    written, into a new private temporary folder (never one a name could be guessed for: another user could
+    have put a library there), once per process."""
     source = SOURCE.read_bytes()
     name = f"attention_bf16-{hashlib.sha256(source + ' '.join(FLAGS).encode()).hexdigest()[:16]}.so"
     for folder in _folders():
@@ -171,7 +182,7 @@ def _build() -> Path:
         except OSError:
             continue
         try:
-            subprocess.run([_compiler(), *FLAGS, str(SOURCE), "-o", str(partial)], check=True,
+            subprocess.run([*_compiler(), *FLAGS, str(SOURCE), "-o", str(partial)], check=True,
                            capture_output=True, timeout=COMPILE_TIMEOUT_S)
             os.replace(partial, built)  # whole, or not at all: another process may load it at once
         finally:
@@ -180,11 +191,15 @@ def _build() -> Path:
     raise OSError("no writable folder to build the kernel in")
 
 
+@functools.cache
+def _private_folder() -> Path:
+    return Path(tempfile.mkdtemp(prefix="blipsearch-kernels-"))  # mode 0o700, this process's own
+
+
 def _folders() -> list[Path]:
     import platformdirs
 
-    return [platformdirs.user_cache_path("blipsearch") / "kernels", Path(tempfile.gettempdir()) /
-            f"blipsearch-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"]
+    return [platformdirs.user_cache_path("blipsearch") / "kernels", _private_folder()]
 
 
 def _load(path: Path):
@@ -195,23 +210,24 @@ def _load(path: Path):
 
 
 def _check(kernel) -> str | None:
-    """None where the kernel matches float64 on a small problem (an odd token count, strided q/k/v as a ViT's
-    qkv projection gives them, peaked and flat attention) within CHECK_MARGIN x torch's flash kernel's error;
-    else why not."""
+    """None where the kernel matches float64 within CHECK_MARGIN x torch's flash kernel's error (plus 1e-3) on
+    small problems that take every path of its blocking: 9, 20, 37, 64, 83 and 130 tokens (key tails of 1, 2
+    and 3 vectors after 0, 1 or 2 whole blocks of 64, or none; row tails of 1 to 5), strided q/k/v as a ViT's
+    qkv projection gives them, peaked and flat heads; else why not."""
     generator = torch.Generator().manual_seed(0)
-    qkv = torch.randn(2, 37, 3, 3, HEAD_SIZE, generator=generator)
-    qkv[:, :, 0, 0] *= 6  # one head with peaked attention
-    qkv = qkv.bfloat16()
-    q, k, v = qkv.permute(2, 0, 3, 1, 4)
-    with torch.inference_mode():
-        got = _run(kernel, q, k, v).double()
-        flash = torch.nn.functional.scaled_dot_product_attention(q, k, v).double()
-    exact = torch.softmax(q.double() @ k.double().transpose(-1, -2) / HEAD_SIZE ** 0.5, dim=-1) @ v.double()
-    error, bound = (got - exact).abs().max().item(), (flash - exact).abs().max().item() * CHECK_MARGIN + 1e-3
-    if not error <= bound:  # NaN fails too
-        return f"its check failed (error {error:.4f} against float64, allowed {bound:.4f})"
+    for tokens in (9, 20, 37, 64, 83, 130):
+        qkv = torch.randn(2, tokens, 3, 3, HEAD_SIZE, generator=generator)
+        qkv[:, :, 0, 0] *= 6  # one head with peaked attention
+        qkv = qkv.bfloat16()
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        with torch.inference_mode():
+            got = _run(kernel, q, k, v).double()
+            flash = torch.nn.functional.scaled_dot_product_attention(q, k, v).double()
+        exact = torch.softmax(q.double() @ k.double().transpose(-1, -2) / HEAD_SIZE ** 0.5, dim=-1) @ v.double()
+        error, bound = (got - exact).abs().max().item(), (flash - exact).abs().max().item() * CHECK_MARGIN + 1e-3
+        if not error <= bound:  # NaN fails too
+            return f"its check failed at {tokens} tokens (error {error:.4f} against float64, allowed {bound:.4f})"
     return None
-
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
