@@ -155,42 +155,34 @@ def _exact_any(x):
     return torch.softmax(x.double() @ x.double().transpose(-1, -2) / x.shape[-1] ** 0.5, dim=-1) @ x.double()
 
 
-def test_without_a_compiler_attention_falls_back(monkeypatch):
-    monkeypatch.setattr(native, "_compiler", lambda: None)
+@pytest.fixture
+def fresh_kernel():
+    """The process's kernel is looked up again inside the test and after it (it is cached once per process)."""
     native._built_kernel.cache_clear()
-    try:
-        assert native._built_kernel() is None
-        q, k, v = _qkv(1, 17, 2, seed=3)
-        with torch.inference_mode():
-            assert native.attention(q, k, v) is None
-            torch.testing.assert_close(layers.attention(q, k, v).double(), _exact(q, k, v), atol=0.02, rtol=0.01)
-    finally:
-        native._built_kernel.cache_clear()
+    yield
+    native._built_kernel.cache_clear()
 
 
-def test_the_environment_switch_turns_the_kernel_off(monkeypatch):
-    monkeypatch.setenv("BLIPSEARCH_NATIVE", "0")
-    native._built_kernel.cache_clear()
-    try:
-        assert native._built_kernel() is None
-        q, k, v = _qkv(1, 17, 2, seed=5)
-        with torch.inference_mode():
-            assert native.attention(q, k, v) is None
-    finally:
-        native._built_kernel.cache_clear()
+@pytest.mark.parametrize("off", ["no compiler", "BLIPSEARCH_NATIVE=0"])
+def test_without_the_kernel_attention_falls_back_to_torch(off, monkeypatch, fresh_kernel):
+    if off == "no compiler":
+        monkeypatch.setattr(native, "_compiler", lambda: None)
+    else:
+        monkeypatch.setenv("BLIPSEARCH_NATIVE", "0")
+    assert native._built_kernel() is None
+    q, k, v = _qkv(1, 17, 2, seed=3)
+    with torch.inference_mode():
+        assert native.attention(q, k, v) is None
+        torch.testing.assert_close(layers.attention(q, k, v).double(), _exact(q, k, v), atol=0.02, rtol=0.01)
 
 
 @needs_kernel
-def test_a_damaged_cached_build_is_built_again(tmp_path, monkeypatch):
+def test_a_damaged_cached_build_is_built_again(tmp_path, monkeypatch, fresh_kernel):
     monkeypatch.setattr(native, "_folders", lambda: [tmp_path])
     built = native._build()
     built.write_bytes(b"not a shared library")  # a damaged file where the build was
-    native._built_kernel.cache_clear()
-    try:
-        assert native._built_kernel() is not None
-        assert built.read_bytes()[:4] == b"\x7fELF"
-    finally:
-        native._built_kernel.cache_clear()
+    assert native._built_kernel() is not None
+    assert built.read_bytes()[:4] == b"\x7fELF"
 
 
 @needs_compiler
@@ -209,14 +201,10 @@ def test_build_goes_to_the_first_writable_cache_folder_and_is_reused(tmp_path, m
 
 
 @needs_kernel
-def test_a_kernel_that_fails_its_check_is_not_used(monkeypatch):
+def test_a_kernel_that_fails_its_check_is_not_used(monkeypatch, fresh_kernel):
     """A broken build (here: one that leaves its output unwritten) is caught before any use."""
     def broken(*args):
-        return 0  # writes nothing: the output keeps torch.empty's contents
+        return 0  # writes nothing: the output keeps its zeros
     monkeypatch.setattr(native, "_load", lambda path: broken)
     monkeypatch.setattr(native, "_output", lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16))
-    native._built_kernel.cache_clear()
-    try:
-        assert native._built_kernel() is None
-    finally:
-        native._built_kernel.cache_clear()
+    assert native._built_kernel() is None
