@@ -195,9 +195,18 @@ def test_build_goes_to_the_first_writable_cache_folder_and_is_reused(tmp_path, m
     assert [p.name for p in built.parent.iterdir()] == [built.name]  # no partial file left behind
     stamp = built.stat().st_mtime_ns
     assert native._build() == built and built.stat().st_mtime_ns == stamp  # built once
+
     symbols = subprocess.run(["nm", "-D", str(built)], capture_output=True, text=True).stdout \
         if shutil.which("nm") else "attention_bf16"
     assert "attention_bf16" in symbols
+
+def test_a_private_temporary_folder_is_made_only_where_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    import platformdirs
+
+    made = []
+    monkeypatch.setattr(native, "_private_folder", lambda: made.append(1) or tmp_path)
+    monkeypatch.setattr(platformdirs, "user_cache_path", lambda name: tmp_path / "cache")
+    assert next(iter(native._folders())) == tmp_path / "cache/kernels" and made == []
 
 
 @needs_kernel

@@ -9,7 +9,7 @@ pairs in hardware, rounding only the probabilities (as torch's bf16 flash kernel
 inputs; 0.0092 and 0.015 with the queries scaled 3x and 6x, where fp32 rounded to bf16 errs 0.0078, 0.015).
 
 Built once per machine (about a second) into the user's cache folder, named by a hash of the source and
-flags, then loaded with ctypes; each process checks it against float64 on a small problem before its first
+flags, then loaded with ctypes; each process checks it against float64 on small problems before its first
 use. Only on x86-64 Linux CPUs with AVX512-BF16 and without AMX (AMX CPUs keep torch's flash kernel, which
 runs on the tiles), for heads 64 wide (BLIP's ViT-B and ViT-L; BLIP-2's ViT-g has 88). Without a C compiler,
 or where building or the check fails, `attention` returns None and the caller keeps torch's kernels; the
@@ -20,6 +20,7 @@ a torch whose bf16 attention grew more exact would turn it off, never let a wors
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
@@ -31,6 +32,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -193,13 +195,19 @@ def _build() -> Path:
 
 @functools.cache
 def _private_folder() -> Path:
-    return Path(tempfile.mkdtemp(prefix="blipsearch-kernels-"))  # mode 0o700, this process's own
+    """A temporary folder of this process's own (mode 0o700), removed when it exits (the loaded library stays
+    mapped)."""
+    folder = Path(tempfile.mkdtemp(prefix="blipsearch-kernels-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
-def _folders() -> list[Path]:
+def _folders() -> Iterator[Path]:
+    """Where to build, in order; the private folder is made only when the cache folder cannot be written."""
     import platformdirs
 
-    return [platformdirs.user_cache_path("blipsearch") / "kernels", _private_folder()]
+    yield platformdirs.user_cache_path("blipsearch") / "kernels"
+    yield _private_folder()
 
 
 def _load(path: Path):
