@@ -14,9 +14,6 @@ import torch.nn.functional as F
 
 from blipsearch.retrieval.models import layers, native
 
-SUPPORTED = native._unsupported() is None
-needs_kernel = pytest.mark.skipif(not SUPPORTED, reason=f"the kernel does not run here: {native._unsupported()}")
-
 
 def _can_build() -> bool:
     """An x86-64 Linux C compiler that takes the kernel's flags (AVX512-BF16: GCC 10 or later, Clang 9)."""
@@ -31,8 +28,11 @@ def _can_build() -> bool:
                               capture_output=True).returncode == 0
 
 
-needs_compiler = pytest.mark.skipif(not _can_build(), reason="building it needs an x86-64 Linux C compiler "
-                                    "that knows AVX512-BF16")
+BUILDS = _can_build()
+needs_compiler = pytest.mark.skipif(not BUILDS, reason="building it needs an x86-64 Linux C compiler that knows "
+                                    "AVX512-BF16")
+needs_kernel = pytest.mark.skipif(native._unsupported() is not None or not BUILDS,
+                                  reason=f"the kernel does not run here: {native._unsupported() or 'no compiler'}")
 
 
 def _qkv(batch: int, tokens: int, heads: int, seed: int, peak: float = 1.0):
