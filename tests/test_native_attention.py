@@ -3,7 +3,6 @@ torch's kernels, and every way it steps aside (no compiler, other CPUs, shapes i
 check). The numeric tests need a CPU with AVX512-BF16 and no AMX, where the engine uses the kernel."""
 
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -196,9 +195,7 @@ def test_build_goes_to_the_first_writable_cache_folder_and_is_reused(tmp_path, m
     stamp = built.stat().st_mtime_ns
     assert native._build() == built and built.stat().st_mtime_ns == stamp  # built once
 
-    symbols = subprocess.run(["nm", "-D", str(built)], capture_output=True, text=True).stdout \
-        if shutil.which("nm") else "attention_bf16"
-    assert "attention_bf16" in symbols
+    assert callable(native._load(built))  # a library that loads, with the kernel's symbol
 
 def test_a_private_temporary_folder_is_made_only_where_the_cache_cannot_be_written(tmp_path, monkeypatch):
     import platformdirs

@@ -33,7 +33,6 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -87,7 +86,12 @@ def _run(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
     def part(i: int) -> int:  # ctypes releases the GIL for the call: the parts run in parallel
         return kernel(*pointers, heads, total * i // parts, total * (i + 1) // parts, t, array, d ** -0.5)
 
-    codes = [part(0)] if parts == 1 else list(_pool(threads).map(part, range(parts)))
+    if parts == 1:
+        codes = [part(0)]
+    else:  # `chunks`' pool: its threads are torch-single-threaded, which a ctypes call does not mind
+        from .chunks import _pool  # (chunks imports layers, which imports this module)
+
+        codes = list(_pool(threads).map(part, range(parts)))
     if any(codes):
         raise MemoryError("attention kernel: out of memory for its packing buffers")
     return out.transpose(1, 2)
@@ -97,23 +101,11 @@ def _output(*shape: int) -> torch.Tensor:
     return torch.empty(*shape, dtype=torch.bfloat16)
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}  # by the calling thread's torch thread count
-_LOCK = threading.Lock()
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    with _LOCK:
-        if threads not in _POOLS:
-            _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="attention")
-        return _POOLS[threads]
-
-
 def _after_fork_in_child() -> None:
-    """A forked child has none of the parent's threads (a pool's, or one holding a lock): it starts afresh;
-    the loaded library stays valid."""
-    global _LOCK, _BUILD_LOCK
-    _POOLS.clear()
-    _LOCK, _BUILD_LOCK = threading.Lock(), threading.Lock()
+    """A forked child has none of the parent's threads, and one may have held the build lock: a fresh lock
+    (`chunks` starts its pools afresh there too); the loaded library stays valid."""
+    global _BUILD_LOCK
+    _BUILD_LOCK = threading.Lock()
 
 
 def _kernel():
